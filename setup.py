@@ -1,0 +1,33 @@
+"""megatron-longpo: long-context preference optimisation (LongPO, SoLoPO, DPO family) on Megatron-Core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-longpo",
+    version="0.1.0",
+    description="Long-context preference optimisation (LongPO, SoLoPO, DPO/IPO/SimPO/ORPO/SFT) on Megatron-Core",
+    license="Apache-2.0",
+    python_requires=">=3.12",
+    packages=find_packages(include=["megatron_longpo", "megatron_longpo.*"]),
+    install_requires=[
+        "megatron-core>=0.19,<0.20",
+        "torch>=2.6",
+        "transformers>=4.56",
+        "accelerate",  # transformers needs it to read GGUF files
+        "gguf>=0.10",
+        "safetensors",
+        "sentencepiece",
+        "datasets",
+        "nltk",
+        "numpy",
+        "psutil",  # dist_checkpointing.save hangs without it
+        "pyyaml",
+        "tqdm",
+        "rich",
+        "tensorboard",
+    ],
+    extras_require={
+        # Transformer Engine builds against the CUDA toolkit: install on GPU machines only.
+        "gpu": ["transformer-engine[pytorch]>=2.0"],
+        "dev": ["pytest>=8", "pytest-timeout"],
+    },
+)
