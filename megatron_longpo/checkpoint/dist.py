@@ -1,0 +1,166 @@
+"""Megatron checkpoint directories: `dist_checkpointing` save/load, atomic, `latest`, keep-K.
+
+Layout of a checkpoint directory (the same for an imported model and a training run):
+
+    DIR/model.json        architecture (ModelArch), the source Hugging Face config, tokenizer info
+    DIR/tokenizer/        the Hugging Face tokenizer files and chat template
+    DIR/iter_0000012/     one dist_checkpointing checkpoint (layout-independent: loads at any TP/PP)
+    DIR/latest            the name of the newest complete iteration directory
+
+An iteration is written to `DIR/.iter_0000012.tmp` and renamed when every rank has finished, and
+`latest` is replaced atomically after that: a crash leaves at worst an ignored `.tmp` directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from megatron_longpo.models.hf_config import ModelArch
+
+MODEL_JSON = "model.json"
+LATEST = "latest"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A directory that is not a (complete) megatron-longpo checkpoint."""
+
+
+def iter_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def write_model_json(ckpt_dir: str | os.PathLike, arch: ModelArch, hf_config: dict, extra: dict | None = None) -> None:
+    meta = {"format_version": FORMAT_VERSION, "arch": arch.to_dict(), "hf_config": hf_config, **(extra or {})}
+    atomic_write_text(Path(ckpt_dir) / MODEL_JSON, json.dumps(meta, indent=2, sort_keys=True))
+
+
+def read_model_json(ckpt_dir: str | os.PathLike) -> tuple[ModelArch, dict[str, Any]]:
+    path = Path(ckpt_dir) / MODEL_JSON
+    if not Path(ckpt_dir).is_dir():
+        raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
+    if not path.is_file():
+        raise CheckpointError(
+            f"{ckpt_dir} is not a megatron-longpo checkpoint (no {MODEL_JSON}); create one with "
+            f"`python tools/convert_checkpoint.py hf-to-megatron --hf-dir HF_DIR --out {ckpt_dir}`"
+        )
+    meta = json.loads(path.read_text())
+    return ModelArch.from_dict(meta["arch"]), meta
+
+
+def latest_iteration_dir(ckpt_dir: str | os.PathLike) -> Path:
+    d = Path(ckpt_dir)
+    marker = d / LATEST
+    if not marker.is_file():
+        partial = sorted(p.name for p in d.glob(".iter_*.tmp")) if d.is_dir() else []
+        why = f" (unfinished writes found: {', '.join(partial)})" if partial else ""
+        raise CheckpointError(
+            f"{d} has no '{LATEST}' marker, so it holds no complete checkpoint{why}; "
+            f"point at a finished checkpoint directory or re-run the save"
+        )
+    it = d / marker.read_text().strip()
+    if not it.is_dir() or not (it / "metadata.json").is_file():
+        raise CheckpointError(f"{marker} names {it.name}, which is missing or incomplete; the checkpoint is damaged")
+    return it
+
+
+def list_iterations(ckpt_dir: str | os.PathLike) -> list[Path]:
+    return sorted(p for p in Path(ckpt_dir).glob("iter_*") if p.is_dir())
+
+
+def save(sharded_state_dict: dict, ckpt_dir: str | os.PathLike, iteration: int, keep_last: int | None = None) -> Path:
+    """Collective: every rank calls it with its own sharded state dict."""
+    from megatron.core import dist_checkpointing
+
+    d = Path(ckpt_dir)
+    final = d / iter_name(iteration)
+    tmp = d / f".{iter_name(iteration)}.tmp"
+    if _rank() == 0:
+        d.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    dist_checkpointing.save(sharded_state_dict, str(tmp))
+    _barrier()
+    if _rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(d / LATEST, final.name + "\n")
+        if keep_last:
+            for old in list_iterations(d)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load(sharded_state_dict: dict, ckpt_dir: str | os.PathLike, iteration_dir: str | os.PathLike | None = None) -> dict:
+    """Collective: load into the structure of `sharded_state_dict` (any TP/PP layout)."""
+    from megatron.core import dist_checkpointing
+
+    it = Path(iteration_dir) if iteration_dir else latest_iteration_dir(ckpt_dir)
+    return dist_checkpointing.load(sharded_state_dict, str(it))
+
+
+def model_sharded_state_dict(chunks: list) -> dict:
+    """The sharded state dict of this rank's model chunks (one per virtual pipeline stage)."""
+    from megatron_longpo.models.build import unwrap
+
+    if len(chunks) == 1:
+        return {"model": unwrap(chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def load_model(chunks: list, ckpt_dir: str | os.PathLike, iteration_dir: str | os.PathLike | None = None) -> Path:
+    """Load model weights from a checkpoint directory into this rank's chunks (any TP/PP)."""
+    from megatron_longpo.models.build import unwrap
+
+    it = Path(iteration_dir) if iteration_dir else latest_iteration_dir(ckpt_dir)
+    state = load(model_sharded_state_dict(chunks), ckpt_dir, it)
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for c, k in zip(chunks, keys):
+        unwrap(c).load_state_dict(state[k], strict=False)
+    return it
+
+
+def open_model(ckpt_dir: str | os.PathLike, par, opts=None, rope_theta: float | None = None):
+    """Set up parallel state for `par`, build this rank's chunks and load the newest weights.
+    Returns (chunks, arch). `rope_theta` overrides the RoPE base (LongPO's context extension)."""
+    from megatron_longpo import parallel
+    from megatron_longpo.models.build import ModelOptions, build_model
+
+    arch, _ = read_model_json(ckpt_dir)
+    if rope_theta is not None:
+        arch = arch.with_rope_theta(rope_theta)
+    parallel.setup(par, arch=arch)
+    chunks = build_model(arch, par, opts or ModelOptions())
+    load_model(chunks, ckpt_dir)
+    return chunks, arch

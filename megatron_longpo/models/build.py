@@ -1,0 +1,119 @@
+"""The one place that builds Megatron-Core's GPTModel.
+
+Everything megatron-specific about model construction lives here (the layer spec choice, the
+deprecated-but-stable GPTModel constructor, pipeline stages and virtual stages), so that an API
+change in megatron-core touches this file only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from megatron_longpo import platform
+from megatron_longpo.models.hf_config import ModelArch, transformer_config
+from megatron_longpo.parallel import ParallelConfig
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to build (not what to build: that is ModelArch)."""
+
+    bf16: bool = False
+    use_te: bool | None = None  # None: TE spec when Transformer Engine imports and CUDA is present
+    recompute: str | None = None  # None | "full" | "selective"
+    recompute_num_layers: int = 1
+    max_sequence_length: int | None = None  # defaults to the model's max_position_embeddings
+
+
+def te_available() -> bool:
+    if not platform.cuda_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # a broken TE install: fall back to the local spec, loudly
+        logging.getLogger(__name__).warning("transformer_engine is installed but does not import; using the local spec")
+        return False
+    return True
+
+
+def layer_spec(use_te: bool):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if use_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec()
+    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_config(arch: ModelArch, par: ParallelConfig, opts: ModelOptions = ModelOptions()):
+    return transformer_config(
+        arch,
+        tensor_parallel=par.tensor_parallel,
+        pipeline_parallel=par.pipeline_parallel,
+        virtual_pipeline_parallel=par.virtual_pipeline_parallel,
+        context_parallel=par.context_parallel,
+        sequence_parallel=par.sequence_parallel,
+        bf16=opts.bf16,
+        use_cpu_initialization=not platform.cuda_available(),
+        recompute=opts.recompute,
+        recompute_num_layers=opts.recompute_num_layers,
+    )
+
+
+def build_model(
+    arch: ModelArch, par: ParallelConfig, opts: ModelOptions = ModelOptions()
+) -> list[torch.nn.Module]:
+    """GPTModel chunks for this rank's pipeline stage (one chunk, or VPP chunks when interleaved).
+
+    Parallel state must be set up (megatron_longpo.parallel.setup) before calling this.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    use_te = te_available() if opts.use_te is None else opts.use_te
+    if use_te and not te_available():
+        raise RuntimeError("use_te=True but Transformer Engine with CUDA is not available on this machine")
+    if not use_te and (par.context_parallel > 1 or par.sequence_parallel):
+        raise RuntimeError("context and sequence parallelism need the Transformer Engine spec (a GPU with TE)")
+    config = build_config(arch, par, opts)
+    spec = layer_spec(use_te)
+    rope_kw = {}
+    if arch.rope_scaling_type == "llama3":
+        rope_kw = dict(rope_scaling=True, rope_scaling_factor=arch.rope_scaling_factor)
+    elif arch.rope_scaling_type == "linear":
+        rope_kw = dict(seq_len_interpolation_factor=arch.rope_scaling_factor)
+    vpp = par.virtual_pipeline_parallel
+    chunks = []
+    # GPTModel logs a deprecation notice (HybridModel is its successor); it is stable in 0.19.
+    logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
+    for vp_stage in range(vpp) if vpp else [None]:
+        pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=arch.padded_vocab_size,
+            max_sequence_length=opts.max_sequence_length or arch.max_position_embeddings,
+            pre_process=pre,
+            post_process=post,
+            parallel_output=True,
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=arch.rope_theta,
+            vp_stage=vp_stage,
+            **rope_kw,
+        )
+        if platform.cuda_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model

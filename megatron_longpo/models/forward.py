@@ -1,0 +1,72 @@
+"""Forward-only passes through megatron's pipeline schedules, for checks and small demos.
+
+`full_logits` gathers the vocabulary across tensor-parallel ranks: fine for a prompt, never for
+training (training computes target log-probs vocab-parallel, see megatron_longpo.logprobs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _schedule_forward(chunks, batches: list[dict], forward_fn):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def step(data_iterator, model):
+        b = next(data_iterator)
+        return forward_fn(model, b), None  # loss_func None: the schedule collects the output
+
+    it = iter(batches)
+    iters = [iter(batches) for _ in chunks] if len(chunks) > 1 else it
+    seq = max(b["tokens"].shape[1] for b in batches)
+    mb = batches[0]["tokens"].shape[0]
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iters, model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(batches), seq_length=seq, micro_batch_size=mb, forward_only=True,
+        )
+    return out
+
+
+def full_logits(chunks, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Logits [b, s, V_pad] (all vocabulary entries) for `tokens` [b, s]; None on ranks that are
+    not the last pipeline stage. Every rank of the model-parallel group must call it."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_longpo.platform import default_device
+
+    dev = default_device()
+    tokens = tokens.to(dev)
+    pos = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
+
+    def fwd(model, b):
+        return model(b["tokens"], b["position_ids"], None)
+
+    out = _schedule_forward(chunks, [{"tokens": tokens, "position_ids": pos}], fwd)
+    if not ps.is_pipeline_last_stage():
+        return None
+    logits = out[0]
+    return gather_from_tensor_model_parallel_region(logits)
+
+
+@torch.no_grad()
+def greedy_generate(chunks, tokens: torch.Tensor, max_new_tokens: int, eos_token_id: int | None, vocab_size: int) -> torch.Tensor:
+    """Greedy decoding without a KV cache (recomputes the prefix each step: for short demos).
+    Returns the new token ids [b, n] on every rank (broadcast from the last pipeline stage)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    new = []
+    for _ in range(max_new_tokens):
+        logits = full_logits(chunks, tokens)
+        nxt = torch.zeros(tokens.shape[0], 1, dtype=torch.long, device=tokens.device)
+        if logits is not None:
+            nxt = logits[:, -1, :vocab_size].argmax(-1, keepdim=True).to(tokens.device)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(nxt, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+        new.append(nxt)
+        tokens = torch.cat([tokens, nxt], dim=1)
+        if eos_token_id is not None and bool((nxt == eos_token_id).all()):
+            break
+    return torch.cat(new, dim=1)
