@@ -1,0 +1,44 @@
+"""Pure loss functions on per-sequence log-prob statistics (docs/losses.md).
+
+Entry points: ``LossConfig``, ``policy_roles``, ``reference_roles``, ``compute_loss``.
+"""
+from .long_context import longpo_loss, solo_dpo_loss, solo_orpo_loss, solo_simpo_loss
+from .preference import (
+    dpo_loss,
+    dpo_reward,
+    ipo_loss,
+    log1mexp,
+    nll_loss,
+    orpo_log_odds,
+    orpo_loss,
+    simpo_loss,
+    simpo_reward,
+)
+from .registry import LOSS_NAMES, LossConfig, compute_loss, policy_roles, reference_roles
+from .stats import POLICY_ROLES, REFERENCE_ROLES, LossOutput, SeqStat, check_stats
+
+__all__ = [
+    "LOSS_NAMES",
+    "POLICY_ROLES",
+    "REFERENCE_ROLES",
+    "LossConfig",
+    "LossOutput",
+    "SeqStat",
+    "check_stats",
+    "compute_loss",
+    "dpo_loss",
+    "dpo_reward",
+    "ipo_loss",
+    "log1mexp",
+    "longpo_loss",
+    "nll_loss",
+    "orpo_log_odds",
+    "orpo_loss",
+    "policy_roles",
+    "reference_roles",
+    "simpo_loss",
+    "simpo_reward",
+    "solo_dpo_loss",
+    "solo_orpo_loss",
+    "solo_simpo_loss",
+]
