@@ -1,0 +1,35 @@
+"""`torchrun ... -m megatron_longpo.train --config examples/RECIPE.yaml [section.key=value ...]`"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m megatron_longpo.train", description=__doc__)
+    p.add_argument("--config", help="YAML recipe (see examples/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-6 parallel.tensor_parallel=2")
+    a = p.parse_args(argv)
+    from megatron_longpo.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(a.config, a.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from megatron_longpo import parallel
+    from megatron_longpo.training.loop import TrainingStopped, train
+
+    try:
+        train(cfg)
+    except (ValueError, FileNotFoundError, TrainingStopped) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, TrainingStopped) else 3
+    finally:
+        parallel.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""The training loop: model + DDP + distributed optimizer + scheduler, megatron's pipeline
+schedules, checkpoint cadence, resume, SIGTERM, non-finite steps, logging."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_longpo import parallel, platform
+from megatron_longpo.checkpoint import dist as ckpt
+from megatron_longpo.config import RunConfig, to_dict
+from megatron_longpo.losses import policy_roles, reference_roles
+from megatron_longpo.models.build import ModelOptions, build_model, unwrap
+from megatron_longpo.training import metrics as M
+from megatron_longpo.training.data import StepData
+from megatron_longpo.training.step import make_forward_step
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (too many non-finite steps in a row, ...)."""
+
+
+@dataclass
+class Trainer:
+    cfg: RunConfig
+    chunks: list
+    optimizer: object
+    scheduler: object
+    data: StepData
+    arch: object
+    par: parallel.ParallelConfig
+    dp: int
+    total_steps: int
+    iteration: int = 0
+    nonfinite_total: int = 0
+    nonfinite_in_a_row: int = 0
+
+
+def _parallel_config(cfg: RunConfig) -> parallel.ParallelConfig:
+    p = cfg.parallel
+    return parallel.ParallelConfig(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline_parallel,
+                                   p.context_parallel, p.sequence_parallel)
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(msg: str) -> None:
+    if _rank0():
+        print(msg, flush=True)
+
+
+def build_trainer(cfg: RunConfig) -> Trainer:
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.transformer.module import Float16Module
+
+    par = _parallel_config(cfg)
+    platform.enable_cpu_fallback()
+    _, world = parallel.init_distributed()
+    arch, _ = ckpt.read_model_json(cfg.model.checkpoint)
+    if cfg.model.rope_theta:
+        arch = arch.with_rope_theta(cfg.model.rope_theta)
+    # the layout is checked before anything heavy is built
+    parallel.validate_layout(par, world, arch)
+    resume_dir = Path(cfg.train.save_dir)
+    resuming = (resume_dir / ckpt.LATEST).is_file()
+    dp = parallel.setup(par, seed=cfg.train.seed, arch=arch)
+
+    bf16 = cfg.model.bf16 and platform.cuda_available()
+    if cfg.model.bf16 and not bf16:
+        log("note: bf16 needs a GPU; training in fp32 on the CPU")
+    opts = ModelOptions(bf16=bf16, recompute=cfg.model.recompute, recompute_num_layers=cfg.model.recompute_num_layers)
+    chunks = build_model(arch, par, opts)
+    tcfg = unwrap(chunks[0]).config
+    tcfg.calculate_per_token_loss = True  # see training/step.py: divide by the global sample count
+    if not resuming:
+        ckpt.load_model(chunks, cfg.model.checkpoint)
+    if bf16:
+        chunks = [Float16Module(tcfg, c) for c in chunks]
+    dist_opt = cfg.optim.distributed_optimizer
+    if dist_opt and not platform.cuda_available():
+        log("note: megatron's distributed optimizer needs CUDA tensors; using the plain optimizer on the CPU")
+        dist_opt = False
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.optim.overlap_grad_reduce,
+        use_distributed_optimizer=dist_opt, average_in_collective=False,
+    )
+    chunks = [DistributedDataParallel(tcfg, ddp_cfg, c, disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+    clip = cfg.optim.clip_grad
+    if clip and not platform.cuda_available():
+        log("note: megatron's gradient clipping needs CUDA tensors; clipping is off on the CPU")
+        clip = 0.0
+    ocfg = OptimizerConfig(
+        optimizer="adam", lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, weight_decay=cfg.optim.weight_decay,
+        adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps,
+        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32, clip_grad=clip,
+        use_distributed_optimizer=dist_opt,
+    )
+    optimizer = get_megatron_optimizer(ocfg, chunks)
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    tcfg.grad_scale_func = optimizer.scale_loss
+    if cfg.optim.overlap_grad_reduce:
+        tcfg.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+
+    cp_rank = ps.get_context_parallel_rank()
+    data = StepData(
+        cfg.data, roles=policy_roles(cfg.loss), ref_roles=reference_roles(cfg.loss), dp_rank=ps.get_data_parallel_rank(),
+        dp_size=dp, pad_multiple=par.pad_multiple(), thd=platform.cuda_available(), cp_size=par.context_parallel,
+        cp_rank=cp_rank, device=platform.default_device(),
+    )
+    total = data.total_steps(cfg.train.steps, cfg.train.epochs)
+    warmup = int(round(cfg.optim.warmup_fraction * total))
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup else cfg.optim.lr, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=max(total, 1), lr_decay_style="cosine",
+        start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay, wd_incr_steps=max(total, 1), wd_incr_style="constant",
+    )
+    t = Trainer(cfg, chunks, optimizer, scheduler, data, arch, par, dp, total)
+    if resuming:
+        load_training_state(t, resume_dir)
+    return t
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def training_state_dict(t: Trainer, loading: bool = False) -> dict:
+    sd = ckpt.model_sharded_state_dict(t.chunks)
+    sd["optimizer"] = t.optimizer.sharded_state_dict(sd, is_loading=loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+    sd["scheduler"] = t.scheduler.state_dict()
+    sd["train_state"] = {
+        "iteration": t.iteration, "data": t.data.state_dict(), "nonfinite_total": t.nonfinite_total,
+        "nonfinite_in_a_row": t.nonfinite_in_a_row, "config": to_dict(t.cfg),
+    }
+    return sd
+
+
+def save_training_state(t: Trainer) -> Path:
+    d = Path(t.cfg.train.save_dir)
+    it = ckpt.save(training_state_dict(t), d, t.iteration, keep_last=t.cfg.train.keep_last)
+    if _rank0():
+        # a training run's directory is itself a checkpoint directory: model.json and tokenizer travel
+        import json
+        import shutil
+
+        src = Path(t.cfg.model.checkpoint)
+        meta = json.loads((src / ckpt.MODEL_JSON).read_text())
+        meta["arch"] = t.arch.to_dict()
+        meta["trained_from"] = str(src.resolve())
+        ckpt.atomic_write_text(d / ckpt.MODEL_JSON, json.dumps(meta, indent=2, sort_keys=True))
+        if (src / "tokenizer").is_dir() and not (d / "tokenizer").is_dir():
+            shutil.copytree(src / "tokenizer", d / "tokenizer")
+    return it
+
+
+def load_training_state(t: Trainer, d: Path) -> None:
+    it = ckpt.latest_iteration_dir(d)
+    state = ckpt.load(training_state_dict(t, loading=True), d, it)
+    keys = ["model"] if len(t.chunks) == 1 else [f"model{i}" for i in range(len(t.chunks))]
+    for c, k in zip(t.chunks, keys):
+        unwrap(c).load_state_dict(state[k], strict=False)
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    ts = state["train_state"]
+    t.iteration = ts["iteration"]
+    t.data.load_state_dict(ts["data"])
+    t.nonfinite_total, t.nonfinite_in_a_row = ts["nonfinite_total"], ts["nonfinite_in_a_row"]
+    log(f"resumed from {it} at step {t.iteration}")
+
+
+# ---------------------------------------------------------------- one step
+
+
+def _reduce_metrics(collected: list[dict], t: Trainer) -> dict[str, float]:
+    """Sum the micro-batch metric sums over micro-batches and DP ranks; broadcast from the last
+    pipeline stage; divide sample-level metrics by the number of samples."""
+    from megatron.core import parallel_state as ps
+
+    names = sorted(collected[0]) if collected else []
+    n_names = torch.tensor([len(names)], device=platform.default_device())
+    vec = torch.stack([sum(c[k] for c in collected) for k in names]) if names else torch.zeros(0)
+    vec = vec.to(platform.default_device()).double()
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        # metric names are the same on every step; only the last stage has them
+        last = ps.get_pipeline_model_parallel_last_rank()
+        dist.broadcast(n_names, src=last, group=ps.get_pipeline_model_parallel_group())
+        if not ps.is_pipeline_last_stage():
+            vec = torch.zeros(int(n_names), dtype=torch.float64, device=platform.default_device())
+        dist.broadcast(vec, src=last, group=ps.get_pipeline_model_parallel_group())
+        obj = [names]
+        dist.broadcast_object_list(obj, src=last, group=ps.get_pipeline_model_parallel_group())
+        names = obj[0]
+    if t.dp > 1:
+        dist.all_reduce(vec, group=ps.get_data_parallel_group())
+    out = dict(zip(names, vec.tolist()))
+    n = out.pop("samples", 1.0) or 1.0
+    tokens = out.pop("tokens", 0.0)
+    res = {k: v / n for k, v in out.items()}
+    res["samples"], res["tokens"] = n, tokens
+    return res
+
+
+def train_step(t: Trainer) -> M.StepRecord:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batches = t.data.next_step()
+    for c in t.chunks:
+        c.zero_grad_buffer()
+    t.optimizer.zero_grad()
+    fwd = make_forward_step(t.cfg.loss, t.cfg.model.logprob_chunk_size, t.data.cp_group())
+    iters = [iter(batches) for _ in t.chunks] if len(t.chunks) > 1 else iter(batches)
+    seq = max(b.tokens.shape[1] for b in batches)
+    with M.Timer() as timer:
+        collected = get_forward_backward_func()(
+            forward_step_func=fwd, data_iterator=iters, model=t.chunks if len(t.chunks) > 1 else t.chunks[0],
+            num_microbatches=len(batches), seq_length=seq, micro_batch_size=batches[0].tokens.shape[0],
+            forward_only=False,
+        )
+        m = _reduce_metrics(collected, t)
+        finite = math.isfinite(m.get("loss", 0.0))
+        grad_norm = None
+        if finite:
+            ok, grad_norm, _ = t.optimizer.step()
+            finite = bool(ok) and (grad_norm is None or math.isfinite(grad_norm))
+        if finite:
+            t.scheduler.step(increment=1)
+    t.iteration += 1
+    if finite:
+        t.nonfinite_in_a_row = 0
+    else:
+        t.nonfinite_total += 1
+        t.nonfinite_in_a_row += 1
+    lr = t.optimizer.param_groups[0]["lr"]
+    flops = M.batch_model_flops(t.arch, t.data.last_step_sequence_lengths())
+    if t.dp > 1:  # every DP replica processed other samples; TP/CP/PP ranks of a replica the same
+        from megatron.core import parallel_state as ps
+
+        f = torch.tensor([flops], dtype=torch.float64, device=platform.default_device())
+        dist.all_reduce(f, group=ps.get_data_parallel_group())
+        flops = float(f.item())
+    return M.StepRecord(t.iteration, m, lr, grad_norm, timer.seconds, int(m["tokens"]), flops, M.peak_memory_gib(), skipped=not finite)
+
+
+# ---------------------------------------------------------------- the run
+
+
+class _Stop:
+    requested = False
+
+
+def _on_sigterm(signum, frame):
+    _Stop.requested = True
+
+
+def _stop_everywhere() -> bool:
+    flag = torch.tensor([1 if _Stop.requested else 0], device=platform.default_device())
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def train(cfg: RunConfig) -> dict:
+    from tqdm import tqdm
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    t0 = time.time()
+    t = build_trainer(cfg)
+    world = dist.get_world_size()
+    peak = M.peak_tflops(cfg.train.peak_tflops)
+    tb = M.TensorBoard(os.path.join(cfg.train.save_dir, "tensorboard") if cfg.train.tensorboard and _rank0() else None)
+    log(f"training {cfg.loss.name} on {t.data.describe()} | {t.arch.architecture} {t.arch.num_layers} layers, RoPE base "
+        f"{t.arch.rope_theta:g} | TP={t.par.tensor_parallel} PP={t.par.pipeline_parallel} CP={t.par.context_parallel} "
+        f"DP={t.dp} | {t.total_steps} steps of {cfg.data.global_batch_size} samples")
+    bar = tqdm(total=t.total_steps, initial=t.iteration, disable=not _rank0(), desc="train", dynamic_ncols=True, file=sys.stderr)
+    records = []
+    stopped_by_signal = False
+    try:
+        while t.iteration < t.total_steps:
+            rec = train_step(t)
+            records.append(rec)
+            bar.update(1)
+            if rec.step % cfg.train.log_interval == 0 or rec.skipped:
+                bar.write(rec.line(t.total_steps, world, peak)) if _rank0() else None
+                tb.log(rec, world)
+            if t.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
+                raise TrainingStopped(
+                    f"{t.nonfinite_in_a_row} non-finite losses/gradients in a row (step {t.iteration}); stopping. "
+                    f"Lower optim.lr, check the data (tools/preprocess_pairs.py summary) and the reference "
+                    f"log-probs, or raise train.max_nonfinite_in_a_row"
+                )
+            if _stop_everywhere():
+                stopped_by_signal = True
+                log(f"SIGTERM received: saving at step {t.iteration} and exiting")
+                break
+            if cfg.train.save_interval and t.iteration % cfg.train.save_interval == 0 and t.iteration < t.total_steps:
+                save_training_state(t)
+        path = save_training_state(t)
+    finally:
+        bar.close()
+        tb.close()
+    done = [r for r in records if not r.skipped]
+    summary = {
+        "steps_run": len(records), "iteration": t.iteration, "skipped_nonfinite": t.nonfinite_total,
+        "first_loss": records[0].metrics.get("loss") if records else None,
+        "last_loss": records[-1].metrics.get("loss") if records else None,
+        "tokens_per_s": (sum(r.tokens for r in done) / max(sum(r.seconds for r in done), 1e-9)) if done else 0.0,
+        "checkpoint": str(path), "seconds": time.time() - t0, "stopped_by_signal": stopped_by_signal,
+        "losses": [r.metrics.get("loss") for r in records],
+    }
+    log(f"done: {summary['steps_run']} steps (now at {t.iteration}/{t.total_steps}), loss {summary['first_loss']} -> "
+        f"{summary['last_loss']}, {summary['skipped_nonfinite']} skipped, {summary['tokens_per_s']:,.0f} tokens/s, "
+        f"checkpoint {path}, {summary['seconds']:.0f} s")
+    return summary

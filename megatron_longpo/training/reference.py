@@ -1,0 +1,96 @@
+"""Frozen reference log-probs: a forward-only pass of the reference model over the reference
+roles' sequences (LongPO: each turn's short context; SoLoPO: the chosen response on the short and
+the long context; pairs: the policy's own sequences), reduced to per-sample statistics."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megatron_longpo.training.step import StepBatch, prepare_batch, run_model, sequence_statistics
+
+
+def _collect(token_logp, batch: StepBatch, cp_group):
+    stats = sequence_statistics(token_logp.detach(), batch, cp_group)
+    data = {role: (s.logps.double().cpu(), s.tokens.cpu()) for role, s in stats.items()}
+    return torch.zeros((), device=token_logp.device), torch.tensor(batch.num_samples, dtype=torch.int), data
+
+
+@torch.no_grad()
+def score(chunks, batches: list[StepBatch], chunk_size: int, cp_group=None) -> list[dict] | None:
+    """Per micro-batch {role: (logp_sum [B] float64, num_tokens [B])} on the last pipeline stage
+    (None elsewhere)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def step(data_iterator, model):
+        b = next(data_iterator)
+        return run_model(model, b, chunk_size), partial(_collect, batch=b, cp_group=cp_group)
+
+    for c in chunks:
+        c.eval()
+    iters = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
+    out = get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iters, model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(batches), seq_length=max(b.tokens.shape[1] for b in batches),
+        micro_batch_size=batches[0].tokens.shape[0], forward_only=True,
+    )
+    return out if ps.is_pipeline_last_stage() else None
+
+
+def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_per_microbatch: int = 1,
+               chunk_size: int = 2048, out_path: str | None = None, bf16: bool = False, progress: bool = True) -> dict:
+    """Score every sample of the dataset with the reference checkpoint and write the sidecar.
+    Collective over all ranks (any TP/PP/CP/DP). Returns a summary on every rank."""
+    import os
+    import time
+
+    from megatron.core import parallel_state as ps
+    from tqdm import tqdm
+
+    from megatron_longpo import platform
+    from megatron_longpo.checkpoint import dist as ckpt
+    from megatron_longpo.data.format import PairDataset
+    from megatron_longpo.data.packing import pack
+    from megatron_longpo.data.reference import RefLogpWriter, merge_parts, part_path, sidecar_path
+    from megatron_longpo.models.build import ModelOptions
+
+    t0 = time.time()
+    ds = PairDataset(dataset_prefix)
+    roles = tuple(roles or ds.ref_roles)
+    chunks, arch = ckpt.open_model(model_dir, par, ModelOptions(bf16=bf16 and platform.cuda_available()))
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    cp_group = ps.get_context_parallel_group() if par.context_parallel > 1 else None
+    mine = list(range(dp_rank, len(ds), dp))
+    groups = [mine[i:i + samples_per_microbatch] for i in range(0, len(mine), samples_per_microbatch)]
+    writer = RefLogpWriter.for_dataset(dataset_prefix, roles=roles, reference_model=str(model_dir),
+                                       computation={"tp": par.tensor_parallel, "pp": par.pipeline_parallel,
+                                                    "cp": par.context_parallel, "dp": dp, "bf16": bool(bf16),
+                                                    "chunk_size": chunk_size})
+    writes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+    tokens = 0
+    bar = tqdm(groups, desc="reference log-probs", disable=not (progress and dist.get_rank() == 0))
+    for idx in bar:
+        packed = pack([ds.sample(i) for i in idx], roles, par.pad_multiple())
+        tokens += int(packed.cu_seqlens[-1])
+        b = prepare_batch(packed, None, thd=platform.cuda_available(), cp_size=par.context_parallel,
+                          cp_rank=ps.get_context_parallel_rank(), device=platform.default_device())
+        res = score(chunks, [b], chunk_size, cp_group)
+        if writes:
+            for role, (lp, n) in res[0].items():
+                writer.add(idx, role, lp.tolist(), [int(x) for x in n.tolist()])
+    out = out_path or sidecar_path(dataset_prefix)
+    rank = dist.get_rank()
+    if writes:
+        writer.save_part(part_path(dataset_prefix, rank))
+    dist.barrier()
+    if rank == 0:
+        parts = [part_path(dataset_prefix, r) for r in range(dist.get_world_size()) if os.path.exists(part_path(dataset_prefix, r))]
+        merge_parts(parts, out)
+        for p in parts:
+            os.remove(p)
+    dist.barrier()
+    return {"samples": len(ds), "roles": roles, "tokens_this_rank": tokens, "path": out, "seconds": time.time() - t0,
+            "arch": arch}

@@ -1,0 +1,184 @@
+"""One micro-batch: packed batch -> this rank's tensors -> GPTModel -> token log-probs ->
+per-role statistics -> loss. `forward_step` / `loss_func` follow megatron-core's schedule contract.
+
+Gradient scaling (why the numbers below are what they are):
+  * the loss function returns (sum of per-sample losses, number of samples, metrics) and the
+    TransformerConfig has calculate_per_token_loss=True, so the schedule does not divide and
+    `finalize_model_grads` divides every gradient by the number of samples summed over DP x CP;
+  * every context-parallel rank computes the same loss from sequence sums reduced with an
+    autograd-aware all-reduce, whose backward sums dL/dsum over the CP ranks: each rank's local
+    gradients are CP times the single-device ones; each CP rank also reports the sample count,
+    so the divisor is CP times the global sample count and the factors cancel.
+  The resulting gradients equal those of one device processing the whole global batch (tested
+  for TP=2, DP=2 with 2 micro-batches, and the CP reduction over 2 ranks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from megatron_longpo.logprobs import (
+    reduce_over_context_parallel,
+    sequence_sums,
+    target_logprobs,
+    zigzag_cp_indices,
+)
+from megatron_longpo.losses import LossConfig, SeqStat, compute_loss
+
+
+@dataclass
+class StepBatch:
+    """This rank's part of one micro-batch, on the device."""
+
+    tokens: torch.Tensor  # [b, s]
+    position_ids: torch.Tensor  # [b, s]
+    labels: torch.Tensor  # [b, s]
+    loss_mask: torch.Tensor  # [b, s]
+    seq_index: torch.Tensor  # [b, s] packed-sequence number of each token, -1 on padding
+    seq_role: list[str]
+    seq_sample: list[int]
+    num_samples: int
+    reference: dict[str, SeqStat] = field(default_factory=dict)  # per-sample reference statistics
+    packed_seq_params: object | None = None  # megatron PackedSeqParams (THD, GPU)
+    num_tokens: int = 0  # real (unpadded) tokens in the whole micro-batch, for throughput
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.seq_role)
+
+
+def _thd_seq_index(cu_padded: torch.Tensor, total: int) -> torch.Tensor:
+    lens = (cu_padded[1:] - cu_padded[:-1]).long()
+    return torch.repeat_interleave(torch.arange(len(lens)), lens)[:total]
+
+
+def cp_partition(cu_padded: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Indices of the packed row that this CP rank holds (zig-zag per sequence, as TE's
+    thd_get_partitioned_indices)."""
+    parts = [
+        int(cu_padded[i]) + zigzag_cp_indices(int(cu_padded[i + 1] - cu_padded[i]), cp_size, cp_rank)
+        for i in range(len(cu_padded) - 1)
+    ]
+    return torch.cat(parts)
+
+
+def prepare_batch(packed, reference: dict[str, SeqStat] | None, *, thd: bool, cp_size: int = 1, cp_rank: int = 0,
+                  device: torch.device | str = "cpu") -> StepBatch:
+    """From a data.packing.PackedBatch to this rank's StepBatch.
+
+    thd=True (Transformer Engine): one packed row with PackedSeqParams, split over CP ranks.
+    thd=False (local spec, CPU): one padded row per sequence, causal mask, no CP.
+    """
+    n = len(packed.seq_role)
+    num_tokens = int(packed.cu_seqlens[-1])
+    if thd:
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        cu, cu_pad = packed.cu_seqlens.int(), packed.cu_seqlens_padded.int()
+        tokens, labels, mask, pos = packed.tokens, packed.labels, packed.loss_mask, packed.position_ids
+        seq_index = _thd_seq_index(cu_pad, tokens.shape[1]).unsqueeze(0)
+        # positions past a sequence's real end are padding: exclude them from the sums
+        valid = torch.zeros(tokens.shape[1], dtype=torch.bool)
+        for i in range(n):
+            valid[int(cu_pad[i]): int(cu_pad[i]) + int(cu[i + 1] - cu[i])] = True
+        seq_index = torch.where(valid.unsqueeze(0), seq_index, torch.full_like(seq_index, -1))
+        if cp_size > 1:
+            idx = cp_partition(cu_pad, cp_size, cp_rank)
+            tokens, labels, mask, pos, seq_index = (t[:, idx] for t in (tokens, labels, mask, pos, seq_index))
+        dev = torch.device(device)
+        params = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu.to(dev), cu_seqlens_kv=cu.to(dev),
+            cu_seqlens_q_padded=cu_pad.to(dev), cu_seqlens_kv_padded=cu_pad.to(dev),
+            max_seqlen_q=int(packed.max_seqlen), max_seqlen_kv=int(packed.max_seqlen),
+        )
+    else:
+        if cp_size > 1:
+            raise ValueError("context parallelism needs the THD (Transformer Engine) path")
+        p = packed.to_padded()
+        tokens, labels, mask, pos = p.tokens, p.labels, p.loss_mask, p.position_ids
+        seq_index = torch.arange(n).unsqueeze(1).expand_as(tokens).clone()
+        params = None
+    to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    return StepBatch(
+        tokens=to(tokens), position_ids=to(pos), labels=to(labels), loss_mask=to(mask.float()),
+        seq_index=to(seq_index), seq_role=list(packed.seq_role), seq_sample=list(packed.seq_sample),
+        num_samples=len(packed.sample_ids),
+        reference={k: SeqStat(to(v.logps), to(v.tokens)) for k, v in (reference or {}).items()},
+        packed_seq_params=params, num_tokens=num_tokens,
+    )
+
+
+def role_stats(sums: torch.Tensor, counts: torch.Tensor, batch: StepBatch) -> dict[str, SeqStat]:
+    """Per-sequence sums -> per-sample statistics per role (a role may have several sequences per
+    sample, e.g. LongPO's per-turn short-context reference sequences: they add up)."""
+    out = {}
+    sample = torch.tensor(batch.seq_sample, device=sums.device)
+    for role in dict.fromkeys(batch.seq_role):
+        sel = torch.tensor([r == role for r in batch.seq_role], device=sums.device)
+        z = torch.zeros(batch.num_samples, dtype=sums.dtype, device=sums.device)
+        out[role] = SeqStat(z.index_add(0, sample[sel], sums[sel]), z.clone().index_add(0, sample[sel], counts[sel]))
+    return out
+
+
+def sequence_statistics(token_logp: torch.Tensor, batch: StepBatch, cp_group=None) -> dict[str, SeqStat]:
+    """Token log-probs of this rank -> per-role per-sample statistics of the whole sequences."""
+    sums, counts = sequence_sums(token_logp, batch.loss_mask, batch.seq_index, batch.num_sequences)
+    sums = reduce_over_context_parallel(sums, cp_group)
+    if cp_group is not None and torch.distributed.get_world_size(cp_group) > 1:
+        torch.distributed.all_reduce(counts, group=cp_group)
+    return role_stats(sums, counts, batch)
+
+
+def loss_from_token_logprobs(token_logp: torch.Tensor, batch: StepBatch, loss_cfg: LossConfig, cp_group=None):
+    """(sum of per-sample losses, number of samples, metrics) — megatron's 3-value loss contract."""
+    stats = sequence_statistics(token_logp, batch, cp_group)
+    stats.update(batch.reference)
+    out = compute_loss(loss_cfg, stats)
+    loss_sum = out.loss.sum()
+    n = torch.tensor(batch.num_samples, dtype=torch.int, device=token_logp.device)
+    metrics = {k: v.detach().float().sum() for k, v in out.metrics.items()}
+    metrics["loss"] = loss_sum.detach().float()
+    metrics["samples"] = torch.tensor(float(batch.num_samples), device=token_logp.device)
+    metrics["tokens"] = torch.tensor(float(batch.num_tokens), device=token_logp.device)
+    return loss_sum, n, metrics
+
+
+def logprob_processor(chunk_size: int):
+    """GPTModel `output_processor`: final hidden states -> per-token target log-probs [b, s]."""
+
+    def process(hidden_states, output_layer, output_weight, labels, config, **_):
+        from megatron.core import parallel_state as ps
+
+        weight = output_weight if output_weight is not None else output_layer.weight
+        tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+        vocab_start = ps.get_tensor_model_parallel_rank() * weight.shape[0]
+        return target_logprobs(
+            hidden_states, weight, labels, chunk_size=chunk_size, tp_group=tp_group,
+            vocab_start=vocab_start, sequence_parallel=config.sequence_parallel,
+        )
+
+    return process
+
+
+def run_model(model, batch: StepBatch, chunk_size: int):
+    """Forward this rank's pipeline stage: hidden states on inner stages, log-probs on the last."""
+    return model(
+        batch.tokens, batch.position_ids, None, labels=batch.labels,
+        packed_seq_params=batch.packed_seq_params, output_processor=logprob_processor(chunk_size),
+    )
+
+
+def make_forward_step(loss_cfg: LossConfig, chunk_size: int, cp_group=None):
+    """forward_step(data_iterator, model) for megatron's pipeline schedules. The iterator yields
+    StepBatch objects (already on the device, already split for this CP rank)."""
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        out = run_model(model, batch, chunk_size)
+        return out, partial(loss_from_token_logprobs, batch=batch, loss_cfg=loss_cfg, cp_group=cp_group)
+
+    return forward_step

@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Score a pair dataset with the frozen reference model once and write the reference sidecar.
+
+    torchrun --nproc-per-node G tools/precompute_ref_logps.py --data PREFIX --model CKPT_DIR [--tp N --pp M --cp C]
+
+LongPO: the reference sees each turn's SHORT context; SoLoPO: the chosen response on the short and
+the long context; pair kinds: the policy's own sequences. Writes PREFIX.ref.safetensors, tied to
+the dataset's hash (the trainer refuses a sidecar of another dataset).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="dataset prefix from tools/preprocess_pairs.py")
+    p.add_argument("--model", required=True, help="reference checkpoint directory (tools/convert_checkpoint.py hf-to-megatron)")
+    p.add_argument("--roles", nargs="*", help="reference roles to score (default: all of the dataset kind's)")
+    p.add_argument("--out", help="sidecar path (default PREFIX.ref.safetensors)")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1)
+    p.add_argument("--samples-per-microbatch", type=int, default=1)
+    p.add_argument("--chunk-size", type=int, default=2048, help="sequence chunk of the log-prob computation")
+    p.add_argument("--bf16", action="store_true", help="score in bf16 (GPU); default fp32")
+    a = p.parse_args(argv)
+    from megatron_longpo import parallel
+    from megatron_longpo.training.reference import precompute
+
+    try:
+        r = precompute(a.data, a.model, parallel.ParallelConfig(a.tp, a.pp, None, a.cp), roles=a.roles,
+                       samples_per_microbatch=a.samples_per_microbatch, chunk_size=a.chunk_size, out_path=a.out, bf16=a.bf16)
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0:
+            print(f"reference log-probs of {r['samples']} samples ({', '.join(r['roles'])}) -> {r['path']} in {r['seconds']:.1f} s")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        parallel.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
