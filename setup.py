@@ -19,6 +19,7 @@ setup(
         "datasets",
         "nltk",
         "numpy",
+        "pyarrow",  # Parquet input (tools/preprocess_pairs.py)
         "psutil",  # dist_checkpointing.save hangs without it
         "pyyaml",
         "tqdm",

@@ -1,0 +1,411 @@
+"""One small tokenizer interface for preprocessing: a chat template plus a tokenizer.
+
+Two implementations sit behind `ChatTokenizer`:
+
+* `HFChatTokenizer`: a Hugging Face tokenizer directory (fast tokenizer, `tokenizers` library).
+  Its reference tokenization of a rendered conversation is exactly what
+  `tokenizer.apply_chat_template(messages, tokenize=True)` does: render, then encode the text
+  with `add_special_tokens=False`.
+* `SentencePieceChatTokenizer`: a SentencePiece model plus a Jinja chat-template file. Its
+  reference tokenization is SentencePiece's own `encode` of the rendered text, with the strings
+  of CONTROL pieces (`<s>`, `</s>`, which SentencePiece never produces from text) mapped to
+  their ids; the dummy-prefix space is added at the start of the text only.
+
+Both expose `split(text)`: the text cut at its special (atomic) tokens. Whole-text tokenization
+never merges across an atomic token, so the text between two of them can be tokenized on its
+own and the results concatenated (`encode_span`). Preprocessing relies on this to tokenize a
+64K-token long context once per record instead of once per sequence it appears in; the
+`self_check` method proves the property on probe conversations at start-up and fails loudly
+(naming the fix, `--tokenization whole`) for a tokenizer where it does not hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+Message = dict[str, str]
+
+TOKENIZATION_MODES = ("spans", "whole")
+
+
+class TokenizerError(ValueError):
+    """The tokenizer or its chat template cannot be used as asked (the message names the fix)."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A run of the rendered text: plain text to tokenize (`special_id is None`) or one atomic token."""
+
+    start: int
+    end: int
+    special_id: int | None
+
+
+class ChatTokenizer(ABC):
+    """What preprocessing needs from a tokenizer: render, split at atomic tokens, encode."""
+
+    family: str
+    name: str
+    chat_template: str
+    vocab_size: int
+    eos_token_id: int | None
+    pad_token_id: int | None
+
+    def __init__(self, mode: str = "spans") -> None:
+        if mode not in TOKENIZATION_MODES:
+            raise TokenizerError(f"unknown tokenization mode {mode!r}; choose one of {TOKENIZATION_MODES}")
+        self.mode = mode
+        self._split_re: re.Pattern | None = None
+        self._special_ids: dict[str, int] = {}
+        self._strip: dict[str, tuple[bool, bool]] = {}
+        self.atomic_ids: frozenset[int] = frozenset()  # ids of special / atomic tokens
+
+    # -- what each implementation provides -------------------------------------------------
+    @abstractmethod
+    def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
+        """The chat template applied to `messages` (text, not tokens)."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Reference tokenization of a whole rendered conversation."""
+
+    @abstractmethod
+    def encode_span(self, text: str, at_start: bool) -> list[int]:
+        """Tokenize text that lies between two atomic tokens (`at_start`: it begins the text)."""
+
+    @abstractmethod
+    def _fingerprint_material(self) -> bytes:
+        """Everything that determines the token ids (vocabulary, merges, normaliser, ...)."""
+
+    # -- shared ---------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """sha256 over the tokenizer's definition and its chat template."""
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.sha256()
+            h.update(self._fingerprint_material())
+            h.update(b"\0chat_template\0")
+            h.update(self.chat_template.encode("utf-8"))
+            self._fingerprint = "sha256:" + h.hexdigest()
+        return self._fingerprint
+
+    def describe(self) -> dict:
+        return {
+            "family": self.family,
+            "name": self.name,
+            "hash": self.fingerprint(),
+            "vocab_size": self.vocab_size,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "tokenization": self.mode,
+        }
+
+    def split(self, text: str) -> list[Unit]:
+        """The text cut at its atomic tokens. In `whole` mode nothing is cut (SentencePiece: only
+        the CONTROL strings, which its reference tokenization cuts out too)."""
+        if self._split_re is None:
+            return [Unit(0, len(text), None)] if text else []
+        units: list[Unit] = []
+        pos = 0
+        for m in self._split_re.finditer(text):
+            start, end = m.start(), m.end()
+            if start < pos:  # swallowed by the previous token's rstrip
+                continue
+            lstrip, rstrip = self._strip.get(m.group("tok"), (False, False))
+            if lstrip:
+                while start > pos and text[start - 1].isspace():
+                    start -= 1
+            if rstrip:
+                while end < len(text) and text[end].isspace():
+                    end += 1
+            if start > pos:
+                units.append(Unit(pos, start, None))
+            units.append(Unit(start, end, self._special_ids[m.group("tok")]))
+            pos = end
+        if pos < len(text):
+            units.append(Unit(pos, len(text), None))
+        return units
+
+    def leading_ids(self, units: list[Unit]) -> list[int]:
+        """Ids emitted at the very start of a text whose first unit is an atomic token (before
+        it); none for Hugging Face tokenizers, SentencePiece's dummy-prefix piece."""
+        return []
+
+    def encode_units(self, text: str) -> list[int]:
+        """Tokenize `text` unit by unit (the way preprocessing does)."""
+        units = self.split(text)
+        ids: list[int] = list(self.leading_ids(units))
+        for u in units:
+            if u.special_id is not None:
+                ids.append(u.special_id)
+            else:
+                ids.extend(self.encode_span(text[u.start : u.end], at_start=u.start == 0))
+        return ids
+
+    def self_check(self) -> None:
+        """Prove on probe conversations that unit-by-unit tokenization equals whole-text
+        tokenization; raise TokenizerError naming the fix otherwise."""
+        if self.mode == "whole":
+            return
+        checked, refusal = 0, None
+        for messages in _PROBES:
+            for gen in (False, True):
+                msgs = messages[:-1] if gen else messages
+                try:
+                    text = self.render(msgs, add_generation_prompt=gen)
+                except Exception as exc:  # noqa: BLE001 - a template may refuse e.g. a system turn
+                    refusal = exc
+                    continue
+                checked += 1
+                if self.encode_units(text) != self.encode(text):
+                    raise TokenizerError(
+                        f"tokenizer {self.name!r}: tokenizing the text between special tokens separately "
+                        "does not give the same ids as tokenizing the whole conversation (for example a "
+                        "normaliser or pre-tokenizer that looks across special tokens); exact, fast "
+                        "preprocessing is not possible with it. Rerun with `--tokenization whole` "
+                        "(exact for any tokenizer, slower on long multi-turn contexts)."
+                    )
+        if not checked:
+            raise TokenizerError(f"the chat template of {self.name!r} refused every probe conversation ({refusal}); "
+                                 "pass --chat-template FILE with a template that renders user/assistant turns")
+
+    def _set_specials(self, specials: dict[str, int], strip: dict[str, tuple[bool, bool]] | None = None) -> None:
+        """Compile the splitting regex: longest token first (leftmost-longest, as `tokenizers`).
+        `strip[content] = (lstrip, rstrip)`: the token also swallows the whitespace on that side."""
+        self._special_ids = dict(specials)
+        self._strip = {c: f for c, f in (strip or {}).items() if f[0] or f[1]}
+        if not specials:
+            self._split_re = None
+            return
+        body = "|".join(re.escape(c) for c in sorted(specials, key=len, reverse=True))
+        self._split_re = re.compile(f"(?P<tok>{body})")
+
+
+# Conversations that exercise whitespace, digits, unicode and message boundaries.
+_PROBES: list[list[Message]] = [
+    [
+        {"role": "system", "content": "You are  a careful\ttester.\n"},
+        {"role": "user", "content": " Read this:\n\n  Chapter 1. It was 1999; \"quotes\", émigrés, 東京.\n\nQ: why?  "},
+        {"role": "assistant", "content": " Because 42.\n"},
+        {"role": "user", "content": "\nAnd then?"},
+        {"role": "assistant", "content": "Then\n\n- a\n- b  c"},
+    ],
+    [
+        {"role": "user", "content": "Summarise:\n\n  A long text .\n\nIn one line."},
+        {"role": "assistant", "content": "A text,  summarised."},
+        {"role": "user", "content": "Shorter."},
+        {"role": "assistant", "content": " Text."},
+    ],
+    [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "y"},
+    ],
+]
+
+
+# ------------------------------------------------------------------------------------------
+class HFChatTokenizer(ChatTokenizer):
+    """A Hugging Face tokenizer directory (must be a fast tokenizer)."""
+
+    family = "huggingface"
+
+    def __init__(self, path: str | os.PathLike, chat_template: str | None = None, mode: str = "spans") -> None:
+        super().__init__(mode)
+        from transformers import AutoTokenizer
+
+        self.path = str(path)
+        try:
+            self.hf = AutoTokenizer.from_pretrained(self.path)
+        except Exception as exc:  # noqa: BLE001 - report what transformers said, with the path
+            raise TokenizerError(f"cannot load a Hugging Face tokenizer from {self.path!r}: {exc}") from exc
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        if backend is None:
+            raise TokenizerError(
+                f"{self.path!r} loads as a slow (Python) tokenizer; preprocessing needs a fast one "
+                "(a tokenizer.json). Convert it with transformers, or pass --sentencepiece MODEL --chat-template FILE."
+            )
+        self.backend = backend
+        template = chat_template if chat_template is not None else self.hf.chat_template
+        if not template:
+            raise TokenizerError(f"tokenizer {self.path!r} has no chat template; pass --chat-template FILE")
+        if not isinstance(template, str):
+            raise TokenizerError(
+                f"tokenizer {self.path!r} has several named chat templates; pass the one to use with --chat-template FILE"
+            )
+        self.chat_template = template
+        self.name = Path(self.path.rstrip("/")).name or self.path
+        self.vocab_size = len(self.hf)
+        self.eos_token_id = self.hf.eos_token_id
+        self.pad_token_id = self.hf.pad_token_id if self.hf.pad_token_id is not None else self.hf.eos_token_id
+        specials: dict[str, int] = {}
+        strip: dict[str, tuple[bool, bool]] = {}
+        single_word = []
+        for tid, tok in backend.get_added_tokens_decoder().items():
+            if tok.normalized:  # matched after normalisation: stays inside a span, tokenized there
+                continue
+            specials[tok.content] = tid
+            strip[tok.content] = (bool(tok.lstrip), bool(tok.rstrip))
+            if tok.single_word:
+                single_word.append(tok.content)
+        self.atomic_ids = frozenset(specials.values())
+        if single_word and mode == "spans":
+            raise TokenizerError(
+                f"tokenizer {self.name!r} has single-word special tokens {single_word[:5]}; split "
+                "tokenization cannot mirror them exactly. Rerun with `--tokenization whole`."
+            )
+        if mode == "spans":
+            self._set_specials(specials, strip)
+
+    def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
+        return self.hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=self.chat_template
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf(text, add_special_tokens=False)["input_ids"]
+
+    def encode_span(self, text: str, at_start: bool) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def _fingerprint_material(self) -> bytes:
+        return self.backend.to_str().encode("utf-8")
+
+
+# ------------------------------------------------------------------------------------------
+class SentencePieceChatTokenizer(ChatTokenizer):
+    """A SentencePiece model file with a Jinja chat template (the template is required)."""
+
+    family = "sentencepiece"
+
+    def __init__(self, model_file: str | os.PathLike, chat_template: str, mode: str = "spans") -> None:
+        super().__init__(mode)
+        import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        self.model_file = str(model_file)
+        try:
+            self._model_bytes = Path(self.model_file).read_bytes()
+            proto = pb.ModelProto()
+            proto.ParseFromString(self._model_bytes)
+            self.sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)
+        except Exception as exc:  # noqa: BLE001
+            raise TokenizerError(f"cannot load the SentencePiece model {self.model_file!r}: {exc}") from exc
+        if not chat_template:
+            raise TokenizerError("a SentencePiece tokenizer needs a chat template: pass --chat-template FILE")
+        self.chat_template = chat_template
+        # the same model without the dummy prefix, for text that does not begin the conversation
+        self._dummy_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
+        proto.normalizer_spec.add_dummy_prefix = False
+        self.sp_cont = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self.name = Path(self.model_file).name
+        self.vocab_size = self.sp.get_piece_size()
+        self.eos_token_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        self.pad_token_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_token_id
+        control = pb.ModelProto.SentencePiece.Type.Value("CONTROL")
+        user = pb.ModelProto.SentencePiece.Type.Value("USER_DEFINED")
+        self._control = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == control}
+        self._control_re = (
+            re.compile("|".join(re.escape(c) for c in sorted(self._control, key=len, reverse=True)))
+            if self._control
+            else None
+        )
+        atomic = {p.piece: i for i, p in enumerate(proto.pieces) if p.type in (control, user)}
+        self.atomic_ids = frozenset(atomic.values())
+        self._set_specials(atomic if mode == "spans" else self._control)
+
+        def piece(i: int) -> str:
+            return self.sp.id_to_piece(i) if i >= 0 else ""
+
+        self._template_vars = {
+            "bos_token": piece(self.sp.bos_id()),
+            "eos_token": piece(self.sp.eos_id()),
+            "unk_token": piece(self.sp.unk_id()),
+            "pad_token": piece(self.sp.pad_id()),
+        }
+
+    def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, _ = render_jinja_template(
+            conversations=[messages],
+            chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            **self._template_vars,
+        )
+        return rendered[0]
+
+    def encode(self, text: str) -> list[int]:
+        if self._control_re is None:
+            return list(self.sp.encode(text))
+        ids: list[int] = []
+        pos = 0
+        for m in self._control_re.finditer(text):
+            if m.start() > pos:
+                ids.extend(self.encode_span(text[pos : m.start()], at_start=pos == 0))
+            ids.append(self._control[m.group(0)])
+            pos = m.end()
+        if pos < len(text):
+            ids.extend(self.encode_span(text[pos:], at_start=pos == 0))
+        return ids
+
+    def encode_span(self, text: str, at_start: bool) -> list[int]:
+        return list((self.sp if at_start else self.sp_cont).encode(text))
+
+    def leading_ids(self, units: list[Unit]) -> list[int]:
+        # SentencePiece adds its dummy-prefix space at the start of the text even when the text
+        # opens with a user-defined symbol: "<|im_start|>..." -> ["▁", "<|im_start|>", ...]
+        if not units or units[0].special_id is None or units[0].start != 0 or not self._dummy_prefix:
+            return []
+        sid = units[0].special_id
+        if sid in self._control.values():
+            return []  # control strings are cut out before SentencePiece sees the text
+        ids = list(self.sp.encode(self.sp.id_to_piece(sid)))
+        return ids[:-1] if ids and ids[-1] == sid else []
+
+    def _fingerprint_material(self) -> bytes:
+        return self._model_bytes
+
+
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """How to build the tokenizer (picklable; what the command line names)."""
+
+    hf_dir: str | None = None
+    sentencepiece: str | None = None
+    chat_template_file: str | None = None
+    mode: str = "spans"
+
+    def build(self) -> ChatTokenizer:
+        template = None
+        if self.chat_template_file is not None:
+            try:
+                template = Path(self.chat_template_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise TokenizerError(f"cannot read the chat template file {self.chat_template_file!r}: {exc}") from exc
+            template = _maybe_unwrap_json_template(template)
+        if (self.hf_dir is None) == (self.sentencepiece is None):
+            raise TokenizerError("name exactly one tokenizer: --tokenizer HF_DIR or --sentencepiece MODEL")
+        if self.hf_dir is not None:
+            return HFChatTokenizer(self.hf_dir, template, self.mode)
+        if template is None:
+            raise TokenizerError("--sentencepiece needs --chat-template FILE (a Jinja chat template)")
+        return SentencePieceChatTokenizer(self.sentencepiece, template, self.mode)
+
+
+def _maybe_unwrap_json_template(text: str) -> str:
+    """Accept a template file that is either raw Jinja or a JSON file with a `chat_template` key."""
+    stripped = text.lstrip()
+    if stripped.startswith("{") and '"chat_template"' in stripped[:200]:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:
+            return text
+        if isinstance(obj, dict) and isinstance(obj.get("chat_template"), str):
+            return obj["chat_template"]
+    return text
