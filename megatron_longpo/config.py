@@ -53,6 +53,7 @@ class DataSection:
 
 @dataclass(frozen=True)
 class OptimSection:
+    name: str = "adam"  # "adam" | "sgd"
     lr: float = 5e-7
     min_lr: float = 0.0
     warmup_fraction: float = 0.1
@@ -65,6 +66,11 @@ class OptimSection:
     overlap_grad_reduce: bool = False
 
 
+    def __post_init__(self):
+        if self.name not in ("adam", "sgd"):
+            raise ValueError(f"optim.name must be adam or sgd, got {self.name!r}")
+
+
 @dataclass(frozen=True)
 class TrainSection:
     steps: int | None = None  # optimizer steps; None = one epoch
@@ -75,6 +81,7 @@ class TrainSection:
     log_interval: int = 1
     tensorboard: bool = True
     max_nonfinite_in_a_row: int = 3
+    exit_after: int | None = None  # stop (and save) after this many steps of THIS run: job time limits
     seed: int = 1234
     peak_tflops: float | None = None  # per-GPU dense bf16 peak for MFU; None = guess from the device name
 

@@ -25,10 +25,20 @@ def main(argv=None) -> int:
         train(cfg)
     except (ValueError, FileNotFoundError, TrainingStopped) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2 if not isinstance(e, TrainingStopped) else 3
-    finally:
-        parallel.teardown()
-    return 0
+        code = 2 if not isinstance(e, TrainingStopped) else 3
+    except BaseException:
+        # another rank may be blocked in a collective: report now and leave without waiting for it
+        import os
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
+    else:
+        code = 0
+    parallel.teardown()
+    return code
 
 
 if __name__ == "__main__":

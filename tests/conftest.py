@@ -31,3 +31,22 @@ import sys as _sys
 from pathlib import Path as _Path
 
 _sys.path.insert(0, str(_Path(__file__).parent))  # tests/mp.py and tests/workers
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_ckpt(smollm2_dir, tmp_path_factory):
+    """A 4-layer random Llama (hidden 64, GQA 4/2) imported as a megatron-longpo checkpoint."""
+    from fixtures import ROOT, run_tool, tiny_hf_model
+
+    tmp = tmp_path_factory.mktemp("tiny_llama")
+    hf = tiny_hf_model(tmp / "hf", smollm2_dir, "llama", tied=False)
+    run_tool(ROOT / "tools/convert_checkpoint.py", "hf-to-megatron", "--hf-dir", hf, "--out", tmp / "ckpt")
+    return tmp / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_longpo_data(tiny_llama_ckpt, smollm2_dir, tmp_path_factory):
+    """8 synthetic 2-turn LongPO samples with reference log-probs from the tiny Llama."""
+    from fixtures import build_dataset
+
+    return build_dataset(tmp_path_factory.mktemp("longpo_data"), "longpo", 8, smollm2_dir, tiny_llama_ckpt)

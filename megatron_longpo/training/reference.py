@@ -41,7 +41,7 @@ def score(chunks, batches: list[StepBatch], chunk_size: int, cp_group=None) -> l
 
 
 def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_per_microbatch: int = 1,
-               chunk_size: int = 2048, out_path: str | None = None, bf16: bool = False, progress: bool = True) -> dict:
+               chunk_size: int = 2048, out_path: str | None = None, bf16: bool | None = None, progress: bool = True) -> dict:
     """Score every sample of the dataset with the reference checkpoint and write the sidecar.
     Collective over all ranks (any TP/PP/CP/DP). Returns a summary on every rank."""
     import os
@@ -58,6 +58,8 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
     from megatron_longpo.models.build import ModelOptions
 
     t0 = time.time()
+    if bf16 is None:  # Transformer Engine's fused attention on packed (THD) rows needs bf16/fp16
+        bf16 = platform.cuda_available()
     ds = PairDataset(dataset_prefix)
     roles = tuple(roles or ds.ref_roles)
     chunks, arch = ckpt.open_model(model_dir, par, ModelOptions(bf16=bf16 and platform.cuda_available()))

@@ -1,0 +1,65 @@
+"""Builders shared by the tests: tiny random Hugging Face models, synthetic pair data, CLI calls."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_tool(*args, timeout=600, check=True):
+    r = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{args[0]} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def tiny_hf_model(out_dir: Path, smollm2_dir: Path, model_type: str = "llama", tied: bool = False, layers: int = 4, **over):
+    """A small random Llama/Qwen2 with the SmolLM2 tokenizer (its vocabulary fits)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, vocab_size=49152 + (64 if model_type == "qwen2" else 0), hidden_size=64,
+                               intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=tied, **over)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # random (non-unit) norms and biases so that their mapping is exercised
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.copy_(1 + 0.5 * torch.randn_like(p) if "norm" in n else 0.5 * torch.randn_like(p))
+    model.save_pretrained(out_dir)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(smollm2_dir / f, out_dir / f)
+    return out_dir
+
+
+def build_dataset(tmp: Path, kind: str, n: int, tokenizer_dir: Path, ref_ckpt: Path | None, **kw):
+    from megatron_longpo.data.synthetic import write_jsonl
+
+    src = write_jsonl(tmp / f"{kind}.jsonl", kind, n, **kw)
+    prefix = tmp / kind
+    run_tool(ROOT / "tools/preprocess_pairs.py", "--input", src, "--kind", kind, "--tokenizer", tokenizer_dir,
+             "--output", prefix, "--no-progress", "--workers", "1")
+    if ref_ckpt is not None:
+        run_tool(ROOT / "tools/precompute_ref_logps.py", "--data", prefix, "--model", ref_ckpt)
+    return prefix
+
+
+def read_model_tensors(iteration_dir: Path) -> dict:
+    """The model tensors of a dist_checkpointing (torch_dist) iteration directory, read directly
+    with torch.distributed.checkpoint in this process (optimizer state left out)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(iteration_dir))
+    md = reader.read_metadata()
+    sd = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in md.state_dict_metadata.items()
+          if isinstance(v, TensorStorageMetadata) and not k.startswith("optimizer")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(sd, storage_reader=reader, no_dist=True)
+    return sd
