@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# GPU checks and measurements, run on a GPU machine after Transformer Engine and megatron-core are
+# installed (see docs/foundation.md, "GPU"). Every number quoted in docs/ for a GPU comes from here.
+#   bash tools/run_gpu_checks.sh tests|bench|train|all
+# Logs go to $OUT (default /tmp/gpu-out).
+set -uo pipefail
+what=${1:-all}
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+export MEGATRON_LONGPO_CACHE=${MEGATRON_LONGPO_CACHE:-/tmp/mlp-cache}
+if [ -z "${MEGATRON_LONGPO_GGUF:-}" ] && ls /root/gguf/g.part0* >>$OUT/cp_runs.log 2>&1; then
+  cat /root/gguf/g.part0* > /tmp/smollm2.gguf && export MEGATRON_LONGPO_GGUF=/tmp/smollm2.gguf
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
+NGPU=$(nvidia-smi -L | wc -l)
+trun() { torchrun --master-port=$((20000 + RANDOM % 20000)) "$@"; }
+
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  python3 -m pytest -q -m gpu tests/test_gpu.py -s -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  python3 tools/bench_logprobs.py 2>&1 | tee "$OUT/bench_logprobs.log"
+fi
+if [ "$what" = cpcheck ]; then
+  # first-step loss and gradients, CP=2 vs CP=1, and the bf16 noise floor (CP=1 with 2 samples per
+  # micro-batch: same math, other rounding), for SFT (NLL only) and LongPO
+  W=/tmp/gpu-cp; mkdir -p $W
+  D=$(ls -d /tmp/pytest-of-root/pytest-*/long0/longpo.json 2>/dev/null | tail -1); D=${D%.json}
+  C=$(ls -d /tmp/pytest-of-root/pytest-*/smol0/ckpt 2>/dev/null | tail -1)
+  for loss in sft longpo; do
+    common="model.checkpoint=$C data.path=$D data.global_batch_size=2 train.steps=1 loss.name=$loss loss.longpo_lambda=1.0 optim.distributed_optimizer=false model.bf16=true train.save_dir=$W/unused"
+    trun --nproc-per-node 1 tests/workers/gpu_checks.py grads $W/${loss}_cp1.pt $common >>$OUT/cp_runs.log 2>&1
+    trun --nproc-per-node 2 tests/workers/gpu_checks.py grads $W/${loss}_cp2.pt $common parallel.context_parallel=2 >>$OUT/cp_runs.log 2>&1
+    trun --nproc-per-node 1 tests/workers/gpu_checks.py grads $W/${loss}_mb2.pt $common data.samples_per_microbatch=2 >>$OUT/cp_runs.log 2>&1
+    python3 - $W $loss <<'PY' 2>&1 | tee -a "$OUT/cp_check.log"
+import sys, torch
+w, loss = sys.argv[1], sys.argv[2]
+a, b, c = (torch.load(f"{w}/{loss}_{k}.pt") for k in ("cp1", "cp2", "mb2"))
+rel = lambda x, y: ((x["grad"] - y["grad"]).norm() / y["grad"].norm()).item()
+rl = lambda x, y: abs(x["metrics"]["loss"] - y["metrics"]["loss"]) / abs(y["metrics"]["loss"])
+print(f"{loss}: loss CP1 {a['metrics']['loss']:.6f} CP2 {b['metrics']['loss']:.6f} (rel {rl(b, a):.2e}); grad rel err CP2 vs CP1 {rel(b, a):.2e}; "
+      f"noise floor (CP1, 2 samples/microbatch vs 1): loss rel {rl(c, a):.2e}, grad rel {rel(c, a):.2e}")
+PY
+  done
+fi
+if [ "$what" = train ] || [ "$what" = all ]; then
+  W=/tmp/gpu-train; mkdir -p $W
+  HF=$(python3 -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")
+  [ -f $W/smol/latest ] || python3 tools/convert_checkpoint.py hf-to-megatron --hf-dir "$HF" --out $W/smol
+  if [ ! -f $W/long16k.ref.safetensors ]; then
+    python3 tools/make_synthetic_pairs.py --kind longpo --n 16 --context-words 14000 --out $W/long16k.jsonl
+    python3 tools/preprocess_pairs.py --input $W/long16k.jsonl --kind longpo --tokenizer "$HF" --output $W/long16k --fresh --no-progress 2>&1 | tail -12
+    trun --nproc-per-node $NGPU tools/precompute_ref_logps.py --data $W/long16k --model $W/smol 2>&1 | grep -v Warn | tail -3
+  fi
+  CP=$([ "$NGPU" -ge 2 ] && echo 2 || echo 1)
+  trun --nproc-per-node $CP -m megatron_longpo.train model.checkpoint=$W/smol data.path=$W/long16k \
+    parallel.context_parallel=$CP model.bf16=true model.rope_theta=1000000 loss.name=longpo loss.longpo_lambda=0.01 \
+    data.global_batch_size=2 train.steps=8 optim.lr=2e-5 optim.warmup_fraction=0.25 train.save_dir=$W/run_cp$CP \
+    > "$OUT/train_smollm2_cp$CP.log" 2>&1; grep -v "it/s\]" "$OUT/train_smollm2_cp$CP.log" | tail -15
+fi
