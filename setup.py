@@ -29,6 +29,8 @@ setup(
     extras_require={
         # Transformer Engine builds against the CUDA toolkit: install on GPU machines only.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
-        "dev": ["pytest>=8", "pytest-timeout"],
+        # the generation tests start a real OpenAI-compatible server (llama.cpp, built from source:
+        # about 5-10 minutes on 2 cores the first time)
+        "dev": ["pytest>=8", "pytest-timeout", "llama-cpp-python[server]==0.3.36"],
     },
 )

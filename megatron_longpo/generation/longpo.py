@@ -1,0 +1,475 @@
+"""LongPO self-generated pairs (METHODS.md §2): chunk -> questions -> short/long answers -> filters -> turns.
+
+For each document `C_L` (the whole text):
+
+1. it is split into chunks of at most `chunk_tokens` tokens on paragraph / section boundaries
+   (`text.chunk_document`) and up to `max_chunks` of them, spread over the document, are kept;
+2. for each chunk `C_S` the generator writes `questions_asked` questions
+   (`question_prompt`, user message `{context}\\n\\n{instruction}`); the numbered / bulleted list
+   is parsed and `questions_per_chunk` of them are drawn at random (seeded by the run seed, the
+   document id and the chunk index, so a resumed run draws the same); an optional lead phrase
+   ("As described in the preceding text,") is prefixed. That is the instruction `I`;
+3. chosen  `y_S ~ π(·|[C_S; I])`: one user message `"{C_S}\\n\\n{I}"`, no earlier turns;
+4. rejected `y_L ~ π(·|[C_L; I])`. With `rejected_conditioning="history"` (default) turn i is
+   generated in the same conversation as the trainer's rejected sequence:
+   `user: "{C_L}\\n\\n{I_1}"`, `assistant: y_L1`, `user: I_2`, ... `user: I_i` (earlier *kept*
+   rejected turns only). With `"independent"` every turn sees `"{C_L}\\n\\n{I_i}"` alone (all turns
+   batch together);
+5. a turn is dropped when either answer is empty, a refusal, repetitive, too short
+   (`filters.AnswerFilter`), when both answers are the same, or when adding it would make either
+   side's long sequence (`C_L` + all kept instructions and that side's answers) exceed
+   `max_pair_tokens`;
+6. the kept turns of a document make one JSONL line:
+   `{"long_context", "turns": [{"short_context", "instruction", "chosen", "rejected"}], "meta"}`.
+
+Documents are processed `docs_per_batch` at a time so each stage is one batched `chat` call.
+A document whose requests fail is counted and left unsettled (a rerun retries it); results are
+appended as they are made, so a restart skips finished documents (`output.ResumableJsonl`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from .backends import Conversation, GenerationBackend, GenerationError, SamplingParams
+from .filters import AnswerFilter, parse_questions, with_lead_phrase
+from .output import ResumableJsonl, RunStats, iter_jsonl
+from .text import Chunk, TokenCounter, chunk_document, select_chunks
+
+DEFAULT_QUESTION_PROMPT = (
+    "{context}\n\n"
+    "Write {n} questions about the text above that test reading comprehension and analysis of its "
+    "content. Each question must be answerable from the text alone. Write only the questions, as a "
+    "numbered list."
+)
+TEMPLATE_OVERHEAD_TOKENS = 8  # chat-template tokens around one message (role tags, newlines)
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class LongPOConfig:
+    chunk_tokens: int = 32768
+    max_chunks: int = 4
+    questions_asked: int = 4
+    questions_per_chunk: int = 1
+    question_prompt: str = DEFAULT_QUESTION_PROMPT
+    lead_phrase: str = ""
+    max_pair_tokens: int = 131072
+    min_doc_tokens: int = 0
+    max_doc_tokens: int | None = None
+    rejected_conditioning: str = "history"  # "history" | "independent"
+    seed: int = 0
+    docs_per_batch: int = 8
+    max_consecutive_failures: int = 8
+    question_params: SamplingParams = SamplingParams(max_new_tokens=256, temperature=0.7, top_p=0.95)
+    answer_params: SamplingParams = SamplingParams(max_new_tokens=1024, temperature=0.0)
+    answer_filter: AnswerFilter = field(default_factory=AnswerFilter)
+
+    def __post_init__(self) -> None:
+        if "{context}" not in self.question_prompt:
+            raise ValueError("the question prompt must contain {context} (where the chunk goes); {n} is optional")
+        if self.rejected_conditioning not in ("history", "independent"):
+            raise ValueError(f"rejected conditioning {self.rejected_conditioning!r}: choose history or independent")
+        if self.questions_per_chunk < 1 or self.questions_asked < self.questions_per_chunk:
+            raise ValueError("need 1 <= questions per chunk <= questions asked")
+        if self.chunk_tokens < 1 or self.max_pair_tokens < 1:
+            raise ValueError("chunk and pair token budgets must be positive")
+
+
+class TooManyFailures(RuntimeError):
+    """Raised after `max_consecutive_failures` documents in a row failed (server down, bad model)."""
+
+
+# ---------------------------------------------------------------- reading documents
+
+
+def text_id(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _doc(row: dict, text_field: str, id_field: str, source: str) -> Document | None:
+    text = row.get(text_field)
+    if not isinstance(text, str):
+        raise ValueError(f"{source}: the record has no string field {text_field!r} (fields: {sorted(row)}); "
+                         "pass --text-field")
+    if not text.strip():
+        return None
+    rid = row.get(id_field)
+    return Document(str(rid) if rid not in (None, "") else text_id(text), text, source)
+
+
+def read_documents(path: str | Path, text_field: str = "text", id_field: str = "id",
+                   split: str | None = None) -> Iterator[Document]:
+    """Documents from: a JSONL / JSON-lines file, a Parquet file, a plain-text / Markdown file (one
+    document), a directory of such files (recursively, sorted), or a `datasets.save_to_disk`
+    directory. Ids: the record's `id_field` when present, else a hash of the text."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input {path} does not exist")
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            yield from _read_saved_dataset(path, text_field, id_field, split)
+            return
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _READERS)
+        if not files:
+            raise FileNotFoundError(f"{path}: no .jsonl/.json/.parquet/.txt/.md files in this directory")
+        for f in files:
+            yield from _READERS[f.suffix.lower()](f, text_field, id_field)
+        return
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(f"{path}: unknown input type; use .jsonl, .json, .parquet, .txt, .md or a directory")
+    yield from reader(path, text_field, id_field)
+
+
+def _read_jsonl(path: Path, text_field: str, id_field: str) -> Iterator[Document]:
+    for i, row in enumerate(iter_jsonl(path)):
+        d = _doc(row, text_field, id_field, f"{path}:{i + 1}")
+        if d:
+            yield d
+
+
+def _read_parquet(path: Path, text_field: str, id_field: str) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    cols = [c for c in (text_field, id_field) if c in pf.schema_arrow.names]
+    if text_field not in cols:
+        raise ValueError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); pass --text-field")
+    n = 0
+    for batch in pf.iter_batches(columns=cols, batch_size=256):
+        for row in batch.to_pylist():
+            n += 1
+            d = _doc(row, text_field, id_field, f"{path}:row{n}")
+            if d:
+                yield d
+
+
+def _read_text(path: Path, text_field: str, id_field: str) -> Iterator[Document]:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text.strip():
+        yield Document(text_id(text), text, str(path))
+
+
+def _read_saved_dataset(path: Path, text_field: str, id_field: str, split: str | None) -> Iterator[Document]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None:
+            if len(ds) != 1:
+                raise ValueError(f"{path} holds splits {list(ds)}; pass --split")
+            split = next(iter(ds))
+        ds = ds[split]
+    for i, row in enumerate(ds):
+        d = _doc(row, text_field, id_field, f"{path}[{i}]")
+        if d:
+            yield d
+
+
+_READERS: dict[str, Callable[[Path, str, str], Iterator[Document]]] = {
+    ".jsonl": _read_jsonl, ".json": _read_jsonl, ".parquet": _read_parquet, ".txt": _read_text, ".md": _read_text,
+}
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def user_message(context: str, instruction: str) -> str:
+    """The trainer's user message: `"{context}\\n\\n{instruction}"`."""
+    return f"{context}\n\n{instruction}"
+
+
+def question_prompt(template: str, chunk_text: str, n: int) -> str:
+    return template.replace("{n}", str(n)).replace("{context}", chunk_text)
+
+
+@dataclass
+class _Turn:
+    chunk: Chunk
+    instruction: str
+    chosen: str = ""
+    rejected: str = ""
+
+
+@dataclass
+class _DocWork:
+    doc: Document
+    doc_tokens: int
+    chunks: list[Chunk]
+    turns: list[_Turn] = field(default_factory=list)
+    kept: list[_Turn] = field(default_factory=list)
+    chosen_len: int = 0  # running token lengths of the two long sequences
+    rejected_len: int = 0
+    failed: bool = False
+
+
+def longpo_record_id(row: dict) -> str | None:
+    return (row.get("meta") or {}).get("id")
+
+
+class LongPOBuilder:
+    """Runs the LongPO data pipeline over documents and appends one JSONL line per document."""
+
+    def __init__(self, backend: GenerationBackend, counter: TokenCounter, config: LongPOConfig,
+                 stats: RunStats | None = None) -> None:
+        self.backend = backend
+        self.counter = counter
+        self.cfg = config
+        self.stats = stats or RunStats()
+        self._consecutive_failures = 0
+
+    # -- one stage = one batched chat call; returns outputs with None for failed conversations
+    def _chat(self, convs: list[Conversation], params: SamplingParams, owners: list[_DocWork],
+              stage: str) -> list[list[str] | None]:
+        if not convs:
+            return []
+        try:
+            return list(self.backend.chat(convs, params))
+        except GenerationError as e:
+            errors, partial = e.errors, e.partial
+        except Exception as e:  # a backend error without per-conversation detail fails the whole call
+            errors, partial = {i: e for i in range(len(convs))}, [None] * len(convs)
+        for i, err in errors.items():
+            if not owners[i].failed:
+                owners[i].failed = True
+                self.stats.fail(f"{stage}_request", owners[i].doc.id, f"{type(err).__name__}: {err}")
+        return partial
+
+    def _prepare(self, doc: Document, out: ResumableJsonl) -> _DocWork | None:
+        cfg, st = self.cfg, self.stats
+        n = self.counter.count(doc.text)
+        reason = None
+        if n < cfg.min_doc_tokens:
+            reason = "doc_too_short"
+        elif cfg.max_doc_tokens is not None and n > cfg.max_doc_tokens:
+            reason = "doc_too_long"
+        elif n + cfg.answer_params.max_new_tokens + TEMPLATE_OVERHEAD_TOKENS > cfg.max_pair_tokens:
+            reason = "doc_over_max_pair_tokens"
+        if reason is None:
+            chunks = chunk_document(doc.text, self.counter, cfg.chunk_tokens)
+            st.count("chunks_total", len(chunks))
+            if len(chunks) < 2:
+                reason = "doc_single_chunk"  # the short context would be the whole document
+        if reason is not None:
+            st.drop(reason)
+            out.settle(doc.id, reason)
+            return None
+        return _DocWork(doc, n, select_chunks(chunks, cfg.max_chunks))
+
+    def _questions(self, work: list[_DocWork]) -> None:
+        cfg, st = self.cfg, self.stats
+        convs, owners, chunks = [], [], []
+        for w in work:
+            for c in w.chunks:
+                convs.append([{"role": "user", "content": question_prompt(cfg.question_prompt, c.text, cfg.questions_asked)}])
+                owners.append(w)
+                chunks.append(c)
+        st.count("chunks_used", len(chunks))
+        outs = self._chat(convs, cfg.question_params, owners, "question")
+        for w, c, o in zip(owners, chunks, outs):
+            if o is None or w.failed:
+                continue
+            qs = parse_questions(o[0])
+            st.count("questions_parsed", len(qs))
+            if not qs:
+                st.drop("chunk_no_question_parsed")
+                continue
+            rng = random.Random(f"{cfg.seed}:{w.doc.id}:{c.index}")
+            for q in rng.sample(qs, min(cfg.questions_per_chunk, len(qs))):
+                w.turns.append(_Turn(c, with_lead_phrase(q, cfg.lead_phrase)))
+        st.count("questions_used", sum(len(w.turns) for w in work if not w.failed))
+
+    def _chosen(self, work: list[_DocWork]) -> None:
+        turns = [(w, t) for w in work if not w.failed for t in w.turns]
+        convs = [[{"role": "user", "content": user_message(t.chunk.text, t.instruction)}] for _, t in turns]
+        outs = self._chat(convs, self.cfg.answer_params, [w for w, _ in turns], "chosen")
+        for (w, t), o in zip(turns, outs):
+            if o is not None:
+                t.chosen = o[0].strip()
+
+    def _rejected_conversation(self, w: _DocWork, t: _Turn) -> Conversation:
+        if self.cfg.rejected_conditioning == "independent" or not w.kept:
+            return [{"role": "user", "content": user_message(w.doc.text, t.instruction)}]
+        conv: Conversation = []
+        for i, k in enumerate(w.kept):
+            conv.append({"role": "user", "content": user_message(w.doc.text, k.instruction) if i == 0 else k.instruction})
+            conv.append({"role": "assistant", "content": k.rejected})
+        conv.append({"role": "user", "content": t.instruction})
+        return conv
+
+    def _judge(self, w: _DocWork, t: _Turn) -> None:
+        """Filter one finished turn and keep it on its document when it passes."""
+        st, f = self.stats, self.cfg.answer_filter
+        reason = None
+        for side, answer in (("chosen", t.chosen), ("rejected", t.rejected)):
+            r = f.reason(answer)
+            if r:
+                reason = f"{side}_{r}"
+                break
+        if reason is None and " ".join(t.chosen.split()).lower() == " ".join(t.rejected.split()).lower():
+            reason = "identical_answers"
+        if reason is None:
+            ins = self.counter.count(t.instruction) + TEMPLATE_OVERHEAD_TOKENS
+            first = 0 if w.kept else w.doc_tokens
+            c_len = (w.chosen_len or 0) + first + ins + self.counter.count(t.chosen) + TEMPLATE_OVERHEAD_TOKENS
+            r_len = (w.rejected_len or 0) + first + ins + self.counter.count(t.rejected) + TEMPLATE_OVERHEAD_TOKENS
+            if max(c_len, r_len) > self.cfg.max_pair_tokens:
+                reason = "over_length"
+            else:
+                w.chosen_len, w.rejected_len = c_len, r_len
+        if reason:
+            st.drop(reason)
+        else:
+            w.kept.append(t)
+
+    def _fits(self, w: _DocWork, t: _Turn) -> bool:
+        """Whether the rejected request for `t` (history mode) fits `max_pair_tokens` with a full
+        `max_new_tokens` answer; a turn that cannot fit is dropped before it is requested."""
+        if self.cfg.rejected_conditioning == "independent" or not w.kept:
+            return True
+        need = (w.rejected_len + self.counter.count(t.instruction) + self.cfg.answer_params.max_new_tokens
+                + 2 * TEMPLATE_OVERHEAD_TOKENS)
+        if need > self.cfg.max_pair_tokens:
+            self.stats.drop("over_length")
+            return False
+        return True
+
+    def _rejected_and_filter(self, work: list[_DocWork]) -> None:
+        st, f = self.stats, self.cfg.answer_filter
+        # chosen answers that fail the filters need no rejected answer
+        pending: dict[int, list[_Turn]] = {}
+        for wi, w in enumerate(work):
+            if w.failed:
+                continue
+            for t in w.turns:
+                r = f.reason(t.chosen)
+                if r:
+                    st.drop(f"chosen_{r}")
+                else:
+                    pending.setdefault(wi, []).append(t)
+        if self.cfg.rejected_conditioning == "independent":
+            rounds = [[(work[wi], t) for wi, ts in pending.items() for t in ts]]
+        else:  # turn i waits for the kept turns before it
+            depth = max((len(ts) for ts in pending.values()), default=0)
+            rounds = [[(work[wi], ts[i]) for wi, ts in pending.items() if i < len(ts)] for i in range(depth)]
+        for rnd in rounds:
+            rnd = [(w, t) for w, t in rnd if not w.failed and self._fits(w, t)]
+            convs = [self._rejected_conversation(w, t) for w, t in rnd]
+            outs = self._chat(convs, self.cfg.answer_params, [w for w, _ in rnd], "rejected")
+            for (w, t), o in zip(rnd, outs):
+                if o is None or w.failed:
+                    continue
+                t.rejected = o[0].strip()
+                self._judge(w, t)
+
+    def _finish(self, w: _DocWork, out: ResumableJsonl) -> None:
+        st = self.stats
+        if w.failed:
+            st.count("documents_failed")
+            self._consecutive_failures += 1
+            return
+        self._consecutive_failures = 0
+        if not w.kept:
+            st.drop("doc_no_turn_kept")
+            out.settle(w.doc.id, "no_turn_kept")
+            return
+        record = {
+            "long_context": w.doc.text,
+            "turns": [
+                {"short_context": t.chunk.text, "instruction": t.instruction, "chosen": t.chosen, "rejected": t.rejected}
+                for t in w.kept
+            ],
+            "meta": {
+                "id": w.doc.id,
+                "source": w.doc.source,
+                "chunk_ids": [t.chunk.index for t in w.kept],
+                "chunk_spans": [[t.chunk.start, t.chunk.end] for t in w.kept],
+                "long_tokens": w.doc_tokens,
+                "generator": getattr(self.backend, "name", type(self.backend).__name__),
+                "rejected_conditioning": self.cfg.rejected_conditioning,
+                "seed": self.cfg.seed,
+            },
+        }
+        out.write(w.doc.id, record)
+        st.count("documents_written")
+        st.count("turns_kept", len(w.kept))
+
+    def run_batch(self, docs: list[Document], out: ResumableJsonl) -> None:
+        work = [w for w in (self._prepare(d, out) for d in docs) if w is not None]
+        if not work:
+            return
+        self._questions(work)
+        self._chosen(work)
+        self._rejected_and_filter(work)
+        for w in work:
+            self._finish(w, out)
+        if self._consecutive_failures >= self.cfg.max_consecutive_failures > 0:
+            raise TooManyFailures(
+                f"{self._consecutive_failures} documents in a row failed (first failures: "
+                f"{self.stats.failure_examples[:2]}); stopping. Fix the cause and rerun the same command: "
+                "finished documents are kept and skipped"
+            )
+
+    def run(self, documents: Iterable[Document], output: str | Path, progress: bool = True) -> RunStats:
+        from tqdm import tqdm
+
+        st = self.stats
+        with ResumableJsonl(output, longpo_record_id) as out:
+            if out.torn_lines:
+                st.count("torn_lines_repaired", out.torn_lines)
+            done = out.done_ids
+            bar = tqdm(desc="documents", unit="doc", disable=not progress)
+            batch: list[Document] = []
+            seen: set[str] = set()
+            try:
+                for doc in documents:
+                    st.count("documents_seen")
+                    bar.update(1)
+                    if doc.id in done:
+                        st.count("documents_already_done")
+                        continue
+                    if doc.id in seen:
+                        st.drop("doc_duplicate_id")
+                        continue
+                    seen.add(doc.id)
+                    batch.append(doc)
+                    if len(batch) >= self.cfg.docs_per_batch:
+                        self.run_batch(batch, out)
+                        batch = []
+                        bar.set_postfix(written=st.counts["documents_written"], failed=sum(st.failures.values()))
+                if batch:
+                    self.run_batch(batch, out)
+            finally:
+                bar.close()
+        return st
+
+
+def validate_longpo_line(row: dict) -> None:
+    """Raise ValueError unless `row` follows the LongPO JSONL schema."""
+    if not isinstance(row.get("long_context"), str) or not row["long_context"]:
+        raise ValueError("long_context must be a non-empty string")
+    turns = row.get("turns")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("turns must be a non-empty list")
+    for i, t in enumerate(turns):
+        if set(t) != {"short_context", "instruction", "chosen", "rejected"}:
+            raise ValueError(f"turn {i} has keys {sorted(t)}")
+        for k, v in t.items():
+            if not isinstance(v, str) or not v:
+                raise ValueError(f"turn {i}: {k} must be a non-empty string")
+    extra = set(row) - {"long_context", "turns", "meta"}
+    if extra:
+        raise ValueError(f"unexpected top-level keys {sorted(extra)}")
+    if "meta" in row and not isinstance(row["meta"], dict):
+        raise ValueError("meta must be an object")
