@@ -1,0 +1,71 @@
+"""tools/precompute_ref_logps.py on the CPU with SmolLM2 = log-probs computed with transformers
+(fp32, per sequence), for every reference role of a LongPO and a SoLoPO dataset; the trainer
+refuses a sidecar of another dataset."""
+import pytest
+import torch
+
+from fixtures import ROOT, run_tool
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_ckpt(smollm2_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol_ref") / "ckpt"
+    run_tool(ROOT / "tools/convert_checkpoint.py", "hf-to-megatron", "--hf-dir", smollm2_dir, "--out", out)
+    return out
+
+
+def transformers_sums(model, sample, role):
+    """Sum over the role's sequences of log p(token) at the scored (loss_mask) positions."""
+    total, count = 0.0, 0
+    for seq in sample.sequences(role):
+        ids = torch.as_tensor(seq.tokens, dtype=torch.long).unsqueeze(0)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits.double(), -1)[0]
+        mask = torch.as_tensor(seq.loss_mask)
+        for t in range(1, len(seq.tokens)):
+            if mask[t]:
+                total += logp[t - 1, ids[0, t]].item()
+                count += 1
+    return total, count
+
+
+@pytest.mark.parametrize("kind", ["longpo", "solopo"])
+def test_sidecar_equals_transformers(kind, smollm2_dir, smollm2_ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_longpo.data.format import PairDataset
+    from megatron_longpo.data.reference import load_ref_logps
+
+    prefix = tmp_path / kind
+    run_tool(ROOT / "tools/preprocess_pairs.py", "--input", ROOT / f"examples/data/{kind}.jsonl", "--kind", kind,
+             "--tokenizer", smollm2_dir, "--output", prefix, "--no-progress", "--workers", "1")
+    r = run_tool(ROOT / "tools/precompute_ref_logps.py", "--data", prefix, "--model", smollm2_ckpt, "--samples-per-microbatch", "2")
+    assert "reference log-probs of" in r.stdout
+    ds = PairDataset(prefix)
+    ref = load_ref_logps(prefix)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    worst = 0.0
+    for i in range(len(ds)):
+        for role in ds.ref_roles:
+            want, n = transformers_sums(model, ds.sample(i), role)
+            got, got_n = ref.get(i, role)
+            assert got_n == n
+            worst = max(worst, abs(got - want))
+    print(f"{kind}: max |sidecar - transformers| per sequence sum = {worst:.2e}")
+    assert worst <= 1e-3
+
+
+def test_trainer_refuses_a_sidecar_of_another_dataset(smollm2_dir, tmp_path, tiny_llama_ckpt):
+    import shutil
+
+    from fixtures import build_dataset
+
+    a = build_dataset(tmp_path / "a", "pair", 4, smollm2_dir, tiny_llama_ckpt) if (tmp_path / "a").mkdir() is None else None
+    b = build_dataset(tmp_path / "b", "pair", 4, smollm2_dir, None, seed=1) if (tmp_path / "b").mkdir() is None else None
+    shutil.copy(f"{a}.ref.safetensors", f"{b}.ref.safetensors")
+    r = run_tool(ROOT / "tests/workers/train.py", f"model.checkpoint={tiny_llama_ckpt}", f"data.path={b}", "loss.name=dpo",
+                 "data.global_batch_size=2", f"train.save_dir={tmp_path}/run", check=False, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "was computed for dataset" in r.stderr and "precompute_ref_logps" in r.stderr
