@@ -36,12 +36,12 @@ def train(nproc, ckpt, data, save_dir, timeout=300, **kw):
 def one_process_step(tiny_llama_ckpt, tiny_longpo_data, tmp_path_factory):
     d = tmp_path_factory.mktemp("tp1")
     s = train(1, tiny_llama_ckpt, tiny_longpo_data, d)
-    return s, read_model_tensors(d / "iter_0000001")
+    return s, read_model_tensors(d / "iter_0000001"), d
 
 
 @pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", "dp=2"])
 def test_one_step_same_loss_and_weights_as_one_process(layout, one_process_step, tiny_llama_ckpt, tiny_longpo_data, tmp_path):
-    ref_summary, ref_weights = one_process_step
+    ref_summary, ref_weights, _ = one_process_step
     kw = {} if layout == "dp=2" else dict([layout.split("=")])
     s = train(2, tiny_llama_ckpt, tiny_longpo_data, tmp_path, **kw)
     assert abs(s["first_loss"] - ref_summary["first_loss"]) <= 1e-5 * abs(ref_summary["first_loss"]), (s["first_loss"], ref_summary["first_loss"])
@@ -136,3 +136,24 @@ def test_two_node_rendezvous_equals_one_node(one_process_step, tiny_llama_ckpt, 
     assert two["first_loss"] == one_node["first_loss"]
     a, b = read_model_tensors(save / "iter_0000001"), read_model_tensors(tmp_path / "1node/iter_0000001")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_step_at_tp2_pp2_exports_the_same_hf_weights_as_tp1(one_process_step, tiny_llama_ckpt, tiny_longpo_data, tmp_path):
+    """One training step at TP=2 x PP=2 (4 gloo ranks, optimizer state in the checkpoint) exports
+    to the same Hugging Face weights as the same step on one process."""
+    from safetensors.torch import load_file
+
+    from fixtures import run_tool
+
+    _, _, tp1_dir = one_process_step
+    train(4, tiny_llama_ckpt, tiny_longpo_data, tmp_path / "tp2pp2", timeout=420,
+          **{"parallel.tensor_parallel": 2, "parallel.pipeline_parallel": 2})
+    out = {}
+    for name, d in (("tp1", tp1_dir), ("tp2pp2", tmp_path / "tp2pp2")):
+        run_tool(ROOT / "tools/convert_checkpoint.py", "megatron-to-hf", "--megatron-dir", d, "--out", tmp_path / f"hf-{name}")
+        out[name] = {}
+        for f in sorted((tmp_path / f"hf-{name}").glob("*.safetensors")):
+            out[name].update(load_file(str(f)))
+    assert out["tp1"].keys() == out["tp2pp2"].keys() and len(out["tp1"]) > 0
+    for k in out["tp1"]:
+        assert torch.allclose(out["tp1"][k], out["tp2pp2"][k], atol=2e-6, rtol=1e-5), k

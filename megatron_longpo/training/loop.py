@@ -109,9 +109,6 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         use_distributed_optimizer=dist_opt,
     )
     optimizer = get_megatron_optimizer(ocfg, chunks)
-    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if getattr(o, "init_state_fn", "absent") is None:  # SGD without momentum keeps no state to restore
-            o.init_state_fn = lambda *a, **k: None
     tcfg.finalize_model_grads_func = finalize_model_grads
     tcfg.grad_scale_func = optimizer.scale_loss
     if cfg.optim.overlap_grad_reduce:
@@ -141,7 +138,8 @@ def build_trainer(cfg: RunConfig) -> Trainer:
 
 def training_state_dict(t: Trainer, loading: bool = False) -> dict:
     sd = ckpt.model_sharded_state_dict(t.chunks)
-    sd["optimizer"] = t.optimizer.sharded_state_dict(sd, is_loading=loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+    if t.cfg.optim.name != "sgd":  # plain SGD (no momentum) keeps no optimizer state
+        sd["optimizer"] = t.optimizer.sharded_state_dict(sd, is_loading=loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
     sd["scheduler"] = t.scheduler.state_dict()
     sd["train_state"] = {
         "iteration": t.iteration, "data": t.data.state_dict(), "nonfinite_total": t.nonfinite_total,
@@ -174,7 +172,8 @@ def load_training_state(t: Trainer, d: Path) -> None:
     keys = ["model"] if len(t.chunks) == 1 else [f"model{i}" for i in range(len(t.chunks))]
     for c, k in zip(t.chunks, keys):
         unwrap(c).load_state_dict(state[k], strict=False)
-    t.optimizer.load_state_dict(state["optimizer"])
+    if "optimizer" in state:
+        t.optimizer.load_state_dict(state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])
     ts = state["train_state"]
     t.iteration = ts["iteration"]

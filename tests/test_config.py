@@ -1,0 +1,38 @@
+from pathlib import Path
+
+import pytest
+
+from megatron_longpo.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_recipes_parse(recipe):
+    cfg = load_config(str(recipe))
+    assert cfg.model.checkpoint and cfg.data.path and cfg.loss.name
+
+
+def test_overrides_are_typed():
+    c = load_config(None, ["optim.lr=1e-6", "parallel.tensor_parallel=2", "loss.name=solo-dpo", "model.rope_theta=1e6",
+                           "data.reference=null", "model.bf16=false"])
+    assert (c.optim.lr, c.parallel.tensor_parallel, c.loss.name, c.model.rope_theta, c.data.reference, c.model.bf16) == \
+        (1e-6, 2, "solo-dpo", 1e6, None, False)
+
+
+@pytest.mark.parametrize("override, msg", [
+    ("optim.lrr=1", "unknown config key optim.lrr"),
+    ("parallel.tensor_parallel=1.5", "parallel.tensor_parallel must be an integer"),
+    ("loss.name=foo", "unknown loss name 'foo'"),
+    ("model.bf16=maybe", "model.bf16 must be true or false"),
+    ("optim.name=lion", "optim.name must be adam or sgd"),
+    ("nosection", "must look like section.key=value"),
+])
+def test_bad_config_names_the_key(override, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(None, [override])
+
+
+def test_missing_recipe_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent.yaml")
