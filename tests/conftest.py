@@ -50,3 +50,13 @@ def tiny_longpo_data(tiny_llama_ckpt, smollm2_dir, tmp_path_factory):
     from fixtures import build_dataset
 
     return build_dataset(tmp_path_factory.mktemp("longpo_data"), "longpo", 8, smollm2_dir, tiny_llama_ckpt)
+
+
+@pytest.fixture(scope="session")
+def smollm2_ckpt(smollm2_dir, tmp_path_factory):
+    """SmolLM2 imported as a megatron-longpo checkpoint."""
+    from fixtures import ROOT, run_tool
+
+    out = tmp_path_factory.mktemp("smol") / "ckpt"
+    run_tool(ROOT / "tools/convert_checkpoint.py", "hf-to-megatron", "--hf-dir", smollm2_dir, "--out", out)
+    return out

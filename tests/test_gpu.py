@@ -3,22 +3,14 @@
 Run on a GPU machine with `pytest -m gpu tests/test_gpu.py -s`; the numbers they print are the
 ones quoted in docs/foundation.md and docs/logprobs.md."""
 import json
-import os
 
 import pytest
 import torch
 
-from fixtures import ROOT, build_dataset, run_tool
+from fixtures import build_dataset
 from mp import torchrun
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def smollm2_ckpt(smollm2_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("smol") / "ckpt"
-    run_tool(ROOT / "tools/convert_checkpoint.py", "hf-to-megatron", "--hf-dir", smollm2_dir, "--out", out)
-    return out
 
 
 def test_smollm2_bf16_te_matches_transformers(smollm2_ckpt, smollm2_dir, tmp_path):

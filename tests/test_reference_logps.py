@@ -9,13 +9,6 @@ from fixtures import ROOT, run_tool
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smollm2_ckpt(smollm2_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("smol_ref") / "ckpt"
-    run_tool(ROOT / "tools/convert_checkpoint.py", "hf-to-megatron", "--hf-dir", smollm2_dir, "--out", out)
-    return out
-
-
 def transformers_sums(model, sample, role):
     """Sum over the role's sequences of log p(token) at the scored (loss_mask) positions."""
     total, count = 0.0, 0
