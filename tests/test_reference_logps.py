@@ -62,3 +62,19 @@ def test_trainer_refuses_a_sidecar_of_another_dataset(smollm2_dir, tmp_path, tin
                  "data.global_batch_size=2", f"train.save_dir={tmp_path}/run", check=False, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "was computed for dataset" in r.stderr and "precompute_ref_logps" in r.stderr
+
+
+@pytest.mark.parametrize("layout", [("--tp", "2"), ("--pp", "2"), ()], ids=["tp2", "pp2", "dp2"])
+def test_sidecar_is_the_same_at_every_layout(layout, tiny_llama_ckpt, tiny_longpo_data, tmp_path):
+    """The fixture's sidecar was computed by one process; TP=2, PP=2 and DP=2 (2 gloo ranks) agree."""
+    import numpy as np
+
+    from megatron_longpo.data.reference import load_ref_logps
+    from mp import torchrun
+
+    out = tmp_path / "ref.safetensors"
+    torchrun(2, "precompute.py", "--data", tiny_longpo_data, "--model", tiny_llama_ckpt, "--out", out, *layout, timeout=300)
+    a, b = load_ref_logps(tiny_longpo_data), load_ref_logps(tiny_longpo_data, path=out)
+    for role in a.roles:
+        assert np.array_equal(a.num_tokens[role], b.num_tokens[role])
+        assert np.allclose(a.logp_sum[role], b.logp_sum[role], rtol=1e-5, atol=1e-4), role
