@@ -82,6 +82,7 @@ class TrainSection:
     tensorboard: bool = True
     max_nonfinite_in_a_row: int = 3
     exit_after: int | None = None  # stop (and save) after this many steps of THIS run: job time limits
+    stall_seconds: float = 1800.0  # a step (or save) taking longer prints every thread's stack on each rank; 0: off
     seed: int = 1234
     peak_tflops: float | None = None  # per-GPU dense bf16 peak for MFU; None = guess from the device name
 

@@ -157,3 +157,10 @@ def test_step_at_tp2_pp2_exports_the_same_hf_weights_as_tp1(one_process_step, ti
     assert out["tp1"].keys() == out["tp2pp2"].keys() and len(out["tp1"]) > 0
     for k in out["tp1"]:
         assert torch.allclose(out["tp1"][k], out["tp2pp2"][k], atol=2e-6, rtol=1e-5), k
+
+
+def test_a_stalled_step_prints_every_threads_stack(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
+    """train.stall_seconds: a step that takes longer dumps the stacks (here every step does)."""
+    out = torchrun(1, "train.py", *overrides(tiny_llama_ckpt, tiny_longpo_data, tmp_path, **{"train.stall_seconds": 0.2,
+                   "data.global_batch_size": 2}), timeout=300)
+    assert "Thread 0x" in out and "train_step" in out and "done: 1 steps" in out

@@ -293,13 +293,19 @@ def train(cfg: RunConfig) -> dict:
     bar = tqdm(total=t.total_steps, initial=t.iteration, disable=not _rank0(), desc="train", dynamic_ncols=True, file=sys.stderr)
     records = []
     stopped_by_signal = False
+    import faulthandler
+
     try:
         while t.iteration < t.total_steps:
+            if cfg.train.stall_seconds:  # a stalled collective shows up as stacks, not silence
+                faulthandler.dump_traceback_later(cfg.train.stall_seconds, repeat=True, file=sys.stderr)
             rec = train_step(t)
             records.append(rec)
             bar.update(1)
             if rec.step % cfg.train.log_interval == 0 or rec.skipped:
-                bar.write(rec.line(t.total_steps, world, peak)) if _rank0() else None
+                if _rank0():
+                    bar.write(rec.line(t.total_steps, world, peak))
+                    sys.stdout.flush()
                 tb.log(rec, world)
             if t.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
                 raise TrainingStopped(
@@ -318,6 +324,7 @@ def train(cfg: RunConfig) -> dict:
                 save_training_state(t)
         path = save_training_state(t)
     finally:
+        faulthandler.cancel_dump_traceback_later()
         bar.close()
         tb.close()
     done = [r for r in records if not r.skipped]

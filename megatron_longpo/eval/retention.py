@@ -1,0 +1,93 @@
+"""Short-context retention: does the model still do short things after long-context training?
+
+Two measurements, reported the same way before and after training (one model per run; compare two
+result files with `tools/eval_long.py --compare BEFORE.json AFTER.json`):
+
+- held-out perplexity: the offline prose of `examples/generation/documents` (each document tokenized
+  on its own, without the chat template, cut into non-overlapping windows of `window` tokens; the
+  perplexity is exp of the mean next-token negative log-likelihood over all predicted tokens). Needs
+  the weights in process (the transformers backend); skipped for an HTTP server.
+- a small hand-written QA set (`examples/eval/retention_qa.jsonl`: simple factual and arithmetic
+  questions), answered greedily through any `GenerationBackend` and scored by RULER's
+  string_match_part (1 if any gold alias is a case-insensitive sub-string of the answer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+from megatron_longpo.eval.ruler import DEFAULT_DOCUMENTS, string_match_part
+from megatron_longpo.generation.backends import GenerationBackend, SamplingParams
+
+DEFAULT_QA = Path(__file__).resolve().parents[2] / "examples" / "eval" / "retention_qa.jsonl"
+QA_SYSTEM_SUFFIX = " Answer briefly."
+
+
+def load_qa(path: str | Path = DEFAULT_QA) -> list[dict]:
+    items = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    for i, it in enumerate(items):
+        if not it.get("question") or not it.get("answers"):
+            raise ValueError(f"{path}:{i + 1}: each line needs 'question' and a non-empty 'answers' list")
+    return items
+
+
+def load_texts(directory: str | Path = DEFAULT_DOCUMENTS) -> list[str]:
+    d = Path(directory)
+    paths = sorted(d.glob("*.md")) + sorted(d.glob("*.txt")) if d.is_dir() else [d]
+    return [p.read_text(encoding="utf-8") for p in paths]
+
+
+def perplexity(model, tokenizer, texts: Sequence[str], window: int = 512) -> dict:
+    """exp(mean NLL) of next-token prediction over non-overlapping `window`-token pieces of each text."""
+    import torch
+
+    total_nll, total_tokens = 0.0, 0
+    device = next(model.parameters()).device
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), window):
+            piece = ids[start : start + window]
+            if len(piece) < 2:
+                continue
+            x = torch.tensor([piece], device=device)
+            with torch.no_grad():
+                logits = model(input_ids=x).logits.float()
+            logp = torch.log_softmax(logits[0, :-1], dim=-1)
+            nll = -logp.gather(1, x[0, 1:, None]).sum().item()
+            total_nll += nll
+            total_tokens += len(piece) - 1
+    if not total_tokens:
+        raise ValueError("no text to measure perplexity on")
+    mean = total_nll / total_tokens
+    return {"perplexity": math.exp(mean), "mean_nll": mean, "tokens": total_tokens, "window": window}
+
+
+def qa_accuracy(backend: GenerationBackend, items: Sequence[dict], max_new_tokens: int = 32,
+                progress: Callable[[int], None] | None = None) -> dict:
+    convs = [[{"role": "user", "content": it["question"] + QA_SYSTEM_SUFFIX}] for it in items]
+    outs = backend.chat(convs, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    records = []
+    for it, out in zip(items, outs):
+        pred = out[0]
+        records.append({"question": it["question"], "answers": it["answers"], "prediction": pred,
+                        "score": string_match_part(pred, it["answers"])})
+    if progress:
+        progress(len(items))
+    acc = 100.0 * sum(r["score"] for r in records) / max(1, len(records))
+    return {"accuracy": acc, "n": len(records), "metric": "part", "records": records}
+
+
+def run_retention(backend: GenerationBackend, model=None, tokenizer=None, qa_path: str | Path = DEFAULT_QA,
+                  documents: str | Path = DEFAULT_DOCUMENTS, window: int = 512, max_new_tokens: int = 32) -> dict:
+    out: dict = {"qa": qa_accuracy(backend, load_qa(qa_path), max_new_tokens)}
+    out["qa"]["path"] = str(qa_path)
+    if model is not None and tokenizer is not None:
+        out["perplexity"] = perplexity(model, tokenizer, load_texts(documents), window)
+        out["perplexity"]["documents"] = str(documents)
+    else:
+        out["perplexity"] = None
+        out["perplexity_skipped"] = "needs the weights in process (--backend transformers)"
+    return out
