@@ -41,6 +41,11 @@ rel = lambda x, y: ((x["grad"] - y["grad"]).norm() / y["grad"].norm()).item()
 rl = lambda x, y: abs(x["metrics"]["loss"] - y["metrics"]["loss"]) / abs(y["metrics"]["loss"])
 print(f"{loss}: loss CP1 {a['metrics']['loss']:.6f} CP2 {b['metrics']['loss']:.6f} (rel {rl(b, a):.2e}); grad rel err CP2 vs CP1 {rel(b, a):.2e}; "
       f"noise floor (CP1, 2 samples/microbatch vs 1): loss rel {rl(c, a):.2e}, grad rel {rel(c, a):.2e}")
+# where do the gradients differ? worst parameters by relative error, CP2 vs CP1 and the noise floor
+pr = lambda x, y, n: ((x["per_param"][n] - y["per_param"][n]).norm() / y["per_param"][n].norm().clamp_min(1e-30)).item()
+rows = sorted(((pr(b, a, n), pr(c, a, n), n) for n in a["per_param"]), reverse=True)
+for e, f, n in rows[:12]:
+    print(f"  {n:70s} CP2 {e:.2e}  floor {f:.2e}")
 PY
   done
 fi

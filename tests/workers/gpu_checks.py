@@ -55,8 +55,9 @@ def grads(out, overrides):
     t = build_trainer(cfg)
     m = forward_backward(t, t.data.next_step())
     flat = torch.cat([b.grad_data.float().flatten() for c in t.chunks for b in c.buffers]).cpu()
+    per_param = {n: p.main_grad.float().cpu() for c in t.chunks for n, p in c.named_parameters() if getattr(p, "main_grad", None) is not None}
     if dist.get_rank() == 0:
-        torch.save({"metrics": m, "grad": flat}, out)
+        torch.save({"metrics": m, "grad": flat, "per_param": per_param}, out)
         print(json.dumps({k: v for k, v in m.items()}, indent=1))
 
 
