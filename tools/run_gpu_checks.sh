@@ -26,8 +26,14 @@ if [ "$what" = cpcheck ]; then
   # first-step loss and gradients, CP=2 vs CP=1, and the bf16 noise floor (CP=1 with 2 samples per
   # micro-batch: same math, other rounding), for SFT (NLL only) and LongPO
   W=/tmp/gpu-cp; mkdir -p $W
-  D=$(ls -d /tmp/pytest-of-root/pytest-*/long0/longpo.json 2>/dev/null | tail -1); D=${D%.json}
-  C=$(ls -d /tmp/pytest-of-root/pytest-*/smol0/ckpt 2>/dev/null | tail -1)
+  HF=$(python3 -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")
+  C=$W/smol D=$W/long4k
+  [ -f $C/latest ] || python3 tools/convert_checkpoint.py hf-to-megatron --hf-dir "$HF" --out $C
+  if [ ! -f $D.ref.safetensors ]; then
+    python3 tools/make_synthetic_pairs.py --kind longpo --n 4 --context-words 3000 --out $W/long4k.jsonl
+    python3 tools/preprocess_pairs.py --input $W/long4k.jsonl --kind longpo --tokenizer "$HF" --output $D --fresh --no-progress >/dev/null
+    trun --nproc-per-node 1 tools/precompute_ref_logps.py --data $D --model $C >/dev/null 2>&1
+  fi
   for loss in sft longpo; do
     common="model.checkpoint=$C data.path=$D data.global_batch_size=2 train.steps=1 loss.name=$loss loss.longpo_lambda=1.0 optim.distributed_optimizer=false model.bf16=true train.save_dir=$W/unused"
     trun --nproc-per-node 1 tests/workers/gpu_checks.py grads $W/${loss}_cp1.pt $common >>$OUT/cp_runs.log 2>&1
