@@ -1,0 +1,152 @@
+"""RULER-style tasks (megatron_longpo/eval/ruler.py), the runner and tools/eval_long.py."""
+import json
+import re
+from collections import Counter
+
+import pytest
+
+from megatron_longpo.eval.ruler import (BASE_TASKS, LengthError, chat_prompt_counter, generate_sample,
+                                        generate_tasks, score, string_match_all, string_match_part)
+from megatron_longpo.eval.runner import build_results, compare_table, evaluate, svg_plot
+from megatron_longpo.generation.backends import GenerationError
+
+
+@pytest.fixture(scope="module")
+def count(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return chat_prompt_counter(AutoTokenizer.from_pretrained(smollm2_dir))
+
+
+def context_of(prompt: str) -> str:
+    """The haystack part: between the instruction line and the final question."""
+    body = prompt.split("\n", 1)[1]
+    return re.split(r"\n(?:Question:|What (?:is|are all) the special)", body)[0]
+
+
+def test_deterministic_for_a_seed(count):
+    tasks = ["niah_single", "niah_multikey_uuid", "niah_multivalue_word", "vt", "cwe", "fwe"]
+    a = generate_tasks(tasks, [512], 2, count, seed=0)
+    b = generate_tasks(tasks, [512], 2, count, seed=0)
+    c = generate_tasks(tasks, [512], 2, count, seed=1)
+    assert [(s.prompt, s.answers) for s in a] == [(s.prompt, s.answers) for s in b]
+    for x, y in zip(a, c):
+        assert x.prompt != y.prompt and x.answers != y.answers
+    assert a[0].prompt != a[1].prompt  # samples of one task differ
+
+
+@pytest.mark.parametrize("length", [512, 1024, 4096])
+def test_prompt_length_within_two_percent(count, length):
+    for task in [*BASE_TASKS, "niah_single_uuid", "niah_multiquery_word"]:
+        s = generate_sample(task, length, 0, count, seed=3)
+        assert s.n_tokens == count(s.prompt)
+        assert 0.98 * length <= s.n_tokens <= length, (task, s.n_tokens)
+
+
+def test_too_short_length_is_an_error(count):
+    with pytest.raises(LengthError):
+        generate_sample("niah_multiquery_uuid", 128, 0, count)
+
+
+def test_scorer_hand_checked():
+    assert string_match_all("The number is 1234567.", ["1234567"]) == 1.0
+    assert string_match_all("The number is 123456.", ["1234567"]) == 0.0
+    assert string_match_all("amber-OTTER and Tiger-Apple", ["amber-otter", "tiger-apple"]) == 1.0  # case
+    assert string_match_all("1111111, 2222222", ["1111111", "2222222", "3333333", "4444444"]) == 0.5
+    assert string_match_part("1111111, 2222222", ["1111111", "3333333"]) == 1.0
+    assert string_match_part("nothing here", ["1111111", "3333333"]) == 0.0
+    assert score("  KYRKH QUKOO  ", ["kyrkh", "qukoo", "daydm"], "all") == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        string_match_all("x", [])
+
+
+@pytest.mark.parametrize("task", ["niah_single", "niah_multikey_uuid", "niah_multivalue_word", "niah_multiquery"])
+def test_needles_present_exactly_once(count, task):
+    for length in (512, 2048):
+        s = generate_sample(task, length, 1, count, seed=0)
+        needles = s.meta["needles"]
+        for n in needles:
+            needle = f"for {n['key']} is: {n['value']}."
+            assert s.prompt.count(needle) == 1
+            assert s.prompt.count(n["value"]) == 1  # the value occurs nowhere else
+        for a in s.answers:
+            assert a in context_of(s.prompt)
+        n_keys = len({n["key"] for n in needles})
+        expected = {"niah_single": (1, 1), "niah_multikey_uuid": (4, 1), "niah_multivalue_word": (1, 4),
+                    "niah_multiquery": (4, 4)}[task]
+        assert (n_keys, len(s.answers)) == expected
+
+
+def test_variable_tracking_chain_resolves(count):
+    for length in (512, 2048):
+        s = generate_sample("vt", length, 0, count, seed=0)
+        value = s.meta["value"]
+        env: dict[str, str] = {}
+        for name, rhs in re.findall(r"VAR ([A-Z]{5}) = (VAR [A-Z]{5}|\d+)\.", context_of(s.prompt)):
+            env[name] = env[rhs[4:]] if rhs.startswith("VAR ") else rhs  # in text order: defined before use
+        holders = sorted(n for n, v in env.items() if v == value)
+        assert holders == sorted(s.answers) and len(s.answers) == 5
+        assert f"assigned the value {value}" in s.prompt
+
+
+def test_cwe_and_fwe_gold_words_are_most_frequent(count):
+    for length in (512, 4096):
+        s = generate_sample("cwe", length, 0, count, seed=0)
+        words = re.findall(r"^\d+\. (\S+)$", context_of(s.prompt), flags=re.M)
+        c = Counter(words).most_common()
+        top = {w for w, _ in c[:10]}
+        assert top == set(s.answers)
+        assert c[9][1] > c[10][1]  # strictly more frequent than the rest
+        f = generate_sample("fwe", length, 0, count, seed=0)
+        c = Counter(re.findall(r"[a-z]+", context_of(f.prompt))).most_common()
+        assert {w for w, _ in c[:3]} == set(f.answers) and c[2][1] > c[3][1]
+
+
+class FakeBackend:
+    name = "fake"
+
+    def __init__(self, fail_index=None):
+        self.fail_index = fail_index
+
+    def chat(self, conversations, params):
+        outs = []
+        for conv in conversations:  # answer with the first needle value or variable name in the prompt
+            m = re.search(r"is: (\d{7})\.|VAR ([A-Z]{5}) =", conv[0]["content"])
+            outs.append([m.group(1) or m.group(2)])
+        if self.fail_index is not None:
+            partial = [None if i == self.fail_index else o for i, o in enumerate(outs)]
+            raise GenerationError({self.fail_index: RuntimeError("boom")}, partial)
+        return outs
+
+
+def test_runner_scores_and_reports(count, tmp_path):
+    samples = generate_tasks(["niah_single", "vt"], [256, 512], 2, count, seed=0)
+    recs = evaluate(FakeBackend(), samples, batch_size=3)
+    res = build_results(recs, "fake", {}, 0.0)
+    assert res["summary"]["niah_single"]["256"]["score"] == 100.0
+    assert res["summary"]["vt"]["512"]["score"] == pytest.approx(20.0)  # 1 of 5 variables
+    assert res["average"]["256"] == pytest.approx(60.0)
+    assert svg_plot(res["summary"]).startswith("<svg") and "niah_single" in svg_plot(res["summary"])
+    recs = evaluate(FakeBackend(fail_index=0), samples[:2], batch_size=2)
+    assert recs[0]["score"] is None and "boom" in recs[0]["error"] and recs[1]["score"] == 1.0
+    assert build_results(recs, "fake", {}, 0.0)["summary"]["niah_single"]["256"]["failed"] == 1
+    compare_table(res, res)  # renders
+
+
+@pytest.mark.slow
+def test_eval_long_end_to_end(smollm2_dir, tmp_path):
+    from fixtures import ROOT, run_tool
+
+    out = tmp_path / "r.json"
+    r = run_tool(ROOT / "tools/eval_long.py", "--model", smollm2_dir, "--lengths", "256", "512", "--tasks",
+                 "niah_single", "vt", "--samples", "1", "--max-new-tokens", "8", "--threads", "2", "--seed", "0",
+                 "--out", out, "--no-progress", timeout=300)
+    res = json.loads(out.read_text())
+    assert set(res["summary"]) == {"niah_single", "vt"}
+    assert set(res["summary"]["vt"]) == {"256", "512"}
+    assert len(res["samples"]) == 4 and all(0 <= s["score"] <= 1 for s in res["samples"])
+    assert all(0.98 * s["length"] <= s["n_tokens"] <= s["length"] for s in res["samples"])
+    assert "niah_single" in r.stdout and "average" in r.stdout
+    assert out.with_suffix(".svg").read_text().startswith("<svg")
+    c = run_tool(ROOT / "tools/eval_long.py", "--compare", out, out)
+    assert "+0.0" in c.stdout
