@@ -270,18 +270,17 @@ def test_a_crashing_backend_fails_documents_without_losing_others(tmp_path):
 
 
 def test_output_file_checks(tmp_path):
-    from megatron_longpo.generation.longpo import longpo_record_id
-    from megatron_longpo.generation.output import ResumableJsonl
+    from megatron_longpo.generation.output import ResumableJsonl, meta_id
 
     out = tmp_path / "o.jsonl"
     out.write_text('{"meta": {"id": "a"}}\nnot json\n{"meta": {"id": "b"}}\n')
     with pytest.raises(ValueError, match="line 2 is not valid JSON"):
-        ResumableJsonl(out, longpo_record_id)
+        ResumableJsonl(out, meta_id)
     out.write_text('{"meta": {"id": "a"}}\n{"meta": {"id": "b"}}')  # complete, only the newline missing
-    with ResumableJsonl(out, longpo_record_id) as r:
+    with ResumableJsonl(out, meta_id) as r:
         assert r.done_ids == {"a", "b"} and r.torn_lines == 0
         r.write("c", {"meta": {"id": "c"}})
     assert [json.loads(l)["meta"]["id"] for l in out.read_text().splitlines()] == ["a", "b", "c"]
     out.write_text('{"long_context": "x"}\n')
     with pytest.raises(ValueError, match="not written by this tool"):
-        ResumableJsonl(out, longpo_record_id)
+        ResumableJsonl(out, meta_id)

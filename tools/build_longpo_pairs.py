@@ -20,7 +20,7 @@ from megatron_longpo.generation.backends import (
 from megatron_longpo.generation.filters import AnswerFilter
 from megatron_longpo.generation.longpo import (
     DEFAULT_QUESTION_PROMPT, LongPOBuilder, LongPOConfig, TooManyFailures, read_documents)
-from megatron_longpo.generation.output import RunStats, atomic_write_json
+from megatron_longpo.generation.output import RunStats, finish_run
 from megatron_longpo.generation.text import HFTokenCounter
 
 
@@ -102,17 +102,8 @@ def main(argv=None) -> int:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         status = 130
     stats.count("seconds", round(time.time() - t0, 1))
-    http = getattr(backend, "stats", None)
-    summary = {"tool": "build_longpo_pairs", "output": a.output, **stats.to_dict(),
-               "http": http.to_dict() if http else None}
-    atomic_write_json(a.output + ".summary.json", summary)
-    print(stats.render(f"LongPO pairs -> {a.output}"))
-    if http:
-        print(f"http: {http.to_dict()}")
-    if status == 0 and stats.failures:
-        print("some documents failed: rerun the same command to retry them", file=sys.stderr)
-        status = 3
-    return status
+    return finish_run("build_longpo_pairs", f"LongPO pairs -> {a.output}", a.output, stats, backend, status,
+                      "some documents failed: rerun the same command to retry them" if stats.failures else None)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 
 from megatron_longpo.generation.backends import (
     SamplingParams, add_backend_args, backend_config_from_args, build_backend, tokenizer_path_from_args)
-from megatron_longpo.generation.output import RunStats, atomic_write_json
+from megatron_longpo.generation.output import RunStats, finish_run
 from megatron_longpo.generation.solopo import (
     DEFAULT_INSTRUCTION, SoLoPOBuilder, SoLoPOConfig, TooManyFailures, read_qa_records)
 from megatron_longpo.generation.text import HFTokenCounter
@@ -70,17 +70,9 @@ def main(argv=None) -> int:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         status = 130
     stats.count("seconds", round(time.time() - t0, 1))
-    http = getattr(backend, "stats", None)
-    summary = {"tool": "build_solopo_pairs", "output": a.output, **stats.to_dict(),
-               "http": http.to_dict() if http else None}
-    atomic_write_json(a.output + ".summary.json", summary)
-    print(stats.render(f"SoLoPO pairs -> {a.output}"))
-    if http:
-        print(f"http: {http.to_dict()}")
-    if status == 0 and any(k != "malformed" for k in stats.failures):
-        print("some records failed: rerun the same command to retry them", file=sys.stderr)
-        status = 3
-    return status
+    failed = any(k != "malformed" for k in stats.failures)
+    return finish_run("build_solopo_pairs", f"SoLoPO pairs -> {a.output}", a.output, stats, backend, status,
+                      "some records failed: rerun the same command to retry them" if failed else None)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Iterator
 
 from .backends import Conversation, GenerationBackend, GenerationError, SamplingParams
 from .filters import AnswerFilter, parse_questions, with_lead_phrase
-from .output import ResumableJsonl, RunStats, iter_jsonl
+from .output import ResumableJsonl, RunStats, TooManyFailures, iter_jsonl, meta_id
 from .text import Chunk, TokenCounter, chunk_document, select_chunks
 
 DEFAULT_QUESTION_PROMPT = (
@@ -84,10 +84,6 @@ class LongPOConfig:
             raise ValueError("need 1 <= questions per chunk <= questions asked")
         if self.chunk_tokens < 1 or self.max_pair_tokens < 1:
             raise ValueError("chunk and pair token budgets must be positive")
-
-
-class TooManyFailures(RuntimeError):
-    """Raised after `max_consecutive_failures` documents in a row failed (server down, bad model)."""
 
 
 # ---------------------------------------------------------------- reading documents
@@ -212,10 +208,6 @@ class _DocWork:
     chosen_len: int = 0  # running token lengths of the two long sequences
     rejected_len: int = 0
     failed: bool = False
-
-
-def longpo_record_id(row: dict) -> str | None:
-    return (row.get("meta") or {}).get("id")
 
 
 class LongPOBuilder:
@@ -425,7 +417,7 @@ class LongPOBuilder:
         from tqdm import tqdm
 
         st = self.stats
-        with ResumableJsonl(output, longpo_record_id) as out:
+        with ResumableJsonl(output, meta_id) as out:
             if out.torn_lines:
                 st.count("torn_lines_repaired", out.torn_lines)
             done = out.done_ids

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -181,3 +182,27 @@ def iter_jsonl(path: str | os.PathLike) -> Iterable[dict]:
                     yield json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
+class TooManyFailures(RuntimeError):
+    """Raised after `max_consecutive_failures` items in a row failed (server down, bad model)."""
+
+
+def meta_id(row: dict) -> str | None:
+    """The stable id an output line carries under "meta" (what resumption skips by)."""
+    return (row.get("meta") or {}).get("id")
+
+
+def finish_run(tool: str, title: str, output: str, stats: "RunStats", backend, status: int, retry_hint: str | None) -> int:
+    """End of a builder run: summary JSON beside the output, the printed summary, HTTP statistics,
+    and exit status 3 when some items failed (`retry_hint` says so; a rerun retries them)."""
+    http = getattr(backend, "stats", None)
+    summary = {"tool": tool, "output": output, **stats.to_dict(), "http": http.to_dict() if http else None}
+    atomic_write_json(output + ".summary.json", summary)
+    print(stats.render(title))
+    if http:
+        print(f"http: {http.to_dict()}")
+    if status == 0 and retry_hint:
+        print(retry_hint, file=sys.stderr)
+        status = 3
+    return status

@@ -36,7 +36,7 @@ from typing import Iterable, Sequence
 
 from .backends import GenerationBackend, GenerationError, SamplingParams
 from .filters import AnswerFilter
-from .output import ResumableJsonl, RunStats, iter_jsonl
+from .output import ResumableJsonl, RunStats, TooManyFailures, iter_jsonl, meta_id
 from .text import TokenCounter
 
 DEFAULT_INSTRUCTION = "Answer the question based on the documents above. Give a short answer.\n\nQuestion: {question}"
@@ -243,14 +243,6 @@ class SoLoPOConfig:
             raise ValueError("need at least 2 samples per record to find a correct and a wrong answer")
 
 
-class TooManyFailures(RuntimeError):
-    pass
-
-
-def solopo_record_id(row: dict) -> str | None:
-    return (row.get("meta") or {}).get("id")
-
-
 class SoLoPOBuilder:
     def __init__(self, backend: GenerationBackend, counter: TokenCounter, config: SoLoPOConfig,
                  stats: RunStats | None = None) -> None:
@@ -367,7 +359,7 @@ class SoLoPOBuilder:
 
         st = self.stats
         pool = [p for r in records for p in r.passages]
-        with ResumableJsonl(output, solopo_record_id) as out:
+        with ResumableJsonl(output, meta_id) as out:
             if out.torn_lines:
                 st.count("torn_lines_repaired", out.torn_lines)
             done = out.done_ids
