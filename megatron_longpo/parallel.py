@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longpo import platform
+from megatron_longpo.launch import free_port
 
 
 class LayoutError(ValueError):
@@ -100,7 +101,7 @@ def init_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if platform.cuda_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -108,14 +109,6 @@ def init_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
             backend=platform.dist_backend(), timeout=datetime.timedelta(minutes=timeout_minutes)
         )
     return dist.get_rank(), dist.get_world_size()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def setup(par: ParallelConfig, seed: int = 1234, arch=None) -> int:

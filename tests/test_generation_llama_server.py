@@ -6,7 +6,6 @@ then rerun): the output ends complete, with no duplicate.
 Needs `pip install 'llama-cpp-python[server]'` (CI installs it; docs/generation.md)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +18,12 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip 
 pytest.importorskip("uvicorn", reason="llama-cpp-python's server extra is missing: pip install 'llama-cpp-python[server]'")
 
 from megatron_longpo.generation.backends import OpenAIChatBackend, SamplingParams  # noqa: E402
+from megatron_longpo.launch import free_port  # noqa: E402
 from megatron_longpo.models.embedded import gguf_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = ROOT / "examples" / "generation" / "qa.jsonl"
 QA_IDS = {json.loads(l)["id"] for l in QA.read_text().splitlines() if l.strip()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LlamaServer:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fixtures import ROOT, read_model_tensors
-from mp import WORKERS, free_port, torchrun
+from megatron_longpo.launch import free_port
+from mp import WORKERS, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +101,6 @@ def test_sigterm_saves_a_loadable_checkpoint(tiny_llama_ckpt, tiny_longpo_data, 
 
 
 def test_bad_layout_fails_before_any_work(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
-    t0 = time.time()
     with pytest.raises(AssertionError) as e:
         torchrun(2, "train.py", *overrides(tiny_llama_ckpt, tiny_longpo_data, tmp_path, **{"parallel.pipeline_parallel": 3}), timeout=120)
     assert "world size 2 is not divisible by TP*PP*CP = 1*3*1 = 3" in str(e.value)

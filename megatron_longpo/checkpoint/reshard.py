@@ -27,15 +27,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from megatron_longpo.checkpoint import dist as ckpt
 from megatron_longpo.checkpoint.export import DistCheckpointReader, check_out_dir, install_dir, open_checkpoint
+from megatron_longpo.launch import run_torchrun
 
 LEGACY_TRACKER = "latest_checkpointed_iteration.txt"
 LEGACY_FILE = "model_optim_rng.pt"
@@ -49,12 +46,6 @@ def legacy_rank_dir(iteration: int, tp_rank: int, pp_rank: int, pp: int) -> str:
     """Megatron-LM's per-rank directory name (no expert-parallel suffix: dense models only)."""
     rank = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
     return f"{ckpt.iter_name(iteration)}/{rank}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reshard_checkpoint(megatron_dir, out_dir, tp: int, pp: int, fmt: str = "dist", iteration: int | None = None,
@@ -75,28 +66,17 @@ def reshard_checkpoint(megatron_dir, out_dir, tp: int, pp: int, fmt: str = "dist
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp * pp}", "--nnodes=1",
-            "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "megatron_longpo.checkpoint.reshard",
+        target = [
+            "-m", "megatron_longpo.checkpoint.reshard",
             "--ckpt", str(src), "--iter-dir", str(it), "--out", str(tmp), "--tp", str(tp), "--pp", str(pp),
             "--format", fmt, "--names", names, "--iteration", str(n), "--dtype", str(stored).removeprefix("torch."),
         ]
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
-        env.setdefault("OMP_NUM_THREADS", "1")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True, env=env)
-        try:
-            log, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            log, _ = proc.communicate()
+        env = {"CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        code, log, timed_out = run_torchrun(tp * pp, target, timeout=timeout, env=env)
+        if timed_out:
             raise ReshardFailed(f"reshard workers timed out after {timeout} s (raise --timeout); last output:\n{log[-3000:]}")
-        if proc.returncode != 0:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # any rank left waiting in a collective
-            except ProcessLookupError:
-                pass
-            raise ReshardFailed(f"reshard workers failed (exit {proc.returncode}); last output:\n{log[-3000:]}")
+        if code != 0:
+            raise ReshardFailed(f"reshard workers failed (exit {code}); last output:\n{log[-3000:]}")
         extra = {"intended_layout": {"tensor_parallel": tp, "pipeline_parallel": pp}, "resharded_from": str(it)}
         if fmt == "legacy":
             extra["format"] = "legacy"
