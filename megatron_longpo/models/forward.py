@@ -6,26 +6,23 @@ training (training computes target log-probs vocab-parallel, see megatron_longpo
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 
-def _schedule_forward(chunks, batches: list[dict], forward_fn):
+def run_schedule(chunks, batches: list, forward_step, *, forward_only: bool):
+    """Megatron's pipeline schedule (no pipelining, 1F1B or interleaved, as the layout says) over
+    `batches`, one per micro-batch; each has a `.tokens` [b, s] tensor. `forward_step(data_iterator,
+    model)` follows megatron's contract. Returns what the schedule collected on the last stage."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    def step(data_iterator, model):
-        b = next(data_iterator)
-        return forward_fn(model, b), None  # loss_func None: the schedule collects the output
-
-    it = iter(batches)
-    iters = [iter(batches) for _ in chunks] if len(chunks) > 1 else it
-    seq = max(b["tokens"].shape[1] for b in batches)
-    mb = batches[0]["tokens"].shape[0]
-    with torch.no_grad():
-        out = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=iters, model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=len(batches), seq_length=seq, micro_batch_size=mb, forward_only=True,
-        )
-    return out
+    iters = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iters, model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(batches), seq_length=max(b.tokens.shape[1] for b in batches),
+        micro_batch_size=batches[0].tokens.shape[0], forward_only=forward_only,
+    )
 
 
 def full_logits(chunks, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -40,10 +37,12 @@ def full_logits(chunks, tokens: torch.Tensor) -> torch.Tensor | None:
     tokens = tokens.to(dev)
     pos = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
 
-    def fwd(model, b):
-        return model(b["tokens"], b["position_ids"], None)
+    def step(data_iterator, model):
+        b = next(data_iterator)
+        return model(b.tokens, b.position_ids, None), None  # loss_func None: the schedule collects the output
 
-    out = _schedule_forward(chunks, [{"tokens": tokens, "position_ids": pos}], fwd)
+    with torch.no_grad():
+        out = run_schedule(chunks, [SimpleNamespace(tokens=tokens, position_ids=pos)], step, forward_only=True)
     if not ps.is_pipeline_last_stage():
         return None
     logits = out[0]

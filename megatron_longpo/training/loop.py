@@ -19,6 +19,7 @@ from megatron_longpo.checkpoint import dist as ckpt
 from megatron_longpo.config import RunConfig, to_dict
 from megatron_longpo.losses import policy_roles, reference_roles
 from megatron_longpo.models.build import ModelOptions, build_model, unwrap
+from megatron_longpo.models.forward import run_schedule
 from megatron_longpo.training import metrics as M
 from megatron_longpo.training.data import StepData
 from megatron_longpo.training.step import make_forward_step
@@ -169,9 +170,7 @@ def save_training_state(t: Trainer) -> Path:
 def load_training_state(t: Trainer, d: Path) -> None:
     it = ckpt.latest_iteration_dir(d)
     state = ckpt.load(training_state_dict(t, loading=True), d, it)
-    keys = ["model"] if len(t.chunks) == 1 else [f"model{i}" for i in range(len(t.chunks))]
-    for c, k in zip(t.chunks, keys):
-        unwrap(c).load_state_dict(state[k], strict=False)
+    ckpt.apply_model_state(t.chunks, state)
     if "optimizer" in state:
         t.optimizer.load_state_dict(state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])
@@ -217,18 +216,11 @@ def _reduce_metrics(collected: list[dict], t: Trainer) -> dict[str, float]:
 def forward_backward(t: Trainer, batches) -> dict[str, float]:
     """Forward and backward over this rank's micro-batches of one step; gradients end up in the
     DDP buffers, reduced over DP x CP and divided by the global sample count. Returns the metrics."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     for c in t.chunks:
         c.zero_grad_buffer()
     t.optimizer.zero_grad()
     fwd = make_forward_step(t.cfg.loss, t.cfg.model.logprob_chunk_size, t.data.cp_group())
-    iters = [iter(batches) for _ in t.chunks] if len(t.chunks) > 1 else iter(batches)
-    collected = get_forward_backward_func()(
-        forward_step_func=fwd, data_iterator=iters, model=t.chunks if len(t.chunks) > 1 else t.chunks[0],
-        num_microbatches=len(batches), seq_length=max(b.tokens.shape[1] for b in batches),
-        micro_batch_size=batches[0].tokens.shape[0], forward_only=False,
-    )
+    collected = run_schedule(t.chunks, batches, fwd, forward_only=False)
     return _reduce_metrics(collected, t)
 
 

@@ -23,7 +23,8 @@ def score(chunks, batches: list[StepBatch], chunk_size: int, cp_group=None) -> l
     """Per micro-batch {role: (logp_sum [B] float64, num_tokens [B])} on the last pipeline stage
     (None elsewhere)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_longpo.models.forward import run_schedule
 
     def step(data_iterator, model):
         b = next(data_iterator)
@@ -31,12 +32,7 @@ def score(chunks, batches: list[StepBatch], chunk_size: int, cp_group=None) -> l
 
     for c in chunks:
         c.eval()
-    iters = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
-    out = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iters, model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=len(batches), seq_length=max(b.tokens.shape[1] for b in batches),
-        micro_batch_size=batches[0].tokens.shape[0], forward_only=True,
-    )
+    out = run_schedule(chunks, batches, step, forward_only=True)
     return out if ps.is_pipeline_last_stage() else None
 
 
