@@ -141,14 +141,18 @@ def model_sharded_state_dict(chunks: list) -> dict:
 
 def load_model(chunks: list, ckpt_dir: str | os.PathLike, iteration_dir: str | os.PathLike | None = None) -> Path:
     """Load model weights from a checkpoint directory into this rank's chunks (any TP/PP)."""
+    it = Path(iteration_dir) if iteration_dir else latest_iteration_dir(ckpt_dir)
+    apply_model_state(chunks, load(model_sharded_state_dict(chunks), ckpt_dir, it))
+    return it
+
+
+def apply_model_state(chunks: list, state: dict) -> None:
+    """Copy the model part of a loaded state (keys as model_sharded_state_dict made them) into the chunks."""
     from megatron_longpo.models.build import unwrap
 
-    it = Path(iteration_dir) if iteration_dir else latest_iteration_dir(ckpt_dir)
-    state = load(model_sharded_state_dict(chunks), ckpt_dir, it)
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for c, k in zip(chunks, keys):
         unwrap(c).load_state_dict(state[k], strict=False)
-    return it
 
 
 def open_model(ckpt_dir: str | os.PathLike, par, opts=None, rope_theta: float | None = None):
