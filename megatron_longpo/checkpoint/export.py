@@ -14,8 +14,7 @@ never the model. How:
   Hugging Face tensors that come from that one Megatron tensor.
 * `StreamingSafetensorsWriter` plans every shard up front (names and shapes come from the same
   mapping run on `meta` tensors), writes each shard's safetensors header first and then each
-  tensor at its planned offset as soon as it exists. (`hf_files.ShardedSafetensorsWriter` keeps a
-  whole shard in memory, up to --max-shard-size; the output format is the same.)
+  tensor at its planned offset as soon as it exists, so no shard is ever held in memory.
 
 The result is written into a temporary directory next to `--out` and renamed when complete.
 """
@@ -310,8 +309,8 @@ def parse_size(text: str | int) -> int:
 
 class StreamingSafetensorsWriter:
     """Writes a planned set of tensors into model.safetensors, or model-0000i-of-0000N.safetensors
-    shards of at most `max_shard_bytes` plus model.safetensors.index.json (the layout of
-    `hf_files.ShardedSafetensorsWriter`), each tensor written at its offset the moment it is added,
+    shards of at most `max_shard_bytes` plus model.safetensors.index.json (transformers' layout),
+    each tensor written at its offset the moment it is added,
     in any order: memory is the tensor being written."""
 
     def __init__(self, out_dir: str | os.PathLike, plan: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,

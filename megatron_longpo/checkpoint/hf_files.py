@@ -1,7 +1,5 @@
-"""Reading and writing Hugging Face weight files (safetensors, single or sharded with an index).
-
-Reading is lazy (one tensor at a time, memory-mapped), writing is streamed shard by shard into a
-temporary directory that the caller renames into place.
+"""Reading Hugging Face weight files (safetensors, single or sharded with an index), lazily: one
+tensor at a time, memory-mapped. (Writing is checkpoint/export.py's StreamingSafetensorsWriter.)
 """
 
 from __future__ import annotations
@@ -71,47 +69,3 @@ class HFWeights:
             raise
         except Exception as e:
             raise CheckpointMismatchError(f"cannot read tensor {name!r} from {self._where[name]}: {e}; the file is corrupt") from e
-
-
-class ShardedSafetensorsWriter:
-    """Writes tensors into model-0000i-of-0000N.safetensors shards of at most `max_shard_bytes`
-    plus model.safetensors.index.json. Tensors are flushed as soon as a shard is full, so peak
-    memory is one shard (plus the tensor being added)."""
-
-    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 2 * 1024**3):
-        self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.max = max_shard_bytes
-        self._buf: dict[str, torch.Tensor] = {}
-        self._buf_bytes = 0
-        self._shards: list[list[str]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        n = tensor.numel() * tensor.element_size()
-        if self._buf and self._buf_bytes + n > self.max:
-            self._flush()
-        self._buf[name] = tensor.detach().contiguous().cpu()
-        self._buf_bytes += n
-        self.total_bytes += n
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        idx = len(self._shards)
-        save_file(self._buf, str(self.dir / f"shard-{idx:05d}.tmp"), metadata={"format": "pt"})
-        self._shards.append(list(self._buf))
-        self._buf, self._buf_bytes = {}, 0
-
-    def close(self) -> None:
-        if self._buf or not self._shards:
-            self._flush()
-        n = len(self._shards)
-        weight_map = {}
-        for i, names in enumerate(self._shards):
-            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.dir / f"shard-{i:05d}.tmp", self.dir / final)
-            weight_map.update({name: final for name in names})
-        if n > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
