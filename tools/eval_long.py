@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from megatron_longpo.eval.retention import DEFAULT_QA, run_retention
-from megatron_longpo.eval.ruler import (DEFAULT_DOCUMENTS, DEFAULT_TASKS, LengthError, chat_prompt_counter,
+from megatron_longpo.eval.ruler import (DEFAULT_DOCUMENTS, DEFAULT_TASKS, chat_prompt_counter,
                                         generate_tasks)
 from megatron_longpo.eval.runner import (build_results, compare_table, evaluate, render_retention, render_table,
                                          svg_plot)

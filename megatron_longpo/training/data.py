@@ -58,7 +58,7 @@ class StepData:
         out = {}
         for role in self.ref_roles:
             lp, n = self.ref.batch(indices, role)
-            out[role] = SeqStat(torch.as_tensor(lp, dtype=torch.float64).float(), torch.as_tensor(n).float())
+            out[role] = SeqStat(torch.as_tensor(lp, dtype=torch.float32), torch.as_tensor(n, dtype=torch.float32))
         return out
 
     def micro_batch(self, indices: list[int]) -> StepBatch:
