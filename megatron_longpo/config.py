@@ -49,6 +49,7 @@ class DataSection:
     global_batch_size: int = 8  # samples (pairs) per optimizer step, over all data-parallel ranks
     seed: int = 1234
     max_tokens: int | None = None  # refuse a micro-batch longer than this (packed tokens)
+    share_prefix: bool = False  # chosen/rejected share their common prefix in one row (docs/prefix_sharing.md)
 
 
 @dataclass(frozen=True)

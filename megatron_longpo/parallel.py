@@ -52,7 +52,7 @@ class ParallelConfig:
         return m * (self.tensor_parallel if self.sequence_parallel else 1)
 
 
-def validate_layout(par: ParallelConfig, world_size: int, arch=None, seq_lengths=()) -> int:
+def validate_layout(par: ParallelConfig, world_size: int, arch=None, seq_lengths=(), cpu_cp: bool = False) -> int:
     """Check the layout against the world size and (optionally) the model. Returns the DP size."""
     mp = par.model_parallel_size
     if world_size % mp:
@@ -90,8 +90,9 @@ def validate_layout(par: ParallelConfig, world_size: int, arch=None, seq_lengths
                 f"sequence length {s} is not a multiple of {m} (2*CP{'*TP with sequence parallel' if par.sequence_parallel else ''}); "
                 f"use a multiple of {m}"
             )
-    if par.context_parallel > 1 and not platform.cuda_available():
-        raise LayoutError("context parallelism needs Transformer Engine on GPUs; set context_parallel=1 on the CPU")
+    if par.context_parallel > 1 and not platform.cuda_available() and not cpu_cp:
+        raise LayoutError("context parallelism needs Transformer Engine on GPUs; set context_parallel=1 on the CPU "
+                          "(or data.share_prefix=true, whose reference attention runs CP on the CPU)")
     return world_size // mp
 
 
@@ -111,13 +112,14 @@ def init_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def setup(par: ParallelConfig, seed: int = 1234, arch=None) -> int:
-    """Initialise distributed + megatron parallel state for `par`, seed RNGs. Returns the DP size."""
+def setup(par: ParallelConfig, seed: int = 1234, arch=None, cpu_cp: bool = False) -> int:
+    """Initialise distributed + megatron parallel state for `par`, seed RNGs. Returns the DP size.
+    cpu_cp: allow CP without a GPU (prefix-shared attention's reference path supports it)."""
     platform.enable_cpu_fallback()
     from megatron.core import parallel_state as ps
 
     _, world = init_distributed()
-    dp = validate_layout(par, world, arch)
+    dp = validate_layout(par, world, arch, cpu_cp=cpu_cp)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(

@@ -27,6 +27,7 @@ class ModelOptions:
     recompute: str | None = None  # None | "full" | "selective"
     recompute_num_layers: int = 1
     max_sequence_length: int | None = None  # defaults to the model's max_position_embeddings
+    prefix_sharing: bool = False  # core attention for prefix-shared rows (models/prefix_attention.py)
 
 
 def te_available() -> bool:
@@ -40,12 +41,21 @@ def te_available() -> bool:
     return True
 
 
-def layer_spec(use_te: bool):
+def layer_spec(use_te: bool, prefix_sharing: bool = False, rope: dict | None = None):
+    """The layer spec; with prefix sharing its core attention is PrefixSharedAttention (the
+    ModuleSpec way: one submodule swapped, the rest of the layer as megatron builds it)."""
+    import copy
+    from functools import partial
+
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    if use_te:
-        return specs.get_gpt_layer_with_transformer_engine_spec()
-    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = specs.get_gpt_layer_with_transformer_engine_spec() if use_te else specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if prefix_sharing:
+        from megatron_longpo.models.prefix_attention import PrefixSharedAttention
+
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = partial(PrefixSharedAttention, use_te=use_te, rope=rope or {})
+    return spec
 
 
 def build_config(arch: ModelArch, par: ParallelConfig, opts: ModelOptions = ModelOptions()):
@@ -76,15 +86,17 @@ def build_model(
     use_te = te_available() if opts.use_te is None else opts.use_te
     if use_te and not te_available():
         raise RuntimeError("use_te=True but Transformer Engine with CUDA is not available on this machine")
-    if not use_te and (par.context_parallel > 1 or par.sequence_parallel):
+    if not use_te and (par.sequence_parallel or (par.context_parallel > 1 and not opts.prefix_sharing)):
         raise RuntimeError("context and sequence parallelism need the Transformer Engine spec (a GPU with TE)")
+    if opts.prefix_sharing and par.sequence_parallel:
+        raise RuntimeError("prefix sharing does not support sequence parallelism yet; set parallel.sequence_parallel=false")
     config = build_config(arch, par, opts)
-    spec = layer_spec(use_te)
     rope_kw = {}
     if arch.rope_scaling_type == "llama3":
         rope_kw = dict(rope_scaling=True, rope_scaling_factor=arch.rope_scaling_factor)
     elif arch.rope_scaling_type == "linear":
         rope_kw = dict(seq_len_interpolation_factor=arch.rope_scaling_factor)
+    spec = layer_spec(use_te, opts.prefix_sharing, dict(rotary_base=arch.rope_theta, **rope_kw))
     vpp = par.virtual_pipeline_parallel
     chunks = []
     # GPTModel logs a deprecation notice (HybridModel is its successor); it is stable in 0.19.
@@ -101,10 +113,10 @@ def build_model(
             post_process=post,
             parallel_output=True,
             share_embeddings_and_output_weights=arch.tie_word_embeddings,
-            position_embedding_type="rope",
-            rotary_base=arch.rope_theta,
             vp_stage=vp_stage,
-            **rope_kw,
+            # prefix sharing: RoPE from explicit positions inside the core attention
+            **(dict(position_embedding_type="none") if opts.prefix_sharing
+               else dict(position_embedding_type="rope", rotary_base=arch.rope_theta, **rope_kw)),
         )
         if platform.cuda_available():
             model.cuda(torch.cuda.current_device())

@@ -10,7 +10,7 @@ from megatron_longpo.data.packing import pack
 from megatron_longpo.data.reference import load_ref_logps, sidecar_path
 from megatron_longpo.data.sampler import PairSampler
 from megatron_longpo.losses import SeqStat
-from megatron_longpo.training.step import StepBatch, prepare_batch
+from megatron_longpo.training.step import StepBatch, prepare_batch, prepare_shared_batch
 
 
 class DataConfigError(ValueError):
@@ -19,7 +19,7 @@ class DataConfigError(ValueError):
 
 class StepData:
     def __init__(self, dcfg, *, roles, ref_roles, dp_rank: int, dp_size: int, pad_multiple: int, thd: bool,
-                 cp_size: int, cp_rank: int, device, reference=None):
+                 cp_size: int, cp_rank: int, device, reference=None, share_prefix: bool = False):
         if not dcfg.path:
             raise DataConfigError("data.path is not set: point it at a dataset prefix written by tools/preprocess_pairs.py")
         self.ds = PairDataset(dcfg.path)
@@ -47,7 +47,8 @@ class StepData:
         self.max_tokens = dcfg.max_tokens
         self.pad_multiple, self.thd = pad_multiple, thd
         self.cp_size, self.cp_rank, self.device = cp_size, cp_rank, device
-        self._last_lengths: list[int] = []
+        self.share_prefix = share_prefix
+        self._last_spans: list[tuple[int, float]] = []  # (tokens, sequence length for the FLOPs formula)
 
     def total_steps(self, steps: int | None, epochs: int) -> int:
         return steps if steps else epochs * self.sampler.steps_per_epoch
@@ -62,6 +63,8 @@ class StepData:
         return out
 
     def micro_batch(self, indices: list[int]) -> StepBatch:
+        if self.share_prefix:
+            return self._shared_micro_batch(indices)
         packed = pack([self.ds.sample(i) for i in indices], self.roles, self.pad_multiple)
         total = int(packed.cu_seqlens_padded[-1])
         if self.max_tokens and total > self.max_tokens:
@@ -70,16 +73,32 @@ class StepData:
                 f"data.samples_per_microbatch, or re-preprocess with --max-length"
             )
         lens = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).tolist()
-        self._last_lengths.extend(int(x) for x in lens)
+        self._last_spans.extend((int(x), float(x)) for x in lens)
         return prepare_batch(packed, self.reference_stats(indices), thd=self.thd, cp_size=self.cp_size,
                              cp_rank=self.cp_rank, device=self.device)
 
+    def _shared_micro_batch(self, indices: list[int]) -> StepBatch:
+        from megatron_longpo.data.prefix_sharing import build_shared_row, flops_spans
+
+        row = build_shared_row([self.ds.sample(i) for i in indices], self.roles, cp_size=self.cp_size,
+                               pad_multiple=self.pad_multiple)
+        total = row.num_trunk_tokens + row.num_branch_tokens
+        if self.max_tokens and total > self.max_tokens:
+            raise DataConfigError(
+                f"samples {indices} lay out to {total} tokens, over data.max_tokens={self.max_tokens}; raise it, "
+                f"lower data.samples_per_microbatch, or re-preprocess with --max-length"
+            )
+        self._last_spans.extend(flops_spans(row))
+        return prepare_shared_batch(row, self.reference_stats(indices), cp_rank=self.cp_rank, cp_group=self.cp_group(),
+                                    device=self.device)
+
     def next_step(self) -> list[StepBatch]:
-        self._last_lengths = []
+        self._last_spans = []
         return [self.micro_batch(m) for m in self.sampler.next_global_batch()]
 
-    def last_step_sequence_lengths(self) -> list[int]:
-        return list(self._last_lengths)
+    def last_step_spans(self) -> list[tuple[int, float]]:
+        """(tokens, sequence length for metrics.model_flops_per_token) of the last step's work."""
+        return list(self._last_spans)
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()

@@ -74,15 +74,16 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     if cfg.model.rope_theta:
         arch = arch.with_rope_theta(cfg.model.rope_theta)
     # the layout is checked before anything heavy is built
-    parallel.validate_layout(par, world, arch)
+    parallel.validate_layout(par, world, arch, cpu_cp=cfg.data.share_prefix)
     resume_dir = Path(cfg.train.save_dir)
     resuming = (resume_dir / ckpt.LATEST).is_file()
-    dp = parallel.setup(par, seed=cfg.train.seed, arch=arch)
+    dp = parallel.setup(par, seed=cfg.train.seed, arch=arch, cpu_cp=cfg.data.share_prefix)
 
     bf16 = cfg.model.bf16 and platform.cuda_available()
     if cfg.model.bf16 and not bf16:
         log("note: bf16 needs a GPU; training in fp32 on the CPU")
-    opts = ModelOptions(bf16=bf16, recompute=cfg.model.recompute, recompute_num_layers=cfg.model.recompute_num_layers)
+    opts = ModelOptions(bf16=bf16, recompute=cfg.model.recompute, recompute_num_layers=cfg.model.recompute_num_layers,
+                        prefix_sharing=cfg.data.share_prefix)
     chunks = build_model(arch, par, opts)
     tcfg = unwrap(chunks[0]).config
     tcfg.calculate_per_token_loss = True  # see training/step.py: divide by the global sample count
@@ -119,7 +120,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     data = StepData(
         cfg.data, roles=policy_roles(cfg.loss), ref_roles=reference_roles(cfg.loss), dp_rank=ps.get_data_parallel_rank(),
         dp_size=dp, pad_multiple=par.pad_multiple(), thd=platform.cuda_available(), cp_size=par.context_parallel,
-        cp_rank=cp_rank, device=platform.default_device(),
+        cp_rank=cp_rank, device=platform.default_device(), share_prefix=cfg.data.share_prefix,
     )
     total = data.total_steps(cfg.train.steps, cfg.train.epochs)
     warmup = int(round(cfg.optim.warmup_fraction * total))
@@ -242,7 +243,7 @@ def train_step(t: Trainer) -> M.StepRecord:
         t.nonfinite_total += 1
         t.nonfinite_in_a_row += 1
     lr = t.optimizer.param_groups[0]["lr"]
-    flops = M.batch_model_flops(t.arch, t.data.last_step_sequence_lengths())
+    flops = M.batch_model_flops(t.arch, t.data.last_step_spans())
     if t.dp > 1:  # every DP replica processed other samples; TP/CP/PP ranks of a replica the same
         from megatron.core import parallel_state as ps
 

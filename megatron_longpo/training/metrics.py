@@ -37,9 +37,11 @@ def model_flops_per_token(arch, seq_len: float) -> float:
     return 3 * (L * (qkv + proj + mlp + attn) + logits)
 
 
-def batch_model_flops(arch, seq_lengths: list[int]) -> float:
-    """Model FLOPs of one pass (forward+backward) over sequences of the given lengths."""
-    return sum(n * model_flops_per_token(arch, n) for n in seq_lengths)
+def batch_model_flops(arch, spans) -> float:
+    """Model FLOPs of one pass (forward+backward) over sequences: each item a length, or
+    (tokens, causal-sequence length whose average attention span they have)."""
+    items = [(s, s) if isinstance(s, (int, float)) else s for s in spans]
+    return sum(n * model_flops_per_token(arch, length) for n, length in items)
 
 
 @dataclass

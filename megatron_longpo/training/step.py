@@ -112,6 +112,24 @@ def prepare_batch(packed, reference: dict[str, SeqStat] | None, *, thd: bool, cp
     )
 
 
+def prepare_shared_batch(row, reference: dict[str, SeqStat] | None, *, cp_rank: int = 0, cp_group=None,
+                         device: torch.device | str = "cpu") -> StepBatch:
+    """From a data.prefix_sharing.SharedRow to this CP rank's StepBatch (prefix-shared attention)."""
+    from megatron_longpo.data.prefix_sharing import rank_view
+    from megatron_longpo.models.prefix_attention import params_for
+
+    view = rank_view(row, cp_rank)
+    to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    return StepBatch(
+        tokens=to(view.tokens[None]), position_ids=to(view.position_ids[None]), labels=to(view.labels[None]),
+        loss_mask=to(view.loss_mask[None].float()), seq_index=to(view.seq_index[None]),
+        seq_role=list(row.seq_role), seq_sample=list(row.seq_sample), num_samples=len(row.sample_ids),
+        reference={k: SeqStat(to(v.logps), to(v.tokens)) for k, v in (reference or {}).items()},
+        packed_seq_params=params_for(view, row, device, cp_group=cp_group, cp_rank=cp_rank),
+        num_tokens=row.unshared_tokens,
+    )
+
+
 def role_stats(sums: torch.Tensor, counts: torch.Tensor, batch: StepBatch) -> dict[str, SeqStat]:
     """Per-sequence sums -> per-sample statistics per role (a role may have several sequences per
     sample, e.g. LongPO's per-turn short-context reference sequences: they add up)."""

@@ -1,0 +1,182 @@
+"""Core attention for prefix-shared rows (data/prefix_sharing.py), swapped into the layer spec.
+
+Rows hold trunks (causal sequences; shared prefixes among them) and branches (the responses of a
+pair, each continuing its trunk). This module
+  1. applies RoPE from explicit position ids (branch positions continue the trunk, so the
+     model is built with position_embedding_type="none" and RoPE happens here);
+  2. trunk queries: causal attention within their trunk. GPU: Transformer Engine's fused THD
+     attention, with its context parallelism (ring over the zig-zag halves), exactly as for
+     plain packed sequences. CPU / reference: masked attention over the gathered keys;
+  3. branch queries: attention over [their trunk | their own branch up to themselves], one
+     masked SDPA call per branch piece on this rank, over keys and values all-gathered from
+     the CP group and recomputed in the backward (torch.utils.checkpoint) so the gathered
+     copies are not kept. Branches are short (responses), so this is a small part of the cost.
+Every query sees exactly the keys it sees in the two-sequence layout, so the results are the
+same up to floating point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+
+
+@dataclass
+class PrefixSharedParams(PackedSeqParams):
+    """PackedSeqParams (its fields describe the trunk section, for TE) plus the branch layout."""
+
+    position_ids: torch.Tensor | None = None  # [t] this rank's positions
+    n_trunk: int = 0  # this rank's first n_trunk tokens are trunk tokens
+    meta: dict = field(default_factory=dict)  # gathered-token metadata (prefix_sharing.RankView)
+    parts: list = field(default_factory=list)  # (lo, hi, kv index) per branch piece on this rank
+    cp_rank: int = 0
+    shared_cp_group: object = None  # the CP process group when CP > 1
+    max_position: int = 0
+
+
+class _GatherCP(torch.autograd.Function):
+    """All-gather along dim 0 over the CP group; the backward sums the gradients over the group
+    and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        n = dist.get_world_size(group)
+        out = [torch.empty_like(x) for _ in range(n)]
+        dist.all_gather(out, x.contiguous(), group=group)
+        return torch.cat(out, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        n, r = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        return grad.chunk(n, 0)[r].clone(), None
+
+
+def gather_cp(x: torch.Tensor, group) -> torch.Tensor:
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _GatherCP.apply(x, group)
+
+
+def allowed(qm: dict, km: dict) -> torch.Tensor:
+    """[q, k] mask: same trunk; a trunk key if causal (or the query is in a branch); a branch key
+    only from the query's own branch, causal. Padding queries see every valid key (finite, unused)."""
+    same_trunk = qm["trunk"][:, None] == km["trunk"][None, :]
+    causal = km["pos"][None, :] <= qm["pos"][:, None]
+    q_br, k_br = qm["branch"][:, None], km["branch"][None, :]
+    trunk_key = (k_br == -1) & ((q_br >= 0) | causal)
+    branch_key = (k_br >= 0) & (k_br == q_br) & causal
+    m = same_trunk & (trunk_key | branch_key) & km["valid"][None, :]
+    pad_q = ~qm["valid"][:, None]
+    return m | (pad_q & km["valid"][None, :])
+
+
+def masked_attention(q, k, v, mask, scale):
+    """q [lq, h, d], k/v [lk, hkv, d] (GQA: heads repeated), mask [lq, lk] bool -> [lq, h, dv]."""
+    h, hkv = q.shape[1], k.shape[1]
+    if h != hkv:
+        k = k.repeat_interleave(h // hkv, dim=1)
+        v = v.repeat_interleave(h // hkv, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                         v.transpose(0, 1).unsqueeze(0), attn_mask=mask, scale=scale)
+    return out.squeeze(0).transpose(0, 1)
+
+
+class PrefixSharedAttention(MegatronModule):
+    """Drop-in core attention (same constructor and forward as megatron's core attentions)."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type="self", cp_comm_type=None,
+                 softmax_scale=None, pg_collection=None, *, use_te: bool, rope: dict, **_):
+        super().__init__(config=config)
+        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+        self.rope = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
+                                    use_cpu_initialization=True, **rope)
+        d = config.kv_channels
+        self.scale = softmax_scale if softmax_scale is not None else d ** -0.5
+        self.trunk_attention = None
+        if use_te:
+            from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+            self.trunk_attention = TEDotProductAttention(
+                config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
+                attention_type=attention_type, softmax_scale=softmax_scale,
+                cp_comm_type=cp_comm_type or "p2p", pg_collection=pg_collection)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        return {}  # no weights; TE's fp8 extra state is not used (bf16)
+
+    def _rotate(self, x, freqs):
+        from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+        return _apply_rotary_pos_emb_bshd(x.unsqueeze(1), freqs.unsqueeze(1)).squeeze(1)
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params: PrefixSharedParams | None = None, **_):
+        p = packed_seq_params
+        if not isinstance(p, PrefixSharedParams):
+            raise TypeError("PrefixSharedAttention needs PrefixSharedParams (data.share_prefix=true batches)")
+        if self.rope.inv_freq.device != query.device:
+            self.rope.inv_freq = self.rope.inv_freq.to(query.device)
+        freqs = self.rope.get_emb(p.max_position + 1)[p.position_ids].squeeze(1)  # [t, 1, d]
+        q, k = self._rotate(query, freqs), self._rotate(key, freqs)
+        v = value
+        nt = p.n_trunk
+        meta = {n: x for n, x in p.meta.items()}
+        t_local = q.shape[0]
+        me = slice(p.cp_rank * t_local, (p.cp_rank + 1) * t_local)
+        qmeta = {n: x[me] for n, x in meta.items()}
+        group = p.shared_cp_group
+
+        outs = []
+        if nt:
+            if self.trunk_attention is not None:
+                o = self.trunk_attention(q[:nt], k[:nt], v[:nt], None, attn_mask_type=attn_mask_type,
+                                         packed_seq_params=_trunk_params(p))
+                outs.append(o.reshape(nt, -1))
+            else:
+                kg, vg = gather_cp(k, group), gather_cp(v, group)
+                kv = torch.nonzero(meta["branch"] == -1).squeeze(1)
+                mask = allowed({n: x[:nt] for n, x in qmeta.items()}, {n: x[kv] for n, x in meta.items()})
+                outs.append(masked_attention(q[:nt], kg[kv], vg[kv], mask, self.scale).reshape(nt, -1))
+        if t_local > nt:
+            outs.append(torch.utils.checkpoint.checkpoint(
+                self._branches, q[nt:], k, v, p, qmeta, meta, use_reentrant=False))
+        return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+
+    def _branches(self, qb, k, v, p, qmeta, meta):
+        nt = p.n_trunk
+        kg, vg = gather_cp(k, p.shared_cp_group), gather_cp(v, p.shared_cp_group)
+        out = qb.new_zeros(qb.shape[0], qb.shape[1], v.shape[2])
+        for lo, hi, kv in p.parts:
+            mask = allowed({n: x[lo:hi] for n, x in qmeta.items()}, {n: x[kv] for n, x in meta.items()})
+            out[lo - nt:hi - nt] = masked_attention(qb[lo - nt:hi - nt], kg[kv], vg[kv], mask, self.scale)
+        return out.reshape(out.shape[0], -1)
+
+
+def _trunk_params(p: PrefixSharedParams) -> PackedSeqParams:
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=p.cu_seqlens_q, cu_seqlens_kv=p.cu_seqlens_kv,
+                           cu_seqlens_q_padded=p.cu_seqlens_q_padded, cu_seqlens_kv_padded=p.cu_seqlens_kv_padded,
+                           max_seqlen_q=p.max_seqlen_q, max_seqlen_kv=p.max_seqlen_kv)
+
+
+def params_for(view, row, device, cp_group=None, cp_rank: int = 0) -> PrefixSharedParams:
+    """PrefixSharedParams of one rank from prefix_sharing.rank_view / build_shared_row."""
+    dev = torch.device(device)
+    cu = torch.from_numpy(row.cu).to(dev)
+    cu_pad = torch.from_numpy(row.cu_pad).to(dev)
+    return PrefixSharedParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_pad, cu_seqlens_kv_padded=cu_pad,
+        max_seqlen_q=row.max_trunk_seqlen, max_seqlen_kv=row.max_trunk_seqlen,
+        position_ids=view.position_ids.to(dev), n_trunk=view.n_trunk,
+        meta={n: x.to(dev) for n, x in view.meta.items()},
+        parts=[(lo, hi, kv.to(dev)) for lo, hi, kv in view.parts],
+        cp_rank=cp_rank, shared_cp_group=cp_group, max_position=int(view.meta["pos"].max()),
+    )

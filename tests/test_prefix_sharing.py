@@ -1,0 +1,110 @@
+"""Prefix-shared rows: the layout, and log-probs and gradients equal to the two-sequence layout
+(fp32, CPU), at CP=1 and at CP=2 over gloo."""
+import numpy as np
+import pytest
+import torch
+from mp import torchrun
+
+from megatron_longpo.data.format import PairDataset
+from megatron_longpo.data.packing import pack
+from megatron_longpo.data.prefix_sharing import build_shared_row, rank_view, shared_prefix_length
+
+
+@pytest.fixture(scope="module")
+def pair_data(smollm2_dir, tmp_path_factory):
+    from fixtures import build_dataset
+
+    return build_dataset(tmp_path_factory.mktemp("pair_data"), "pair", 4, smollm2_dir, None)
+
+
+@pytest.fixture(scope="module")
+def solopo_data(smollm2_dir, tmp_path_factory):
+    from fixtures import build_dataset
+
+    return build_dataset(tmp_path_factory.mktemp("solopo_data"), "solopo", 3, smollm2_dir, None)
+
+
+def test_layout_keeps_every_token_and_label(tiny_longpo_data):
+    ds = PairDataset(tiny_longpo_data)
+    samples = [ds.sample(0), ds.sample(1), ds.sample(2)]
+    roles = ("chosen", "rejected")
+    row = build_shared_row(samples, roles)
+    plain = pack(samples, roles)
+    assert row.seq_role == list(plain.seq_role) and row.seq_sample == list(plain.seq_sample)
+    # every sequence is its trunk followed by its branch, and the scored labels are the same
+    for j, (a, b) in enumerate(zip(row.seq_role[::2], row.seq_role[1::2])):
+        c, r = samples[j].sequences(a)[0], samples[j].sequences(b)[0]
+        k = shared_prefix_length(c, r)
+        assert k > 0.5 * len(c)  # the 2-turn sample shares its document
+        trunk = row.t_tokens[row.cu_pad[j]:row.cu_pad[j] + k]
+        for s, seq in ((c, 2 * j), (r, 2 * j + 1)):
+            sel = (row.b_branch == seq)
+            np.testing.assert_array_equal(np.concatenate([trunk, row.b_tokens[sel]]), s.tokens)
+            np.testing.assert_array_equal(row.b_pos[sel], np.arange(k, len(s)))
+            scored = row.b_labels[sel][row.b_mask[sel] > 0]
+            np.testing.assert_array_equal(scored, s.tokens[1:][s.loss_mask[1:] > 0])
+            assert (row.b_seq[sel][row.b_mask[sel] > 0] == seq).all()
+    assert row.t_mask.sum() == 0  # no scored token in a shared prefix
+    assert row.real_tokens < 0.75 * row.unshared_tokens
+
+
+def test_cp_views_cover_the_row_once(tiny_longpo_data):
+    ds = PairDataset(tiny_longpo_data)
+    row = build_shared_row([ds.sample(0), ds.sample(1)], ("chosen", "rejected"), cp_size=2, pad_multiple=4)
+    views = [rank_view(row, r) for r in range(2)]
+    assert len(views[0].tokens) == len(views[1].tokens)
+    got = np.sort(np.concatenate([v.tokens.numpy() for v in views]))
+    want = np.sort(np.concatenate([row.t_tokens, row.b_tokens]))
+    np.testing.assert_array_equal(got, want)
+    # each branch piece attends to its whole trunk: the trunk's real tokens are in its key set
+    for v in views:
+        for lo, hi, kv in v.parts:
+            trunk = v.meta["trunk"][kv][v.meta["branch"][kv] == -1]
+            assert len(trunk) == int(row.cu[int(trunk[0]) + 1] - row.cu[int(trunk[0])])
+
+
+def test_unshareable_pairs_fall_back_to_separate_sequences(tiny_longpo_data):
+    ds = PairDataset(tiny_longpo_data)
+    s = ds.sample(0)
+    row = build_shared_row([s], ("chosen", "rejected"), min_shared=10**9)
+    assert row.num_branch_tokens == 0 and len(row.cu) == 3
+    assert row.real_tokens == row.unshared_tokens
+
+
+def _run(tmp_path, name, nproc, ckpt, data, roles, samples, share):
+    out = tmp_path / f"{name}.pt"
+    torchrun(nproc, "prefix_sharing.py", str(ckpt), str(data), ",".join(roles), samples, "1" if share else "0", str(out))
+    return torch.load(out)
+
+
+def _assert_same(a, b, tol=1e-5):
+    for r, (lp, n) in a["stats"].items():
+        lp2, n2 = b["stats"][r]
+        assert torch.equal(n, n2), (r, n, n2)
+        assert ((lp - lp2).abs() / lp.abs()).max() <= tol, (r, lp, lp2)
+    for name, g in a["grads"].items():
+        rel = ((g - b["grads"][name]).norm() / g.norm().clamp_min(1e-30)).item()
+        assert rel <= tol, (name, rel)
+
+
+CASES = {
+    "longpo_2turn_3pairs": ("longpo", ("chosen", "rejected"), "0,1,2"),
+    "pair_1turn_4pairs": ("pair", ("chosen", "rejected"), "0,1,2,3"),
+    "solopo_with_unshared_long_chosen": ("solopo", ("chosen", "rejected", "long_chosen"), "0,2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_shared_equals_two_sequences(case, tiny_llama_ckpt, tiny_longpo_data, pair_data, solopo_data, tmp_path):
+    kind, roles, samples = CASES[case]
+    data = {"longpo": tiny_longpo_data, "pair": pair_data, "solopo": solopo_data}[kind]
+    ref = _run(tmp_path, "two", 1, tiny_llama_ckpt, data, roles, samples, False)
+    shared = _run(tmp_path, "shared", 1, tiny_llama_ckpt, data, roles, samples, True)
+    _assert_same(ref, shared)
+
+
+def test_shared_at_cp2_equals_two_sequences(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
+    roles = ("chosen", "rejected")
+    ref = _run(tmp_path, "two", 1, tiny_llama_ckpt, tiny_longpo_data, roles, "0,1,2", False)
+    cp2 = _run(tmp_path, "cp2", 2, tiny_llama_ckpt, tiny_longpo_data, roles, "0,1,2", True)
+    _assert_same(ref, cp2)

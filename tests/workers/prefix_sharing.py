@@ -1,0 +1,61 @@
+"""Worker for tests/test_prefix_sharing.py: per-role log-prob sums and parameter gradients of one
+micro-batch, two-sequence layout or prefix-shared, at CP = world size (CPU, gloo, fp32).
+
+  prefix_sharing.py CKPT DATA ROLES SAMPLES SHARE OUT.pt
+"""
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def main(ckpt, data, roles, samples, share, out):
+    from megatron.core import parallel_state as ps
+
+    from megatron_longpo import parallel, platform
+    from megatron_longpo.checkpoint import dist as ck
+    from megatron_longpo.data.format import PairDataset
+    from megatron_longpo.data.packing import pack
+    from megatron_longpo.data.prefix_sharing import build_shared_row
+    from megatron_longpo.models.build import ModelOptions, build_model
+    from megatron_longpo.training.step import prepare_batch, prepare_shared_batch, run_model, sequence_statistics
+
+    platform.enable_cpu_fallback()
+    _, world = parallel.init_distributed()
+    share = share == "1"
+    roles = tuple(roles.split(","))
+    arch, _ = ck.read_model_json(ckpt)
+    par = parallel.ParallelConfig(context_parallel=world)
+    parallel.setup(par, arch=arch, cpu_cp=share)
+    chunks = build_model(arch, par, ModelOptions(prefix_sharing=share))
+    ck.load_model(chunks, ckpt)
+    model = chunks[0]
+    ds = PairDataset(data)
+    batch_samples = [ds.sample(int(i)) for i in samples.split(",")]
+    cp_group = ps.get_context_parallel_group() if world > 1 else None
+    if share:
+        row = build_shared_row(batch_samples, roles, cp_size=world, pad_multiple=2 * world if world > 1 else 1)
+        batch = prepare_shared_batch(row, None, cp_rank=ps.get_context_parallel_rank(), cp_group=cp_group)
+        print(f"shared layout: {row.real_tokens} tokens for {row.unshared_tokens} unshared", flush=True)
+    else:
+        assert world == 1
+        batch = prepare_batch(pack(batch_samples, roles), None, thd=False)
+    logp = run_model(model, batch, 64)
+    stats = sequence_statistics(logp, batch, cp_group)
+    # a scalar that weighs every role and sample differently
+    loss = sum((stats[r].logps * torch.arange(1.0, len(stats[r].logps) + 1) * (i + 1)).sum() for i, r in enumerate(roles))
+    loss.backward()
+    grads = {}
+    for n, p in model.named_parameters():
+        g = p.grad.detach().clone()
+        if world > 1:  # every CP rank holds the whole loss: gradients add up to CP x the true ones
+            dist.all_reduce(g, group=cp_group)
+            g /= world
+        grads[n] = g
+    if dist.get_rank() == 0:
+        torch.save({"stats": {r: (stats[r].logps.detach(), stats[r].tokens) for r in roles}, "grads": grads}, out)
+    parallel.teardown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:7])
