@@ -43,3 +43,26 @@ def test_cp2_longpo_step_matches_cp1(smollm2_ckpt, long_longpo, tmp_path):
     print(f"CP=2 vs CP=1 (bf16, SmolLM2, LongPO): loss {a['metrics']['loss']:.6f} vs {b['metrics']['loss']:.6f} "
           f"(rel {rel_loss:.2e}); gradient rel. error {rel_grad:.2e}")
     assert rel_loss <= 1e-2 and rel_grad <= 1e-2
+
+
+def _rel_errors(a, b):
+    stats = max(((a["stats"][r][0] - b["stats"][r][0]).abs() / a["stats"][r][0].abs()).max().item() for r in a["stats"])
+    ga = torch.cat([g.flatten() for g in a["grads"].values()])
+    gb = torch.cat([b["grads"][n].flatten() for n in a["grads"]])
+    return stats, ((ga - gb).norm() / ga.norm()).item()
+
+
+@pytest.mark.parametrize("cp", [1, 2])
+def test_prefix_shared_te_matches_two_sequences(cp, smollm2_ckpt, long_longpo, tmp_path):
+    """Prefix-shared rows with TE (bf16) give the two-sequence log-prob sums and gradients."""
+    if torch.cuda.device_count() < cp:
+        pytest.skip(f"needs {cp} GPUs")
+    roles, samples = "chosen,rejected", "0,1"
+    torchrun(1, "prefix_sharing.py", smollm2_ckpt, long_longpo, roles, samples, "0", tmp_path / "two.pt", timeout=600)
+    torchrun(cp, "prefix_sharing.py", smollm2_ckpt, long_longpo, roles, samples, "1", tmp_path / "shared.pt", timeout=600)
+    a, b = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "shared.pt")
+    stats, grads = _rel_errors(a, b)
+    print(f"prefix-shared (TE, bf16, CP={cp}) vs two sequences (CP=1): log-prob sums rel. err {stats:.2e}, "
+          f"gradient rel. err {grads:.2e}; sums {[a['stats'][r][0].tolist() for r in a['stats']]} vs "
+          f"{[b['stats'][r][0].tolist() for r in b['stats']]}")
+    assert stats <= 1e-2 and grads <= 3e-2

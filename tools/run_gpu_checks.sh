@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and measurements, run on a GPU machine after Transformer Engine and megatron-core are
 # installed (see docs/foundation.md, "GPU"). Every number quoted in docs/ for a GPU comes from here.
-#   bash tools/run_gpu_checks.sh tests|bench|train|all
+#   bash tools/run_gpu_checks.sh tests|bench|train|all|diag|prefix|bench_step|maxlen
 # Logs go to $OUT (default /tmp/gpu-out).
 set -uo pipefail
 what=${1:-all}
@@ -22,38 +22,65 @@ fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 tools/bench_logprobs.py 2>&1 | tee "$OUT/bench_logprobs.log"
 fi
-if [ "$what" = cpcheck ]; then
-  # first-step loss and gradients, CP=2 vs CP=1, and the bf16 noise floor (CP=1 with 2 samples per
-  # micro-batch: same math, other rounding), for SFT (NLL only) and LongPO
+prepare_small() {  # SmolLM2 checkpoint + 8 LongPO samples with ~4K-token contexts and their reference
   W=/tmp/gpu-cp; mkdir -p $W
   HF=$(python3 -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")
   C=$W/smol D=$W/long4k
-  [ -f $C/latest ] || python3 tools/convert_checkpoint.py hf-to-megatron --hf-dir "$HF" --out $C
+  [ -f $C/latest ] || python3 tools/convert_checkpoint.py hf-to-megatron --hf-dir "$HF" --out $C >/dev/null
   if [ ! -f $D.ref.safetensors ]; then
-    python3 tools/make_synthetic_pairs.py --kind longpo --n 4 --context-words 3000 --out $W/long4k.jsonl
+    python3 tools/make_synthetic_pairs.py --kind longpo --n 8 --context-words 3000 --out $W/long4k.jsonl
     python3 tools/preprocess_pairs.py --input $W/long4k.jsonl --kind longpo --tokenizer "$HF" --output $D --fresh --no-progress >/dev/null
     trun --nproc-per-node 1 tools/precompute_ref_logps.py --data $D --model $C >/dev/null 2>&1
   fi
-  for loss in sft longpo; do
-    common="model.checkpoint=$C data.path=$D data.global_batch_size=2 train.steps=1 loss.name=$loss loss.longpo_lambda=1.0 optim.distributed_optimizer=false model.bf16=true train.save_dir=$W/unused"
-    trun --nproc-per-node 1 tests/workers/gpu_checks.py grads $W/${loss}_cp1.pt $common >>$OUT/cp_runs.log 2>&1
-    trun --nproc-per-node 2 tests/workers/gpu_checks.py grads $W/${loss}_cp2.pt $common parallel.context_parallel=2 >>$OUT/cp_runs.log 2>&1
-    trun --nproc-per-node 1 tests/workers/gpu_checks.py grads $W/${loss}_mb2.pt $common data.samples_per_microbatch=2 >>$OUT/cp_runs.log 2>&1
-    python3 - $W $loss <<'PY' 2>&1 | tee -a "$OUT/cp_check.log"
+}
+if [ "$what" = diag ]; then
+  prepare_small
+  L=$OUT/diag.log
+  echo "== TE THD attention, CP=2 vs one GPU" >>$L
+  timeout -k 5 120 torchrun --nproc-per-node 2 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_cp_diag.py 2>&1 | grep -v "Warn\|warn" >>$L
+  # training: does it go past step 1? stalled steps dump every rank's stacks after 25 s
+  for v in "1 parallel.context_parallel=1" "2 parallel.context_parallel=2" "2 parallel.context_parallel=1"; do
+    set -- $v; n=$1; shift
+    echo "== train on $n GPU(s): $*" >>$L
+    timeout -k 5 100 torchrun --nproc-per-node $n --master-port=$((20000 + RANDOM % 20000)) -m megatron_longpo.train \
+      model.checkpoint=$C data.path=$D model.bf16=true loss.name=longpo loss.longpo_lambda=0.01 data.global_batch_size=2 \
+      train.steps=4 optim.lr=1e-5 train.save_dir=/tmp/gpu-cp/run_$RANDOM train.stall_seconds=25 train.tensorboard=false "$@" 2>&1 \
+      | grep -v "it/s\]\|Warn\|warn" | tail -150 >>$L
+    echo "exit ${PIPESTATUS[0]}" >>$L
+  done
+  echo "== per-parameter gradients, LongPO, CP=2 vs CP=1" >>$L
+  common="model.checkpoint=$C data.path=$D data.global_batch_size=2 train.steps=1 loss.name=longpo loss.longpo_lambda=1.0 optim.distributed_optimizer=false model.bf16=true train.save_dir=$W/unused train.tensorboard=false"
+  timeout -k 5 100 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $W/cp1.pt $common >/dev/null 2>&1
+  timeout -k 5 100 torchrun --nproc-per-node 2 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $W/cp2.pt $common parallel.context_parallel=2 >/dev/null 2>&1
+  timeout -k 5 100 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $W/mb2.pt $common data.samples_per_microbatch=2 >/dev/null 2>&1
+  python3 - $W >>$L 2>&1 <<'PY'
 import sys, torch
-w, loss = sys.argv[1], sys.argv[2]
-a, b, c = (torch.load(f"{w}/{loss}_{k}.pt") for k in ("cp1", "cp2", "mb2"))
+w = sys.argv[1]
+a, b, c = (torch.load(f"{w}/{k}.pt") for k in ("cp1", "cp2", "mb2"))
 rel = lambda x, y: ((x["grad"] - y["grad"]).norm() / y["grad"].norm()).item()
 rl = lambda x, y: abs(x["metrics"]["loss"] - y["metrics"]["loss"]) / abs(y["metrics"]["loss"])
-print(f"{loss}: loss CP1 {a['metrics']['loss']:.6f} CP2 {b['metrics']['loss']:.6f} (rel {rl(b, a):.2e}); grad rel err CP2 vs CP1 {rel(b, a):.2e}; "
-      f"noise floor (CP1, 2 samples/microbatch vs 1): loss rel {rl(c, a):.2e}, grad rel {rel(c, a):.2e}")
-# where do the gradients differ? worst parameters by relative error, CP2 vs CP1 and the noise floor
+print(f"loss CP1 {a['metrics']['loss']:.6f} CP2 {b['metrics']['loss']:.6f} (rel {rl(b, a):.2e}); grad rel CP2 vs CP1 {rel(b, a):.2e}; "
+      f"floor (2 samples/microbatch vs 1): loss rel {rl(c, a):.2e}, grad rel {rel(c, a):.2e}")
+print("grad norms", a["grad"].norm().item(), b["grad"].norm().item(), "ratio", (b["grad"].norm() / a["grad"].norm()).item(),
+      "cosine", (torch.dot(a["grad"], b["grad"]) / a["grad"].norm() / b["grad"].norm()).item())
 pr = lambda x, y, n: ((x["per_param"][n] - y["per_param"][n]).norm() / y["per_param"][n].norm().clamp_min(1e-30)).item()
-rows = sorted(((pr(b, a, n), pr(c, a, n), n) for n in a["per_param"]), reverse=True)
-for e, f, n in rows[:12]:
-    print(f"  {n:70s} CP2 {e:.2e}  floor {f:.2e}")
+ratio = lambda x, y, n: (x["per_param"][n].norm() / y["per_param"][n].norm().clamp_min(1e-30)).item()
+rows = sorted(((pr(b, a, n), pr(c, a, n), ratio(b, a, n), n) for n in a["per_param"]), reverse=True)
+for e, f, r, n in rows[:10] + rows[-4:]:
+    print(f"  {n:70s} CP2 {e:.2e} floor {f:.2e} norm ratio {r:.3f}")
 PY
-  done
+fi
+if [ "$what" = prefix ]; then
+  python3 -m pytest -q -m gpu tests/test_gpu.py -k prefix_shared -s -p no:cacheprovider 2>&1 | grep -v "Warn\|warn" | tail -30 > "$OUT/prefix.log"
+fi
+if [ "$what" = bench_step ]; then
+  timeout -k 5 400 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tools/bench_train_step.py --layers 4 \
+    --lengths ${LENGTHS:-16384,32768,65536,131072} --recompute-on-oom --json $OUT/bench_step.json 2>&1 | grep -v "Warn\|warn" | tail -40 > "$OUT/bench_step.log"
+fi
+if [ "$what" = maxlen ]; then
+  timeout -k 5 450 torchrun --nproc-per-node 2 --master-port=$((20000 + RANDOM % 20000)) tools/bench_train_step.py --layers 32 --cp 2 \
+    --layouts shared --recompute full --until-oom --iters 1 --lengths ${LENGTHS:-65536,131072,196608,262144} \
+    --json $OUT/maxlen.json 2>&1 | grep -v "Warn\|warn" | tail -40 > "$OUT/maxlen.log"
 fi
 if [ "$what" = train ] || [ "$what" = all ]; then
   W=/tmp/gpu-train; mkdir -p $W

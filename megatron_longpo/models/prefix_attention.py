@@ -147,8 +147,11 @@ class PrefixSharedAttention(MegatronModule):
                 mask = allowed({n: x[:nt] for n, x in qmeta.items()}, {n: x[kv] for n, x in meta.items()})
                 outs.append(masked_attention(q[:nt], kg[kv], vg[kv], mask, self.scale).reshape(nt, -1))
         if t_local > nt:
-            outs.append(torch.utils.checkpoint.checkpoint(
-                self._branches, q[nt:], k, v, p, qmeta, meta, use_reentrant=False))
+            if self.config.recompute_granularity is None:  # not inside megatron's recompute already
+                outs.append(torch.utils.checkpoint.checkpoint(
+                    self._branches, q[nt:], k, v, p, qmeta, meta, use_reentrant=False))
+            else:
+                outs.append(self._branches(q[nt:], k, v, p, qmeta, meta))
         return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
 
     def _branches(self, qb, k, v, p, qmeta, meta):

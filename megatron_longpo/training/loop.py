@@ -60,12 +60,51 @@ def log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def build_trainer(cfg: RunConfig) -> Trainer:
-    from megatron.core import parallel_state as ps
+def build_engine(arch, par: parallel.ParallelConfig, opts: ModelOptions, optim, load_from: str | None):
+    """Model chunks (bf16 via Float16Module when opts.bf16) wrapped in megatron DDP, and the
+    megatron optimizer (distributed when asked and on CUDA). Parallel state must be set up.
+    `load_from`: a checkpoint to load the weights from (None: random init / resume later)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.transformer.module import Float16Module
+
+    chunks = build_model(arch, par, opts)
+    tcfg = unwrap(chunks[0]).config
+    tcfg.calculate_per_token_loss = True  # see training/step.py: divide by the global sample count
+    if load_from:
+        ckpt.load_model(chunks, load_from)
+    if opts.bf16:
+        chunks = [Float16Module(tcfg, c) for c in chunks]
+    dist_opt = optim.distributed_optimizer
+    if dist_opt and not platform.cuda_available():
+        log("note: megatron's distributed optimizer needs CUDA tensors; using the plain optimizer on the CPU")
+        dist_opt = False
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=optim.overlap_grad_reduce,
+        use_distributed_optimizer=dist_opt, average_in_collective=False,
+    )
+    chunks = [DistributedDataParallel(tcfg, ddp_cfg, c, disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+    clip = optim.clip_grad
+    if clip and not platform.cuda_available():
+        log("note: megatron's gradient clipping needs CUDA tensors; clipping is off on the CPU")
+        clip = 0.0
+    ocfg = OptimizerConfig(
+        optimizer=optim.name, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+        bf16=opts.bf16, params_dtype=torch.bfloat16 if opts.bf16 else torch.float32, clip_grad=clip,
+        use_distributed_optimizer=dist_opt,
+    )
+    optimizer = get_megatron_optimizer(ocfg, chunks)
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    tcfg.grad_scale_func = optimizer.scale_loss
+    if optim.overlap_grad_reduce:
+        tcfg.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+    return chunks, optimizer
+
+
+def build_trainer(cfg: RunConfig) -> Trainer:
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     par = _parallel_config(cfg)
     platform.enable_cpu_fallback()
@@ -84,37 +123,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         log("note: bf16 needs a GPU; training in fp32 on the CPU")
     opts = ModelOptions(bf16=bf16, recompute=cfg.model.recompute, recompute_num_layers=cfg.model.recompute_num_layers,
                         prefix_sharing=cfg.data.share_prefix)
-    chunks = build_model(arch, par, opts)
-    tcfg = unwrap(chunks[0]).config
-    tcfg.calculate_per_token_loss = True  # see training/step.py: divide by the global sample count
-    if not resuming:
-        ckpt.load_model(chunks, cfg.model.checkpoint)
-    if bf16:
-        chunks = [Float16Module(tcfg, c) for c in chunks]
-    dist_opt = cfg.optim.distributed_optimizer
-    if dist_opt and not platform.cuda_available():
-        log("note: megatron's distributed optimizer needs CUDA tensors; using the plain optimizer on the CPU")
-        dist_opt = False
-    ddp_cfg = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.optim.overlap_grad_reduce,
-        use_distributed_optimizer=dist_opt, average_in_collective=False,
-    )
-    chunks = [DistributedDataParallel(tcfg, ddp_cfg, c, disable_bucketing=i > 0) for i, c in enumerate(chunks)]
-    clip = cfg.optim.clip_grad
-    if clip and not platform.cuda_available():
-        log("note: megatron's gradient clipping needs CUDA tensors; clipping is off on the CPU")
-        clip = 0.0
-    ocfg = OptimizerConfig(
-        optimizer=cfg.optim.name, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, weight_decay=cfg.optim.weight_decay,
-        adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2, adam_eps=cfg.optim.adam_eps,
-        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32, clip_grad=clip,
-        use_distributed_optimizer=dist_opt,
-    )
-    optimizer = get_megatron_optimizer(ocfg, chunks)
-    tcfg.finalize_model_grads_func = finalize_model_grads
-    tcfg.grad_scale_func = optimizer.scale_loss
-    if cfg.optim.overlap_grad_reduce:
-        tcfg.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+    chunks, optimizer = build_engine(arch, par, opts, cfg.optim, None if resuming else cfg.model.checkpoint)
 
     cp_rank = ps.get_context_parallel_rank()
     data = StepData(
@@ -214,14 +223,19 @@ def _reduce_metrics(collected: list[dict], t: Trainer) -> dict[str, float]:
     return res
 
 
-def forward_backward(t: Trainer, batches) -> dict[str, float]:
+def engine_forward_backward(chunks, optimizer, batches, loss_cfg, chunk_size: int, cp_group) -> list[dict]:
     """Forward and backward over this rank's micro-batches of one step; gradients end up in the
-    DDP buffers, reduced over DP x CP and divided by the global sample count. Returns the metrics."""
-    for c in t.chunks:
+    DDP buffers, reduced over DP x CP and divided by the global sample count. Returns the
+    per-micro-batch metrics (last pipeline stage)."""
+    for c in chunks:
         c.zero_grad_buffer()
-    t.optimizer.zero_grad()
-    fwd = make_forward_step(t.cfg.loss, t.cfg.model.logprob_chunk_size, t.data.cp_group())
-    collected = run_schedule(t.chunks, batches, fwd, forward_only=False)
+    optimizer.zero_grad()
+    return run_schedule(chunks, batches, make_forward_step(loss_cfg, chunk_size, cp_group), forward_only=False)
+
+
+def forward_backward(t: Trainer, batches) -> dict[str, float]:
+    collected = engine_forward_backward(t.chunks, t.optimizer, batches, t.cfg.loss, t.cfg.model.logprob_chunk_size,
+                                        t.data.cp_group())
     return _reduce_metrics(collected, t)
 
 

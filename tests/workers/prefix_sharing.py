@@ -1,5 +1,6 @@
-"""Worker for tests/test_prefix_sharing.py: per-role log-prob sums and parameter gradients of one
-micro-batch, two-sequence layout or prefix-shared, at CP = world size (CPU, gloo, fp32).
+"""Worker for tests/test_prefix_sharing.py and tests/test_gpu.py: per-role log-prob sums and
+parameter gradients of one micro-batch, two-sequence layout or prefix-shared, at CP = world size.
+CPU: gloo, fp32, local spec. GPU: NCCL, bf16, Transformer Engine spec (THD rows).
 
   prefix_sharing.py CKPT DATA ROLES SAMPLES SHARE OUT.pt
 """
@@ -27,33 +28,42 @@ def main(ckpt, data, roles, samples, share, out):
     arch, _ = ck.read_model_json(ckpt)
     par = parallel.ParallelConfig(context_parallel=world)
     parallel.setup(par, arch=arch, cpu_cp=share)
-    chunks = build_model(arch, par, ModelOptions(prefix_sharing=share))
+    gpu = platform.cuda_available()
+    chunks = build_model(arch, par, ModelOptions(prefix_sharing=share, bf16=gpu))
     ck.load_model(chunks, ckpt)
     model = chunks[0]
+    if gpu:
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(model.config, model)
+    dev = platform.default_device()
     ds = PairDataset(data)
     batch_samples = [ds.sample(int(i)) for i in samples.split(",")]
     cp_group = ps.get_context_parallel_group() if world > 1 else None
     if share:
         row = build_shared_row(batch_samples, roles, cp_size=world, pad_multiple=2 * world if world > 1 else 1)
-        batch = prepare_shared_batch(row, None, cp_rank=ps.get_context_parallel_rank(), cp_group=cp_group)
+        batch = prepare_shared_batch(row, None, cp_rank=ps.get_context_parallel_rank(), cp_group=cp_group, device=dev)
         print(f"shared layout: {row.real_tokens} tokens for {row.unshared_tokens} unshared", flush=True)
     else:
-        assert world == 1
-        batch = prepare_batch(pack(batch_samples, roles), None, thd=False)
+        pad = 2 * world if world > 1 else 1
+        batch = prepare_batch(pack(batch_samples, roles, pad), None, thd=gpu, cp_size=world,
+                              cp_rank=ps.get_context_parallel_rank(), device=dev)
     logp = run_model(model, batch, 64)
     stats = sequence_statistics(logp, batch, cp_group)
     # a scalar that weighs every role and sample differently
-    loss = sum((stats[r].logps * torch.arange(1.0, len(stats[r].logps) + 1) * (i + 1)).sum() for i, r in enumerate(roles))
+    w = lambda n: torch.arange(1.0, n + 1, device=dev)  # noqa: E731
+    loss = sum((stats[r].logps * w(len(stats[r].logps)) * (i + 1)).sum() for i, r in enumerate(roles))
     loss.backward()
     grads = {}
     for n, p in model.named_parameters():
-        g = p.grad.detach().clone()
+        g = p.grad.detach().float().clone()
         if world > 1:  # every CP rank holds the whole loss: gradients add up to CP x the true ones
             dist.all_reduce(g, group=cp_group)
             g /= world
         grads[n] = g
     if dist.get_rank() == 0:
-        torch.save({"stats": {r: (stats[r].logps.detach(), stats[r].tokens) for r in roles}, "grads": grads}, out)
+        torch.save({"stats": {r: (stats[r].logps.detach().cpu(), stats[r].tokens.cpu()) for r in roles},
+                    "grads": {n: g.cpu() for n, g in grads.items()}}, out)
     parallel.teardown()
 
 
