@@ -164,8 +164,16 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--jsonl", help="append the rows here, one JSON object per line")
+    p.add_argument("--table", metavar="JSONL", help="print the table of the rows in this file and exit")
     p.add_argument("--tiny", action="store_true", help="a 64-wide model: a quick run of the script itself on the CPU")
     args = p.parse_args(argv)
+    if args.table:
+        rows = [json.loads(x) for x in Path(args.table).read_text().splitlines() if x.strip()]
+        from megatron_longpo.training import metrics as M
+
+        print_table(rows, M.peak_tflops(None) or 0)
+        return 0
     if DEVICE != "cuda" and not args.tiny:
         print("bench_train_step measures GPUs (Transformer Engine); on the CPU only --tiny runs", file=sys.stderr)
         return 2
@@ -196,6 +204,9 @@ def main(argv=None) -> int:
         print_table(rows, M.peak_tflops(None) or 0)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
     parallel.teardown()
     return 0
 

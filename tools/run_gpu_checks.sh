@@ -48,6 +48,10 @@ if [ "$what" = diag ]; then
       | grep -v "it/s\]\|Warn\|warn" | tail -150 >>$L
     echo "exit ${PIPESTATUS[0]}" >>$L
   done
+fi
+if [ "$what" = diag ] || [ "$what" = cpgrads ]; then
+  prepare_small
+  L=$OUT/diag.log
   echo "== per-parameter gradients, LongPO, CP=2 vs CP=1" >>$L
   common="model.checkpoint=$C data.path=$D data.global_batch_size=2 train.steps=1 loss.name=longpo loss.longpo_lambda=1.0 optim.distributed_optimizer=false model.bf16=true train.save_dir=$W/unused train.tensorboard=false"
   timeout -k 5 100 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $W/cp1.pt $common >/dev/null 2>&1
@@ -74,8 +78,33 @@ if [ "$what" = prefix ]; then
   python3 -m pytest -q -m gpu tests/test_gpu.py -k prefix_shared -s -p no:cacheprovider 2>&1 | grep -v "Warn\|warn" | tail -30 > "$OUT/prefix.log"
 fi
 if [ "$what" = bench_step ]; then
-  timeout -k 5 400 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tools/bench_train_step.py --layers 4 \
-    --lengths ${LENGTHS:-16384,32768,65536,131072} --recompute-on-oom --json $OUT/bench_step.json 2>&1 | grep -v "Warn\|warn" | tail -40 > "$OUT/bench_step.log"
+  # one process per configuration (a process that ran out of memory keeps some)
+  for c in "two none ${LENGTHS:-16384,32768,65536,131072}" "shared none ${LENGTHS:-16384,32768,65536,131072}" \
+           "two full ${FULL_LENGTHS:-65536,131072}" "shared full ${FULL_LENGTHS:-131072}"; do
+    set -- $c
+    rc=$([ "$2" = full ] && echo "--recompute full" || echo "")
+    timeout -k 5 200 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tools/bench_train_step.py --layers 4 \
+      --layouts $1 $rc --lengths $3 --until-oom --iters 2 --jsonl $OUT/bench_step.jsonl 2>&1 | grep -v "Warn\|warn" | tail -8 >> "$OUT/bench_step.log"
+  done
+  python3 tools/bench_train_step.py --table $OUT/bench_step.jsonl | tee -a "$OUT/bench_step.log"
+fi
+if [ "$what" = train16 ]; then
+  # SmolLM2, LongPO, 8 synthetic samples of ~16K tokens; CP=2 for 6 steps, and the first step at CP=1
+  W=/tmp/gpu-train; mkdir -p $W
+  HF=$(python3 -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")
+  [ -f $W/smol/latest ] || python3 tools/convert_checkpoint.py hf-to-megatron --hf-dir "$HF" --out $W/smol >/dev/null
+  if [ ! -f $W/long16k.ref.safetensors ]; then
+    python3 tools/make_synthetic_pairs.py --kind longpo --n 8 --context-words 11500 --out $W/long16k.jsonl
+    python3 tools/preprocess_pairs.py --input $W/long16k.jsonl --kind longpo --tokenizer "$HF" --output $W/long16k --fresh --no-progress 2>&1 | tail -4
+    trun --nproc-per-node 2 tools/precompute_ref_logps.py --data $W/long16k --model $W/smol 2>&1 | grep -v Warn | tail -2
+  fi
+  for n in 2 1; do
+    steps=$([ $n = 2 ] && echo 6 || echo 1)
+    timeout -k 5 150 torchrun --nproc-per-node $n --master-port=$((20000 + RANDOM % 20000)) -m megatron_longpo.train \
+      model.checkpoint=$W/smol data.path=$W/long16k parallel.context_parallel=$n model.bf16=true model.rope_theta=1000000 \
+      loss.name=longpo loss.longpo_lambda=0.01 data.global_batch_size=2 train.steps=$steps optim.lr=2e-5 optim.warmup_fraction=0 \
+      train.save_dir=$W/run_cp$n train.stall_seconds=40 train.tensorboard=false ${EXTRA:-} 2>&1 | grep -v "it/s\]\|Warn\|warn" | tail -14 >> "$OUT/train16.log"
+  done
 fi
 if [ "$what" = maxlen ]; then
   timeout -k 5 450 torchrun --nproc-per-node 2 --master-port=$((20000 + RANDOM % 20000)) tools/bench_train_step.py --layers 32 --cp 2 \

@@ -165,9 +165,11 @@ class PrefixSharedAttention(MegatronModule):
 
 
 def _trunk_params(p: PrefixSharedParams) -> PackedSeqParams:
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=p.cu_seqlens_q, cu_seqlens_kv=p.cu_seqlens_kv,
-                           cu_seqlens_q_padded=p.cu_seqlens_q_padded, cu_seqlens_kv_padded=p.cu_seqlens_kv_padded,
-                           max_seqlen_q=p.max_seqlen_q, max_seqlen_kv=p.max_seqlen_kv)
+    """The trunks as plain THD sequences for TE; their padding is attended as part of the trunk
+    (training/step.thd_params says why), branches never see it (meta["valid"])."""
+    from megatron_longpo.training.step import thd_params
+
+    return thd_params(p.cu_seqlens_q_padded, p.max_seqlen_q, p.cu_seqlens_q_padded.device)
 
 
 def params_for(view, row, device, cp_group=None, cp_rank: int = 0) -> PrefixSharedParams:

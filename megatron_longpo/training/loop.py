@@ -247,6 +247,7 @@ def train_step(t: Trainer) -> M.StepRecord:
         grad_norm = None
         if finite:
             ok, grad_norm, _ = t.optimizer.step()
+            grad_norm = None if grad_norm is None else float(grad_norm)  # a 0-dim CUDA tensor on GPUs
             finite = bool(ok) and (grad_norm is None or math.isfinite(grad_norm))
         if finite:
             t.scheduler.step(increment=1)

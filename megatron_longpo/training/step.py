@@ -65,6 +65,19 @@ def cp_partition(cu_padded: torch.Tensor, cp_size: int, cp_rank: int) -> torch.T
     return torch.cat(parts)
 
 
+def thd_params(cu_padded: torch.Tensor, max_seqlen: int, device):
+    """PackedSeqParams for TE's THD attention. The padding after each sequence is attended as if
+    it were part of the sequence (cu_seqlens = cu_seqlens_padded): causal attention keeps it from
+    touching the real tokens before it, the loss mask leaves it out of every sum, and TE runs
+    without padding between sequences. (With cu_seqlens < cu_seqlens_padded TE's context-parallel
+    backward gave wrong gradients on 2xH200: docs/logprobs.md.)"""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = cu_padded.int().to(torch.device(device))
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                           cu_seqlens_kv_padded=cu, max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+
+
 def prepare_batch(packed, reference: dict[str, SeqStat] | None, *, thd: bool, cp_size: int = 1, cp_rank: int = 0,
                   device: torch.device | str = "cpu") -> StepBatch:
     """From a data.packing.PackedBatch to this rank's StepBatch.
@@ -75,8 +88,6 @@ def prepare_batch(packed, reference: dict[str, SeqStat] | None, *, thd: bool, cp
     n = len(packed.seq_role)
     num_tokens = int(packed.cu_seqlens[-1])
     if thd:
-        from megatron.core.packed_seq_params import PackedSeqParams
-
         cu, cu_pad = packed.cu_seqlens.int(), packed.cu_seqlens_padded.int()
         tokens, labels, mask, pos = packed.tokens, packed.labels, packed.loss_mask, packed.position_ids
         seq_index = _thd_seq_index(cu_pad, tokens.shape[1]).unsqueeze(0)
@@ -88,13 +99,7 @@ def prepare_batch(packed, reference: dict[str, SeqStat] | None, *, thd: bool, cp
         if cp_size > 1:
             idx = cp_partition(cu_pad, cp_size, cp_rank)
             tokens, labels, mask, pos, seq_index = (t[:, idx] for t in (tokens, labels, mask, pos, seq_index))
-        dev = torch.device(device)
-        params = PackedSeqParams(
-            qkv_format="thd",
-            cu_seqlens_q=cu.to(dev), cu_seqlens_kv=cu.to(dev),
-            cu_seqlens_q_padded=cu_pad.to(dev), cu_seqlens_kv_padded=cu_pad.to(dev),
-            max_seqlen_q=int(packed.max_seqlen), max_seqlen_kv=int(packed.max_seqlen),
-        )
+        params = thd_params(cu_pad, int(packed.max_seqlen), device)
     else:
         if cp_size > 1:
             raise ValueError("context parallelism needs the THD (Transformer Engine) path")
