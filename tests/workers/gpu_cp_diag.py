@@ -46,6 +46,10 @@ def main():
                            ("dk", loc[1].grad, ref[1].grad[idx]), ("dv", loc[2].grad, ref[2].grad[idx])):
             a, b = a[m].float(), b[m].float()
             rows.append(f"{name} {((a - b).abs().max() / b.abs().max()).item():.2e}")
+        pad = ~m
+        if pad.any():  # what the padding rows carry back: should be nothing
+            rows.append("padding rows max |dq|,|dk|,|dv| CP " + " ".join(f"{x.grad[pad].abs().max().item():.2e}" for x in loc)
+                        + " / 1 GPU " + " ".join(f"{x.grad[idx][pad].abs().max().item():.2e}" for x in ref))
         print(f"rank {rank} lens {lens} CP=2 vs 1 GPU (max diff / max ref, real tokens): " + ", ".join(rows), flush=True)
     dist.destroy_process_group()
 
