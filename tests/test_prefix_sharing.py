@@ -58,7 +58,8 @@ def test_cp_views_cover_the_row_once(tiny_longpo_data):
     np.testing.assert_array_equal(got, want)
     # each branch piece attends to its whole trunk: the trunk's real tokens are in its key set
     for v in views:
-        for lo, hi, kv in v.parts:
+        for lo, hi, kv, tail in v.parts:
+            assert tail  # every branch piece is a lower-right causal tail of its keys
             trunk = v.meta["trunk"][kv][v.meta["branch"][kv] == -1]
             assert len(trunk) == int(row.cu[int(trunk[0]) + 1] - row.cu[int(trunk[0])])
 

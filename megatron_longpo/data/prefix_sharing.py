@@ -229,7 +229,9 @@ class RankView:
     seq_index: torch.Tensor  # virtual sequence of each scored token, -1 elsewhere
     n_trunk: int  # the first n_trunk local tokens are trunk tokens
     meta: dict[str, torch.Tensor]  # over the gathered [cp * t] tokens: trunk, branch, pos, valid
-    parts: list[tuple[int, int, torch.Tensor]]  # (lo, hi, kv index into the gathered tokens)
+    parts: list[tuple[int, int, torch.Tensor, bool]]  # (lo, hi, kv index into the gathered tokens,
+    # True when the keys are positions 0..n-1 in order and the queries the last ones: the mask is
+    # then plain lower-right causal and needs no tensor)
 
 
 def rank_view(row: SharedRow, cp_rank: int = 0) -> RankView:
@@ -269,7 +271,10 @@ def rank_view(row: SharedRow, cp_rank: int = 0) -> RankView:
         last = lp[k - 1]
         kv = np.nonzero(((g_branch == -1) & (g_trunk == parent) & g_valid)
                         | ((g_branch == br) & (g_pos <= last)))[0]
-        parts.append((n_trunk + j, n_trunk + k, torch.from_numpy(kv)))
+        kv = kv[np.argsort(g_pos[kv], kind="stable")]  # keys in position order: 0 .. last
+        # then the piece's queries are the last (k - j) keys' positions: lower-right causal
+        tail = bool((g_pos[kv] == np.arange(len(kv))).all() and lp[j] == last - (k - j - 1))
+        parts.append((n_trunk + j, n_trunk + k, torch.from_numpy(kv), tail))
         j = k
 
     def local(t_arr, b_arr):

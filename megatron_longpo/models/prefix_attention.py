@@ -80,17 +80,32 @@ def allowed(qm: dict, km: dict) -> torch.Tensor:
 
 def masked_attention(q, k, v, mask, scale):
     """q [lq, h, d], k/v [lk, hkv, d] (GQA: heads repeated), mask [lq, lk] bool -> [lq, h, dv]."""
+    qh, kh, vh = _heads(q, k, v)
+    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale).squeeze(0).transpose(0, 1)
+
+
+def _heads(q, k, v):
     h, hkv = q.shape[1], k.shape[1]
     if h != hkv:
         k = k.repeat_interleave(h // hkv, dim=1)
         v = v.repeat_interleave(h // hkv, dim=1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                                         v.transpose(0, 1).unsqueeze(0), attn_mask=mask, scale=scale)
+    return (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+
+
+def tail_causal_attention(q, k, v, scale):
+    """q [lq, h, d] are the last lq of the lk keys: query i sees keys 0 .. lk - lq + i
+    (lower-right causal; SDPA's fused kernels, no mask tensor)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    qh, kh, vh = _heads(q, k, v)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(q.shape[0], k.shape[0]), scale=scale)
     return out.squeeze(0).transpose(0, 1)
 
 
 class PrefixSharedAttention(MegatronModule):
     """Drop-in core attention (same constructor and forward as megatron's core attentions)."""
+
+    _tail_failed = False  # set once if the fused lower-right causal kernel is unavailable
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type="self", cp_comm_type=None,
                  softmax_scale=None, pg_collection=None, *, use_te: bool, rope: dict, **_):
@@ -158,7 +173,16 @@ class PrefixSharedAttention(MegatronModule):
         nt = p.n_trunk
         kg, vg = gather_cp(k, p.shared_cp_group), gather_cp(v, p.shared_cp_group)
         out = qb.new_zeros(qb.shape[0], qb.shape[1], v.shape[2])
-        for lo, hi, kv in p.parts:
+        for lo, hi, kv, tail in p.parts:
+            if tail and not PrefixSharedAttention._tail_failed:
+                try:  # keys 0..n-1 in order, queries the last ones: lower-right causal, no mask tensor
+                    out[lo - nt:hi - nt] = tail_causal_attention(qb[lo - nt:hi - nt], kg[kv], vg[kv], self.scale)
+                    continue
+                except RuntimeError as e:  # a kernel without lower-right causal support: the masked path
+                    import logging
+
+                    logging.getLogger(__name__).warning("lower-right causal SDPA failed (%s); using masks", e)
+                    PrefixSharedAttention._tail_failed = True
             mask = allowed({n: x[lo:hi] for n, x in qmeta.items()}, {n: x[kv] for n, x in meta.items()})
             out[lo - nt:hi - nt] = masked_attention(qb[lo - nt:hi - nt], kg[kv], vg[kv], mask, self.scale)
         return out.reshape(out.shape[0], -1)
@@ -182,6 +206,6 @@ def params_for(view, row, device, cp_group=None, cp_rank: int = 0) -> PrefixShar
         max_seqlen_q=row.max_trunk_seqlen, max_seqlen_kv=row.max_trunk_seqlen,
         position_ids=view.position_ids.to(dev), n_trunk=view.n_trunk,
         meta={n: x.to(dev) for n, x in view.meta.items()},
-        parts=[(lo, hi, kv.to(dev)) for lo, hi, kv in view.parts],
+        parts=[(lo, hi, kv.to(dev), tail) for lo, hi, kv, tail in view.parts],
         cp_rank=cp_rank, shared_cp_group=cp_group, max_position=int(view.meta["pos"].max()),
     )
