@@ -109,3 +109,31 @@ def test_shared_at_cp2_equals_two_sequences(tiny_llama_ckpt, tiny_longpo_data, t
     ref = _run(tmp_path, "two", 1, tiny_llama_ckpt, tiny_longpo_data, roles, "0,1,2", False)
     cp2 = _run(tmp_path, "cp2", 2, tiny_llama_ckpt, tiny_longpo_data, roles, "0,1,2", True)
     _assert_same(ref, cp2)
+
+
+def test_tail_causal_attention_equals_the_masked_reference(tiny_longpo_data):
+    """The fused lower-right causal call a branch piece takes equals the explicit mask built from
+    the token metadata (float64), for the pieces of both CP ranks."""
+    from megatron_longpo.models.prefix_attention import allowed, masked_attention, tail_causal_attention
+
+    ds = PairDataset(tiny_longpo_data)
+    row = build_shared_row([ds.sample(0), ds.sample(1)], ("chosen", "rejected"), cp_size=2, pad_multiple=4)
+    g = torch.Generator().manual_seed(0)
+    n = 2 * len(rank_view(row, 0).tokens)
+    k = torch.randn(n, 2, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(n, 2, 8, generator=g, dtype=torch.float64)
+    pieces = 0
+    for r in range(2):
+        view = rank_view(row, r)
+        t = len(view.tokens)
+        q = torch.randn(t, 4, 8, generator=g, dtype=torch.float64)
+        qmeta = {name: x[r * t:(r + 1) * t] for name, x in view.meta.items()}
+        for lo, hi, kv, tail in view.parts:
+            mask = allowed({name: x[lo:hi] for name, x in qmeta.items()}, {name: x[kv] for name, x in view.meta.items()})
+            ref = masked_attention(q[lo:hi], k[kv], v[kv], mask, 0.35)
+            got = tail_causal_attention(q[lo:hi], k[kv], v[kv], 0.35)
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+            # lower-right causal: the last query sees every key, the first (of several) does not
+            assert mask[-1].all() and (hi - lo == 1 or not mask[0].all())
+            pieces += 1
+    assert pieces >= 4  # 2 samples x 2 branches, some cut between the ranks

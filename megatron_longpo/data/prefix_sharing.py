@@ -101,6 +101,12 @@ def _labels(s: Sequence, lo: int) -> tuple[np.ndarray, np.ndarray]:
     return labels, mask
 
 
+def _padding_section(n: int, pad_token_id: int, trunk: int):
+    """n padding tokens: (tokens, labels, scored, positions, sequence ids, valid, trunk ids)."""
+    return (np.full(n, pad_token_id, np.int64), np.zeros(n, np.int64), np.zeros(n, np.float32),
+            np.zeros(n, np.int64), np.full(n, -1, np.int64), np.zeros(n, bool), np.full(n, trunk, np.int64))
+
+
 def build_shared_row(samples: Seq[Sample], roles: Seq[str], cp_size: int = 1, pad_multiple: int = 1,
                      pad_token_id: int = 0, min_shared: int = 1) -> SharedRow:
     """Lay the `roles` sequences of `samples` out with shared prefixes (see the module docstring).
@@ -151,13 +157,7 @@ def build_shared_row(samples: Seq[Sample], roles: Seq[str], cp_size: int = 1, pa
     cu = np.concatenate([[0], np.cumsum(lengths)])
     cu_pad = np.concatenate([[0], np.cumsum(padded)])
     T = int(cu_pad[-1])
-    t_tokens = np.full(T, pad_token_id, np.int64)
-    t_labels = np.zeros(T, np.int64)
-    t_mask = np.zeros(T, np.float32)
-    t_pos = np.zeros(T, np.int64)
-    t_seq = np.full(T, -1, np.int64)
-    t_valid = np.zeros(T, bool)
-    t_trunk = np.zeros(T, np.int64)
+    t_tokens, t_labels, t_mask, t_pos, t_seq, t_valid, t_trunk = _padding_section(T, pad_token_id, trunk=0)
     for i, (tok, lab, msk, seq) in enumerate(trunks):
         lo, n, pn = int(cu_pad[i]), len(tok), int(padded[i])
         t_tokens[lo:lo + n], t_labels[lo:lo + n], t_mask[lo:lo + n] = tok, lab, msk
@@ -167,13 +167,7 @@ def build_shared_row(samples: Seq[Sample], roles: Seq[str], cp_size: int = 1, pa
         t_trunk[lo:lo + pn] = i
     nb = sum(len(br[2]) for br in branches)
     B = -(-nb // cp_size) * cp_size
-    b_tokens = np.full(B, pad_token_id, np.int64)
-    b_labels = np.zeros(B, np.int64)
-    b_mask = np.zeros(B, np.float32)
-    b_pos = np.zeros(B, np.int64)
-    b_seq = np.full(B, -1, np.int64)
-    b_valid = np.zeros(B, bool)
-    b_trunk = np.full(B, -1, np.int64)
+    b_tokens, b_labels, b_mask, b_pos, b_seq, b_valid, b_trunk = _padding_section(B, pad_token_id, trunk=-1)
     b_branch = np.full(B, -1, np.int64)
     o = 0
     for j, (parent, start, tok, lab, msk, seq) in enumerate(branches):

@@ -78,18 +78,18 @@ def allowed(qm: dict, km: dict) -> torch.Tensor:
     return m | (pad_q & km["valid"][None, :])
 
 
-def masked_attention(q, k, v, mask, scale):
-    """q [lq, h, d], k/v [lk, hkv, d] (GQA: heads repeated), mask [lq, lk] bool -> [lq, h, dv]."""
-    qh, kh, vh = _heads(q, k, v)
-    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale).squeeze(0).transpose(0, 1)
-
-
 def _heads(q, k, v):
     h, hkv = q.shape[1], k.shape[1]
     if h != hkv:
         k = k.repeat_interleave(h // hkv, dim=1)
         v = v.repeat_interleave(h // hkv, dim=1)
     return (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+
+
+def masked_attention(q, k, v, mask, scale):
+    """q [lq, h, d], k/v [lk, hkv, d] (GQA: heads repeated), mask [lq, lk] bool -> [lq, h, dv]."""
+    qh, kh, vh = _heads(q, k, v)
+    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale).squeeze(0).transpose(0, 1)
 
 
 def tail_causal_attention(q, k, v, scale):
