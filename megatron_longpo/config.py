@@ -185,7 +185,10 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"override {o!r} must look like section.key=value (e.g. optim.lr=1e-6)")
         k, v = o.split("=", 1)
         _set_dotted(data, k.strip(), yaml.safe_load(v) if v.strip() else "")
-    return _build(RunConfig, data, "")
+    cfg = _build(RunConfig, data, "")
+    if cfg.data.share_prefix and cfg.parallel.sequence_parallel:
+        raise ConfigError("data.share_prefix=true does not support parallel.sequence_parallel yet; set one of them to false")
+    return cfg
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -33,6 +33,12 @@ def test_bad_config_names_the_key(override, msg):
         load_config(None, [override])
 
 
+def test_prefix_sharing_refuses_sequence_parallel():
+    with pytest.raises(ConfigError, match="data.share_prefix=true does not support parallel.sequence_parallel"):
+        load_config(None, ["data.share_prefix=true", "parallel.sequence_parallel=true"])
+    assert load_config(None, ["data.share_prefix=true"]).data.share_prefix
+
+
 def test_missing_recipe_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent.yaml")
