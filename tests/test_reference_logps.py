@@ -78,3 +78,26 @@ def test_sidecar_is_the_same_at_every_layout(layout, tiny_llama_ckpt, tiny_longp
     for role in a.roles:
         assert np.array_equal(a.num_tokens[role], b.num_tokens[role])
         assert np.allclose(a.logp_sum[role], b.logp_sum[role], rtol=1e-5, atol=1e-4), role
+
+
+def test_reference_sees_policy_gives_plain_dpo_on_longpo_data(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
+    """--reference-sees-policy scores the policy's own (long) sequences: a DPO step that starts
+    from the reference model has zero rewards, loss log 2, and the tokens the policy scores."""
+    import json
+    import math
+
+    from megatron_longpo.data.reference import load_ref_logps
+
+    out = tmp_path / "longref.safetensors"
+    run_tool(ROOT / "tools/precompute_ref_logps.py", "--data", tiny_longpo_data, "--model", tiny_llama_ckpt, "--out", out,
+             "--reference-sees-policy")
+    short, long = load_ref_logps(tiny_longpo_data), load_ref_logps(tiny_longpo_data, path=out)
+    assert (long.num_tokens["ref_chosen"] == short.num_tokens["ref_chosen"]).all()  # the same answers are scored
+    assert (long.logp_sum["ref_chosen"] != short.logp_sum["ref_chosen"]).any()  # in another context
+    r = run_tool(ROOT / "tests/workers/train.py", f"model.checkpoint={tiny_llama_ckpt}", f"data.path={tiny_longpo_data}",
+                 f"data.reference={out}", "loss.name=dpo", "data.global_batch_size=2", "train.steps=1",
+                 "train.tensorboard=false", f"train.save_dir={tmp_path}/run", timeout=300)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    step = summary["steps"][0]
+    assert abs(step["loss"] - math.log(2)) < 1e-4, (step["loss"], r.stdout[-1000:])
+    assert abs(step["rewards/margin"]) < 1e-4

@@ -4,8 +4,9 @@
     torchrun --nproc-per-node G tools/precompute_ref_logps.py --data PREFIX --model CKPT_DIR [--tp N --pp M --cp C]
 
 LongPO: the reference sees each turn's SHORT context; SoLoPO: the chosen response on the short and
-the long context; pair kinds: the policy's own sequences. Writes PREFIX.ref.safetensors, tied to
-the dataset's hash (the trainer refuses a sidecar of another dataset).
+the long context; pair kinds: the policy's own sequences (--reference-sees-policy: that for any
+kind, e.g. plain DPO on LongPO data). Writes PREFIX.ref.safetensors, tied to the dataset's hash
+(the trainer refuses a sidecar of another dataset).
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="reference checkpoint directory (tools/convert_checkpoint.py hf-to-megatron)")
     p.add_argument("--roles", nargs="*", help="reference roles to score (default: all of the dataset kind's)")
     p.add_argument("--out", help="sidecar path (default PREFIX.ref.safetensors)")
+    p.add_argument("--reference-sees-policy", action="store_true",
+                   help="score the policy's own sequence X for each ref role ref_X: plain DPO on a LongPO dataset "
+                        "(the reference on the long context); write it to another --out and train with data.reference=")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
@@ -33,7 +37,8 @@ def main(argv=None) -> int:
     try:
         r = precompute(a.data, a.model, parallel.ParallelConfig(a.tp, a.pp, None, a.cp), roles=a.roles,
                        samples_per_microbatch=a.samples_per_microbatch, chunk_size=a.chunk_size, out_path=a.out,
-                       bf16={'auto': None, 'bf16': True, 'fp32': False}[a.dtype])
+                       bf16={'auto': None, 'bf16': True, 'fp32': False}[a.dtype],
+                       policy_sequences=a.reference_sees_policy)
         import torch.distributed as dist
 
         if dist.get_rank() == 0:

@@ -37,9 +37,12 @@ def score(chunks, batches: list[StepBatch], chunk_size: int, cp_group=None) -> l
 
 
 def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_per_microbatch: int = 1,
-               chunk_size: int = 2048, out_path: str | None = None, bf16: bool | None = None, progress: bool = True) -> dict:
+               chunk_size: int = 2048, out_path: str | None = None, bf16: bool | None = None, progress: bool = True,
+               policy_sequences: bool = False) -> dict:
     """Score every sample of the dataset with the reference checkpoint and write the sidecar.
-    Collective over all ranks (any TP/PP/CP/DP). Returns a summary on every rank."""
+    Collective over all ranks (any TP/PP/CP/DP). Returns a summary on every rank.
+    policy_sequences: each ref role ref_X gets the reference's log-probs of the policy's own
+    sequence X (plain DPO on a LongPO dataset: the reference sees the long context)."""
     import os
     import time
 
@@ -63,22 +66,29 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
     cp_group = ps.get_context_parallel_group() if par.context_parallel > 1 else None
     mine = list(range(dp_rank, len(ds), dp))
     groups = [mine[i:i + samples_per_microbatch] for i in range(0, len(mine), samples_per_microbatch)]
+    scored = roles
+    if policy_sequences:
+        bad = [r for r in roles if not r.startswith("ref_") or r[4:] not in ds.roles]
+        if bad:
+            raise ValueError(f"--reference-sees-policy: no policy sequence for the ref roles {bad} of this {ds.kind} dataset")
+        scored = tuple(r[4:] for r in roles)
     writer = RefLogpWriter.for_dataset(dataset_prefix, roles=roles, reference_model=str(model_dir),
                                        computation={"tp": par.tensor_parallel, "pp": par.pipeline_parallel,
                                                     "cp": par.context_parallel, "dp": dp, "bf16": bool(bf16),
-                                                    "chunk_size": chunk_size})
+                                                    "chunk_size": chunk_size,
+                                                    "sequences": "policy" if policy_sequences else "reference"})
     writes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
     tokens = 0
     bar = tqdm(groups, desc="reference log-probs", disable=not (progress and dist.get_rank() == 0))
     for idx in bar:
-        packed = pack([ds.sample(i) for i in idx], roles, par.pad_multiple())
+        packed = pack([ds.sample(i) for i in idx], scored, par.pad_multiple())
         tokens += int(packed.cu_seqlens[-1])
         b = prepare_batch(packed, None, thd=platform.cuda_available(), cp_size=par.context_parallel,
                           cp_rank=ps.get_context_parallel_rank(), device=platform.default_device())
         res = score(chunks, [b], chunk_size, cp_group)
         if writes:
             for role, (lp, n) in res[0].items():
-                writer.add(idx, role, lp.tolist(), [int(x) for x in n.tolist()])
+                writer.add(idx, roles[scored.index(role)], lp.tolist(), [int(x) for x in n.tolist()])
     out = out_path or sidecar_path(dataset_prefix)
     rank = dist.get_rank()
     if writes:
