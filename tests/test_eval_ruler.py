@@ -150,3 +150,8 @@ def test_eval_long_end_to_end(smollm2_dir, tmp_path):
     assert out.with_suffix(".svg").read_text().startswith("<svg")
     c = run_tool(ROOT / "tools/eval_long.py", "--compare", out, out)
     assert "+0.0" in c.stdout
+    t = run_tool(ROOT / "tools/eval_long.py", "--table", f"base={out}", f"again={out}")
+    rows = [x for x in t.stdout.splitlines() if x.startswith("| base") or x.startswith("| again")]
+    avg = res["average"]
+    assert rows[0].split(" | ")[1:3] == [f"{avg['256']:.1f}", f"{avg['512']:.1f}"]
+    assert rows[0].split(" | ")[1:] == rows[1].split(" | ")[1:]

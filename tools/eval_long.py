@@ -5,6 +5,7 @@ asked token lengths with the model's tokenizer, plus optional short-context rete
   python tools/eval_long.py --model HF_DIR --lengths 1024 2048 --tasks niah_single vt cwe \\
       --samples 5 --seed 0 --out results.json [--backend openai --base-url URL --tokenizer HF_DIR] [--retention]
   python tools/eval_long.py --compare before.json after.json
+  python tools/eval_long.py --table base=base.json longpo=longpo.json ...   (a Markdown table, a row per model)
 
 Writes OUT (JSON, atomically) and OUT with .svg (score against length), prints a table.
 Exit status: 0 done; 2 usage error; 3 some generations failed (their scores are left out).
@@ -20,8 +21,8 @@ from pathlib import Path
 from megatron_longpo.eval.retention import DEFAULT_QA, run_retention
 from megatron_longpo.eval.ruler import (DEFAULT_DOCUMENTS, DEFAULT_TASKS, chat_prompt_counter,
                                         generate_tasks)
-from megatron_longpo.eval.runner import (build_results, compare_table, evaluate, render_retention, render_table,
-                                         svg_plot)
+from megatron_longpo.eval.runner import (build_results, compare_table, evaluate, models_markdown, render_retention,
+                                         render_table, svg_plot)
 from megatron_longpo.generation.backends import (add_backend_args, backend_config_from_args, build_backend,
                                                  tokenizer_path_from_args)
 from megatron_longpo.generation.output import atomic_write_json
@@ -35,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(niah_* may end in _number, _word or _uuid)")
     p.add_argument("--samples", type=int, default=5, help="samples per task and length")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="results JSON (required unless --compare)")
+    p.add_argument("--out", help="results JSON (required unless --compare or --table)")
     p.add_argument("--plot", help="SVG plot path (default: OUT with .svg; 'none' to skip)")
     p.add_argument("--max-new-tokens", type=int, help="override the per-task budgets (niah 128, vt 30, cwe 120, fwe 50)")
     p.add_argument("--tolerance", type=float, default=0.02, help="prompts are within this fraction below the length")
@@ -43,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--retention", action="store_true", help="also measure short-context retention")
     p.add_argument("--retention-qa", default=str(DEFAULT_QA))
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print after - before of two result files")
+    p.add_argument("--table", nargs="+", metavar="NAME=RESULTS", help="print a Markdown table of these result files")
     p.add_argument("--no-progress", action="store_true")
     add_backend_args(p)
     return p.parse_args(argv)
@@ -60,6 +62,14 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         console.print(compare_table(before, after))
+        return 0
+    if a.table:
+        try:
+            named = [(x.split("=", 1)[0], json.loads(Path(x.split("=", 1)[1]).read_text())) for x in a.table]
+        except (IndexError, OSError, json.JSONDecodeError) as e:
+            print(f"error: --table takes NAME=RESULTS.json ...: {e}", file=sys.stderr)
+            return 2
+        print(models_markdown(named))
         return 0
     t0 = time.time()
     try:

@@ -111,6 +111,11 @@ if [ "$what" = train16 ]; then
       train.save_dir=$W/run_cp$n train.stall_seconds=40 train.tensorboard=false ${EXTRA:-} 2>&1 | grep -v "it/s\]\|Warn\|warn" | tail -14 >> "$OUT/train16.log"
   done
 fi
+if [ "$what" = longpo_run ]; then
+  # issue #9's run: examples/longpo_smollm2/run.sh (knobs through the environment)
+  W=${W:-/tmp/longpo_smollm2} bash examples/longpo_smollm2/run.sh 2>&1 | grep -v "Warn\|warn\|it/s\]" | tail -80 > "$OUT/longpo_run.log"
+  cp ${W:-/tmp/longpo_smollm2}/table.md ${W:-/tmp/longpo_smollm2}/eval_*.json "$OUT/" 2>/dev/null
+fi
 if [ "$what" = maxlen ]; then
   timeout -k 5 450 torchrun --nproc-per-node 2 --master-port=$((20000 + RANDOM % 20000)) tools/bench_train_step.py --layers 32 --cp 2 \
     --layouts shared --recompute full --until-oom --iters 1 --lengths ${LENGTHS:-65536,131072,196608,262144} \

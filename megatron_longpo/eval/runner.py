@@ -155,6 +155,22 @@ def compare_table(before: dict, after: dict):
     return t
 
 
+def models_markdown(named: list[tuple[str, dict]]) -> str:
+    """The LongPO paper's kind of table, one row per model: the task-average score at each length,
+    then the short-context retention measures. `named`: (row name, results JSON) pairs."""
+    lengths = sorted({n for _, r in named for n in (r.get("average") or averages(r["summary"]))}, key=int)
+    head = ["model", *[f"{int(n) // 1024}K" if int(n) % 1024 == 0 else n for n in lengths], "QA acc.", "perplexity"]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for name, r in named:
+        avg = r.get("average") or averages(r["summary"])
+        ret = r.get("retention") or {}
+        qa, ppl = ret.get("qa"), ret.get("perplexity")
+        cells = [f"{avg[n]:.1f}" if avg.get(n) is not None else "-" for n in lengths]
+        cells += [f"{qa['accuracy']:.1f}" if qa else "-", f"{ppl['perplexity']:.2f}" if ppl else "-"]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
+
+
 def svg_plot(summary: dict[str, dict[str, dict]], title: str = "score vs prompt length") -> str:
     """A small line chart (score 0-100 against length, log2 x axis) as standalone SVG text."""
     import math
