@@ -15,7 +15,7 @@ PY=${PY:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ "${TINY:-0}" = 1 ]; then
   : "${W:=runs/longpo_smollm2_tiny}" "${CTX:=2048}" "${DOCS:=2}" "${WORDS:=800}" "${CHUNK:=320}" "${GEN_TOKENS:=24}"
-  : "${EVAL_LENGTHS:=512 1024}" "${EVAL_SAMPLES:=1}" "${EVAL_TASKS:=niah_single vt}" "${EVAL_EXTRA:=--max-new-tokens 8}"
+  : "${EVAL_LENGTHS:=512 1024}" "${EVAL_SAMPLES:=1}" "${EVAL_TASKS:=niah_single vt}"
   : "${GBS:=2}" "${NGPU:=1}" "${GEN_EXTRA:=--device cpu --dtype float32 --threads 2}"
 fi
 : "${W:=runs/longpo_smollm2}" "${CTX:=16384}" "${DOCS:=64}" "${WORDS:=11000}" "${CHUNK:=3000}" "${GEN_TOKENS:=256}"
@@ -55,15 +55,17 @@ for m in $METHODS; do
   [ -f "$W/hf_$m/config.json" ] || $PY tools/convert_checkpoint.py megatron-to-hf --megatron-dir "$W/$m" --out "$W/hf_$m"
 done
 
-table=("base=$W/eval_base.json")
-for m in base $METHODS; do
-  dir=$([ "$m" = base ] && echo "$HF" || echo "$W/hf_$m")
+# base_rope: the base model with the enlarged RoPE base and no training (what the base change alone does)
+table=()
+for m in base base_rope $METHODS; do
+  dir=$(case $m in base|base_rope) echo "$HF";; *) echo "$W/hf_$m";; esac)
+  rope=$([ "$m" = base_rope ] && echo "--rope-theta $ROPE" || echo "")
   if [ ! -f "$W/eval_$m.json" ]; then
     log "evaluate $m"
-    $PY tools/eval_long.py --model "$dir" --lengths $EVAL_LENGTHS ${EVAL_TASKS:+--tasks $EVAL_TASKS} \
+    $PY tools/eval_long.py --model "$dir" $rope --lengths $EVAL_LENGTHS ${EVAL_TASKS:+--tasks $EVAL_TASKS} \
       --samples "$EVAL_SAMPLES" --seed 0 --retention --no-progress --out "$W/eval_$m.json" $EVAL_EXTRA || [ $? = 3 ]
   fi
-  [ "$m" = base ] || table+=("$m=$W/eval_$m.json")
+  table+=("$m=$W/eval_$m.json")
 done
 log "table"
 $PY tools/eval_long.py --table "${table[@]}" | tee "$W/table.md"
