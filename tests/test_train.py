@@ -41,7 +41,9 @@ def one_process_step(tiny_llama_ckpt, tiny_longpo_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", "dp=2",
-                                    "data.share_prefix=true", "data.share_prefix=true parallel.context_parallel=2"])
+                                    "data.share_prefix=true", "data.share_prefix=true parallel.context_parallel=2",
+                                    "data.share_prefix=true parallel.tensor_parallel=2",
+                                    "data.share_prefix=true parallel.pipeline_parallel=2"])
 def test_one_step_same_loss_and_weights_as_one_process(layout, one_process_step, tiny_llama_ckpt, tiny_longpo_data, tmp_path):
     ref_summary, ref_weights, _ = one_process_step
     kw = {} if layout == "dp=2" else dict(x.split("=") for x in layout.split())
