@@ -141,11 +141,8 @@ class PrefixSharedAttention(MegatronModule):
         if self.rope.inv_freq.device != query.device:
             self.rope.inv_freq = self.rope.inv_freq.to(query.device)
         freqs = self.rope.get_emb(p.max_position + 1)[p.position_ids].squeeze(1)  # [t, 1, d]
-        q, k = self._rotate(query, freqs), self._rotate(key, freqs)
-        v = value
-        nt = p.n_trunk
-        meta = {n: x for n, x in p.meta.items()}
-        t_local = q.shape[0]
+        q, k, v = self._rotate(query, freqs), self._rotate(key, freqs), value
+        nt, meta, t_local = p.n_trunk, p.meta, query.shape[0]
         me = slice(p.cp_rank * t_local, (p.cp_rank + 1) * t_local)
         qmeta = {n: x[me] for n, x in meta.items()}
         group = p.shared_cp_group
