@@ -111,6 +111,36 @@ if [ "$what" = train16 ]; then
       train.save_dir=$W/run_cp$n train.stall_seconds=40 train.tensorboard=false ${EXTRA:-} 2>&1 | grep -v "it/s\]\|Warn\|warn" | tail -14 >> "$OUT/train16.log"
   done
 fi
+if [ "$what" = train_tp2 ]; then
+  # a small random Llama (8 heads / 4 KV heads: TP=2 divides them) on the ~4K-token LongPO data:
+  # TP=2 (and TP=2 with sequence parallelism) on 2 GPUs vs TP=1 on one; 4 steps each
+  prepare_small
+  T=/tmp/gpu-tp; mkdir -p $T
+  if [ ! -f $T/ckpt/latest ]; then
+    python3 - "$HF" $T/hf <<'PY'
+import shutil, sys
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+src, out = sys.argv[1], sys.argv[2]
+cfg = AutoConfig.for_model("llama", vocab_size=49152, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                           num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                           tie_word_embeddings=False)
+torch.manual_seed(0)
+AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    shutil.copy(f"{src}/{f}", f"{out}/{f}")
+PY
+    python3 tools/convert_checkpoint.py hf-to-megatron --hf-dir $T/hf --out $T/ckpt >/dev/null
+  fi
+  for v in "1 parallel.tensor_parallel=1" "2 parallel.tensor_parallel=2" "2 parallel.tensor_parallel=2 parallel.sequence_parallel=true"; do
+    set -- $v; n=$1; shift
+    echo "== $n GPU(s): $*" >> "$OUT/train_tp2.log"
+    timeout -k 5 120 torchrun --nproc-per-node $n --master-port=$((20000 + RANDOM % 20000)) -m megatron_longpo.train \
+      model.checkpoint=$T/ckpt data.path=$D model.bf16=true loss.name=longpo data.global_batch_size=2 train.steps=4 \
+      optim.lr=1e-4 optim.warmup_fraction=0 train.save_dir=$T/run_$RANDOM train.tensorboard=false train.stall_seconds=40 "$@" 2>&1 \
+      | grep "^step\|^done\|rror" | tail -8 >> "$OUT/train_tp2.log"
+  done
+fi
 if [ "$what" = longpo_run ]; then
   # issue #9's run: examples/longpo_smollm2/run.sh (knobs through the environment)
   W=${W:-/tmp/longpo_smollm2} bash examples/longpo_smollm2/run.sh 2>&1 | grep -v "Warn\|warn\|it/s\]" | tail -80 > "$OUT/longpo_run.log"
