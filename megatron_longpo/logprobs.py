@@ -157,3 +157,13 @@ def zigzag_cp_indices(padded_len: int, cp_size: int, cp_rank: int) -> torch.Tens
     first = torch.arange(cp_rank * c, (cp_rank + 1) * c)
     second = torch.arange((2 * cp_size - 1 - cp_rank) * c, (2 * cp_size - cp_rank) * c)
     return torch.cat([first, second])
+
+
+def cp_partition(cu_padded: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Indices of a packed row that this CP rank holds (zig-zag per padded sequence, as TE's
+    thd_get_partitioned_indices)."""
+    parts = [
+        int(cu_padded[i]) + zigzag_cp_indices(int(cu_padded[i + 1] - cu_padded[i]), cp_size, cp_rank)
+        for i in range(len(cu_padded) - 1)
+    ]
+    return torch.cat(parts)

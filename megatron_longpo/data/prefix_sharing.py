@@ -198,17 +198,13 @@ def flops_spans(row: SharedRow) -> list[tuple[int, float]]:
 
 
 def zigzag_indices(cu_pad: np.ndarray, cp_size: int, cp_rank: int) -> np.ndarray:
-    """Positions of the trunk section CP rank `cp_rank` holds: chunks r and 2*CP-1-r of every
-    padded trunk (TE's THD zig-zag split)."""
+    """Positions of the trunk section CP rank `cp_rank` holds (logprobs.cp_partition: TE's THD
+    zig-zag split of every padded trunk)."""
     if cp_size == 1:
         return np.arange(int(cu_pad[-1]))
-    out = []
-    for i in range(len(cu_pad) - 1):
-        lo, n = int(cu_pad[i]), int(cu_pad[i + 1] - cu_pad[i])
-        c = n // (2 * cp_size)
-        for k in (cp_rank, 2 * cp_size - 1 - cp_rank):
-            out.append(lo + np.arange(k * c, (k + 1) * c))
-    return np.concatenate(out)
+    from megatron_longpo.logprobs import cp_partition
+
+    return cp_partition(torch.from_numpy(cu_pad), cp_size, cp_rank).numpy()
 
 
 @dataclass

@@ -21,10 +21,10 @@ from functools import partial
 import torch
 
 from megatron_longpo.logprobs import (
+    cp_partition,
     reduce_over_context_parallel,
     sequence_sums,
     target_logprobs,
-    zigzag_cp_indices,
 )
 from megatron_longpo.losses import LossConfig, SeqStat, compute_loss
 
@@ -53,16 +53,6 @@ class StepBatch:
 def _thd_seq_index(cu_padded: torch.Tensor, total: int) -> torch.Tensor:
     lens = (cu_padded[1:] - cu_padded[:-1]).long()
     return torch.repeat_interleave(torch.arange(len(lens)), lens)[:total]
-
-
-def cp_partition(cu_padded: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """Indices of the packed row that this CP rank holds (zig-zag per sequence, as TE's
-    thd_get_partitioned_indices)."""
-    parts = [
-        int(cu_padded[i]) + zigzag_cp_indices(int(cu_padded[i + 1] - cu_padded[i]), cp_size, cp_rank)
-        for i in range(len(cu_padded) - 1)
-    ]
-    return torch.cat(parts)
 
 
 def thd_params(cu_padded: torch.Tensor, max_seqlen: int, device):

@@ -11,7 +11,7 @@ def main():
     torch.cuda.set_device(rank)
     from transformer_engine.pytorch import DotProductAttention
 
-    from megatron_longpo.training.step import cp_partition
+    from megatron_longpo.logprobs import cp_partition
 
     h, hkv, d = 8, 2, 64
     bf = torch.bfloat16

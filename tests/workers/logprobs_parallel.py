@@ -36,7 +36,8 @@ def tp_check(rank):
 def cp_check(rank, cp_group):
     """Packed row of 2 sequences (lengths 8 and 12, padded to multiples of 4) for 2 samples of a
     DPO pair; the policy token log-probs are the leaves whose gradients we compare."""
-    from megatron_longpo.training.step import cp_partition, _thd_seq_index
+    from megatron_longpo.logprobs import cp_partition
+    from megatron_longpo.training.step import _thd_seq_index
 
     g = torch.Generator().manual_seed(3)
     cu_pad = torch.tensor([0, 8, 20, 28, 40])  # 4 sequences: chosen/rejected of samples 0 and 1
