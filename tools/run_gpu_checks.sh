@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and measurements, run on a GPU machine after Transformer Engine and megatron-core are
 # installed (see docs/foundation.md, "GPU"). Every number quoted in docs/ for a GPU comes from here.
-#   bash tools/run_gpu_checks.sh tests|bench|train|all|diag|prefix|bench_step|maxlen
+#   bash tools/run_gpu_checks.sh tests|bench|train(=train16)|all|diag|attn|cpgrads|prefix|bench_step|train_tp2|longpo_run|maxlen
 # Logs go to $OUT (default /tmp/gpu-out).
 set -uo pipefail
 what=${1:-all}
@@ -36,20 +36,6 @@ prepare_small() {  # SmolLM2 checkpoint + 8 LongPO samples with ~4K-token contex
 if [ "$what" = diag ] || [ "$what" = attn ]; then
   echo "== TE THD attention, CP=2 vs one GPU" >>$OUT/diag.log
   timeout -k 5 120 torchrun --nproc-per-node 2 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_cp_diag.py 2>&1 | grep "^rank" >>$OUT/diag.log
-fi
-if [ "$what" = diag ]; then
-  prepare_small
-  L=$OUT/diag.log
-  # training: does it go past step 1? stalled steps dump every rank's stacks after 25 s
-  for v in "1 parallel.context_parallel=1" "2 parallel.context_parallel=2" "2 parallel.context_parallel=1"; do
-    set -- $v; n=$1; shift
-    echo "== train on $n GPU(s): $*" >>$L
-    timeout -k 5 100 torchrun --nproc-per-node $n --master-port=$((20000 + RANDOM % 20000)) -m megatron_longpo.train \
-      model.checkpoint=$C data.path=$D model.bf16=true loss.name=longpo loss.longpo_lambda=0.01 data.global_batch_size=2 \
-      train.steps=4 optim.lr=1e-5 train.save_dir=/tmp/gpu-cp/run_$RANDOM train.stall_seconds=25 train.tensorboard=false "$@" 2>&1 \
-      | grep -v "it/s\]\|Warn\|warn" | tail -150 >>$L
-    echo "exit ${PIPESTATUS[0]}" >>$L
-  done
 fi
 if [ "$what" = diag ] || [ "$what" = cpgrads ]; then
   prepare_small
@@ -93,7 +79,7 @@ if [ "$what" = bench_step ]; then
   done
   python3 tools/bench_train_step.py --table $OUT/bench_step.jsonl | tee -a "$OUT/bench_step.log"
 fi
-if [ "$what" = train16 ]; then
+if [ "$what" = train16 ] || [ "$what" = train ] || [ "$what" = all ]; then
   # SmolLM2, LongPO, 8 synthetic samples of ~16K tokens; CP=2 for 6 steps, and the first step at CP=1
   W=/tmp/gpu-train; mkdir -p $W
   HF=$(python3 -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")
@@ -103,8 +89,8 @@ if [ "$what" = train16 ]; then
     python3 tools/preprocess_pairs.py --input $W/long16k.jsonl --kind longpo --tokenizer "$HF" --output $W/long16k --fresh --no-progress 2>&1 | tail -4
     trun --nproc-per-node 2 tools/precompute_ref_logps.py --data $W/long16k --model $W/smol 2>&1 | grep -v Warn | tail -2
   fi
-  for n in 2 1; do
-    steps=$([ $n = 2 ] && echo 6 || echo 1)
+  for n in $([ "$NGPU" -ge 2 ] && echo "2 1" || echo 1); do
+    steps=$([ $n = 2 ] || [ "$NGPU" = 1 ] && echo 6 || echo 1)
     timeout -k 5 150 torchrun --nproc-per-node $n --master-port=$((20000 + RANDOM % 20000)) -m megatron_longpo.train \
       model.checkpoint=$W/smol data.path=$W/long16k parallel.context_parallel=$n model.bf16=true model.rope_theta=1000000 \
       loss.name=longpo loss.longpo_lambda=0.01 data.global_batch_size=2 train.steps=$steps optim.lr=2e-5 optim.warmup_fraction=0 \
@@ -150,19 +136,4 @@ if [ "$what" = maxlen ]; then
   timeout -k 5 450 torchrun --nproc-per-node 2 --master-port=$((20000 + RANDOM % 20000)) tools/bench_train_step.py --layers 32 --cp 2 \
     --layouts shared --recompute full --until-oom --iters 1 --lengths ${LENGTHS:-65536,131072,196608,262144} \
     --json $OUT/maxlen.json 2>&1 | grep -v "Warn\|warn" | tail -40 > "$OUT/maxlen.log"
-fi
-if [ "$what" = train ] || [ "$what" = all ]; then
-  W=/tmp/gpu-train; mkdir -p $W
-  HF=$(python3 -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")
-  [ -f $W/smol/latest ] || python3 tools/convert_checkpoint.py hf-to-megatron --hf-dir "$HF" --out $W/smol
-  if [ ! -f $W/long16k.ref.safetensors ]; then
-    python3 tools/make_synthetic_pairs.py --kind longpo --n 16 --context-words 14000 --out $W/long16k.jsonl
-    python3 tools/preprocess_pairs.py --input $W/long16k.jsonl --kind longpo --tokenizer "$HF" --output $W/long16k --fresh --no-progress 2>&1 | tail -12
-    trun --nproc-per-node $NGPU tools/precompute_ref_logps.py --data $W/long16k --model $W/smol 2>&1 | grep -v Warn | tail -3
-  fi
-  CP=$([ "$NGPU" -ge 2 ] && echo 2 || echo 1)
-  trun --nproc-per-node $CP -m megatron_longpo.train model.checkpoint=$W/smol data.path=$W/long16k \
-    parallel.context_parallel=$CP model.bf16=true model.rope_theta=1000000 loss.name=longpo loss.longpo_lambda=0.01 \
-    data.global_batch_size=2 train.steps=8 optim.lr=2e-5 optim.warmup_fraction=0.25 train.save_dir=$W/run_cp$CP \
-    > "$OUT/train_smollm2_cp$CP.log" 2>&1; grep -v "it/s\]" "$OUT/train_smollm2_cp$CP.log" | tail -15
 fi
