@@ -5,7 +5,8 @@ import pytest
 
 from megatron_longpo.generation.backends import GenerationError, SamplingParams
 from megatron_longpo.generation.longpo import (
-    Document, LongPOBuilder, LongPOConfig, TooManyFailures, read_documents, text_id, validate_longpo_line)
+    Document, LongPOBuilder, LongPOConfig, read_documents, text_id, validate_longpo_line)
+from megatron_longpo.generation.output import TooManyFailures
 from megatron_longpo.generation.text import WhitespaceTokenCounter
 
 WS = WhitespaceTokenCounter()

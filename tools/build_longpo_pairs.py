@@ -19,8 +19,8 @@ from megatron_longpo.generation.backends import (
     SamplingParams, add_backend_args, backend_config_from_args, build_backend, tokenizer_path_from_args)
 from megatron_longpo.generation.filters import AnswerFilter
 from megatron_longpo.generation.longpo import (
-    DEFAULT_QUESTION_PROMPT, LongPOBuilder, LongPOConfig, TooManyFailures, read_documents)
-from megatron_longpo.generation.output import RunStats, finish_run
+    DEFAULT_QUESTION_PROMPT, LongPOBuilder, LongPOConfig, read_documents)
+from megatron_longpo.generation.output import RunStats, TooManyFailures, finish_run
 from megatron_longpo.generation.text import HFTokenCounter
 
 

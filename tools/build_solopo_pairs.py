@@ -17,9 +17,9 @@ import time
 
 from megatron_longpo.generation.backends import (
     SamplingParams, add_backend_args, backend_config_from_args, build_backend, tokenizer_path_from_args)
-from megatron_longpo.generation.output import RunStats, finish_run
+from megatron_longpo.generation.output import RunStats, TooManyFailures, finish_run
 from megatron_longpo.generation.solopo import (
-    DEFAULT_INSTRUCTION, SoLoPOBuilder, SoLoPOConfig, TooManyFailures, read_qa_records)
+    DEFAULT_INSTRUCTION, SoLoPOBuilder, SoLoPOConfig, read_qa_records)
 from megatron_longpo.generation.text import HFTokenCounter
 
 

@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Iterator
 
 from .backends import Conversation, GenerationBackend, GenerationError, SamplingParams
 from .filters import AnswerFilter, parse_questions, with_lead_phrase
-from .output import ResumableJsonl, RunStats, TooManyFailures, iter_jsonl, meta_id
+from .output import FailureStreak, ResumableJsonl, RunStats, iter_jsonl, meta_id
 from .text import Chunk, TokenCounter, chunk_document, select_chunks
 
 DEFAULT_QUESTION_PROMPT = (
@@ -219,7 +219,7 @@ class LongPOBuilder:
         self.counter = counter
         self.cfg = config
         self.stats = stats or RunStats()
-        self._consecutive_failures = 0
+        self._failures = FailureStreak(config.max_consecutive_failures, "documents")
 
     # -- one stage = one batched chat call; returns outputs with None for failed conversations
     def _chat(self, convs: list[Conversation], params: SamplingParams, owners: list[_DocWork],
@@ -367,11 +367,10 @@ class LongPOBuilder:
 
     def _finish(self, w: _DocWork, out: ResumableJsonl) -> None:
         st = self.stats
+        self._failures.record(w.failed)
         if w.failed:
             st.count("documents_failed")
-            self._consecutive_failures += 1
             return
-        self._consecutive_failures = 0
         if not w.kept:
             st.drop("doc_no_turn_kept")
             out.settle(w.doc.id, "no_turn_kept")
@@ -406,12 +405,7 @@ class LongPOBuilder:
         self._rejected_and_filter(work)
         for w in work:
             self._finish(w, out)
-        if self._consecutive_failures >= self.cfg.max_consecutive_failures > 0:
-            raise TooManyFailures(
-                f"{self._consecutive_failures} documents in a row failed (first failures: "
-                f"{self.stats.failure_examples[:2]}); stopping. Fix the cause and rerun the same command: "
-                "finished documents are kept and skipped"
-            )
+        self._failures.check(self.stats)
 
     def run(self, documents: Iterable[Document], output: str | Path, progress: bool = True) -> RunStats:
         from tqdm import tqdm

@@ -188,6 +188,24 @@ class TooManyFailures(RuntimeError):
     """Raised after `max_consecutive_failures` items in a row failed (server down, bad model)."""
 
 
+class FailureStreak:
+    """Items (documents, records) that failed in a row; `check` raises TooManyFailures once
+    `limit` is reached (0: never)."""
+
+    def __init__(self, limit: int, items: str) -> None:
+        self.limit, self.items, self.count = limit, items, 0
+
+    def record(self, failed: bool) -> None:
+        self.count = self.count + 1 if failed else 0
+
+    def check(self, stats: "RunStats") -> None:
+        if self.count >= self.limit > 0:
+            raise TooManyFailures(
+                f"{self.count} {self.items} in a row failed (first failures: {stats.failure_examples[:2]}); "
+                f"stopping. Fix the cause and rerun the same command: finished {self.items} are kept and skipped"
+            )
+
+
 def meta_id(row: dict) -> str | None:
     """The stable id an output line carries under "meta" (what resumption skips by)."""
     return (row.get("meta") or {}).get("id")

@@ -36,7 +36,7 @@ from typing import Iterable, Sequence
 
 from .backends import GenerationBackend, GenerationError, SamplingParams
 from .filters import AnswerFilter
-from .output import ResumableJsonl, RunStats, TooManyFailures, iter_jsonl, meta_id
+from .output import FailureStreak, ResumableJsonl, RunStats, iter_jsonl, meta_id
 from .text import TokenCounter
 
 DEFAULT_INSTRUCTION = "Answer the question based on the documents above. Give a short answer.\n\nQuestion: {question}"
@@ -250,7 +250,7 @@ class SoLoPOBuilder:
         self.counter = counter
         self.cfg = config
         self.stats = stats or RunStats()
-        self._consecutive_failures = 0
+        self._failures = FailureStreak(config.max_consecutive_failures, "records")
 
     def _contexts(self, rec: QARecord, pool: Sequence[Passage]) -> dict | None:
         cfg, st = self.cfg, self.stats
@@ -294,18 +294,12 @@ class SoLoPOBuilder:
                 st.fail("sample_request", rec.id, f"{type(e).__name__}: {e}")
             outs = [None] * len(ready)
         for (rec, ctx), samples in zip(ready, outs):
+            self._failures.record(samples is None)
             if samples is None:
                 st.count("records_failed")
-                self._consecutive_failures += 1
                 continue
-            self._consecutive_failures = 0
             self._pair(rec, ctx, samples, out)
-        if self._consecutive_failures >= cfg.max_consecutive_failures > 0:
-            raise TooManyFailures(
-                f"{self._consecutive_failures} records in a row failed (first failures: "
-                f"{st.failure_examples[:2]}); stopping. Fix the cause and rerun the same command: "
-                "finished records are kept and skipped"
-            )
+        self._failures.check(st)
 
     def _pair(self, rec: QARecord, ctx: dict, samples: list[str], out: ResumableJsonl) -> None:
         cfg, st = self.cfg, self.stats
