@@ -6,7 +6,9 @@
    chunk's logits. Peak extra memory is one chunk of logits [chunk, b, V/TP] in fp32 instead of
    [s, b, V] (at 128K tokens and a 32K vocabulary: 16 GiB -> 256 MiB with chunk 2048).
    The vocabulary is never gathered: max, sum-exp and the target logit are all-reduced over the
-   tensor-parallel group (three [chunk, b] reductions per chunk).
+   tensor-parallel group (three [chunk, b] reductions per chunk). With `keep` (the loss mask) only
+   the scored positions are projected: a long prompt or a shared trunk costs no output-layer
+   work at all (at 64K tokens and a 32K vocabulary that is ~51 TFLOP of a 7B-shaped step).
 2. `sequence_sums(logp, mask, seq_index, n)`: masked sums per packed sequence.
 3. `reduce_over_context_parallel(x)`: autograd-aware sum over the CP group (its backward sums the
    gradients too, so every CP rank computing the same loss gives each rank the full dL/dx).
@@ -92,9 +94,12 @@ def target_logprobs(
     tp_group=None,
     vocab_start: int = 0,
     sequence_parallel: bool = False,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log-probs of `labels` [b, s] from final hidden states [s(/TP if SP), b, h] and this rank's
     output-weight shard [V/TP, h] whose first row is vocabulary id `vocab_start`. Returns [b, s] fp32.
+    `keep` [b, s] (nonzero = wanted): only those positions are computed, the others are 0 and
+    carry no gradient. Every rank of a TP group must pass the same `keep` (same batch).
 
     Inside a tensor-parallel group the hidden states enter through megatron's region functions
     (identity forward / all-reduce backward, or all-gather / reduce-scatter with sequence
@@ -115,8 +120,16 @@ def target_logprobs(
     lab = labels.t().contiguous()  # [s, b]
     if lab.shape != hidden.shape[:2]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match hidden states {tuple(hidden.shape)} ([s, b, h])")
-    out = _ChunkedVocabParallelLogProb.apply(hidden, weight, lab, vocab_start, chunk_size, tp_group)
-    return out.t()
+    if keep is None:
+        return _ChunkedVocabParallelLogProb.apply(hidden, weight, lab, vocab_start, chunk_size, tp_group).t()
+    if keep.shape != labels.shape:
+        raise ValueError(f"keep {tuple(keep.shape)} does not match labels {tuple(labels.shape)}")
+    s, b = lab.shape
+    idx = torch.nonzero(keep.t().reshape(-1)).squeeze(1)  # positions in [s, b] order
+    picked = _ChunkedVocabParallelLogProb.apply(
+        hidden.reshape(s * b, 1, hidden.shape[-1])[idx], weight, lab.reshape(s * b, 1)[idx], vocab_start, chunk_size, tp_group)
+    out = torch.zeros(s * b, dtype=picked.dtype, device=picked.device).index_copy(0, idx, picked.squeeze(1))
+    return out.view(s, b).t()
 
 
 def naive_target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

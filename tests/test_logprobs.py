@@ -72,3 +72,25 @@ def test_vocab_parallel_tp2_and_cp2_reduction(tmp_path):
     training step's loss scaling, give the unsplit sequence's loss and token gradients."""
     out = torchrun(2, "logprobs_parallel.py", tmp_path, timeout=240)
     assert "TP2 OK" in out and "CP2 OK" in out, out[-3000:]
+
+
+def test_keep_computes_only_the_kept_positions_with_the_same_values_and_gradients():
+    torch.manual_seed(3)
+    s, b, h, v = 11, 2, 8, 13
+    hidden = torch.randn(s, b, h, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, v, (b, s))
+    keep = torch.rand(b, s) > 0.6
+    keep[0, 0] = True
+    full = target_logprobs(hidden, weight, labels, chunk_size=3)
+    part = target_logprobs(hidden, weight, labels, chunk_size=3, keep=keep.float())
+    torch.testing.assert_close(part[keep], full[keep], rtol=1e-12, atol=1e-12)
+    assert (part[~keep] == 0).all()
+    w = torch.randn(b, s, dtype=torch.float64)
+    gf = torch.autograd.grad((full * w * keep).sum(), (hidden, weight))
+    gp = torch.autograd.grad((part * w).sum(), (hidden, weight))
+    for a, c in zip(gp, gf):  # the weight gradient accumulates in fp32 over chunks (other boundaries here)
+        torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+    # nothing kept: zeros, and still differentiable
+    none = target_logprobs(hidden, weight, labels, chunk_size=3, keep=torch.zeros(b, s))
+    assert none.abs().sum() == 0 and none.requires_grad

@@ -11,7 +11,8 @@ vs. the prefix-shared row, at several lengths. Prints a table; --json writes it.
 
 Lengths are tokens per sequence (prompt + response); every pair has a response of --response
 tokens on each side. Model FLOPs are those of the layout that runs (metrics.model_flops_per_token:
-causal attention counted as half the square, recomputation not counted); MFU against the dense
+causal attention counted as half the square, recomputation not counted, the output layer on the
+scored response tokens only, where it runs); MFU against the dense
 bf16 peak of the GPU (metrics.PEAK_TFLOPS: 989 TFLOP/s for H100/H200).
 """
 
@@ -115,7 +116,10 @@ def run_layout(args, arch, par, layout, recompute, lengths, world):
                 if i >= args.warmup:
                     times.append(time.perf_counter() - t0)
             sec = float(np.median(times))
-            flops = M.batch_model_flops(arch, spans)
+            if args.profile:
+                profile_step(lambda: (engine_forward_backward(chunks, optimizer, [batch], loss_cfg, 4096, cp_group),
+                                      optimizer.step()), f"{layout} {length}", args.profile)
+            flops = M.batch_model_flops(arch, spans, scored_tokens=2 * args.response)
             tflops = flops / sec / world / 1e12
             row.update(seconds=sec, tokens_per_s=2 * length / sec, model_tflops_per_gpu=tflops,
                        mfu=tflops / peak if peak else None,
@@ -137,6 +141,26 @@ def run_layout(args, arch, par, layout, recompute, lengths, world):
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def profile_step(step, title: str, top: int):
+    """One more step under torch.profiler; rank 0 prints the operations that took the most device
+    time (GPU kernels; CPU time on the CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = DEVICE == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        step()
+        _sync()
+    if torch.distributed.get_rank() == 0:
+        events = prof.key_averages()
+        key = "self_cpu_time_total" if not gpu else (
+            "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total")
+        total = sum(getattr(e, key) for e in events) / 1e6
+        print(f"\n== profile: {title} (one step, {'GPU kernel' if gpu else 'CPU'} time {total:.3f} s)")
+        for e in sorted(events, key=lambda e: -getattr(e, key))[:top]:
+            t = getattr(e, key) / 1e6
+            print(f"{t:8.4f} s {100 * t / total:5.1f}% x{e.count:<5d} {e.key[:110]}")
 
 
 def print_table(rows, peak):
@@ -163,6 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--until-oom", action="store_true", help="stop a layout at its first out-of-memory length")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing each length, profile one more step and print its N most costly GPU kernels")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--jsonl", help="append the rows here, one JSON object per line")
     p.add_argument("--table", metavar="JSONL", help="print the table of the rows in this file and exit")

@@ -70,12 +70,15 @@ if [ "$what" = prefix ]; then
 fi
 if [ "$what" = bench_step ]; then
   # one process per configuration (a process that ran out of memory keeps some)
-  for c in "two none ${LENGTHS:-16384,32768,65536,131072}" "shared none ${LENGTHS:-16384,32768,65536,131072}" \
-           "two full ${FULL_LENGTHS:-65536,131072}" "shared full ${FULL_LENGTHS:-131072}"; do
+  # CONFIGS: "layout recompute lengths" items separated by ';'. PROFILE=N prints each step's N costliest kernels
+  L=${LENGTHS:-16384,32768,65536,131072}
+  IFS=';' read -ra configs <<< "${CONFIGS:-two none $L;shared none $L;two full ${FULL_LENGTHS:-65536,131072};shared full ${FULL_LENGTHS:-131072}}"
+  for c in "${configs[@]}"; do
     set -- $c
     rc=$([ "$2" = full ] && echo "--recompute full" || echo "")
     timeout -k 5 200 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tools/bench_train_step.py --layers 4 \
-      --layouts $1 $rc --lengths $3 --until-oom --iters 2 --jsonl $OUT/bench_step.jsonl 2>&1 | grep -v "Warn\|warn" | tail -8 >> "$OUT/bench_step.log"
+      --layouts $1 $rc --lengths $3 --until-oom --iters 2 ${PROFILE:+--profile $PROFILE} --jsonl $OUT/bench_step.jsonl 2>&1 \
+      | grep -v "Warn\|warn\|USDT" | tail -$((8 + 2 * ${PROFILE:-0} + 8)) >> "$OUT/bench_step.log"
   done
   python3 tools/bench_train_step.py --table $OUT/bench_step.jsonl | tee -a "$OUT/bench_step.log"
 fi

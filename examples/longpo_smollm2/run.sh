@@ -8,7 +8,9 @@
 #   TINY=1 bash examples/longpo_smollm2/run.sh           # a few minutes on the CPU: the script itself
 #
 # Knobs (environment): W (work dir), CTX, DOCS, WORDS, CHUNK, ROPE, LR, GBS, EVAL_LENGTHS, EVAL_SAMPLES,
-# NGPU (DP ranks; CP is left at 1: docs/logprobs.md), METHODS.
+# NGPU (DP ranks; CP is left at 1: docs/logprobs.md), METHODS, DEADLINE (epoch seconds: no stage starts
+# when less than its usual time is left and the generation is interrupted at it; rerun to resume).
+# With several GPUs the generation and the evaluations run one shard / one model per GPU.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
@@ -24,6 +26,10 @@ fi
 : "${NGPU:=$(nvidia-smi -L 2>/dev/null | wc -l | awk '{print ($1 > 0) ? $1 : 1}')}"
 mkdir -p "$W"
 log() { echo "== $(date +%H:%M:%S) $*"; }
+before() {  # before NAME SECONDS: stop here (status 0) when fewer than SECONDS are left before DEADLINE
+  [ -z "${DEADLINE:-}" ] || [ $((DEADLINE - $(date +%s))) -ge "$2" ] || { log "deadline: stopping before $1; rerun to resume"; wait; exit 0; }
+}
+slots=$(nvidia-smi -L >/dev/null 2>&1 && echo "$NGPU" || echo 1)
 trun() { torchrun --nproc-per-node "$NGPU" --master-port=$((20000 + RANDOM % 20000)) "$@"; }
 
 HF=$($PY -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")
@@ -32,11 +38,32 @@ HF=$($PY -c "from megatron_longpo.models.embedded import materialize_default_mod
 [ -f "$W/docs.jsonl" ] || { log "documents"; $PY tools/make_long_documents.py --n "$DOCS" --words "$WORDS" --seed 0 --out "$W/docs.jsonl"; }
 
 # the generator's length budget counts the chat template approximately: keep a margin under CTX
-log "self-generated LongPO pairs (SmolLM2: questions and chosen answers on ${CHUNK}-token chunks, rejected on the document)"
-$PY tools/build_longpo_pairs.py "$W/docs.jsonl" -o "$W/pairs.jsonl" --backend transformers --model "$HF" \
-  --chunk-tokens "$CHUNK" --max-chunks 4 --questions-per-chunk 1 --max-pair-tokens $((CTX - CTX / 32)) --max-new-tokens "$GEN_TOKENS" \
-  --question-max-new-tokens 128 --no-progress $GEN_EXTRA || [ $? = 3 ]
+generate() {  # generate DOCS PAIRS [GPU]: resumes; status 0, 3 (some documents failed), 124/130 (stopped at DEADLINE)
+  local left=0
+  [ -z "${DEADLINE:-}" ] || left=$((DEADLINE - $(date +%s)))
+  env ${3:+CUDA_VISIBLE_DEVICES=$3} timeout -s INT "$left" $PY tools/build_longpo_pairs.py "$1" -o "$2" --backend transformers \
+    --model "$HF" --chunk-tokens "$CHUNK" --max-chunks 4 --questions-per-chunk 1 --max-pair-tokens $((CTX - CTX / 32)) \
+    --max-new-tokens "$GEN_TOKENS" --question-max-new-tokens 128 --no-progress $GEN_EXTRA
+}
+if [ ! -f "$W/data.json" ]; then
+  before generation 60
+  log "self-generated LongPO pairs (SmolLM2: questions and chosen answers on ${CHUNK}-token chunks, rejected on the document)"
+  rc=0
+  if [ "$slots" = 1 ]; then
+    generate "$W/docs.jsonl" "$W/pairs.jsonl" || rc=$?
+  else  # one shard of the documents per GPU, concatenated in shard order
+    awk -v n="$slots" -v w="$W" '{ print > (w "/docs.s" (NR - 1) % n ".jsonl") }' "$W/docs.jsonl"
+    pids=()
+    for ((g = 0; g < slots; g++)); do generate "$W/docs.s$g.jsonl" "$W/pairs.s$g.jsonl" $g > "$W/generate.s$g.log" 2>&1 & pids+=($!); done
+    for p in "${pids[@]}"; do wait "$p" || { r=$?; [ $rc = 124 ] || rc=$r; }; done
+    tail -n 12 "$W"/generate.s*.log
+    for ((g = 0; g < slots; g++)); do cat "$W/pairs.s$g.jsonl"; done > "$W/pairs.jsonl.tmp" && mv "$W/pairs.jsonl.tmp" "$W/pairs.jsonl"
+  fi
+  { [ $rc = 124 ] || [ $rc = 130 ]; } && { log "deadline: generation stopped; rerun to resume"; exit 0; }
+  [ $rc = 0 ] || [ $rc = 3 ] || { echo "error: generation failed (status $rc)" >&2; exit $rc; }
+fi
 
+before preprocessing 90
 [ -f "$W/data.json" ] || { log "preprocess"; $PY tools/preprocess_pairs.py --input "$W/pairs.jsonl" --kind longpo \
   --tokenizer "$HF" --output "$W/data" --max-length "$CTX" --no-progress; }
 [ -f "$W/data.ref.safetensors" ] || { log "reference on the short contexts (LongPO)"; trun tools/precompute_ref_logps.py --data "$W/data" --model "$W/base"; }
@@ -47,6 +74,7 @@ for m in $METHODS; do
   extra=""
   [ "$m" = dpo ] && extra="data.reference=$W/data.longref.safetensors"
   if [ ! -f "$W/$m/summary.json" ]; then
+    before "training $m" "${TRAIN_SECONDS:-150}"
     log "train $m"
     trun -m megatron_longpo.train --config examples/longpo_smollm2/train.yaml model.checkpoint="$W/base" \
       data.path="$W/data" data.global_batch_size="$GBS" loss.name="$m" model.rope_theta="$ROPE" optim.lr="$LR" \
@@ -55,17 +83,27 @@ for m in $METHODS; do
   [ -f "$W/hf_$m/config.json" ] || $PY tools/convert_checkpoint.py megatron-to-hf --megatron-dir "$W/$m" --out "$W/hf_$m"
 done
 
-# base_rope: the base model with the enlarged RoPE base and no training (what the base change alone does)
+# base_rope: the base model with the enlarged RoPE base and no training (what the base change alone does).
+# With several GPUs the models are evaluated side by side, one per GPU (logs: $W/eval_NAME.log).
 table=()
+i=0
 for m in base base_rope $METHODS; do
   dir=$(case $m in base|base_rope) echo "$HF";; *) echo "$W/hf_$m";; esac)
   rope=$([ "$m" = base_rope ] && echo "--rope-theta $ROPE" || echo "")
-  if [ ! -f "$W/eval_$m.json" ]; then
-    log "evaluate $m"
-    $PY tools/eval_long.py --model "$dir" $rope --lengths $EVAL_LENGTHS ${EVAL_TASKS:+--tasks $EVAL_TASKS} \
-      --samples "$EVAL_SAMPLES" --seed 0 --retention --no-progress --out "$W/eval_$m.json" $EVAL_EXTRA || [ $? = 3 ]
-  fi
   table+=("$m=$W/eval_$m.json")
+  [ -f "$W/eval_$m.json" ] && continue
+  before "evaluating $m" "${EVAL_SECONDS:-150}"
+  log "evaluate $m"
+  gpu=$([ "$slots" -gt 1 ] && echo "CUDA_VISIBLE_DEVICES=$((i % slots))" || echo "")
+  i=$((i + 1))
+  ( env $gpu $PY tools/eval_long.py --model "$dir" $rope --lengths $EVAL_LENGTHS ${EVAL_TASKS:+--tasks $EVAL_TASKS} \
+      --samples "$EVAL_SAMPLES" --seed 0 --retention --no-progress --out "$W/eval_$m.json" $EVAL_EXTRA > "$W/eval_$m.log" 2>&1 \
+      || [ $? = 3 ] || { echo "evaluation of $m failed; the end of $W/eval_$m.log:"; tail -20 "$W/eval_$m.log"; } ) &
+  while [ "$(jobs -rp | wc -l)" -ge "$slots" ]; do wait -n || true; done
+done
+wait
+for m in base base_rope $METHODS; do
+  [ -f "$W/eval_$m.json" ] || { echo "error: no $W/eval_$m.json (see $W/eval_$m.log); rerun to retry" >&2; exit 1; }
 done
 log "table"
 $PY tools/eval_long.py --table "${table[@]}" | tee "$W/table.md"

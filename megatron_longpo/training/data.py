@@ -49,6 +49,7 @@ class StepData:
         self.cp_size, self.cp_rank, self.device = cp_size, cp_rank, device
         self.share_prefix = share_prefix
         self._last_spans: list[tuple[int, float]] = []  # (tokens, sequence length for the FLOPs formula)
+        self._last_scored = 0  # scored (loss-mask) tokens of the last step: the output layer runs on these
 
     def total_steps(self, steps: int | None, epochs: int) -> int:
         return steps if steps else epochs * self.sampler.steps_per_epoch
@@ -74,6 +75,7 @@ class StepData:
             )
         lens = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).tolist()
         self._last_spans.extend((int(x), float(x)) for x in lens)
+        self._last_scored += int(packed.loss_mask.sum())
         return prepare_batch(packed, self.reference_stats(indices), thd=self.thd, cp_size=self.cp_size,
                              cp_rank=self.cp_rank, device=self.device)
 
@@ -89,16 +91,21 @@ class StepData:
                 f"lower data.samples_per_microbatch, or re-preprocess with --max-length"
             )
         self._last_spans.extend(flops_spans(row))
+        self._last_scored += int(row.t_mask.sum() + row.b_mask.sum())
         return prepare_shared_batch(row, self.reference_stats(indices), cp_rank=self.cp_rank, cp_group=self.cp_group(),
                                     device=self.device)
 
     def next_step(self) -> list[StepBatch]:
-        self._last_spans = []
+        self._last_spans, self._last_scored = [], 0
         return [self.micro_batch(m) for m in self.sampler.next_global_batch()]
 
     def last_step_spans(self) -> list[tuple[int, float]]:
         """(tokens, sequence length for metrics.model_flops_per_token) of the last step's work."""
         return list(self._last_spans)
+
+    def last_step_scored_tokens(self) -> int:
+        """Scored tokens of the last step (the output layer's work: metrics.batch_model_flops)."""
+        return self._last_scored
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()

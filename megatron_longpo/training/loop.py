@@ -258,7 +258,7 @@ def train_step(t: Trainer) -> M.StepRecord:
         t.nonfinite_total += 1
         t.nonfinite_in_a_row += 1
     lr = t.optimizer.param_groups[0]["lr"]
-    flops = M.batch_model_flops(t.arch, t.data.last_step_spans())
+    flops = M.batch_model_flops(t.arch, t.data.last_step_spans(), t.data.last_step_scored_tokens())
     if t.dp > 1:  # every DP replica processed other samples; TP/CP/PP ranks of a replica the same
         from megatron.core import parallel_state as ps
 

@@ -160,8 +160,9 @@ def loss_from_token_logprobs(token_logp: torch.Tensor, batch: StepBatch, loss_cf
     return loss_sum, n, metrics
 
 
-def logprob_processor(chunk_size: int):
-    """GPTModel `output_processor`: final hidden states -> per-token target log-probs [b, s]."""
+def logprob_processor(chunk_size: int, keep: torch.Tensor | None = None):
+    """GPTModel `output_processor`: final hidden states -> per-token target log-probs [b, s]
+    (only at the `keep` positions, the loss mask, when given: the others are 0)."""
 
     def process(hidden_states, output_layer, output_weight, labels, config, **_):
         from megatron.core import parallel_state as ps
@@ -171,7 +172,7 @@ def logprob_processor(chunk_size: int):
         vocab_start = ps.get_tensor_model_parallel_rank() * weight.shape[0]
         return target_logprobs(
             hidden_states, weight, labels, chunk_size=chunk_size, tp_group=tp_group,
-            vocab_start=vocab_start, sequence_parallel=config.sequence_parallel,
+            vocab_start=vocab_start, sequence_parallel=config.sequence_parallel, keep=keep,
         )
 
     return process
@@ -181,7 +182,7 @@ def run_model(model, batch: StepBatch, chunk_size: int):
     """Forward this rank's pipeline stage: hidden states on inner stages, log-probs on the last."""
     return model(
         batch.tokens, batch.position_ids, None, labels=batch.labels,
-        packed_seq_params=batch.packed_seq_params, output_processor=logprob_processor(chunk_size),
+        packed_seq_params=batch.packed_seq_params, output_processor=logprob_processor(chunk_size, keep=batch.loss_mask),
     )
 
 

@@ -1,6 +1,7 @@
 """GPU diagnosis (2 ranks): Transformer Engine THD attention with context parallelism vs. the
 same attention on one GPU, forward and backward, with and without padding between sequences.
-Prints, per case, the largest difference over real tokens relative to the largest reference value."""
+Prints, per case, the largest difference over real tokens relative to the largest reference value
+and the norm of the difference relative to the reference's norm. Head layouts: 8/2 and SmolLM2's 9/3."""
 import torch
 import torch.distributed as dist
 
@@ -13,11 +14,15 @@ def main():
 
     from megatron_longpo.logprobs import cp_partition
 
-    h, hkv, d = 8, 2, 64
+    d = 64
     bf = torch.bfloat16
-    for lens in ([1001, 2047], [1000, 2048], [4093, 3]):
-        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device="cuda")
+    cases = [(8, 2, [1001, 2047], False), (8, 2, [1000, 2048], False), (8, 2, [4093, 3], False),
+             (9, 3, [4101, 4133], True), (9, 3, [4100, 4132], False), (9, 3, [8192], False)]
+    for h, hkv, lens, pad_in_seq in cases:
         padded = [-(-n // 4) * 4 for n in lens]
+        if pad_in_seq:  # padding attended as part of each sequence (training/step.thd_params)
+            lens = padded
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device="cuda")
         cu_pad = torch.tensor([0] + list(torch.tensor(padded).cumsum(0)), dtype=torch.int32, device="cuda")
         T, maxpad = int(cu_pad[-1]), max(padded)
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -45,12 +50,13 @@ def main():
         for name, a, b in (("out", out, out_ref[idx]), ("dq", loc[0].grad, ref[0].grad[idx]),
                            ("dk", loc[1].grad, ref[1].grad[idx]), ("dv", loc[2].grad, ref[2].grad[idx])):
             a, b = a[m].float(), b[m].float()
-            rows.append(f"{name} {((a - b).abs().max() / b.abs().max()).item():.2e}")
+            rows.append(f"{name} {((a - b).abs().max() / b.abs().max()).item():.2e}/{((a - b).norm() / b.norm()).item():.2e}")
         pad = ~m
         if pad.any():  # what the padding rows carry back: should be nothing
             rows.append("padding rows max |dq|,|dk|,|dv| CP " + " ".join(f"{x.grad[pad].abs().max().item():.2e}" for x in loc)
                         + " / 1 GPU " + " ".join(f"{x.grad[idx][pad].abs().max().item():.2e}" for x in ref))
-        print(f"rank {rank} lens {lens} CP=2 vs 1 GPU (max diff / max ref, real tokens): " + ", ".join(rows), flush=True)
+        print(f"rank {rank} heads {h}/{hkv} lens {lens} CP=2 vs 1 GPU (max diff/max ref, norm rel; real tokens): "
+              + ", ".join(rows), flush=True)
     dist.destroy_process_group()
 
 

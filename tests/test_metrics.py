@@ -1,0 +1,25 @@
+"""Model-FLOP accounting (training/metrics.py) against hand-computed numbers."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from megatron_longpo.training import metrics as M
+
+ARCH = SimpleNamespace(hidden_size=4, ffn_hidden_size=8, num_layers=1, head_dim=2, num_attention_heads=2,
+                       num_query_groups=1, vocab_size=10)
+
+
+def test_flops_per_token_by_hand():
+    # qkv 2*4*(2+2)*2 = 64, proj 2*2*2*4 = 32, mlp 2*3*4*8 = 192, attention at length 10: 2*2*2*2*10/2 = 80,
+    # output layer 2*4*10 = 80; forward + backward = 3x
+    assert M.model_flops_per_token(ARCH, 10) == 3 * (64 + 32 + 192 + 80 + 80)
+    assert M.model_flops_per_token(ARCH, 10, logits=False) == 3 * (64 + 32 + 192 + 80)
+
+
+def test_output_layer_counted_on_the_scored_tokens_only_when_given():
+    body, head = 3 * (64 + 32 + 192 + 80), 3 * 80
+    assert M.batch_model_flops(ARCH, [10]) == 10 * (body + head)
+    assert M.batch_model_flops(ARCH, [(10, 10.0)], scored_tokens=3) == 10 * body + 3 * head
+    # a branch of 4 tokens with the attention span of a length-10 sequence, next to a trunk of 10
+    assert M.batch_model_flops(ARCH, [(10, 10.0), (4, 10.0)], scored_tokens=0) == pytest.approx(14 * body)
