@@ -25,8 +25,9 @@ class ConfigError(ValueError):
 class ModelSection:
     checkpoint: str = ""  # megatron-longpo checkpoint dir (tools/convert_checkpoint.py hf-to-megatron)
     rope_theta: float | None = None  # policy RoPE base (LongPO context extension); None = the checkpoint's
-    max_position_embeddings: int | None = None  # recorded in the exported config (default: max seq length)
+    max_position_embeddings: int | None = None  # the trained context, recorded in the checkpoint and the export (None: the checkpoint's)
     bf16: bool = True
+    transformer_engine: bool | None = None  # None: TE when it imports and a GPU is present; false: the local spec (fp32 reference runs)
     recompute: str | None = None  # None | "full" | "selective"
     recompute_num_layers: int = 1
     logprob_chunk_size: int = 2048

@@ -42,3 +42,19 @@ def test_prefix_sharing_refuses_sequence_parallel():
 def test_missing_recipe_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent.yaml")
+
+
+def test_run_overrides_reach_the_recorded_architecture():
+    """model.rope_theta and model.max_position_embeddings change the architecture the checkpoints
+    record (and the export writes); model.transformer_engine parses as an optional bool."""
+    from megatron_longpo.models.hf_config import arch_from_hf_config
+    from megatron_longpo.training.loop import policy_arch
+
+    arch = arch_from_hf_config(dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=8192, rope_theta=10000.0))
+    c = load_config(None, ["model.rope_theta=1e6", "model.max_position_embeddings=16384", "model.transformer_engine=false"])
+    got = policy_arch(arch, c.model)
+    assert (got.rope_theta, got.max_position_embeddings, c.model.transformer_engine) == (1e6, 16384, False)
+    assert policy_arch(arch, load_config(None, []).model) == arch
+    assert load_config(None, []).model.transformer_engine is None

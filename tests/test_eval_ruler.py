@@ -107,8 +107,10 @@ class FakeBackend:
 
     def __init__(self, fail_index=None):
         self.fail_index = fail_index
+        self.calls = []  # (batch size, max_new_tokens)
 
     def chat(self, conversations, params):
+        self.calls.append((len(conversations), params.max_new_tokens))
         outs = []
         for conv in conversations:  # answer with the first needle value or variable name in the prompt
             m = re.search(r"is: (\d{7})\.|VAR ([A-Z]{5}) =", conv[0]["content"])
@@ -131,6 +133,16 @@ def test_runner_scores_and_reports(count, tmp_path):
     assert recs[0]["score"] is None and "boom" in recs[0]["error"] and recs[1]["score"] == 1.0
     assert build_results(recs, "fake", {}, 0.0)["summary"]["niah_single"]["256"]["failed"] == 1
     compare_table(res, res)  # renders
+
+
+def test_tasks_with_one_budget_share_batches(count):
+    """The niah tasks (budget 128) of one length go out together; vt (30) on its own; each record
+    keeps its own task."""
+    samples = generate_tasks(["niah_single", "niah_multikey", "vt"], [256], 2, count, seed=0)
+    backend = FakeBackend()
+    recs = evaluate(backend, samples, batch_size=8)
+    assert sorted(backend.calls) == [(2, 30), (4, 128)]
+    assert sorted(r["task"] for r in recs) == ["niah_multikey"] * 2 + ["niah_single"] * 2 + ["vt"] * 2
 
 
 @pytest.mark.slow

@@ -48,10 +48,27 @@ if [ "$what" = diag ] || [ "$what" = cpgrads ]; then
   env ${CP2_ENV:-} timeout -k 5 100 torchrun --nproc-per-node 2 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $W/cp2.pt $common parallel.context_parallel=2 >>$OUT/cp_runs.log 2>&1
   echo "CP=2 run with env: ${CP2_ENV:-none}" >>$L
   [ -f $W/mb2.pt ] || timeout -k 5 100 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $W/mb2.pt $common data.samples_per_microbatch=2 >/dev/null 2>&1
+  # the fp32 reference: local spec (no TE), fp32, one GPU. Is CP=2 (bf16, TE) further from it than CP=1 (bf16, TE)?
+  [ -f $W/ref32.pt ] || timeout -k 5 100 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $W/ref32.pt $common model.bf16=false model.transformer_engine=false >>$OUT/cp_runs.log 2>&1
   python3 - $W >>$L 2>&1 <<'PY'
 import sys, torch
 w = sys.argv[1]
 a, b, c = (torch.load(f"{w}/{k}.pt") for k in ("cp1", "cp2", "mb2"))
+try:
+    r = torch.load(f"{w}/ref32.pt")
+    P = lambda x: {n.replace("module.", ""): g for n, g in x["per_param"].items()}  # bf16 runs: Float16Module's extra level
+    pa, pb, pr = P(a), P(b), P(r)
+    names = sorted(pr)
+    flat = lambda d: torch.cat([d[n].flatten() for n in names])
+    e = lambda d: ((flat(d) - flat(pr)).norm() / flat(pr).norm()).item()
+    print(f"vs the fp32 reference (local spec, no TE; {len(names)} tensors): grad rel CP1 {e(pa):.2e}, CP2 {e(pb):.2e}; "
+          f"loss fp32 {r['metrics']['loss']:.6f}")
+    pe = lambda d, n: ((d[n] - pr[n]).norm() / pr[n].norm().clamp_min(1e-30)).item()
+    worst = sorted(((pe(pb, n), pe(pa, n), n) for n in names), reverse=True)[:8]
+    for eb, ea, n in worst:
+        print(f"  vs fp32 {n:66s} CP2 {eb:.2e} CP1 {ea:.2e}")
+except FileNotFoundError:
+    print("no fp32 reference (ref32.pt): see cp_runs.log")
 rel = lambda x, y: ((x["grad"] - y["grad"]).norm() / y["grad"].norm()).item()
 rl = lambda x, y: abs(x["metrics"]["loss"] - y["metrics"]["loss"]) / abs(y["metrics"]["loss"])
 print(f"loss CP1 {a['metrics']['loss']:.6f} CP2 {b['metrics']['loss']:.6f} (rel {rl(b, a):.2e}); grad rel CP2 vs CP1 {rel(b, a):.2e}; "

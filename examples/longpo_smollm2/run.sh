@@ -7,7 +7,7 @@
 #   bash examples/longpo_smollm2/run.sh                  # GPU defaults: 64 documents, 16K tokens
 #   TINY=1 bash examples/longpo_smollm2/run.sh           # a few minutes on the CPU: the script itself
 #
-# Knobs (environment): W (work dir), CTX, DOCS, WORDS, CHUNK, ROPE, LR, GBS, EVAL_LENGTHS, EVAL_SAMPLES,
+# Knobs (environment): W (work dir), CTX, DOCS, WORDS, CHUNK, ROPE, LR, GBS, EPOCHS, EVAL_LENGTHS, EVAL_SAMPLES,
 # NGPU (DP ranks; CP is left at 1: docs/logprobs.md), METHODS, DEADLINE (epoch seconds: no stage starts
 # when less than its usual time is left and the generation is interrupted at it; rerun to resume).
 # With several GPUs the generation and the evaluations run one shard / one model per GPU.
@@ -18,11 +18,11 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ "${TINY:-0}" = 1 ]; then
   : "${W:=runs/longpo_smollm2_tiny}" "${CTX:=2048}" "${DOCS:=2}" "${WORDS:=800}" "${CHUNK:=320}" "${GEN_TOKENS:=24}"
   : "${EVAL_LENGTHS:=512 1024}" "${EVAL_SAMPLES:=1}" "${EVAL_TASKS:=niah_single vt}"
-  : "${GBS:=2}" "${NGPU:=1}" "${GEN_EXTRA:=--device cpu --dtype float32 --threads 2}"
+  : "${GBS:=2}" "${EPOCHS:=1}" "${NGPU:=1}" "${GEN_EXTRA:=--device cpu --dtype float32 --threads 2}"
 fi
-: "${W:=runs/longpo_smollm2}" "${CTX:=16384}" "${DOCS:=64}" "${WORDS:=11000}" "${CHUNK:=3000}" "${GEN_TOKENS:=256}"
-: "${ROPE:=1000000}" "${LR:=1e-5}" "${GBS:=8}" "${EVAL_LENGTHS:=4096 8192 16384 32768}" "${EVAL_SAMPLES:=10}"
-: "${EVAL_TASKS:=}" "${EVAL_EXTRA:=}" "${GEN_EXTRA:=--dtype bfloat16 --batch-size 16}" "${METHODS:=longpo sft dpo}"
+: "${W:=runs/longpo_smollm2}" "${CTX:=16384}" "${DOCS:=64}" "${WORDS:=7500}" "${CHUNK:=3000}" "${GEN_TOKENS:=256}"
+: "${ROPE:=1000000}" "${LR:=1e-5}" "${GBS:=4}" "${EPOCHS:=2}" "${EVAL_LENGTHS:=4096 8192 16384 32768}" "${EVAL_SAMPLES:=10}"
+: "${EVAL_TASKS:=}" "${EVAL_EXTRA:=--batch-size 16}" "${GEN_EXTRA:=--dtype bfloat16 --batch-size 48}" "${METHODS:=longpo sft dpo}"
 : "${NGPU:=$(nvidia-smi -L 2>/dev/null | wc -l | awk '{print ($1 > 0) ? $1 : 1}')}"
 mkdir -p "$W"
 log() { echo "== $(date +%H:%M:%S) $*"; }
@@ -78,7 +78,7 @@ for m in $METHODS; do
     log "train $m"
     trun -m megatron_longpo.train --config examples/longpo_smollm2/train.yaml model.checkpoint="$W/base" \
       data.path="$W/data" data.global_batch_size="$GBS" loss.name="$m" model.rope_theta="$ROPE" optim.lr="$LR" \
-      model.max_position_embeddings="$CTX" train.save_dir="$W/$m" $extra
+      model.max_position_embeddings="$CTX" train.epochs="$EPOCHS" train.save_dir="$W/$m" $extra
   fi
   [ -f "$W/hf_$m/config.json" ] || $PY tools/convert_checkpoint.py megatron-to-hf --megatron-dir "$W/$m" --out "$W/hf_$m"
 done
@@ -92,7 +92,7 @@ for m in base base_rope $METHODS; do
   rope=$([ "$m" = base_rope ] && echo "--rope-theta $ROPE" || echo "")
   table+=("$m=$W/eval_$m.json")
   [ -f "$W/eval_$m.json" ] && continue
-  before "evaluating $m" "${EVAL_SECONDS:-150}"
+  before "evaluating $m" "${EVAL_SECONDS:-200}"
   log "evaluate $m"
   gpu=$([ "$slots" -gt 1 ] && echo "CUDA_VISIBLE_DEVICES=$((i % slots))" || echo "")
   i=$((i + 1))

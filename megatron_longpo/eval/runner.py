@@ -1,6 +1,7 @@
 """Run RULER-style samples through a generation backend, score them, and report.
 
-`evaluate` sends each (task, length) group through `backend.chat` greedily in batches and scores
+`evaluate` sends each group of samples of one length and one generation budget (tasks with the
+same budget share batches: the four niah tasks do) through `backend.chat` greedily and scores
 every output with the task's metric; `summarize` averages per task and length (x100); the results
 dict is written as JSON atomically (`generation.output.atomic_write_json`), rendered as a rich
 table, and plotted as a hand-written SVG (matplotlib is not a dependency). `compare_table` prints
@@ -23,12 +24,12 @@ RESULTS_VERSION = 1
 def evaluate(backend: GenerationBackend, samples: Sequence[Sample], batch_size: int = 8,
              max_new_tokens: int | None = None, progress: Callable[[int], None] | None = None) -> list[dict]:
     """One record per sample: prompt tokens, answers, prediction, score (None if generation failed)."""
-    groups: dict[tuple[str, int], list[Sample]] = defaultdict(list)
+    groups: dict[tuple[int, int], list[Sample]] = defaultdict(list)
     for s in samples:
-        groups[(s.task, s.length)].append(s)
+        groups[(s.length, max_new_tokens or s.max_new_tokens)].append(s)
     records: list[dict] = []
-    for (task, length), group in groups.items():
-        params = SamplingParams(max_new_tokens=max_new_tokens or group[0].max_new_tokens, temperature=0.0)
+    for (length, budget), group in groups.items():
+        params = SamplingParams(max_new_tokens=budget, temperature=0.0)
         for start in range(0, len(group), max(1, batch_size)):
             batch = group[start : start + batch_size]
             convs = [[{"role": "user", "content": s.prompt}] for s in batch]
@@ -42,7 +43,7 @@ def evaluate(backend: GenerationBackend, samples: Sequence[Sample], batch_size: 
             seconds = (time.monotonic() - t0) / len(batch)
             for i, (s, out) in enumerate(zip(batch, outs)):
                 pred = out[0] if out else None
-                rec = {"task": task, "length": length, "index": s.index, "n_tokens": s.n_tokens,
+                rec = {"task": s.task, "length": length, "index": s.index, "n_tokens": s.n_tokens,
                        "metric": s.metric, "answers": s.answers, "prediction": pred,
                        "score": None if pred is None else score(pred, s.answers, s.metric),
                        "seconds": round(seconds, 3)}

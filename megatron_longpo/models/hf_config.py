@@ -54,6 +54,10 @@ class ModelArch:
         """The same network with another RoPE base (LongPO's context extension)."""
         return dataclasses.replace(self, rope_theta=float(rope_theta))
 
+    def with_max_position_embeddings(self, n: int) -> "ModelArch":
+        """The same network recorded for another context length (what a context extension trained for)."""
+        return dataclasses.replace(self, max_position_embeddings=int(n))
+
     def check_sequence_length(self, seq_length: int) -> None:
         """Refuse a sliding-window model trained beyond its window (we use full causal attention)."""
         if self.sliding_window is not None and seq_length > self.sliding_window:

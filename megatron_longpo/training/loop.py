@@ -18,7 +18,7 @@ from megatron_longpo import parallel, platform
 from megatron_longpo.checkpoint import dist as ckpt
 from megatron_longpo.config import RunConfig, to_dict
 from megatron_longpo.losses import policy_roles, reference_roles
-from megatron_longpo.models.build import ModelOptions, build_model, unwrap
+from megatron_longpo.models.build import ModelOptions, build_model, te_available, unwrap
 from megatron_longpo.models.forward import run_schedule
 from megatron_longpo.training import metrics as M
 from megatron_longpo.training.data import StepData
@@ -102,6 +102,16 @@ def build_engine(arch, par: parallel.ParallelConfig, opts: ModelOptions, optim, 
     return chunks, optimizer
 
 
+def policy_arch(arch, model) -> object:
+    """The checkpoint's architecture with the run's overrides (config.ModelSection): the RoPE base
+    and the context length the run trains for; both are saved with the checkpoints and exported."""
+    if model.rope_theta:
+        arch = arch.with_rope_theta(model.rope_theta)
+    if model.max_position_embeddings:
+        arch = arch.with_max_position_embeddings(model.max_position_embeddings)
+    return arch
+
+
 def build_trainer(cfg: RunConfig) -> Trainer:
     from megatron.core import parallel_state as ps
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -109,9 +119,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     par = _parallel_config(cfg)
     platform.enable_cpu_fallback()
     _, world = parallel.init_distributed()
-    arch, _ = ckpt.read_model_json(cfg.model.checkpoint)
-    if cfg.model.rope_theta:
-        arch = arch.with_rope_theta(cfg.model.rope_theta)
+    arch = policy_arch(ckpt.read_model_json(cfg.model.checkpoint)[0], cfg.model)
     # the layout is checked before anything heavy is built
     parallel.validate_layout(par, world, arch, cpu_cp=cfg.data.share_prefix)
     resume_dir = Path(cfg.train.save_dir)
@@ -121,14 +129,15 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     bf16 = cfg.model.bf16 and platform.cuda_available()
     if cfg.model.bf16 and not bf16:
         log("note: bf16 needs a GPU; training in fp32 on the CPU")
-    opts = ModelOptions(bf16=bf16, recompute=cfg.model.recompute, recompute_num_layers=cfg.model.recompute_num_layers,
-                        prefix_sharing=cfg.data.share_prefix)
+    use_te = te_available() if cfg.model.transformer_engine is None else cfg.model.transformer_engine
+    opts = ModelOptions(bf16=bf16, use_te=use_te, recompute=cfg.model.recompute,
+                        recompute_num_layers=cfg.model.recompute_num_layers, prefix_sharing=cfg.data.share_prefix)
     chunks, optimizer = build_engine(arch, par, opts, cfg.optim, None if resuming else cfg.model.checkpoint)
 
     cp_rank = ps.get_context_parallel_rank()
     data = StepData(
         cfg.data, roles=policy_roles(cfg.loss), ref_roles=reference_roles(cfg.loss), dp_rank=ps.get_data_parallel_rank(),
-        dp_size=dp, pad_multiple=par.pad_multiple(), thd=platform.cuda_available(), cp_size=par.context_parallel,
+        dp_size=dp, pad_multiple=par.pad_multiple(), thd=use_te, cp_size=par.context_parallel,
         cp_rank=cp_rank, device=platform.default_device(), share_prefix=cfg.data.share_prefix,
     )
     total = data.total_steps(cfg.train.steps, cfg.train.epochs)

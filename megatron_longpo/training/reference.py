@@ -54,7 +54,7 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
     from megatron_longpo.data.format import PairDataset
     from megatron_longpo.data.packing import pack
     from megatron_longpo.data.reference import RefLogpWriter, merge_parts, part_path, sidecar_path
-    from megatron_longpo.models.build import ModelOptions
+    from megatron_longpo.models.build import ModelOptions, te_available
 
     t0 = time.time()
     if bf16 is None:  # Transformer Engine's fused attention on packed (THD) rows needs bf16/fp16
@@ -83,7 +83,7 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
     for idx in bar:
         packed = pack([ds.sample(i) for i in idx], scored, par.pad_multiple())
         tokens += int(packed.cu_seqlens[-1])
-        b = prepare_batch(packed, None, thd=platform.cuda_available(), cp_size=par.context_parallel,
+        b = prepare_batch(packed, None, thd=te_available(), cp_size=par.context_parallel,
                           cp_rank=ps.get_context_parallel_rank(), device=platform.default_device())
         res = score(chunks, [b], chunk_size, cp_group)
         if writes:
