@@ -30,7 +30,7 @@ before() {  # before NAME SECONDS: stop here (status 0) when fewer than SECONDS 
   [ -z "${DEADLINE:-}" ] || [ $((DEADLINE - $(date +%s))) -ge "$2" ] || { log "deadline: stopping before $1; rerun to resume"; wait; exit 0; }
 }
 slots=$(nvidia-smi -L >/dev/null 2>&1 && echo "$NGPU" || echo 1)
-trun() { torchrun --nproc-per-node "$NGPU" --master-port=$((20000 + RANDOM % 20000)) "$@"; }
+trun() { $PY -m torch.distributed.run --nproc-per-node "$NGPU" --master-port=$((20000 + RANDOM % 20000)) "$@"; }
 
 HF=$($PY -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")
 [ -f "$W/base/latest" ] || { log "import SmolLM2"; $PY tools/convert_checkpoint.py hf-to-megatron --hf-dir "$HF" --out "$W/base"; }
