@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -104,21 +105,21 @@ def run_layout(args, arch, par, layout, recompute, lengths, world):
         try:
             batch, spans = batch_for(layout, _PairSample(length, args.response, seed=length), par.context_parallel,
                                      cp_rank, cp_group, ref)
+            step = partial(train_step, engine_forward_backward, chunks, optimizer, batch, loss_cfg, cp_group)
             times = []
             for i in range(args.warmup + args.iters):
                 _sync()
                 if i == args.warmup and DEVICE == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
-                engine_forward_backward(chunks, optimizer, [batch], loss_cfg, 4096, cp_group)
-                optimizer.step()
+                step()
                 _sync()
                 if i >= args.warmup:
                     times.append(time.perf_counter() - t0)
             sec = float(np.median(times))
             if args.profile:
-                profile_step(lambda: (engine_forward_backward(chunks, optimizer, [batch], loss_cfg, 4096, cp_group),
-                                      optimizer.step()), f"{layout} {length}", args.profile)
+                profile_step(step, f"{layout} {length}", args.profile)
+            step = None
             flops = M.batch_model_flops(arch, spans, scored_tokens=2 * args.response)
             tflops = flops / sec / world / 1e12
             row.update(seconds=sec, tokens_per_s=2 * length / sec, model_tflops_per_gpu=tflops,
@@ -141,6 +142,12 @@ def run_layout(args, arch, par, layout, recompute, lengths, world):
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def train_step(forward_backward, chunks, optimizer, batch, loss_cfg, cp_group):
+    """One measured step: forward and backward of the pair, then the optimizer."""
+    forward_backward(chunks, optimizer, [batch], loss_cfg, 4096, cp_group)
+    optimizer.step()
 
 
 def profile_step(step, title: str, top: int):

@@ -1,6 +1,4 @@
 """Worker for tests/test_logprobs.py (2 ranks, gloo)."""
-import sys
-
 import torch
 import torch.distributed as dist
 
@@ -30,6 +28,17 @@ def tp_check(rank):
     assert torch.allclose(ours.double(), ref.double(), atol=1e-5), (ours - ref).abs().max()
     assert torch.allclose(hl.grad, hf.grad, atol=1e-5), (hl.grad - hf.grad).abs().max()
     assert torch.allclose(wl.grad, wf.grad[rank * shard:(rank + 1) * shard], atol=1e-5)
+    # only the kept (loss-mask) positions: the same values there, zeros elsewhere, the same gradients
+    keep = torch.rand(b, s, generator=g) > 0.5
+    hk, wk = hidden.clone().requires_grad_(), weight[rank * shard:(rank + 1) * shard].clone().requires_grad_()
+    kept = target_logprobs(hk, wk, labels, chunk_size=3, tp_group=ps.get_tensor_model_parallel_group(),
+                           vocab_start=rank * shard, keep=keep)
+    (kept.double() * gout).sum().backward()
+    hr, wr = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    (naive_target_logprobs(hr, wr, labels).double() * gout * keep).sum().backward()
+    assert torch.allclose(kept[keep].double(), ref[keep].double(), atol=1e-5) and (kept[~keep] == 0).all()
+    assert torch.allclose(hk.grad, hr.grad, atol=1e-5), (hk.grad - hr.grad).abs().max()
+    assert torch.allclose(wk.grad, wr.grad[rank * shard:(rank + 1) * shard], atol=1e-5)
     print(f"rank {rank}: TP2 OK", flush=True)
 
 
