@@ -61,6 +61,11 @@ class _CudaToCpu(TorchFunctionMode):
 
 
 class _NullStream:
+    """Stands in for torch.cuda.Stream (a class: libraries write `torch.cuda.Stream | None`)."""
+
+    def __init__(self, *_a, **_k):
+        pass
+
     def wait_stream(self, *_a, **_k):
         pass
 
@@ -121,7 +126,7 @@ def enable_cpu_fallback() -> bool:
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_stream = lambda *a, **k: _NullStream()
     torch.cuda.default_stream = lambda *a, **k: _NullStream()
-    torch.cuda.Stream = lambda *a, **k: _NullStream()
+    torch.cuda.Stream = _NullStream
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     torch.cuda.set_device = lambda *a, **k: None
     torch.cuda.empty_cache = lambda: None
