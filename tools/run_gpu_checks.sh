@@ -138,7 +138,9 @@ for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
 PY
     python3 tools/convert_checkpoint.py hf-to-megatron --hf-dir $T/hf --out $T/ckpt >/dev/null
   fi
-  for v in "1 parallel.tensor_parallel=1" "2 parallel.tensor_parallel=2" "2 parallel.tensor_parallel=2 parallel.sequence_parallel=true"; do
+  # TP_VARIANTS: which layouts, ';'-separated "GPUS overrides..." (default: all three)
+  IFS=';' read -ra variants <<< "${TP_VARIANTS:-1 parallel.tensor_parallel=1;2 parallel.tensor_parallel=2;2 parallel.tensor_parallel=2 parallel.sequence_parallel=true}"
+  for v in "${variants[@]}"; do
     set -- $v; n=$1; shift
     echo "== $n GPU(s): $*" >> "$OUT/train_tp2.log"
     timeout -k 5 120 torchrun --nproc-per-node $n --master-port=$((20000 + RANDOM % 20000)) -m megatron_longpo.train \
