@@ -33,8 +33,12 @@ def model_flops_per_token(arch, seq_len: float, *, logits: bool = True) -> float
     proj = 2 * nq * d * h
     mlp = 2 * 3 * h * f
     attn = 2 * 2 * nq * d * seq_len / 2  # QK^T and AV, causal: half the square
-    head = 2 * h * arch.vocab_size if logits else 0
-    return 3 * (L * (qkv + proj + mlp + attn) + head)
+    return 3 * L * (qkv + proj + mlp + attn) + (output_layer_flops_per_token(arch) if logits else 0)
+
+
+def output_layer_flops_per_token(arch) -> float:
+    """Training FLOPs of the output layer (the logits) for one token: 3 x the forward 2*h*V."""
+    return 3 * 2 * arch.hidden_size * arch.vocab_size
 
 
 def batch_model_flops(arch, spans, scored_tokens: int | None = None) -> float:
@@ -45,7 +49,7 @@ def batch_model_flops(arch, spans, scored_tokens: int | None = None) -> float:
     items = [(s, s) if isinstance(s, (int, float)) else s for s in spans]
     body = sum(n * model_flops_per_token(arch, length, logits=False) for n, length in items)
     n_head = sum(n for n, _ in items) if scored_tokens is None else scored_tokens
-    return body + n_head * 3 * 2 * arch.hidden_size * arch.vocab_size
+    return body + n_head * output_layer_flops_per_token(arch)
 
 
 @dataclass

@@ -79,11 +79,12 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
                                                     "sequences": "policy" if policy_sequences else "reference"})
     writes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
     tokens = 0
+    thd = te_available()  # packed THD rows exactly when the model was built with TE (ModelOptions.use_te=None)
     bar = tqdm(groups, desc="reference log-probs", disable=not (progress and dist.get_rank() == 0))
     for idx in bar:
         packed = pack([ds.sample(i) for i in idx], scored, par.pad_multiple())
         tokens += int(packed.cu_seqlens[-1])
-        b = prepare_batch(packed, None, thd=te_available(), cp_size=par.context_parallel,
+        b = prepare_batch(packed, None, thd=thd, cp_size=par.context_parallel,
                           cp_rank=ps.get_context_parallel_rank(), device=platform.default_device())
         res = score(chunks, [b], chunk_size, cp_group)
         if writes:
