@@ -98,3 +98,27 @@ def test_sigkill_midway_then_rerun_gives_identical_bytes(tmp_path, smollm2_dir):
                                                TokenizerSpec(hf_dir=str(smollm2_dir)), chunk_size=2, progress=False))
     assert straight.exit_code == EXIT_OK
     assert _outputs(tmp_path / "killed") == _outputs(tmp_path / "straight")
+
+
+def _signal_dispositions():
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def _raise(signum, frame):
+    raise KeyboardInterrupt
+
+
+def test_workers_do_not_inherit_the_cli_sigterm_handler():
+    """The CLI turns SIGTERM into KeyboardInterrupt; a forked worker that kept that Python handler
+    could miss pool.terminate()'s SIGTERM (it arrives between bytecodes, just before the worker
+    blocks on the task queue) and hang the run at its end. Workers take the kernel's default."""
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("fork start method only")
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        with mp.get_context("fork").Pool(1, initializer=preprocess._worker_init) as pool:
+            assert pool.apply(_signal_dispositions) == (True, True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -147,6 +147,15 @@ def _die_with_parent() -> None:
 
 
 def _worker_init() -> None:
+    import signal
+
+    # A forked worker inherits the parent's Python SIGTERM handler (the CLI turns SIGTERM into
+    # KeyboardInterrupt). A Python handler only runs between bytecodes, so a SIGTERM from
+    # pool.terminate() that lands just before the worker blocks on the task queue's lock is
+    # never acted on, and terminate() waits forever. The kernel's default action has no such
+    # window. Ctrl-C reaches the whole process group: the parent alone handles it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _die_with_parent()
     global _WORKER
