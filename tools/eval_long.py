@@ -110,7 +110,9 @@ def main(argv=None) -> int:
     config = {"tasks": a.tasks, "lengths": a.lengths, "samples": a.samples, "seed": a.seed,
               "tolerance": a.tolerance, "max_new_tokens": a.max_new_tokens, "documents": a.documents,
               "backend": a.backend, "model": a.model, "base_url": a.base_url,
-              "tokenizer": tokenizer_path_from_args(a), "length_counted": "chat template (user message, "
+              "tokenizer": tokenizer_path_from_args(a), "rope_theta": a.rope_theta,
+              # greedy outputs depend on the batch (padding) and the dtype: compare runs made alike
+              "batch_size": a.batch_size, "dtype": a.dtype, "length_counted": "chat template (user message, "
               "generation prompt, template's system prompt) tokenized without extra special tokens"}
     results = build_results(records, backend.name, config, time.time() - t0, retention)
     atomic_write_json(a.out, results)

@@ -40,47 +40,22 @@ fi
 if [ "$what" = diag ] || [ "$what" = cpgrads ]; then
   prepare_small
   L=$OUT/diag.log
-  echo "== per-parameter gradients, LongPO, CP=2 vs CP=1" >>$L
-  common="model.checkpoint=$C data.path=$D data.global_batch_size=2 train.steps=1 loss.name=longpo loss.longpo_lambda=1.0 optim.distributed_optimizer=false model.bf16=true train.save_dir=$W/unused train.tensorboard=false"
-  # (prepare_small takes ~1 min on a fresh machine: give this mode ~5 min)
-  [ -f $W/cp1.pt ] || timeout -k 5 100 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $W/cp1.pt $common >/dev/null 2>&1
+  # CP_LOSSES: LongPO's DPO term is a difference of two large, nearly equal gradients (chosen and rejected
+  # share the long context), so its bf16 gradient is noisy whatever the layout; SFT (NLL only) is not
+  for loss in ${CP_LOSSES:-longpo sft}; do
+  P=$W/$loss
+  echo "== per-parameter gradients, $loss, CP=2 vs CP=1" >>$L
+  common="model.checkpoint=$C data.path=$D data.global_batch_size=2 train.steps=1 loss.name=$loss loss.longpo_lambda=1.0 optim.distributed_optimizer=false model.bf16=true train.save_dir=$W/unused train.tensorboard=false"
+  # (prepare_small takes ~1 min on a fresh machine, each run below 20-60 s: give this mode ~5 min per loss)
+  [ -f $P.cp1.pt ] || timeout -k 5 240 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $P.cp1.pt $common >/dev/null 2>&1
   # CP2_ENV: e.g. CUDA_LAUNCH_BLOCKING=1 (a stream race would vanish) or NVTE_ALLOW_NONDETERMINISTIC_ALGO=0
-  env ${CP2_ENV:-} timeout -k 5 100 torchrun --nproc-per-node 2 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $W/cp2.pt $common parallel.context_parallel=2 >>$OUT/cp_runs.log 2>&1
+  env ${CP2_ENV:-} timeout -k 5 240 torchrun --nproc-per-node 2 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $P.cp2.pt $common parallel.context_parallel=2 >>$OUT/cp_runs.log 2>&1
   echo "CP=2 run with env: ${CP2_ENV:-none}" >>$L
-  [ -f $W/mb2.pt ] || timeout -k 5 100 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $W/mb2.pt $common data.samples_per_microbatch=2 >/dev/null 2>&1
+  [ -f $P.mb2.pt ] || timeout -k 5 240 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $P.mb2.pt $common data.samples_per_microbatch=2 >/dev/null 2>&1
   # the fp32 reference: local spec (no TE), fp32, one GPU. Is CP=2 (bf16, TE) further from it than CP=1 (bf16, TE)?
-  [ -f $W/ref32.pt ] || timeout -k 5 100 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $W/ref32.pt $common model.bf16=false model.transformer_engine=false >>$OUT/cp_runs.log 2>&1
-  python3 - $W >>$L 2>&1 <<'PY'
-import sys, torch
-w = sys.argv[1]
-a, b, c = (torch.load(f"{w}/{k}.pt") for k in ("cp1", "cp2", "mb2"))
-try:
-    r = torch.load(f"{w}/ref32.pt")
-    P = lambda x: {n.replace("module.", ""): g for n, g in x["per_param"].items()}  # bf16 runs: Float16Module's extra level
-    pa, pb, pr = P(a), P(b), P(r)
-    names = sorted(pr)
-    flat = lambda d: torch.cat([d[n].flatten() for n in names])
-    e = lambda d: ((flat(d) - flat(pr)).norm() / flat(pr).norm()).item()
-    print(f"vs the fp32 reference (local spec, no TE; {len(names)} tensors): grad rel CP1 {e(pa):.2e}, CP2 {e(pb):.2e}; "
-          f"loss fp32 {r['metrics']['loss']:.6f}")
-    pe = lambda d, n: ((d[n] - pr[n]).norm() / pr[n].norm().clamp_min(1e-30)).item()
-    worst = sorted(((pe(pb, n), pe(pa, n), n) for n in names), reverse=True)[:8]
-    for eb, ea, n in worst:
-        print(f"  vs fp32 {n:66s} CP2 {eb:.2e} CP1 {ea:.2e}")
-except FileNotFoundError:
-    print("no fp32 reference (ref32.pt): see cp_runs.log")
-rel = lambda x, y: ((x["grad"] - y["grad"]).norm() / y["grad"].norm()).item()
-rl = lambda x, y: abs(x["metrics"]["loss"] - y["metrics"]["loss"]) / abs(y["metrics"]["loss"])
-print(f"loss CP1 {a['metrics']['loss']:.6f} CP2 {b['metrics']['loss']:.6f} (rel {rl(b, a):.2e}); grad rel CP2 vs CP1 {rel(b, a):.2e}; "
-      f"floor (2 samples/microbatch vs 1): loss rel {rl(c, a):.2e}, grad rel {rel(c, a):.2e}")
-print("grad norms", a["grad"].norm().item(), b["grad"].norm().item(), "ratio", (b["grad"].norm() / a["grad"].norm()).item(),
-      "cosine", (torch.dot(a["grad"], b["grad"]) / a["grad"].norm() / b["grad"].norm()).item())
-pr = lambda x, y, n: ((x["per_param"][n] - y["per_param"][n]).norm() / y["per_param"][n].norm().clamp_min(1e-30)).item()
-ratio = lambda x, y, n: (x["per_param"][n].norm() / y["per_param"][n].norm().clamp_min(1e-30)).item()
-rows = sorted(((pr(b, a, n), pr(c, a, n), ratio(b, a, n), n) for n in a["per_param"]), reverse=True)
-for e, f, r, n in rows[:10] + rows[-4:]:
-    print(f"  {n:70s} CP2 {e:.2e} floor {f:.2e} norm ratio {r:.3f}")
-PY
+  [ -f $P.ref32.pt ] || timeout -k 5 240 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $P.ref32.pt $common model.bf16=false model.transformer_engine=false >>$OUT/cp_runs.log 2>&1
+  python3 tools/compare_grads.py $P >>$L 2>&1
+  done
 fi
 if [ "$what" = prefix ]; then
   python3 -m pytest -q -m gpu tests/test_gpu.py -k prefix_shared -s -p no:cacheprovider 2>&1 | grep -v "Warn\|warn" | tail -30 > "$OUT/prefix.log"
@@ -143,7 +118,7 @@ PY
   for v in "${variants[@]}"; do
     set -- $v; n=$1; shift
     echo "== $n GPU(s): $*" >> "$OUT/train_tp2.log"
-    timeout -k 5 120 torchrun --nproc-per-node $n --master-port=$((20000 + RANDOM % 20000)) -m megatron_longpo.train \
+    timeout -k 5 240 torchrun --nproc-per-node $n --master-port=$((20000 + RANDOM % 20000)) -m megatron_longpo.train \
       model.checkpoint=$T/ckpt data.path=$D model.bf16=true loss.name=longpo data.global_batch_size=2 train.steps=4 \
       optim.lr=1e-4 optim.warmup_fraction=0 train.save_dir=$T/run_$RANDOM train.tensorboard=false train.stall_seconds=40 "$@" 2>&1 \
       | grep "^step\|^done\|rror" | tail -8 >> "$OUT/train_tp2.log"

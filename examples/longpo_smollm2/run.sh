@@ -8,7 +8,7 @@
 #   TINY=1 bash examples/longpo_smollm2/run.sh           # a few minutes on the CPU: the script itself
 #
 # Knobs (environment): W (work dir), CTX, DOCS, WORDS, CHUNK, ROPE, LR, GBS, EPOCHS, EVAL_LENGTHS, EVAL_SAMPLES,
-# NGPU (DP ranks; CP is left at 1: docs/logprobs.md), METHODS, DEADLINE (epoch seconds: no stage starts
+# NGPU (DP ranks; CP is left at 1: docs/logprobs.md), EVAL_PER_GPU (evaluations side by side on one GPU), METHODS, DEADLINE (epoch seconds: no stage starts
 # when less than its usual time is left and the generation is interrupted at it; rerun to resume).
 # With several GPUs the generation and the evaluations run one shard / one model per GPU.
 set -euo pipefail
@@ -30,6 +30,7 @@ before() {  # before NAME SECONDS: stop here (status 0) when fewer than SECONDS 
   [ -z "${DEADLINE:-}" ] || [ $((DEADLINE - $(date +%s))) -ge "$2" ] || { log "deadline: stopping before $1; rerun to resume"; wait; exit 0; }
 }
 slots=$(nvidia-smi -L >/dev/null 2>&1 && echo "$NGPU" || echo 1)
+eval_slots=$(nvidia-smi -L >/dev/null 2>&1 && echo $((NGPU * ${EVAL_PER_GPU:-1})) || echo 1)
 trun() { $PY -m torch.distributed.run --nproc-per-node "$NGPU" --master-port=$((20000 + RANDOM % 20000)) "$@"; }
 
 HF=$($PY -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")
@@ -84,7 +85,7 @@ for m in $METHODS; do
 done
 
 # base_rope: the base model with the enlarged RoPE base and no training (what the base change alone does).
-# With several GPUs the models are evaluated side by side, one per GPU (logs: $W/eval_NAME.log).
+# With several GPUs the models are evaluated side by side, EVAL_PER_GPU per GPU (logs: $W/eval_NAME.log).
 table=()
 i=0
 for m in base base_rope $METHODS; do
@@ -99,7 +100,7 @@ for m in base base_rope $METHODS; do
   ( env $gpu $PY tools/eval_long.py --model "$dir" $rope --lengths $EVAL_LENGTHS ${EVAL_TASKS:+--tasks $EVAL_TASKS} \
       --samples "$EVAL_SAMPLES" --seed 0 --retention --no-progress --out "$W/eval_$m.json" $EVAL_EXTRA > "$W/eval_$m.log" 2>&1 \
       || [ $? = 3 ] || { echo "evaluation of $m failed; the end of $W/eval_$m.log:"; tail -20 "$W/eval_$m.log"; } ) &
-  while [ "$(jobs -rp | wc -l)" -ge "$slots" ]; do wait -n || true; done
+  while [ "$(jobs -rp | wc -l)" -ge "$eval_slots" ]; do wait -n || true; done
 done
 wait
 for m in base base_rope $METHODS; do
