@@ -8,7 +8,8 @@ result files with `tools/eval_long.py --compare BEFORE.json AFTER.json`):
   perplexity is exp of the mean next-token negative log-likelihood over all predicted tokens). Needs
   the weights in process (the transformers backend); skipped for an HTTP server.
 - a small hand-written QA set (`examples/eval/retention_qa.jsonl`: simple factual and arithmetic
-  questions), answered greedily through any `GenerationBackend` and scored by RULER's
+  questions), answered greedily through any `GenerationBackend`, one question per call (so the
+  answers do not depend on the batch size), and scored by RULER's
   string_match_part (1 if any gold alias is a case-insensitive sub-string of the answer).
 """
 
@@ -54,7 +55,8 @@ def perplexity(model, tokenizer, texts: Sequence[str], window: int = 512) -> dic
                 continue
             x = torch.tensor([piece], device=device)
             with torch.no_grad():
-                logits = model(input_ids=x).logits.float()
+                logits = model(input_ids=x).logits
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least fp32
             logp = torch.log_softmax(logits[0, :-1], dim=-1)
             nll = -logp.gather(1, x[0, 1:, None]).sum().item()
             total_nll += nll
@@ -67,11 +69,12 @@ def perplexity(model, tokenizer, texts: Sequence[str], window: int = 512) -> dic
 
 def qa_accuracy(backend: GenerationBackend, items: Sequence[dict], max_new_tokens: int = 32,
                 progress: Callable[[int], None] | None = None) -> dict:
-    convs = [[{"role": "user", "content": it["question"] + QA_SYSTEM_SUFFIX}] for it in items]
-    outs = backend.chat(convs, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    # One question per call: greedy decoding in bf16 depends on the padding a batch adds around a
+    # prompt, and the answers must not change with --batch-size (two GPU runs at batch 8 and 16 disagreed on 2 of 16)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     records = []
-    for it, out in zip(items, outs):
-        pred = out[0]
+    for it in items:
+        pred = backend.chat([[{"role": "user", "content": it["question"] + QA_SYSTEM_SUFFIX}]], params)[0][0]
         records.append({"question": it["question"], "answers": it["answers"], "prediction": pred,
                         "score": string_match_part(pred, it["answers"])})
     if progress:
