@@ -53,5 +53,9 @@ def test_cli_prints_every_comparison(tmp_path, capsys):
     torch.save(_run(ref, False, 1.0), tmp_path / "x.ref32.pt")
     assert compare_grads.main([str(tmp_path / "x")]) == 0
     assert "vs fp32" in capsys.readouterr().out
+    torch.save(_run({n: t + 0.02 for n, t in ref.items()}, False, 1.02), tmp_path / "x.local16.pt")
+    assert compare_grads.main([str(tmp_path / "x")]) == 0
+    out = capsys.readouterr().out
+    assert "bf16 local spec" in out and "loss rel 2.00e-02" in out
     (tmp_path / "x.cp2.pt").unlink()
     assert compare_grads.main([str(tmp_path / "x")]) == 2

@@ -5,7 +5,9 @@
 
 reads PREFIX.cp1.pt (bf16, TE, one GPU), PREFIX.cp2.pt (bf16, TE, CP=2), PREFIX.mb2.pt (bf16, TE,
 two samples per micro-batch: the same math packed differently, i.e. the layout-independent noise
-floor) and, if present, PREFIX.ref32.pt (fp32, local spec, one GPU: the reference). Prints the
+floor) and, if present, PREFIX.ref32.pt (fp32, local spec, one GPU: the reference) and
+PREFIX.local16.pt (bf16, local spec's unfused attention, one GPU: a floor that reorders much more
+than packing, with no CP in it). Prints the
 relative error of the whole gradient of each bf16 layout against the fp32 reference, CP=2 against
 CP=1 next to the packing floor, and the worst tensors. Used by `tools/run_gpu_checks.sh cpgrads`.
 """
@@ -60,18 +62,19 @@ def main(argv: list[str]) -> int:
         return 2
     prefix = argv[0]
     runs = {}
-    for k in ("cp1", "cp2", "mb2", "ref32"):
+    for k in ("cp1", "cp2", "mb2", "ref32", "local16"):
         path = Path(f"{prefix}.{k}.pt")
         if path.exists():
             runs[k] = torch.load(path, map_location="cpu")
-        elif k != "ref32":
+        elif k not in ("ref32", "local16"):
             print(f"error: {path} is missing (see cp_runs.log)", file=sys.stderr)
             return 2
     if "ref32" in runs:
         c = compare(runs, "ref32")
         w = c["whole"]
         print(f"vs fp32 (local spec, one GPU; loss {c['loss']['ref32']:.6f}): grad rel CP1 {w['cp1']:.2e}, "
-              f"CP2 {w['cp2']:.2e}, 2 samples/micro-batch {w['mb2']:.2e}")
+              f"CP2 {w['cp2']:.2e}, 2 samples/micro-batch {w['mb2']:.2e}"
+              + (f", bf16 local spec {w['local16']:.2e}" if "local16" in w else ""))
         worst = sorted(c["per_tensor"]["cp2"], key=c["per_tensor"]["cp2"].get, reverse=True)[:6]
         for n in worst:
             print(f"  vs fp32 {n:62s} CP2 {c['per_tensor']['cp2'][n]:.2e} CP1 {c['per_tensor']['cp1'][n]:.2e}")
@@ -83,6 +86,10 @@ def main(argv: list[str]) -> int:
     print(f"loss CP1 {loss['cp1']:.6f} CP2 {loss['cp2']:.6f} (rel {lr('cp2'):.2e}); grad rel CP2 vs CP1 "
           f"{c['whole']['cp2']:.2e}; floor (2 samples/micro-batch vs 1): loss rel {lr('mb2'):.2e}, "
           f"grad rel {c['whole']['mb2']:.2e}")
+    if "local16" in runs:
+        k = compare({"cp1": runs["cp1"], "local16": runs["local16"]}, "cp1")
+        print(f"bf16 local spec (unfused attention, one GPU) vs CP1: loss rel {abs(k['loss']['local16'] - loss['cp1']) / abs(loss['cp1']):.2e}, "
+              f"grad rel {k['whole']['local16']:.2e}  <- CP2 vs CP1 should be no larger")
     rows = sorted(c["per_tensor"]["cp2"], key=c["per_tensor"]["cp2"].get, reverse=True)
     for n in rows[:6] + rows[-3:]:
         print(f"  {n:66s} CP2 {c['per_tensor']['cp2'][n]:.2e} floor {c['per_tensor']['mb2'][n]:.2e}")

@@ -54,6 +54,8 @@ if [ "$what" = diag ] || [ "$what" = cpgrads ]; then
   [ -f $P.mb2.pt ] || timeout -k 5 240 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $P.mb2.pt $common data.samples_per_microbatch=2 >/dev/null 2>&1
   # the fp32 reference: local spec (no TE), fp32, one GPU. Is CP=2 (bf16, TE) further from it than CP=1 (bf16, TE)?
   [ -f $P.ref32.pt ] || timeout -k 5 240 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $P.ref32.pt $common model.bf16=false model.transformer_engine=false >>$OUT/cp_runs.log 2>&1
+  # another bf16 floor, with no CP in it: the same step with the local spec's unfused attention in bf16
+  [ -f $P.local16.pt ] || timeout -k 5 240 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $P.local16.pt $common model.transformer_engine=false >>$OUT/cp_runs.log 2>&1
   python3 tools/compare_grads.py $P >>$L 2>&1
   done
 fi
