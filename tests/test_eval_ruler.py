@@ -155,8 +155,8 @@ def test_eval_long_end_to_end(smollm2_dir, tmp_path):
                  "--out", out, "--no-progress", timeout=300)
     res = json.loads(out.read_text())
     assert set(res["summary"]) == {"niah_single", "vt"}
-    assert {k: res["config"][k] for k in ("batch_size", "dtype", "rope_theta")} == {"batch_size": 8, "dtype": "auto",
-                                                                                   "rope_theta": None}
+    assert {k: res["config"][k] for k in ("batch_size", "dtype", "rope_theta", "max_attention_cells")} == {
+        "batch_size": 8, "dtype": "auto", "rope_theta": None, "max_attention_cells": 2**32}
     assert set(res["summary"]["vt"]) == {"256", "512"}
     assert len(res["samples"]) == 4 and all(0 <= s["score"] <= 1 for s in res["samples"])
     assert all(0.98 * s["length"] <= s["n_tokens"] <= s["length"] for s in res["samples"])

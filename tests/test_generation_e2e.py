@@ -109,3 +109,35 @@ def test_rope_theta_override(smollm2_dir):
     assert math.isclose(inv_freq[1].item(), 1e6 ** (-2 / d), rel_tol=1e-5)
     (out,) = be.chat([[{"role": "user", "content": "Say hello."}]], SamplingParams(max_new_tokens=4))
     assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_batches_are_capped_by_the_padded_attention_mask():
+    from megatron_longpo.generation.backends import plan_batches
+
+    # shortest first, at most batch_size, and batch x longest^2 <= the budget (a batch of one always goes)
+    lengths = [4096, 32768, 1000, 32768, 32768, 32768, 32768, 65536, 4000]
+    batches = plan_batches(lengths, batch_size=8, max_attention_cells=2**32)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert [[lengths[i] for i in b] for b in batches] == [
+        [1000, 4000, 4096, 32768], [32768, 32768, 32768, 32768], [65536]]
+    assert all(len(b) == 1 or len(b) * max(lengths[i] for i in b) ** 2 <= 2**32 for b in batches)
+    assert plan_batches([10] * 5, batch_size=2) == [[0, 1], [2, 3], [4]]
+    assert plan_batches([], batch_size=4) == []
+
+
+def test_generate_calls_follow_the_plan(smollm2_dir, monkeypatch):
+    from megatron_longpo.generation.backends import SamplingParams, TransformersBackend
+
+    be = TransformersBackend(str(smollm2_dir), device="cpu", threads=1, batch_size=8, max_attention_cells=3 * 60**2)
+    shapes, real = [], be.model.generate
+
+    def spy(**kw):
+        shapes.append(tuple(kw["input_ids"].shape))
+        return real(**kw)
+
+    monkeypatch.setattr(be.model, "generate", spy)
+    convs = [[{"role": "user", "content": "word " * n}] for n in (1, 30, 2, 3)]
+    outs = be.chat(convs, SamplingParams(max_new_tokens=2))
+    widths = sorted(len(be._prompt_ids(c)) for c in convs)
+    assert len(outs) == 4 and all(len(o) == 1 for o in outs)
+    assert [s[0] for s in shapes] == [3, 1] and shapes[1][1] == widths[-1] > 60

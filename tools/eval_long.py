@@ -112,7 +112,8 @@ def main(argv=None) -> int:
               "backend": a.backend, "model": a.model, "base_url": a.base_url,
               "tokenizer": tokenizer_path_from_args(a), "rope_theta": a.rope_theta,
               # greedy outputs depend on the batch (padding) and the dtype: compare runs made alike
-              "batch_size": a.batch_size, "dtype": a.dtype, "length_counted": "chat template (user message, "
+              "batch_size": a.batch_size, "max_attention_cells": a.max_attention_cells, "dtype": a.dtype,
+              "length_counted": "chat template (user message, "
               "generation prompt, template's system prompt) tokenized without extra special tokens"}
     results = build_results(records, backend.name, config, time.time() - t0, retention)
     atomic_write_json(a.out, results)

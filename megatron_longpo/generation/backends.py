@@ -300,6 +300,26 @@ def set_rope_theta(config, theta: float) -> None:
         raise ValueError(f"{type(config).__name__} has no RoPE base (rope_theta) to override; drop --rope-theta")
 
 
+DEFAULT_MAX_ATTENTION_CELLS = 2**32
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, max_attention_cells: int = DEFAULT_MAX_ATTENTION_CELLS
+                 ) -> list[list[int]]:
+    """Indices of the prompts grouped shortest first: at most `batch_size` a batch, and, unless a batch
+    is one prompt, batch x (longest prompt)^2 <= `max_attention_cells`. With left padding, SDPA is given
+    a [batch, 1, L, L] mask (and makes a float copy of it): at 32K tokens and batch 16 that is a 32 GiB
+    block (measured on an H200), at 128K and batch 8 it cannot fit anywhere."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        cur = batches[-1] if batches else None
+        if cur and len(cur) < batch_size and (len(cur) + 1) * lengths[i] ** 2 <= max_attention_cells:
+            cur.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 class TransformersBackend:
     """In-process generation with `transformers` (batched; CPU or GPU)."""
 
@@ -311,6 +331,7 @@ class TransformersBackend:
         dtype: str = "auto",
         batch_size: int = 8,
         threads: int | None = None,
+        max_attention_cells: int = DEFAULT_MAX_ATTENTION_CELLS,
     ) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -321,6 +342,7 @@ class TransformersBackend:
         self.model_path = model_path
         self.rope_theta = rope_theta
         self.batch_size = max(1, batch_size)
+        self.max_attention_cells = max_attention_cells
         self.threads = threads
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         config = AutoConfig.from_pretrained(model_path)
@@ -369,7 +391,6 @@ class TransformersBackend:
 
         torch = self.torch
         prompts = [self._prompt_ids(c) for c in conversations]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         sample = params.temperature > 0
         gen_kwargs = dict(
             max_new_tokens=params.max_new_tokens,
@@ -382,8 +403,7 @@ class TransformersBackend:
             gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         config = GenerationConfig(**gen_kwargs)
         out: list[list[str] | None] = [None] * len(prompts)
-        for b, start in enumerate(range(0, len(order), self.batch_size)):
-            idx = order[start : start + self.batch_size]
+        for b, idx in enumerate(plan_batches([len(p) for p in prompts], self.batch_size, self.max_attention_cells)):
             width = max(len(prompts[i]) for i in idx)
             pad = self.tokenizer.pad_token_id
             ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=self.device)
@@ -417,6 +437,7 @@ class BackendConfig:
     dtype: str = "auto"
     batch_size: int = 8
     threads: int | None = None
+    max_attention_cells: int = DEFAULT_MAX_ATTENTION_CELLS
     concurrency: int = 8
     timeout: float = 600.0
     max_retries: int = 6
@@ -427,7 +448,8 @@ def build_backend(cfg: BackendConfig) -> GenerationBackend:
     if cfg.kind == "transformers":
         if not cfg.model:
             raise ValueError("--backend transformers needs --model HF_DIR (a Hugging Face model directory)")
-        return TransformersBackend(cfg.model, cfg.rope_theta, cfg.device, cfg.dtype, cfg.batch_size, cfg.threads)
+        return TransformersBackend(cfg.model, cfg.rope_theta, cfg.device, cfg.dtype, cfg.batch_size, cfg.threads,
+                                   cfg.max_attention_cells)
     if cfg.kind == "openai":
         if not cfg.base_url:
             raise ValueError("--backend openai needs --base-url, e.g. http://127.0.0.1:8000/v1")
@@ -450,6 +472,9 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="transformers: cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument("--dtype", default="auto", help="transformers: auto|float32|bfloat16|float16")
     g.add_argument("--batch-size", type=int, default=8, help="transformers: conversations per generate() call")
+    g.add_argument("--max-attention-cells", type=int, default=DEFAULT_MAX_ATTENTION_CELLS,
+                   help="transformers: fewer conversations per call where batch x longest prompt^2 would pass this "
+                        "(the padded attention mask; default 2^32: batch 4 at 32K tokens, 1 at 64K)")
     g.add_argument("--threads", type=int, help="transformers on the CPU: torch threads (1 is fastest on a busy machine)")
     g.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight")
     g.add_argument("--timeout", type=float, default=600.0, help="openai: seconds per request")
@@ -460,6 +485,7 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
 def backend_config_from_args(a: argparse.Namespace) -> BackendConfig:
     return BackendConfig(kind=a.backend, model=a.model, base_url=a.base_url, api_key=a.api_key,
                          rope_theta=a.rope_theta, device=a.device, dtype=a.dtype, batch_size=a.batch_size,
+                         max_attention_cells=a.max_attention_cells,
                          threads=a.threads, concurrency=a.concurrency, timeout=a.timeout, max_retries=a.max_retries)
 
 
