@@ -29,6 +29,14 @@ class ModelOptions:
     max_sequence_length: int | None = None  # defaults to the model's max_position_embeddings
     prefix_sharing: bool = False  # core attention for prefix-shared rows (models/prefix_attention.py)
 
+    def resolved_use_te(self) -> bool:
+        """Whether the model is built with the TE spec (and batches are packed THD rows for it)."""
+        if self.use_te is None:
+            return te_available()
+        if self.use_te and not te_available():
+            raise RuntimeError("use_te=True but Transformer Engine with CUDA is not available on this machine")
+        return self.use_te
+
 
 def te_available() -> bool:
     if not platform.cuda_available() or importlib.util.find_spec("transformer_engine") is None:
@@ -83,9 +91,7 @@ def build_model(
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    use_te = te_available() if opts.use_te is None else opts.use_te
-    if use_te and not te_available():
-        raise RuntimeError("use_te=True but Transformer Engine with CUDA is not available on this machine")
+    use_te = opts.resolved_use_te()
     if not use_te and (par.sequence_parallel or (par.context_parallel > 1 and not opts.prefix_sharing)):
         raise RuntimeError("context and sequence parallelism need the Transformer Engine spec (a GPU with TE)")
     if opts.prefix_sharing and par.sequence_parallel:

@@ -18,7 +18,7 @@ from megatron_longpo import parallel, platform
 from megatron_longpo.checkpoint import dist as ckpt
 from megatron_longpo.config import RunConfig, to_dict
 from megatron_longpo.losses import policy_roles, reference_roles
-from megatron_longpo.models.build import ModelOptions, build_model, te_available, unwrap
+from megatron_longpo.models.build import ModelOptions, build_model, unwrap
 from megatron_longpo.models.forward import run_schedule
 from megatron_longpo.training import metrics as M
 from megatron_longpo.training.data import StepData
@@ -129,15 +129,14 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     bf16 = cfg.model.bf16 and platform.cuda_available()
     if cfg.model.bf16 and not bf16:
         log("note: bf16 needs a GPU; training in fp32 on the CPU")
-    use_te = te_available() if cfg.model.transformer_engine is None else cfg.model.transformer_engine
-    opts = ModelOptions(bf16=bf16, use_te=use_te, recompute=cfg.model.recompute,
+    opts = ModelOptions(bf16=bf16, use_te=cfg.model.transformer_engine, recompute=cfg.model.recompute,
                         recompute_num_layers=cfg.model.recompute_num_layers, prefix_sharing=cfg.data.share_prefix)
     chunks, optimizer = build_engine(arch, par, opts, cfg.optim, None if resuming else cfg.model.checkpoint)
 
     cp_rank = ps.get_context_parallel_rank()
     data = StepData(
         cfg.data, roles=policy_roles(cfg.loss), ref_roles=reference_roles(cfg.loss), dp_rank=ps.get_data_parallel_rank(),
-        dp_size=dp, pad_multiple=par.pad_multiple(), thd=use_te, cp_size=par.context_parallel,
+        dp_size=dp, pad_multiple=par.pad_multiple(), thd=opts.resolved_use_te(), cp_size=par.context_parallel,
         cp_rank=cp_rank, device=platform.default_device(), share_prefix=cfg.data.share_prefix,
     )
     total = data.total_steps(cfg.train.steps, cfg.train.epochs)

@@ -54,14 +54,15 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
     from megatron_longpo.data.format import PairDataset
     from megatron_longpo.data.packing import pack
     from megatron_longpo.data.reference import RefLogpWriter, merge_parts, part_path, sidecar_path
-    from megatron_longpo.models.build import ModelOptions, te_available
+    from megatron_longpo.models.build import ModelOptions
 
     t0 = time.time()
     if bf16 is None:  # Transformer Engine's fused attention on packed (THD) rows needs bf16/fp16
         bf16 = platform.cuda_available()
     ds = PairDataset(dataset_prefix)
     roles = tuple(roles or ds.ref_roles)
-    chunks, arch = ckpt.open_model(model_dir, par, ModelOptions(bf16=bf16 and platform.cuda_available()))
+    opts = ModelOptions(bf16=bf16 and platform.cuda_available())
+    chunks, arch = ckpt.open_model(model_dir, par, opts)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     cp_group = ps.get_context_parallel_group() if par.context_parallel > 1 else None
     mine = list(range(dp_rank, len(ds), dp))
@@ -79,7 +80,7 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
                                                     "sequences": "policy" if policy_sequences else "reference"})
     writes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
     tokens = 0
-    thd = te_available()  # packed THD rows exactly when the model was built with TE (ModelOptions.use_te=None)
+    thd = opts.resolved_use_te()  # packed THD rows exactly when the model was built with TE
     bar = tqdm(groups, desc="reference log-probs", disable=not (progress and dist.get_rank() == 0))
     for idx in bar:
         packed = pack([ds.sample(i) for i in idx], scored, par.pad_multiple())
