@@ -119,7 +119,6 @@ def run_layout(args, arch, par, layout, recompute, lengths, world):
             sec = float(np.median(times))
             if args.profile:
                 profile_step(step, f"{layout} {length}", args.profile)
-            step = None
             flops = M.batch_model_flops(arch, spans, scored_tokens=2 * args.response)
             tflops = flops / sec / world / 1e12
             row.update(seconds=sec, tokens_per_s=2 * length / sec, model_tflops_per_gpu=tflops,
@@ -131,7 +130,7 @@ def run_layout(args, arch, par, layout, recompute, lengths, world):
         rows.append(row)
         if torch.distributed.get_rank() == 0:
             print(json.dumps(row), flush=True)
-        batch = None
+        batch = step = None  # the step holds the batch too; an out-of-memory step must let it go as well
         gc.collect()
         if DEVICE == "cuda":
             torch.cuda.empty_cache()

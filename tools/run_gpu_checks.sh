@@ -40,22 +40,24 @@ fi
 if [ "$what" = diag ] || [ "$what" = cpgrads ]; then
   prepare_small
   L=$OUT/diag.log
-  # CP_LOSSES: LongPO's DPO term is a difference of two large, nearly equal gradients (chosen and rejected
-  # share the long context), so its bf16 gradient is noisy whatever the layout; SFT (NLL only) is not
+  # CP_LOSSES: LongPO and SFT (NLL only: no chosen-minus-rejected difference in its gradient)
+  grads() { local n=$1 out=$2 log=$3; shift 3  # grads GPUS OUT.pt LOG overrides...: one step's gradients
+    [ -f "$out" ] || env ${GRADS_ENV:-} timeout -k 5 240 torchrun --nproc-per-node "$n" --master-port=$((20000 + RANDOM % 20000)) \
+      tests/workers/gpu_checks.py grads "$out" $common "$@" >>"$log" 2>&1; }
   for loss in ${CP_LOSSES:-longpo sft}; do
   P=$W/$loss
   echo "== per-parameter gradients, $loss, CP=2 vs CP=1" >>$L
   common="model.checkpoint=$C data.path=$D data.global_batch_size=2 train.steps=1 loss.name=$loss loss.longpo_lambda=1.0 optim.distributed_optimizer=false model.bf16=true train.save_dir=$W/unused train.tensorboard=false"
   # (prepare_small takes ~1 min on a fresh machine, each run below 20-60 s: give this mode ~5 min per loss)
-  [ -f $P.cp1.pt ] || timeout -k 5 240 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $P.cp1.pt $common >/dev/null 2>&1
+  grads 1 $P.cp1.pt /dev/null
   # CP2_ENV: e.g. CUDA_LAUNCH_BLOCKING=1 (a stream race would vanish) or NVTE_ALLOW_NONDETERMINISTIC_ALGO=0
-  env ${CP2_ENV:-} timeout -k 5 240 torchrun --nproc-per-node 2 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $P.cp2.pt $common parallel.context_parallel=2 >>$OUT/cp_runs.log 2>&1
+  rm -f $P.cp2.pt; GRADS_ENV=${CP2_ENV:-} grads 2 $P.cp2.pt $OUT/cp_runs.log parallel.context_parallel=2
   echo "CP=2 run with env: ${CP2_ENV:-none}" >>$L
-  [ -f $P.mb2.pt ] || timeout -k 5 240 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $P.mb2.pt $common data.samples_per_microbatch=2 >/dev/null 2>&1
+  grads 1 $P.mb2.pt /dev/null data.samples_per_microbatch=2
   # the fp32 reference: local spec (no TE), fp32, one GPU. Is CP=2 (bf16, TE) further from it than CP=1 (bf16, TE)?
-  [ -f $P.ref32.pt ] || timeout -k 5 240 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $P.ref32.pt $common model.bf16=false model.transformer_engine=false >>$OUT/cp_runs.log 2>&1
+  grads 1 $P.ref32.pt $OUT/cp_runs.log model.bf16=false model.transformer_engine=false
   # another bf16 floor, with no CP in it: the same step with the local spec's unfused attention in bf16
-  [ -f $P.local16.pt ] || timeout -k 5 240 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads $P.local16.pt $common model.transformer_engine=false >>$OUT/cp_runs.log 2>&1
+  grads 1 $P.local16.pt $OUT/cp_runs.log model.transformer_engine=false
   python3 tools/compare_grads.py $P >>$L 2>&1
   done
 fi

@@ -8,8 +8,9 @@
 #   TINY=1 bash examples/longpo_smollm2/run.sh           # a few minutes on the CPU: the script itself
 #
 # Knobs (environment): W (work dir), CTX, DOCS, WORDS, CHUNK, ROPE, LR, GBS, EPOCHS, EVAL_LENGTHS, EVAL_SAMPLES,
-# NGPU (DP ranks; CP is left at 1: docs/logprobs.md), EVAL_PER_GPU (evaluations side by side on one GPU), METHODS, DEADLINE (epoch seconds: no stage starts
-# when less than its usual time is left and the generation is interrupted at it; rerun to resume).
+# NGPU (DP ranks; CP is left at 1: docs/logprobs.md), EVAL_PER_GPU (evaluations side by side on one GPU),
+# METHODS, DEADLINE (epoch seconds: no stage starts when less than its usual time is left and the
+# generation is interrupted at it; rerun to resume).
 # With several GPUs the generation and the evaluations run one shard / one model per GPU.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,8 +30,7 @@ log() { echo "== $(date +%H:%M:%S) $*"; }
 before() {  # before NAME SECONDS: stop here (status 0) when fewer than SECONDS are left before DEADLINE
   [ -z "${DEADLINE:-}" ] || [ $((DEADLINE - $(date +%s))) -ge "$2" ] || { log "deadline: stopping before $1; rerun to resume"; wait; exit 0; }
 }
-slots=$(nvidia-smi -L >/dev/null 2>&1 && echo "$NGPU" || echo 1)
-eval_slots=$(nvidia-smi -L >/dev/null 2>&1 && echo $((NGPU * ${EVAL_PER_GPU:-1})) || echo 1)
+if nvidia-smi -L >/dev/null 2>&1; then slots=$NGPU eval_slots=$((NGPU * ${EVAL_PER_GPU:-1})); else slots=1 eval_slots=1; fi
 trun() { $PY -m torch.distributed.run --nproc-per-node "$NGPU" --master-port=$((20000 + RANDOM % 20000)) "$@"; }
 
 HF=$($PY -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")
