@@ -3,11 +3,12 @@
 Run on a GPU machine with `pytest -m gpu tests/test_gpu.py -s`; the numbers they print are the
 ones quoted in docs/foundation.md and docs/logprobs.md."""
 import json
+import sys
 
 import pytest
 import torch
 
-from fixtures import build_dataset
+from fixtures import ROOT, build_dataset
 from mp import torchrun
 
 pytestmark = pytest.mark.gpu
@@ -30,39 +31,107 @@ def long_longpo(smollm2_ckpt, smollm2_dir, tmp_path_factory):
     return build_dataset(tmp, "longpo", 4, smollm2_dir, smollm2_ckpt, context_words=3000)
 
 
+@pytest.fixture(scope="module")
+def gpu_llama_ckpt(smollm2_dir, tmp_path_factory):
+    """The random 8-layer Llama of fixtures.gpu_llama (hidden 512, 8 / 4 heads) as a checkpoint."""
+    from fixtures import ROOT, gpu_llama, run_tool
+
+    tmp = tmp_path_factory.mktemp("gpu_llama")
+    run_tool(ROOT / "tools/convert_checkpoint.py", "hf-to-megatron", "--hf-dir", gpu_llama(tmp / "hf", smollm2_dir),
+             "--out", tmp / "ckpt")
+    return tmp / "ckpt"
+
+
+def _checkpoint(request, model):
+    return request.getfixturevalue("gpu_llama_ckpt" if model == "random" else "smollm2_ckpt")
+
+
+def _grad_rel(run, reference) -> float:
+    """Relative error of a whole gradient (per_param of gpu_checks.py grads) against a reference;
+    names mapped between the TE and the local spec (tools/compare_grads.py)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from compare_grads import compare
+
+    return compare({"run": run, "ref": reference}, "ref")["whole"]["run"]
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_cp2_longpo_step_matches_cp1(smollm2_ckpt, long_longpo, tmp_path):
-    common = [f"model.checkpoint={smollm2_ckpt}", f"data.path={long_longpo}", "data.global_batch_size=2",
+@pytest.mark.parametrize("model", ["random", "smollm2"])
+def test_cp2_longpo_step_matches_cp1(model, request, long_longpo, tmp_path):
+    """A LongPO step at CP=2 gives CP=1's loss and gradients. Random Llama: within 1e-2 (the bar of
+    issue #3). SmolLM2: its bf16 gradient of this step is itself far from fp32 at CP=1
+    (docs/logprobs.md), so CP=2 must be no further than CP=1 from an fp32 reference (local spec)."""
+    common = [f"model.checkpoint={_checkpoint(request, model)}", f"data.path={long_longpo}", "data.global_batch_size=2",
               "train.steps=1", "loss.name=longpo", "loss.longpo_lambda=1.0", "optim.distributed_optimizer=false",
-              "model.bf16=true", f"train.save_dir={tmp_path}/unused"]
-    torchrun(1, "gpu_checks.py", "grads", tmp_path / "cp1.pt", *common, timeout=600)
-    torchrun(2, "gpu_checks.py", "grads", tmp_path / "cp2.pt", *common, "parallel.context_parallel=2", timeout=600)
-    a, b = torch.load(tmp_path / "cp1.pt"), torch.load(tmp_path / "cp2.pt")
+              "model.bf16=true", f"train.save_dir={tmp_path}/unused", "train.tensorboard=false"]
+
+    def grads(n, name, *extra):
+        torchrun(n, "gpu_checks.py", "grads", tmp_path / f"{name}.pt", *common, *extra, timeout=600)
+        return torch.load(tmp_path / f"{name}.pt")
+
+    a, b = grads(1, "cp1"), grads(2, "cp2", "parallel.context_parallel=2")
     rel_loss = abs(a["metrics"]["loss"] - b["metrics"]["loss"]) / abs(a["metrics"]["loss"])
-    rel_grad = ((a["grad"] - b["grad"]).norm() / a["grad"].norm()).item()
-    print(f"CP=2 vs CP=1 (bf16, SmolLM2, LongPO): loss {a['metrics']['loss']:.6f} vs {b['metrics']['loss']:.6f} "
+    rel_grad = _grad_rel(b, a)
+    print(f"CP=2 vs CP=1 (bf16, {model}, LongPO): loss {a['metrics']['loss']:.6f} vs {b['metrics']['loss']:.6f} "
           f"(rel {rel_loss:.2e}); gradient rel. error {rel_grad:.2e}")
-    assert rel_loss <= 1e-2 and rel_grad <= 1e-2
+    assert rel_loss <= 1e-2
+    if model == "random":
+        assert rel_grad <= 1e-2
+        return
+    ref = grads(1, "ref32", "model.bf16=false", "model.transformer_engine=false")
+    d1, d2 = _grad_rel(a, ref), _grad_rel(b, ref)
+    print(f"  vs fp32 (local spec): CP=1 {d1:.2e}, CP=2 {d2:.2e}")
+    assert d2 <= 1.25 * d1
 
 
 def _rel_errors(a, b):
+    """(log-prob sums, whole gradient) relative errors of b against a (prefix_sharing.py outputs);
+    parameter names mapped between the TE and the local spec."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from compare_grads import canonical
+
     stats = max(((a["stats"][r][0] - b["stats"][r][0]).abs() / a["stats"][r][0].abs()).max().item() for r in a["stats"])
-    ga = torch.cat([g.flatten() for g in a["grads"].values()])
-    gb = torch.cat([b["grads"][n].flatten() for n in a["grads"]])
-    return stats, ((ga - gb).norm() / ga.norm()).item()
+    ga, gb = ({canonical(n): g.double() for n, g in x["grads"].items()} for x in (a, b))
+    assert set(ga) == set(gb), sorted(set(ga) ^ set(gb))[:4]
+    flat_a, flat_b = (torch.cat([g[n].flatten() for n in sorted(ga)]) for g in (ga, gb))
+    return stats, ((flat_a - flat_b).norm() / flat_a.norm()).item()
 
 
+@pytest.fixture(scope="module")
+def prefix_runs(request, long_longpo, tmp_path_factory):
+    """run(model, gpus, share, precision) -> prefix_sharing.py's output for samples 0 and 1, each
+    layout run once for all the tests below."""
+    tmp, done = tmp_path_factory.mktemp("prefix"), {}
+
+    def run(model, n, share, precision="auto"):
+        key = (model, n, share, precision)
+        if key not in done:
+            out = tmp / ("-".join(map(str, key)) + ".pt")
+            torchrun(n, "prefix_sharing.py", _checkpoint(request, model), long_longpo, "chosen,rejected", "0,1",
+                     share, out, precision, timeout=600)
+            done[key] = torch.load(out)
+        return done[key]
+
+    return run
+
+
+@pytest.mark.parametrize("model", ["random", "smollm2"])
 @pytest.mark.parametrize("cp", [1, 2])
-def test_prefix_shared_te_matches_two_sequences(cp, smollm2_ckpt, long_longpo, tmp_path):
-    """Prefix-shared rows with TE (bf16) give the two-sequence log-prob sums and gradients."""
+def test_prefix_shared_te_matches_two_sequences(cp, model, prefix_runs):
+    """Prefix-shared rows with TE (bf16) give the two-sequence log-prob sums and gradients. Random
+    Llama: within 1e-2. SmolLM2 (ill-conditioned in bf16, see above): the shared layout no further
+    from an fp32 two-sequence reference (local spec) than the bf16 two-sequence run is."""
     if torch.cuda.device_count() < cp:
         pytest.skip(f"needs {cp} GPUs")
-    roles, samples = "chosen,rejected", "0,1"
-    torchrun(1, "prefix_sharing.py", smollm2_ckpt, long_longpo, roles, samples, "0", tmp_path / "two.pt", timeout=600)
-    torchrun(cp, "prefix_sharing.py", smollm2_ckpt, long_longpo, roles, samples, "1", tmp_path / "shared.pt", timeout=600)
-    a, b = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "shared.pt")
+    a, b = prefix_runs(model, 1, "0"), prefix_runs(model, cp, "1")
     stats, grads = _rel_errors(a, b)
-    print(f"prefix-shared (TE, bf16, CP={cp}) vs two sequences (CP=1): log-prob sums rel. err {stats:.2e}, "
-          f"gradient rel. err {grads:.2e}; sums {[a['stats'][r][0].tolist() for r in a['stats']]} vs "
-          f"{[b['stats'][r][0].tolist() for r in b['stats']]}")
-    assert stats <= 1e-2 and grads <= 3e-2
+    print(f"prefix-shared (TE, bf16, CP={cp}, {model}) vs two sequences (CP=1): log-prob sums rel. err {stats:.2e}, "
+          f"gradient rel. err {grads:.2e}")
+    assert stats <= 1e-2
+    if model == "random":
+        assert grads <= 1e-2
+        return
+    ref = prefix_runs(model, 1, "0", "fp32")
+    d_two, d_shared = _rel_errors(ref, a)[1], _rel_errors(ref, b)[1]
+    print(f"  vs fp32 two sequences (local spec): bf16 two sequences {d_two:.2e}, bf16 shared {d_shared:.2e}")
+    assert d_shared <= 1.25 * d_two

@@ -37,43 +37,53 @@ if [ "$what" = diag ] || [ "$what" = attn ]; then
   echo "== TE THD attention, CP=2 vs one GPU" >>$OUT/diag.log
   timeout -k 5 120 torchrun --nproc-per-node 2 --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_cp_diag.py 2>&1 | grep "^rank" >>$OUT/diag.log
 fi
+prepare_random() {  # the GPU tests' random 8-layer Llama (tests/fixtures.gpu_llama) as a checkpoint: $R/ckpt
+  prepare_small
+  R=/tmp/gpu-random; mkdir -p $R
+  [ -f $R/ckpt/latest ] || { python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'tests'); \
+from fixtures import gpu_llama; gpu_llama(Path('$R/hf'), Path('$HF'))" \
+    && python3 tools/convert_checkpoint.py hf-to-megatron --hf-dir $R/hf --out $R/ckpt >/dev/null; }
+}
 if [ "$what" = diag ] || [ "$what" = cpgrads ]; then
   prepare_small
   L=$OUT/diag.log
-  # CP_LOSSES: LongPO and SFT (NLL only: no chosen-minus-rejected difference in its gradient)
-  grads() { local n=$1 out=$2 log=$3; shift 3  # grads GPUS OUT.pt LOG overrides...: one step's gradients
-    [ -f "$out" ] || env ${GRADS_ENV:-} timeout -k 5 240 torchrun --nproc-per-node "$n" --master-port=$((20000 + RANDOM % 20000)) \
-      tests/workers/gpu_checks.py grads "$out" $common "$@" >>"$log" 2>&1; }
+  # grads GPUS OUT.pt LOG overrides...: one step's gradients ($GPU: which GPU a one-GPU run takes)
+  grads() { local n=$1 out=$2 log=$3; shift 3
+    [ -f "$out" ] || env ${GRADS_ENV:-} ${GPU:+CUDA_VISIBLE_DEVICES=$GPU} timeout -k 5 240 torchrun --nproc-per-node "$n" \
+      --master-port=$((20000 + RANDOM % 20000)) tests/workers/gpu_checks.py grads "$out" $common "$@" >>"$log" 2>&1; }
+  other=$([ "$NGPU" -ge 2 ] && echo 1 || echo 0)
+  # CP_MODELS: the random Llama (tests/fixtures.gpu_llama) and SmolLM2; CP_LOSSES: LongPO and SFT
+  # (NLL only: no chosen-minus-rejected difference in its gradient)
+  for model in ${CP_MODELS:-random smollm2}; do
+  if [ "$model" = random ]; then prepare_random; ckpt=$R/ckpt; else ckpt=$C; fi
   for loss in ${CP_LOSSES:-longpo sft}; do
-  P=$W/$loss
-  echo "== per-parameter gradients, $loss, CP=2 vs CP=1" >>$L
-  common="model.checkpoint=$C data.path=$D data.global_batch_size=2 train.steps=1 loss.name=$loss loss.longpo_lambda=1.0 optim.distributed_optimizer=false model.bf16=true train.save_dir=$W/unused train.tensorboard=false"
-  # (prepare_small takes ~1 min on a fresh machine, each run below 20-60 s: give this mode ~5 min per loss)
-  grads 1 $P.cp1.pt /dev/null
+  P=$W/$model.$loss
+  echo "== per-parameter gradients, $model, $loss, CP=2 vs CP=1" >>$L
+  common="model.checkpoint=$ckpt data.path=$D data.global_batch_size=2 train.steps=1 loss.name=$loss loss.longpo_lambda=1.0 optim.distributed_optimizer=false model.bf16=true train.save_dir=$W/unused train.tensorboard=false"
   # CP2_ENV: e.g. CUDA_LAUNCH_BLOCKING=1 (a stream race would vanish) or NVTE_ALLOW_NONDETERMINISTIC_ALGO=0
   rm -f $P.cp2.pt; GRADS_ENV=${CP2_ENV:-} grads 2 $P.cp2.pt $OUT/cp_runs.log parallel.context_parallel=2
   echo "CP=2 run with env: ${CP2_ENV:-none}" >>$L
-  grads 1 $P.mb2.pt /dev/null data.samples_per_microbatch=2
-  # the fp32 reference: local spec (no TE), fp32, one GPU. Is CP=2 (bf16, TE) further from it than CP=1 (bf16, TE)?
-  grads 1 $P.ref32.pt $OUT/cp_runs.log model.bf16=false model.transformer_engine=false
-  # another bf16 floor, with no CP in it: the same step with the local spec's unfused attention in bf16
-  grads 1 $P.local16.pt $OUT/cp_runs.log model.transformer_engine=false
+  # the one-GPU runs, two at a time: bf16 TE (CP=1); the packing floor (2 samples per micro-batch);
+  # the fp32 reference (local spec, no TE); a bf16 floor with no CP in it (the local spec's unfused attention)
+  GPU=0 grads 1 $P.cp1.pt $OUT/cp_runs.log & GPU=$other grads 1 $P.mb2.pt $OUT/cp_runs.log data.samples_per_microbatch=2 & wait
+  GPU=0 grads 1 $P.ref32.pt $OUT/cp_runs.log model.bf16=false model.transformer_engine=false &
+  GPU=$other grads 1 $P.local16.pt $OUT/cp_runs.log model.transformer_engine=false & wait
   python3 tools/compare_grads.py $P >>$L 2>&1
-  done
+  done; done
 fi
 if [ "$what" = prefix ]; then
   python3 -m pytest -q -m gpu tests/test_gpu.py -k prefix_shared -s -p no:cacheprovider 2>&1 | grep -v "Warn\|warn" | tail -30 > "$OUT/prefix.log"
 fi
 if [ "$what" = bench_step ]; then
   # one process per configuration (a process that ran out of memory keeps some)
-  # CONFIGS: "layout recompute lengths" items separated by ';'. PROFILE=N prints each step's N costliest kernels
+  # CONFIGS: "layout recompute lengths [flags]" items separated by ';'. PROFILE=N prints each step's N costliest kernels
   L=${LENGTHS:-16384,32768,65536,131072}
   IFS=';' read -ra configs <<< "${CONFIGS:-two none $L;shared none $L;two full ${FULL_LENGTHS:-65536,131072};shared full ${FULL_LENGTHS:-131072}}"
   for c in "${configs[@]}"; do
     set -- $c
     rc=$([ "$2" = full ] && echo "--recompute full" || echo "")
     timeout -k 5 200 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tools/bench_train_step.py --layers 4 \
-      --layouts $1 $rc --lengths $3 --until-oom --iters 2 ${PROFILE:+--profile $PROFILE} --jsonl $OUT/bench_step.jsonl 2>&1 \
+      --layouts $1 $rc --lengths $3 ${@:4} --until-oom --iters 2 ${PROFILE:+--profile $PROFILE} --jsonl $OUT/bench_step.jsonl 2>&1 \
       | grep -v "Warn\|warn\|USDT" | tail -$((8 + 2 * ${PROFILE:-0} + 8)) >> "$OUT/bench_step.log"
   done
   python3 tools/bench_train_step.py --table $OUT/bench_step.jsonl | tee -a "$OUT/bench_step.log"
@@ -100,23 +110,7 @@ if [ "$what" = train_tp2 ]; then
   # a small random Llama (8 heads / 4 KV heads: TP=2 divides them) on the ~4K-token LongPO data:
   # TP=2 (and TP=2 with sequence parallelism) on 2 GPUs vs TP=1 on one; 4 steps each
   prepare_small
-  T=/tmp/gpu-tp; mkdir -p $T
-  if [ ! -f $T/ckpt/latest ]; then
-    python3 - "$HF" $T/hf <<'PY'
-import shutil, sys
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
-src, out = sys.argv[1], sys.argv[2]
-cfg = AutoConfig.for_model("llama", vocab_size=49152, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                           num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                           tie_word_embeddings=False)
-torch.manual_seed(0)
-AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
-for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-    shutil.copy(f"{src}/{f}", f"{out}/{f}")
-PY
-    python3 tools/convert_checkpoint.py hf-to-megatron --hf-dir $T/hf --out $T/ckpt >/dev/null
-  fi
+  prepare_random; T=$R
   # TP_VARIANTS: which layouts, ';'-separated "GPUS overrides..." (default: all three)
   IFS=';' read -ra variants <<< "${TP_VARIANTS:-1 parallel.tensor_parallel=1;2 parallel.tensor_parallel=2;2 parallel.tensor_parallel=2 parallel.sequence_parallel=true}"
   for v in "${variants[@]}"; do

@@ -2,7 +2,9 @@
 parameter gradients of one micro-batch, two-sequence layout or prefix-shared, at CP = world size.
 CPU: gloo, fp32, local spec. GPU: NCCL, bf16, Transformer Engine spec (THD rows).
 
-  prefix_sharing.py CKPT DATA ROLES SAMPLES SHARE OUT.pt
+  prefix_sharing.py CKPT DATA ROLES SAMPLES SHARE OUT.pt [fp32]
+
+fp32 (GPU, two-sequence layout, one process): the local spec in fp32, a reference for the bf16 runs.
 """
 import sys
 
@@ -10,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 
-def main(ckpt, data, roles, samples, share, out):
+def main(ckpt, data, roles, samples, share, out, precision="auto"):
     from megatron.core import parallel_state as ps
 
     from megatron_longpo import parallel, platform
@@ -28,11 +30,14 @@ def main(ckpt, data, roles, samples, share, out):
     arch, _ = ck.read_model_json(ckpt)
     par = parallel.ParallelConfig(context_parallel=world)
     parallel.setup(par, arch=arch, cpu_cp=share)
-    gpu = platform.cuda_available()
-    chunks = build_model(arch, par, ModelOptions(prefix_sharing=share, bf16=gpu))
+    fp32 = precision == "fp32"
+    if fp32 and (share or world > 1):
+        raise SystemExit("fp32 is the two-sequence reference on one process")
+    gpu = platform.cuda_available() and not fp32  # bf16, Transformer Engine, THD rows
+    chunks = build_model(arch, par, ModelOptions(prefix_sharing=share, bf16=gpu, use_te=None if gpu else False))
     ck.load_model(chunks, ckpt)
     model = chunks[0]
-    if gpu:
+    if gpu:  # bf16
         from megatron.core.transformer.module import Float16Module
 
         model = Float16Module(model.config, model)
@@ -48,6 +53,14 @@ def main(ckpt, data, roles, samples, share, out):
         pad = 2 * world if world > 1 else 1
         batch = prepare_batch(pack(batch_samples, roles, pad), None, thd=gpu, cp_size=world,
                               cp_rank=ps.get_context_parallel_rank(), device=dev)
+    # did the last layer skip its trunk queries (models/prefix_attention.py)? its trunk rows are then zeros
+    last = {}
+    if share:
+        from megatron_longpo.models.build import unwrap
+
+        attn = unwrap(chunks[0]).decoder.layers[-1].self_attention.core_attention
+        n_trunk = batch.packed_seq_params.n_trunk
+        attn.register_forward_hook(lambda m, a, o: last.update(trunk_zero=bool(n_trunk) and not o[:n_trunk].any()))
     logp = run_model(model, batch, 64)
     stats = sequence_statistics(logp, batch, cp_group)
     # a scalar that weighs every role and sample differently
@@ -63,9 +76,9 @@ def main(ckpt, data, roles, samples, share, out):
         grads[n] = g
     if dist.get_rank() == 0:
         torch.save({"stats": {r: (stats[r].logps.detach().cpu(), stats[r].tokens.cpu()) for r in roles},
-                    "grads": {n: g.cpu() for n, g in grads.items()}}, out)
+                    "grads": {n: g.cpu() for n, g in grads.items()}, "last_trunk_skipped": last.get("trunk_zero")}, out)
     parallel.teardown()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:7])
+    main(*sys.argv[1:8])
