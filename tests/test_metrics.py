@@ -23,3 +23,24 @@ def test_output_layer_counted_on_the_scored_tokens_only_when_given():
     assert M.batch_model_flops(ARCH, [(10, 10.0)], scored_tokens=3) == 10 * body + 3 * head
     # a branch of 4 tokens with the attention span of a length-10 sequence, next to a trunk of 10
     assert M.batch_model_flops(ARCH, [(10, 10.0), (4, 10.0)], scored_tokens=0) == pytest.approx(14 * body)
+
+
+def test_trunk_that_skips_the_last_layers_attention():
+    # 1 layer: a trunk token skipping the last layer's attention does no attention at all (80 fewer)
+    body = 3 * (64 + 32 + 192 + 80)
+    assert M.batch_model_flops(ARCH, [(10, 10.0, True), (4, 10.0)], scored_tokens=0) == 10 * (body - 3 * 80) + 4 * body
+    two = SimpleNamespace(**{**vars(ARCH), "num_layers": 2})
+    assert M.model_flops_per_token(two, 10, logits=False, attention_layers=1) == 3 * (2 * (64 + 32 + 192) + 80)
+
+
+def test_flops_spans_of_a_shared_row_mark_unscored_trunks(tiny_longpo_data):
+    from megatron_longpo.data.format import PairDataset
+    from megatron_longpo.data.prefix_sharing import build_shared_row, flops_spans
+
+    ds = PairDataset(tiny_longpo_data)
+    row = build_shared_row([ds.sample(0), ds.sample(1)], ("chosen", "rejected"))
+    spans = flops_spans(row)
+    trunks = len(row.cu) - 1
+    assert [s[2] for s in spans[:trunks]] == [True] * trunks  # pairs: no scored trunk token
+    assert not any(s[2] for s in flops_spans(row, last_layer_trunk=True))
+    assert sum(s[0] for s in spans) == row.real_tokens

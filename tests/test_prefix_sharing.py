@@ -102,6 +102,8 @@ def test_shared_equals_two_sequences(case, tiny_llama_ckpt, tiny_longpo_data, pa
     ref = _run(tmp_path, "two", 1, tiny_llama_ckpt, data, roles, samples, False)
     shared = _run(tmp_path, "shared", 1, tiny_llama_ckpt, data, roles, samples, True)
     _assert_same(ref, shared)
+    # the last layer skips the trunk queries exactly when no trunk token is scored (SoLoPO's long_chosen is)
+    assert shared["last_trunk_skipped"] == ("long_chosen" not in roles)
 
 
 def test_shared_at_cp2_equals_two_sequences(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
@@ -109,6 +111,7 @@ def test_shared_at_cp2_equals_two_sequences(tiny_llama_ckpt, tiny_longpo_data, t
     ref = _run(tmp_path, "two", 1, tiny_llama_ckpt, tiny_longpo_data, roles, "0,1,2", False)
     cp2 = _run(tmp_path, "cp2", 2, tiny_llama_ckpt, tiny_longpo_data, roles, "0,1,2", True)
     _assert_same(ref, cp2)
+    assert cp2["last_trunk_skipped"]
 
 
 def test_tail_causal_attention_equals_the_masked_reference(tiny_longpo_data):

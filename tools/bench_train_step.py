@@ -65,7 +65,7 @@ class _PairSample:
         return self._seqs[role]
 
 
-def batch_for(layout, sample, cp, cp_rank, cp_group, ref):
+def batch_for(layout, sample, cp, cp_rank, cp_group, ref, trunk_skip=True):
     from megatron_longpo.data.packing import pack
     from megatron_longpo.data.prefix_sharing import build_shared_row, flops_spans
     from megatron_longpo.training.step import prepare_batch, prepare_shared_batch
@@ -74,7 +74,8 @@ def batch_for(layout, sample, cp, cp_rank, cp_group, ref):
     pad = 2 * cp if cp > 1 else 1
     if layout == "shared":
         row = build_shared_row([sample], roles, cp_size=cp, pad_multiple=pad)
-        return prepare_shared_batch(row, ref, cp_rank=cp_rank, cp_group=cp_group, device=DEVICE), flops_spans(row)
+        return prepare_shared_batch(row, ref, cp_rank=cp_rank, cp_group=cp_group, device=DEVICE), \
+            flops_spans(row, last_layer_trunk=None if trunk_skip else True)
     packed = pack([sample], roles, pad)
     lens = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).tolist()
     return prepare_batch(packed, ref, thd=DEVICE == "cuda", cp_size=cp, cp_rank=cp_rank, device=DEVICE), [(n, n) for n in lens]
@@ -89,6 +90,9 @@ def run_layout(args, arch, par, layout, recompute, lengths, world):
     from megatron_longpo.training import metrics as M
     from megatron_longpo.training.loop import build_engine, engine_forward_backward
 
+    from megatron_longpo.models.prefix_attention import PrefixSharedAttention
+
+    PrefixSharedAttention.skip_unused_trunk = not args.no_trunk_skip
     opts = ModelOptions(bf16=DEVICE == "cuda", recompute=recompute, prefix_sharing=layout == "shared",
                         max_sequence_length=max(lengths))
     chunks, optimizer = build_engine(arch, par, opts, OptimSection(lr=1e-7, warmup_fraction=0.0), None)
@@ -100,11 +104,12 @@ def run_layout(args, arch, par, layout, recompute, lengths, world):
     peak = M.peak_tflops(None)
     rows = []
     for length in lengths:
-        row = {"layout": layout, "length": length, "recompute": recompute or "none", "layers": arch.num_layers,
+        name = layout + (" (last layer's trunk too)" if layout == "shared" and args.no_trunk_skip else "")
+        row = {"layout": name, "length": length, "recompute": recompute or "none", "layers": arch.num_layers,
                "gpus": world}
         try:
             batch, spans = batch_for(layout, _PairSample(length, args.response, seed=length), par.context_parallel,
-                                     cp_rank, cp_group, ref)
+                                     cp_rank, cp_group, ref, trunk_skip=not args.no_trunk_skip)
             step = partial(train_step, engine_forward_backward, chunks, optimizer, batch, loss_cfg, cp_group)
             times = []
             for i in range(args.warmup + args.iters):
@@ -124,7 +129,7 @@ def run_layout(args, arch, par, layout, recompute, lengths, world):
             row.update(seconds=sec, tokens_per_s=2 * length / sec, model_tflops_per_gpu=tflops,
                        mfu=tflops / peak if peak else None,
                        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0,
-                       tokens_run=sum(n for n, _ in spans), status="ok")
+                       tokens_run=sum(s[0] for s in spans), status="ok")
         except torch.OutOfMemoryError:  # noqa: PERF203
             row.update(status="OOM")
         rows.append(row)
@@ -150,20 +155,27 @@ def train_step(forward_backward, chunks, optimizer, batch, loss_cfg, cp_group):
 
 
 def profile_step(step, title: str, top: int):
-    """One more step under torch.profiler; rank 0 prints the operations that took the most device
-    time (GPU kernels; CPU time on the CPU)."""
+    """One more step under torch.profiler; rank 0 prints the GPU kernels that took the most time
+    (on the CPU: the operators' CPU time), and the step's wall time next to their sum."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     gpu = DEVICE == "cuda"
+    t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
         step()
         _sync()
+    wall = time.perf_counter() - t0
     if torch.distributed.get_rank() == 0:
         events = prof.key_averages()
-        key = "self_cpu_time_total" if not gpu else (
-            "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total")
+        if gpu:  # kernels only: an operator's row repeats the time of the kernels it launched
+            key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+            events = [e for e in events if e.device_type == DeviceType.CUDA]
+        else:
+            key = "self_cpu_time_total"
         total = sum(getattr(e, key) for e in events) / 1e6
-        print(f"\n== profile: {title} (one step, {'GPU kernel' if gpu else 'CPU'} time {total:.3f} s)")
+        print(f"\n== profile: {title} (one step under the profiler: {wall:.3f} s wall, "
+              f"{'GPU kernels' if gpu else 'CPU operators'} {total:.3f} s)")
         for e in sorted(events, key=lambda e: -getattr(e, key))[:top]:
             t = getattr(e, key) / 1e6
             print(f"{t:8.4f} s {100 * t / total:5.1f}% x{e.count:<5d} {e.key[:110]}")
@@ -191,6 +203,9 @@ def main(argv=None) -> int:
     p.add_argument("--recompute", choices=["full", "selective"], default=None)
     p.add_argument("--recompute-on-oom", action="store_true", help="rerun lengths that ran out of memory with full recompute")
     p.add_argument("--until-oom", action="store_true", help="stop a layout at its first out-of-memory length")
+    p.add_argument("--no-trunk-skip", action="store_true",
+                   help="shared layout: compute the last layer's trunk queries too (models/prefix_attention.py skips "
+                        "them: no scored token reads them), to measure what the skip saves")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--profile", type=int, default=0, metavar="N",

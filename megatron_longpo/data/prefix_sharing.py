@@ -185,15 +185,18 @@ def build_shared_row(samples: Seq[Sample], roles: Seq[str], cp_size: int = 1, pa
                      int(lengths.sum()) + nb, unshared)
 
 
-def flops_spans(row: SharedRow) -> list[tuple[int, float]]:
-    """(tokens, equivalent sequence length) pairs for metrics.model_flops_per_token: a trunk is a
-    causal sequence; a branch of n tokens starting at position k attends on average to
-    k + n/2 keys, i.e. a causal sequence of length 2k + n."""
-    spans = [(int(n), float(n)) for n in (row.cu[1:] - row.cu[:-1])]
+def flops_spans(row: SharedRow, last_layer_trunk: bool | None = None) -> list[tuple]:
+    """(tokens, equivalent sequence length[, skips the last layer's attention]) items for
+    metrics.batch_model_flops: a trunk is a causal sequence; a branch of n tokens starting at
+    position k attends on average to k + n/2 keys, i.e. a causal sequence of length 2k + n.
+    Trunk queries skip the last layer's attention when no trunk token is scored
+    (models/prefix_attention.py); last_layer_trunk=True counts them anyway (the skip turned off)."""
+    skip = not row.t_mask.any() if last_layer_trunk is None else not last_layer_trunk
+    spans = [(int(n), float(n), bool(skip)) for n in (row.cu[1:] - row.cu[:-1])]
     for j in np.unique(row.b_branch[row.b_branch >= 0]):
         sel = row.b_branch == j
         n, k = int(sel.sum()), int(row.b_pos[sel][0])
-        spans.append((n, float(2 * k + n)))
+        spans.append((n, float(2 * k + n), False))
     return spans
 
 

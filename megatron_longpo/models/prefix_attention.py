@@ -13,6 +13,13 @@ pair, each continuing its trunk). This module
      copies are not kept. Branches are short (responses), so this is a small part of the cost.
 Every query sees exactly the keys it sees in the two-sequence layout, so the results are the
 same up to floating point.
+
+In the model's last layer, trunk queries are not computed at all when no trunk token is scored
+(every pair's trunk: its scored tokens all lie in the branches): their outputs would only feed
+final hidden states that no log-prob reads, while the branches need the trunk's keys and values,
+which the layer still computes. The trunk rows of that layer get zeros; the loss and every
+gradient are unchanged (the zeros' gradient is never used), and 1/num_layers of the trunk's
+attention is saved.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class PrefixSharedParams(PackedSeqParams):
     cp_rank: int = 0
     shared_cp_group: object = None  # the CP process group when CP > 1
     max_position: int = 0
+    trunk_scored: bool = True  # a trunk token (of any rank) is scored: the last layer computes trunk queries
 
 
 class _GatherCP(torch.autograd.Function):
@@ -93,12 +101,13 @@ def masked_attention(q, k, v, mask, scale):
 
 
 def tail_causal_attention(q, k, v, scale):
-    """q [lq, h, d] are the last lq of the lk keys: query i sees keys 0 .. lk - lq + i
-    (lower-right causal; SDPA's fused kernels, no mask tensor)."""
+    """q [lq, h, d] are the last lq of the lk keys (k/v [lk, hkv, d], GQA without copies): query i
+    sees keys 0 .. lk - lq + i (lower-right causal; SDPA's flash kernel, no mask tensor)."""
     from torch.nn.attention.bias import causal_lower_right
 
-    qh, kh, vh = _heads(q, k, v)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(q.shape[0], k.shape[0]), scale=scale)
+    qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(q.shape[0], k.shape[0]), scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
     return out.squeeze(0).transpose(0, 1)
 
 
@@ -106,6 +115,7 @@ class PrefixSharedAttention(MegatronModule):
     """Drop-in core attention (same constructor and forward as megatron's core attentions)."""
 
     _tail_failed = False  # set once if the fused lower-right causal kernel is unavailable
+    skip_unused_trunk = True  # the last layer's unscored trunk queries (see the module doc); off: for comparisons
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type="self", cp_comm_type=None,
                  softmax_scale=None, pg_collection=None, *, use_te: bool, rope: dict, **_):
@@ -116,6 +126,7 @@ class PrefixSharedAttention(MegatronModule):
                                     use_cpu_initialization=True, **rope)
         d = config.kv_channels
         self.scale = softmax_scale if softmax_scale is not None else d ** -0.5
+        self.last_layer = layer_number == config.num_layers  # global layer numbers (pipeline offsets included)
         self.trunk_attention = None
         if use_te:
             from megatron.core.extensions.transformer_engine import TEDotProductAttention
@@ -129,9 +140,14 @@ class PrefixSharedAttention(MegatronModule):
         return {}  # no weights; TE's fp8 extra state is not used (bf16)
 
     def _rotate(self, x, freqs):
-        from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+        """RoPE of x [t, h, d] with per-token freqs [t, 1, d]: Transformer Engine's fused kernel
+        (sbhd, one frequency row per token) with the TE spec, PyTorch ops otherwise."""
+        from megatron.core.models.common.embeddings import rope_utils
 
-        return _apply_rotary_pos_emb_bshd(x.unsqueeze(1), freqs.unsqueeze(1)).squeeze(1)
+        x, freqs = x.unsqueeze(1), freqs.unsqueeze(1)
+        if self.trunk_attention is not None and rope_utils.fused_apply_rotary_pos_emb is not None:
+            return rope_utils.fused_apply_rotary_pos_emb(x, freqs).squeeze(1)
+        return rope_utils._apply_rotary_pos_emb_bshd(x, freqs).squeeze(1)
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params: PrefixSharedParams | None = None, **_):
@@ -148,7 +164,9 @@ class PrefixSharedAttention(MegatronModule):
         group = p.shared_cp_group
 
         outs = []
-        if nt:
+        if nt and self.last_layer and not p.trunk_scored and self.skip_unused_trunk:
+            outs.append(q.new_zeros(nt, q.shape[1] * v.shape[2]))  # read by nothing (module doc)
+        elif nt:
             if self.trunk_attention is not None:
                 o = self.trunk_attention(q[:nt], k[:nt], v[:nt], None, attn_mask_type=attn_mask_type,
                                          packed_seq_params=_trunk_params(p))
@@ -205,4 +223,5 @@ def params_for(view, row, device, cp_group=None, cp_rank: int = 0) -> PrefixShar
         meta={n: x.to(dev) for n, x in view.meta.items()},
         parts=[(lo, hi, kv.to(dev), tail) for lo, hi, kv, tail in view.parts],
         cp_rank=cp_rank, shared_cp_group=cp_group, max_position=int(view.meta["pos"].max()),
+        trunk_scored=bool(row.t_mask.any()),
     )

@@ -48,7 +48,7 @@ class StepData:
         self.pad_multiple, self.thd = pad_multiple, thd
         self.cp_size, self.cp_rank, self.device = cp_size, cp_rank, device
         self.share_prefix = share_prefix
-        self._last_spans: list[tuple[int, float]] = []  # (tokens, sequence length for the FLOPs formula)
+        self._last_spans: list[tuple] = []  # metrics.batch_model_flops items
         self._last_scored = 0  # scored (loss-mask) tokens of the last step: the output layer runs on these
 
     def total_steps(self, steps: int | None, epochs: int) -> int:
@@ -99,7 +99,7 @@ class StepData:
         self._last_spans, self._last_scored = [], 0
         return [self.micro_batch(m) for m in self.sampler.next_global_batch()]
 
-    def last_step_spans(self) -> list[tuple[int, float]]:
+    def last_step_spans(self) -> list[tuple]:
         """(tokens, sequence length for metrics.model_flops_per_token) of the last step's work."""
         return list(self._last_spans)
 

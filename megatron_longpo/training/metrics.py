@@ -23,17 +23,19 @@ def peak_tflops(override: float | None) -> float | None:
     return None
 
 
-def model_flops_per_token(arch, seq_len: float, *, logits: bool = True) -> float:
+def model_flops_per_token(arch, seq_len: float, *, logits: bool = True, attention_layers: int | None = None) -> float:
     """Training FLOPs per token (forward + backward = 3x forward) of a Llama-style model with GQA,
     SwiGLU and causal attention at sequence length `seq_len` (average over the tokens); `logits`:
-    with the output layer. Recomputation is not counted (model FLOPs, not hardware FLOPs)."""
+    with the output layer; `attention_layers`: in how many layers the token's query attends (all by
+    default). Recomputation is not counted (model FLOPs, not hardware FLOPs)."""
     h, f, L = arch.hidden_size, arch.ffn_hidden_size, arch.num_layers
     d, nq, nkv = arch.head_dim, arch.num_attention_heads, arch.num_query_groups
     qkv = 2 * h * (nq + 2 * nkv) * d
     proj = 2 * nq * d * h
     mlp = 2 * 3 * h * f
     attn = 2 * 2 * nq * d * seq_len / 2  # QK^T and AV, causal: half the square
-    return 3 * L * (qkv + proj + mlp + attn) + (output_layer_flops_per_token(arch) if logits else 0)
+    a = L if attention_layers is None else attention_layers
+    return 3 * (L * (qkv + proj + mlp) + a * attn) + (output_layer_flops_per_token(arch) if logits else 0)
 
 
 def output_layer_flops_per_token(arch) -> float:
@@ -43,12 +45,15 @@ def output_layer_flops_per_token(arch) -> float:
 
 def batch_model_flops(arch, spans, scored_tokens: int | None = None) -> float:
     """Model FLOPs of one pass (forward+backward) over sequences: each item a length, or
-    (tokens, causal-sequence length whose average attention span they have). The output layer
-    runs only where the loss looks (logprobs.target_logprobs, keep=): pass `scored_tokens` to count
-    it on those tokens; without it, it is counted on every token (the usual convention)."""
-    items = [(s, s) if isinstance(s, (int, float)) else s for s in spans]
-    body = sum(n * model_flops_per_token(arch, length, logits=False) for n, length in items)
-    n_head = sum(n for n, _ in items) if scored_tokens is None else scored_tokens
+    (tokens, causal-sequence length whose average attention span they have[, True when their
+    queries skip the last layer's attention: a prefix-shared trunk, data/prefix_sharing.flops_spans]).
+    The output layer runs only where the loss looks (logprobs.target_logprobs, keep=): pass
+    `scored_tokens` to count it on those tokens; without it, it is counted on every token (the
+    usual convention)."""
+    items = [(s, s, False) if isinstance(s, (int, float)) else (*s, False)[:3] for s in spans]
+    body = sum(n * model_flops_per_token(arch, length, logits=False, attention_layers=arch.num_layers - skip)
+               for n, length, skip in items)
+    n_head = sum(n for n, _, _ in items) if scored_tokens is None else scored_tokens
     return body + n_head * output_layer_flops_per_token(arch)
 
 
