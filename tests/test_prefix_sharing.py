@@ -140,3 +140,19 @@ def test_tail_causal_attention_equals_the_masked_reference(tiny_longpo_data):
             assert mask[-1].all() and (hi - lo == 1 or not mask[0].all())
             pieces += 1
     assert pieces >= 4  # 2 samples x 2 branches, some cut between the ranks
+
+
+def test_only_the_last_layer_skips_and_only_when_asked():
+    """ModelOptions.skip_unused_trunk reaches the attention through the layer spec; only the
+    model's last layer (global numbering) skips."""
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_longpo.models.build import layer_spec
+    from megatron_longpo.models.prefix_attention import PrefixSharedAttention
+
+    cfg = TransformerConfig(num_layers=3, hidden_size=16, num_attention_heads=2, use_cpu_initialization=True)
+    for skip in (True, False):
+        make = layer_spec(False, True, {}, skip_unused_trunk=skip).submodules.self_attention.submodules.core_attention
+        assert make.func is PrefixSharedAttention
+        got = [make(config=cfg, layer_number=n, attn_mask_type=None).skip_unused_trunk for n in (1, 2, 3)]
+        assert got == [False, False, skip]

@@ -90,10 +90,8 @@ def run_layout(args, arch, par, layout, recompute, lengths, world):
     from megatron_longpo.training import metrics as M
     from megatron_longpo.training.loop import build_engine, engine_forward_backward
 
-    from megatron_longpo.models.prefix_attention import PrefixSharedAttention
-
-    PrefixSharedAttention.skip_unused_trunk = not args.no_trunk_skip
     opts = ModelOptions(bf16=DEVICE == "cuda", recompute=recompute, prefix_sharing=layout == "shared",
+                        skip_unused_trunk=not args.no_trunk_skip,
                         max_sequence_length=max(lengths))
     chunks, optimizer = build_engine(arch, par, opts, OptimSection(lr=1e-7, warmup_fraction=0.0), None)
     loss_cfg = LossConfig(name="longpo", beta=0.1, longpo_lambda=0.01)

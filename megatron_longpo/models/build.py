@@ -28,6 +28,7 @@ class ModelOptions:
     recompute_num_layers: int = 1
     max_sequence_length: int | None = None  # defaults to the model's max_position_embeddings
     prefix_sharing: bool = False  # core attention for prefix-shared rows (models/prefix_attention.py)
+    skip_unused_trunk: bool = True  # prefix sharing: the last layer skips unscored trunk queries (exact; off to measure it)
 
     def resolved_use_te(self) -> bool:
         """Whether the model is built with the TE spec (and batches are packed THD rows for it)."""
@@ -49,7 +50,7 @@ def te_available() -> bool:
     return True
 
 
-def layer_spec(use_te: bool, prefix_sharing: bool = False, rope: dict | None = None):
+def layer_spec(use_te: bool, prefix_sharing: bool = False, rope: dict | None = None, skip_unused_trunk: bool = True):
     """The layer spec; with prefix sharing its core attention is PrefixSharedAttention (the
     ModuleSpec way: one submodule swapped, the rest of the layer as megatron builds it)."""
     import copy
@@ -62,7 +63,8 @@ def layer_spec(use_te: bool, prefix_sharing: bool = False, rope: dict | None = N
         from megatron_longpo.models.prefix_attention import PrefixSharedAttention
 
         spec = copy.deepcopy(spec)
-        spec.submodules.self_attention.submodules.core_attention = partial(PrefixSharedAttention, use_te=use_te, rope=rope or {})
+        spec.submodules.self_attention.submodules.core_attention = partial(
+            PrefixSharedAttention, use_te=use_te, rope=rope or {}, skip_unused_trunk=skip_unused_trunk)
     return spec
 
 
@@ -102,7 +104,7 @@ def build_model(
         rope_kw = dict(rope_scaling=True, rope_scaling_factor=arch.rope_scaling_factor)
     elif arch.rope_scaling_type == "linear":
         rope_kw = dict(seq_len_interpolation_factor=arch.rope_scaling_factor)
-    spec = layer_spec(use_te, opts.prefix_sharing, dict(rotary_base=arch.rope_theta, **rope_kw))
+    spec = layer_spec(use_te, opts.prefix_sharing, dict(rotary_base=arch.rope_theta, **rope_kw), opts.skip_unused_trunk)
     vpp = par.virtual_pipeline_parallel
     chunks = []
     # GPTModel logs a deprecation notice (HybridModel is its successor); it is stable in 0.19.

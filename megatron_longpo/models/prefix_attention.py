@@ -115,10 +115,9 @@ class PrefixSharedAttention(MegatronModule):
     """Drop-in core attention (same constructor and forward as megatron's core attentions)."""
 
     _tail_failed = False  # set once if the fused lower-right causal kernel is unavailable
-    skip_unused_trunk = True  # the last layer's unscored trunk queries (see the module doc); off: for comparisons
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type="self", cp_comm_type=None,
-                 softmax_scale=None, pg_collection=None, *, use_te: bool, rope: dict, **_):
+                 softmax_scale=None, pg_collection=None, *, use_te: bool, rope: dict, skip_unused_trunk: bool = True, **_):
         super().__init__(config=config)
         from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
@@ -126,7 +125,8 @@ class PrefixSharedAttention(MegatronModule):
                                     use_cpu_initialization=True, **rope)
         d = config.kv_channels
         self.scale = softmax_scale if softmax_scale is not None else d ** -0.5
-        self.last_layer = layer_number == config.num_layers  # global layer numbers (pipeline offsets included)
+        # the last layer (global layer numbers: pipeline offsets included) may skip unscored trunk queries
+        self.skip_unused_trunk = skip_unused_trunk and layer_number == config.num_layers
         self.trunk_attention = None
         if use_te:
             from megatron.core.extensions.transformer_engine import TEDotProductAttention
@@ -164,7 +164,7 @@ class PrefixSharedAttention(MegatronModule):
         group = p.shared_cp_group
 
         outs = []
-        if nt and self.last_layer and not p.trunk_scored and self.skip_unused_trunk:
+        if nt and self.skip_unused_trunk and not p.trunk_scored:
             outs.append(q.new_zeros(nt, q.shape[1] * v.shape[2]))  # read by nothing (module doc)
         elif nt:
             if self.trunk_attention is not None:
