@@ -75,13 +75,24 @@ def test_cp2_longpo_step_matches_cp1(model, request, long_longpo, tmp_path):
     print(f"CP=2 vs CP=1 (bf16, {model}, LongPO): loss {a['metrics']['loss']:.6f} vs {b['metrics']['loss']:.6f} "
           f"(rel {rel_loss:.2e}); gradient rel. error {rel_grad:.2e}")
     assert rel_loss <= 1e-2
+
+    def vs_fp32():
+        ref = grads(1, "ref32", "model.bf16=false", "model.transformer_engine=false")
+        return _grad_rel(a, ref), _grad_rel(b, ref)
+
+    _assert_gradients_agree(model, rel_grad, vs_fp32, "CP=1", "CP=2")
+
+
+def _assert_gradients_agree(model, rel, vs_fp32, base, tested):
+    """Random Llama: the two bf16 gradients within 1e-2 of each other. SmolLM2 (ill-conditioned in
+    bf16): the tested layout no further than 1.25x the base layout from an fp32 reference
+    (vs_fp32() -> their two distances)."""
     if model == "random":
-        assert rel_grad <= 1e-2
+        assert rel <= 1e-2
         return
-    ref = grads(1, "ref32", "model.bf16=false", "model.transformer_engine=false")
-    d1, d2 = _grad_rel(a, ref), _grad_rel(b, ref)
-    print(f"  vs fp32 (local spec): CP=1 {d1:.2e}, CP=2 {d2:.2e}")
-    assert d2 <= 1.25 * d1
+    d_base, d_tested = vs_fp32()
+    print(f"  vs fp32 (local spec): {base} {d_base:.2e}, {tested} {d_tested:.2e}")
+    assert d_tested <= 1.25 * d_base
 
 
 def _rel_errors(a, b):
@@ -128,10 +139,9 @@ def test_prefix_shared_te_matches_two_sequences(cp, model, prefix_runs):
     print(f"prefix-shared (TE, bf16, CP={cp}, {model}) vs two sequences (CP=1): log-prob sums rel. err {stats:.2e}, "
           f"gradient rel. err {grads:.2e}")
     assert stats <= 1e-2
-    if model == "random":
-        assert grads <= 1e-2
-        return
-    ref = prefix_runs(model, 1, "0", "fp32")
-    d_two, d_shared = _rel_errors(ref, a)[1], _rel_errors(ref, b)[1]
-    print(f"  vs fp32 two sequences (local spec): bf16 two sequences {d_two:.2e}, bf16 shared {d_shared:.2e}")
-    assert d_shared <= 1.25 * d_two
+
+    def vs_fp32():
+        ref = prefix_runs(model, 1, "0", "fp32")
+        return _rel_errors(ref, a)[1], _rel_errors(ref, b)[1]
+
+    _assert_gradients_agree(model, grads, vs_fp32, "two sequences", "shared")
