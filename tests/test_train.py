@@ -172,7 +172,10 @@ def test_step_at_tp2_pp2_exports_the_same_hf_weights_as_tp1(one_process_step, ti
 
 
 def test_a_stalled_step_prints_every_threads_stack(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
-    """train.stall_seconds: a step that takes longer dumps the stacks (here every step does)."""
-    out = torchrun(1, "train.py", *overrides(tiny_llama_ckpt, tiny_longpo_data, tmp_path, **{"train.stall_seconds": 0.2,
-                   "data.global_batch_size": 2}), timeout=300)
-    assert "Thread 0x" in out and "train_step" in out and "done: 1 steps" in out
+    """train.stall_seconds: a step that takes longer dumps the stacks. The stall is a sleep (the
+    watchdog reads other threads' frames without the GIL: a 0.2 s limit that fired during busy
+    Python code once crashed the worker in faulthandler); the save after it is watched anew."""
+    out = torchrun(1, "train.py", *overrides(tiny_llama_ckpt, tiny_longpo_data, tmp_path, **{"train.stall_seconds": 5,
+                   "data.global_batch_size": 2}), timeout=300, extra_env={"TEST_SLOW_STEP": "7"})
+    assert out.count("Timeout (0:00:05)!") >= 1, out[-3000:]
+    assert "Thread 0x" in out and "in stalled_step" in out and "done: 1 steps" in out

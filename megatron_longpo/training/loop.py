@@ -311,10 +311,13 @@ def train(cfg: RunConfig) -> dict:
     stopped_by_signal = False
     import faulthandler
 
+    def watch():  # a step or a save stalled (a collective, say) for stall_seconds shows up as stacks, not silence
+        if cfg.train.stall_seconds:
+            faulthandler.dump_traceback_later(cfg.train.stall_seconds, repeat=True, file=sys.stderr)
+
     try:
         while t.iteration < t.total_steps:
-            if cfg.train.stall_seconds:  # a stalled collective shows up as stacks, not silence
-                faulthandler.dump_traceback_later(cfg.train.stall_seconds, repeat=True, file=sys.stderr)
+            watch()
             rec = train_step(t)
             records.append(rec)
             bar.update(1)
@@ -337,7 +340,9 @@ def train(cfg: RunConfig) -> dict:
                 log(f"SIGTERM received: saving at step {t.iteration} and exiting")
                 break
             if cfg.train.save_interval and t.iteration % cfg.train.save_interval == 0 and t.iteration < t.total_steps:
+                watch()
                 save_training_state(t)
+        watch()
         path = save_training_state(t)
     finally:
         faulthandler.cancel_dump_traceback_later()
