@@ -26,9 +26,9 @@ def run_torchrun(nproc: int, target: list[str], *, timeout: float, env: dict | N
     and so is anything the run started that outlived it (module doc of `_kill_leftovers`)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", *map(str, target)]
-    mark = f"{_MARK}={uuid.uuid4().hex}"
+    mark = uuid.uuid4().hex
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, **(env or {}), _MARK: mark.split("=", 1)[1]})
+                            env={**os.environ, **(env or {}), _MARK: mark})
     deadline, exited = time.monotonic() + timeout, None
     while True:
         try:
@@ -59,11 +59,11 @@ _GRACE = 10.0  # seconds the output may stay open after torchrun exits
 
 
 def _kill_leftovers(mark: str) -> int:
-    """SIGKILL every process whose environment holds `mark`: torchrun starts each worker in a
+    """SIGKILL every process whose environment holds _MARK=`mark`: torchrun starts each worker in a
     session of its own, so killing torchrun's group misses them and what they started (megatron's
     checkpoint writer starts a multiprocessing Manager). Such a leftover keeps the output pipe open
     and a reader waiting forever. Linux /proc; elsewhere nothing is killed. Returns the count."""
-    needle, killed = mark.encode() + b"\0", 0
+    needle, killed = f"{_MARK}={mark}".encode() + b"\0", 0
     for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not d.isdigit() or int(d) == os.getpid():
             continue

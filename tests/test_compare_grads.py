@@ -59,3 +59,12 @@ def test_cli_prints_every_comparison(tmp_path, capsys):
     assert "bf16 local spec" in out and "loss rel 2.00e-02" in out
     (tmp_path / "x.cp2.pt").unlink()
     assert compare_grads.main([str(tmp_path / "x")]) == 2
+
+
+def test_relative_error_of_a_whole_gradient_across_namings():
+    g = torch.Generator().manual_seed(2)
+    ref = {n: torch.randn(3, generator=g, dtype=torch.float64) for n in LOCAL}
+    run = {TE[n]: 1.5 * t for n, t in ref.items()}  # TE names, every tensor scaled: relative error 0.5
+    assert compare_grads.relative_error(run, ref) == pytest.approx(0.5, rel=1e-12)
+    with pytest.raises(ValueError, match="input_layernorm"):
+        compare_grads.relative_error({TE[n]: t for n, t in ref.items() if n != LOCAL[0]}, ref)

@@ -31,23 +31,36 @@ def canonical(name: str) -> str:
     return name
 
 
-def per_param(run: dict) -> dict[str, torch.Tensor]:
-    return {canonical(n): g.double() for n, g in run["per_param"].items()}
+def canonical_grads(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """name -> gradient (float64) under the local spec's names."""
+    return {canonical(n): g.double() for n, g in grads.items()}
 
 
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def _check_same_names(p: dict, ref: dict, what: str) -> None:
+    if set(p) != set(ref):
+        raise ValueError(f"{what} hold different parameters (e.g. {sorted(set(ref) ^ set(p))[:4]})")
+
+
+def relative_error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """Relative error of a whole gradient (name -> tensor, TE or local-spec names) against a reference."""
+    p, ref = canonical_grads(grads), canonical_grads(reference)
+    _check_same_names(p, ref, "the two gradients")
+    names = sorted(ref)
+    return rel(torch.cat([p[n].flatten() for n in names]), torch.cat([ref[n].flatten() for n in names]))
+
+
 def compare(runs: dict[str, dict], reference: str, names: list[str] | None = None) -> dict:
-    """Relative error of every run against `reference`, whole gradient and per tensor."""
-    params = {k: per_param(v) for k, v in runs.items()}
+    """Relative error of every run (gpu_checks.py grads output) against `reference`, whole gradient
+    and per tensor."""
+    params = {k: canonical_grads(v["per_param"]) for k, v in runs.items()}
     ref = params[reference]
     names = names or sorted(ref)
     for k, p in params.items():
-        if set(p) != set(ref):
-            missing = sorted(set(ref) ^ set(p))[:4]
-            raise ValueError(f"{k} and {reference} hold different parameters (e.g. {missing})")
+        _check_same_names(p, ref, f"{k} and {reference}")
     flat = {k: torch.cat([p[n].flatten() for n in names]) for k, p in params.items()}
     return {
         "whole": {k: rel(f, flat[reference]) for k, f in flat.items() if k != reference},
@@ -80,16 +93,15 @@ def main(argv: list[str]) -> int:
             print(f"  vs fp32 {n:62s} CP2 {c['per_tensor']['cp2'][n]:.2e} CP1 {c['per_tensor']['cp1'][n]:.2e}")
     else:
         print("no fp32 reference (ref32.pt): see cp_runs.log")
-    c = compare({k: runs[k] for k in ("cp1", "cp2", "mb2")}, "cp1")
+    c = compare({k: runs[k] for k in ("cp1", "cp2", "mb2", "local16") if k in runs}, "cp1")
     loss = c["loss"]
     lr = lambda k: abs(loss[k] - loss["cp1"]) / abs(loss["cp1"])
     print(f"loss CP1 {loss['cp1']:.6f} CP2 {loss['cp2']:.6f} (rel {lr('cp2'):.2e}); grad rel CP2 vs CP1 "
           f"{c['whole']['cp2']:.2e}; floor (2 samples/micro-batch vs 1): loss rel {lr('mb2'):.2e}, "
           f"grad rel {c['whole']['mb2']:.2e}")
     if "local16" in runs:
-        k = compare({"cp1": runs["cp1"], "local16": runs["local16"]}, "cp1")
-        print(f"bf16 local spec (unfused attention, one GPU) vs CP1: loss rel {abs(k['loss']['local16'] - loss['cp1']) / abs(loss['cp1']):.2e}, "
-              f"grad rel {k['whole']['local16']:.2e}  <- CP2 vs CP1 should be no larger")
+        print(f"bf16 local spec (unfused attention, one GPU) vs CP1: loss rel {lr('local16'):.2e}, "
+              f"grad rel {c['whole']['local16']:.2e}  <- CP2 vs CP1 should be no larger")
     rows = sorted(c["per_tensor"]["cp2"], key=c["per_tensor"]["cp2"].get, reverse=True)
     for n in rows[:6] + rows[-3:]:
         print(f"  {n:66s} CP2 {c['per_tensor']['cp2'][n]:.2e} floor {c['per_tensor']['mb2'][n]:.2e}")

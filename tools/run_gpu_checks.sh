@@ -24,7 +24,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
 fi
 prepare_small() {  # SmolLM2 checkpoint + 8 LongPO samples with ~4K-token contexts and their reference
   W=/tmp/gpu-cp; mkdir -p $W
-  HF=$(python3 -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")
+  HF=${HF:-$(python3 -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")}
   C=$W/smol D=$W/long4k
   [ -f $C/latest ] || python3 tools/convert_checkpoint.py hf-to-megatron --hf-dir "$HF" --out $C >/dev/null
   if [ ! -f $D.ref.safetensors ]; then
@@ -109,8 +109,7 @@ fi
 if [ "$what" = train_tp2 ]; then
   # a small random Llama (8 heads / 4 KV heads: TP=2 divides them) on the ~4K-token LongPO data:
   # TP=2 (and TP=2 with sequence parallelism) on 2 GPUs vs TP=1 on one; 4 steps each
-  prepare_small
-  prepare_random; T=$R
+  prepare_random; T=$R  # (prepare_random runs prepare_small: $D, $HF)
   # TP_VARIANTS: which layouts, ';'-separated "GPUS overrides..." (default: all three)
   IFS=';' read -ra variants <<< "${TP_VARIANTS:-1 parallel.tensor_parallel=1;2 parallel.tensor_parallel=2;2 parallel.tensor_parallel=2 parallel.sequence_parallel=true}"
   for v in "${variants[@]}"; do

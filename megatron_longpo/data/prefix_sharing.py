@@ -91,6 +91,12 @@ class SharedRow:
     def max_trunk_seqlen(self) -> int:
         return int((self.cu_pad[1:] - self.cu_pad[:-1]).max())
 
+    @property
+    def trunk_scored(self) -> bool:
+        """A trunk token is scored (SoLoPO's long_chosen, SFT): the last layer must compute the
+        trunk queries; otherwise it skips them (models/prefix_attention.py)."""
+        return bool(self.t_mask.any())
+
 
 def _labels(s: Sequence, lo: int) -> tuple[np.ndarray, np.ndarray]:
     """Labels and scored flags of positions lo..len-1 of s (the last position has no label)."""
@@ -191,8 +197,8 @@ def flops_spans(row: SharedRow, last_layer_trunk: bool | None = None) -> list[tu
     position k attends on average to k + n/2 keys, i.e. a causal sequence of length 2k + n.
     Trunk queries skip the last layer's attention when no trunk token is scored
     (models/prefix_attention.py); last_layer_trunk=True counts them anyway (the skip turned off)."""
-    skip = not row.t_mask.any() if last_layer_trunk is None else not last_layer_trunk
-    spans = [(int(n), float(n), bool(skip)) for n in (row.cu[1:] - row.cu[:-1])]
+    skip = not (row.trunk_scored if last_layer_trunk is None else last_layer_trunk)
+    spans = [(int(n), float(n), skip) for n in (row.cu[1:] - row.cu[:-1])]
     for j in np.unique(row.b_branch[row.b_branch >= 0]):
         sel = row.b_branch == j
         n, k = int(sel.sum()), int(row.b_pos[sel][0])

@@ -223,5 +223,5 @@ def params_for(view, row, device, cp_group=None, cp_rank: int = 0) -> PrefixShar
         meta={n: x.to(dev) for n, x in view.meta.items()},
         parts=[(lo, hi, kv.to(dev), tail) for lo, hi, kv, tail in view.parts],
         cp_rank=cp_rank, shared_cp_group=cp_group, max_position=int(view.meta["pos"].max()),
-        trunk_scored=bool(row.t_mask.any()),
+        trunk_scored=row.trunk_scored,
     )
