@@ -206,6 +206,7 @@ def test_large_distractor_pool_is_drawn_lazily():
     ("ANSWER\uff1a Talvik", "Talvik"),                                     # full-width colon
     ("So the final answer is Talvik. It was her birthplace.", "Talvik"),
     ('The answer is: "a white heron"', "a white heron"),
+    ("The answer is: The answer is: 1887", "1887"),                        # the last phrase of the line
     ("Therefore \\boxed{1887}.", "1887"),
     ("Answer:\n\nTalvik", "Talvik"),                                       # the answer on the next line
     ("First guess.\nAnswer: Oslo\nWait, passage 2 says otherwise.\nAnswer: Talvik", "Talvik"),  # the last wins

@@ -13,11 +13,11 @@ lists each choice with its source. For each document `C_L` (the whole text):
    phrase drawn from `lead_phrases` ("As described in the preceding text,", ...) is prefixed; both
    draws are seeded by the run seed, the document id and the chunk index, so a resumed run draws
    the same. That is the instruction `I`;
-3. chosen  `y_S ~ π(·|[C_S; I])`: one user message `"{C_S}\n\n{I}"`, greedy by default (the paper);
+3. chosen  `y_S ~ π(·|[C_S; I])`: one user message `"{C_S}\\n\\n{I}"`, greedy by default (the paper);
 4. rejected `y_L ~ π(·|[C_L; I])`: with `rejected_conditioning="independent"` (default, as the
-   reference) every turn is generated single-turn from `"{C_L}\n\n{I_i}"` (T 1.0, up to 1,024
+   reference) every turn is generated single-turn from `"{C_L}\\n\\n{I_i}"` (T 1.0, up to 1,024
    tokens), all turns of a batch in one call. With `"history"` turn i is generated in the same
-   conversation as the trainer's rejected sequence: `user: "{C_L}\n\n{I_1}"`, `assistant: y_L1`,
+   conversation as the trainer's rejected sequence: `user: "{C_L}\\n\\n{I_1}"`, `assistant: y_L1`,
    `user: I_2`, ... `user: I_i` (earlier *kept* rejected turns only);
 5. a turn is dropped when the chosen answer fails `chosen_filter` (empty, refusal, repeated-word
    share > 0.9, fewer than 2 words of >= 3 characters), the rejected answer fails

@@ -104,7 +104,7 @@ _LABEL = re.compile(
     r"\s*(?:\*\*|__)?\s*(.*)$",
     re.IGNORECASE,
 )
-_PHRASE = re.compile(r"\b(?:the|my) (?:final |short )?answer is\s*:?\s*(.+)", re.IGNORECASE)
+_PHRASE = re.compile(r"\b(?:the|my) (?:final |short )?answer is\s*:?\s*", re.IGNORECASE)
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
 
@@ -135,8 +135,8 @@ def extract_final_answer(response: str) -> str | None:
                 cand = next((ln for ln in lines[i + 1 :] if ln.strip()), "")
         else:
             phrases = list(_PHRASE.finditer(line))
-            if phrases:
-                rest = phrases[-1].group(1)
+            if phrases:  # the text after the last "the answer is" of the line
+                rest = line[phrases[-1].end() :]
                 end = _SENTENCE_END.search(rest)
                 cand = rest[: end.start()] if end else rest
         if cand is not None and _clean_answer(cand):
