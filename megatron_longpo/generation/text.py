@@ -215,7 +215,7 @@ def chunk_bounds(window: int, answer_tokens: int) -> tuple[int, int]:
     hi = min(window * REFERENCE_MAX_CHUNK // REFERENCE_WINDOW, window - answer_tokens - PROMPT_RESERVE_TOKENS)
     if hi < 1:
         raise ValueError(f"a {window}-token generator window leaves no room for a chunk with {answer_tokens}-token "
-                         "answers: raise --generator-window or lower the answer budget (--max-new-tokens)")
+                         "answers: raise --generator-window or lower --max-new-tokens / --question-max-new-tokens")
     return hi * REFERENCE_MIN_CHUNK // REFERENCE_MAX_CHUNK, hi
 
 
