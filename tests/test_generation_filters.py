@@ -135,6 +135,12 @@ def test_parse_inline_wrapped_and_unlisted_questions():
     assert parse_questions(statements) == []  # statements are not questions
     assert parse_questions("1. Why?\n2. Ok") == []  # fragments under 3 words
     assert parse_questions("") == []
+    # the reference's "1:" numbering; a quoted question is not glued to the explanation after it
+    explained = ('Question 1: "What are the key themes of the text?"\nThis question asks the reader to find them.\n\n'
+                 'Question 2: "How can the text be applied to daily life?"\nIt asks the reader to apply it.')
+    assert parse_questions(explained) == ["What are the key themes of the text?",
+                                          "How can the text be applied to daily life?"]
+    assert parse_questions("1: What is X made of?\n2: Why is Y so?") == ["What is X made of?", "Why is Y so?"]
 
 
 def test_lead_phrase():

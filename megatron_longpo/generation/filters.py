@@ -199,7 +199,7 @@ def parse_questions(output: str, min_words: int = 3, max_words: int = 120) -> li
             items.append(line[m.end() :])
         elif items and not re.match(r"^\s*(?:here|sure|these|the following)\b", line, re.IGNORECASE):
             # a continuation line of the previous item (wrapped question)
-            if not items[-1].rstrip().endswith("?"):
+            if not items[-1].rstrip().rstrip("\"'\u201d*_").endswith("?"):
                 items[-1] += " " + line.strip()
     # several numbered questions on one line: "1. What ...? 2. Why ...?"
     expanded: list[str] = []
