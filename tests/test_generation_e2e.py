@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from megatron_longpo.generation.longpo import validate_longpo_line
-from megatron_longpo.generation.solopo import sub_exact_match, validate_solopo_line
+from megatron_longpo.generation.solopo import extract_final_answer, sub_exact_match, validate_solopo_line
 from megatron_longpo.generation.text import HFTokenCounter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_solopo_end_to_end_with_smollm2(smollm2_dir, tmp_path, capsys):
     t0 = time.time()
     rc = load_tool("build_solopo_pairs").main([
         str(EXAMPLES / "qa.jsonl"), "-o", str(out), "--model", str(smollm2_dir), "--threads", "1",
-        "--batch-size", "10", "--samples", "4", "--max-new-tokens", "24", "--target-long-tokens", "400",
+        "--batch-size", "10", "--samples", "4", "--max-new-tokens", "128", "--target-long-tokens", "400",
         "--records-per-batch", "10", "--seed", "0", "--no-progress"])
     elapsed = time.time() - t0
     printed = capsys.readouterr().out
@@ -77,8 +77,9 @@ def test_solopo_end_to_end_with_smollm2(smollm2_dir, tmp_path, capsys):
     c, d = summary["counts"], summary["dropped"]
     assert c["records_seen"] == 10 and c["samples"] == 40
     # every record is accounted for: a pair, or a counted reason
-    assert len(rows) + d.get("record_no_correct_answer", 0) + d.get("record_no_wrong_answer", 0) \
-        + d.get("record_correct_answers_filtered", 0) + d.get("over_length", 0) == 10
+    assert len(rows) + d.get("record_no_final_answer", 0) + d.get("record_no_correct_answer", 0) \
+        + d.get("record_no_wrong_answer", 0) + d.get("record_correct_answers_filtered", 0) \
+        + d.get("over_length", 0) == 10
     assert rows, "SmolLM2 answered no question right: the sampling or the scoring is broken"
     qa = {json.loads(l)["id"]: json.loads(l) for l in (EXAMPLES / "qa.jsonl").read_text().splitlines()}
     counter = HFTokenCounter.from_pretrained(str(smollm2_dir))
@@ -87,7 +88,10 @@ def test_solopo_end_to_end_with_smollm2(smollm2_dir, tmp_path, capsys):
         validate_solopo_line(row)
         preprocess.parse_record("solopo", row)  # what tools/preprocess_pairs.py reads
         rec = qa[row["meta"]["id"]]
-        assert sub_exact_match(row["chosen"], rec["answers"]) and not sub_exact_match(row["rejected"], rec["answers"])
+        # sub-EM on the final answers of the chain-of-thought responses
+        chosen, rejected = extract_final_answer(row["chosen"]), extract_final_answer(row["rejected"])
+        assert (chosen, rejected) == (row["meta"]["chosen_answer"], row["meta"]["rejected_answer"])
+        assert sub_exact_match(chosen, rec["answers"]) and not sub_exact_match(rejected, rec["answers"])
         for p in rec["paragraphs"]:
             if p["is_supporting"]:
                 assert p["text"] in row["short_context"] and p["text"] in row["long_context"]

@@ -1,8 +1,9 @@
-"""Answer filters (refusal, repetition ratio, too short) and question parsing."""
+"""Answer filters (refusal, repeated-word share, n-gram repetition, too short) and question parsing."""
 import pytest
 
 from megatron_longpo.generation.filters import (
-    AnswerFilter, is_refusal, parse_questions, repetition_ratio, with_lead_phrase)
+    LEAD_PHRASES, LONGPO_CHOSEN_FILTER, LONGPO_REJECTED_FILTER, AnswerFilter, is_refusal, long_words,
+    parse_questions, plain_words, repeated_word_share, repetition_ratio, with_lead_phrase)
 
 
 def test_repetition_ratio_hand_computed():
@@ -19,16 +20,43 @@ def test_repetition_ratio_hand_computed():
         repetition_ratio("x", n=0)
 
 
+def test_repeated_word_share_hand_computed():
+    assert repeated_word_share("") == 0.0 and repeated_word_share("one two three") == 0.0
+    assert repeated_word_share("a b a") == pytest.approx(2 / 3)
+    # punctuation is deleted (not split on), case ignored: "Don't" == "dont"
+    assert plain_words("Don't stop. DONT!") == ["dont", "stop", "dont"]
+    assert repeated_word_share("Don't stop. DONT!") == pytest.approx(2 / 3)
+    assert repeated_word_share("The light is bright. The light is bright.") == 1.0  # said twice
+
+
+def test_repetition_thresholds_at_their_bounds():
+    def text(repeated: int, unique: int) -> str:  # `repeated` copies of one word + `unique` distinct words
+        return " ".join(["alpha"] * repeated + [f"word{i}" for i in range(unique)])
+
+    at_095, at_090, between = text(19, 1), text(18, 2), text(37, 3)
+    assert repeated_word_share(at_095) == pytest.approx(0.95)
+    assert repeated_word_share(at_090) == pytest.approx(0.9)
+    assert repeated_word_share(between) == pytest.approx(0.925)
+    chosen, rejected = LONGPO_CHOSEN_FILTER, LONGPO_REJECTED_FILTER
+    assert rejected.reason(at_095) is None and rejected.reason(text(20, 0)) == "repetitive"  # > 0.95 only
+    assert chosen.reason(at_090) is None and chosen.reason(between) == "repetitive"  # > 0.9
+    assert rejected.reason(between) is None
+    assert chosen.reason(at_095) == "repetitive"
+
+
 def test_repetition_threshold_separates_loops_from_prose():
     prose = ("The keepers worked in watches of four hours, and the rule book required that the keeper on "
              "watch never leave the lantern room while the light was burning.")
-    loop = "The light is bright. " * 40  # 4 words looped 40 times: 157 four-grams, 4 distinct
+    loop = "The light is bright. " * 40
     f = AnswerFilter()
-    assert repetition_ratio(prose) < 0.05 and f.reason(prose) is None
-    assert repetition_ratio(loop) > 0.9 and f.reason(loop) == "repetitive"
-    # a loop that only fills a third of the answer is not degenerate enough to drop
+    assert repeated_word_share(prose) < 0.5 and f.reason(prose) is None
+    assert repeated_word_share(loop) == 1.0 and f.reason(loop) == "repetitive"
     half = prose + " " + "The light is bright. " * 6
-    assert 0.3 < repetition_ratio(half) < 0.9 and f.reason(half) is None
+    assert 0.3 < repeated_word_share(half) < 0.9 and f.reason(half) is None
+    # the n-gram ratio is an extra, opt-in filter
+    assert repetition_ratio(loop) > 0.9 and 0.3 < repetition_ratio(half) < 0.9
+    ngram_only = AnswerFilter(max_repeated_word_share=None, max_ngram_repetition=0.5)
+    assert ngram_only.reason(loop) == "repetitive" and ngram_only.reason(prose) is None
 
 
 @pytest.mark.parametrize("text", [
@@ -56,11 +84,22 @@ def test_ordinary_answers_are_not_refusals(text):
 
 
 def test_too_short_and_empty():
-    f = AnswerFilter(min_words=4)
+    f = AnswerFilter()  # fewer than 2 words of >= 3 characters
     assert f.reason("") == "empty" and f.reason("   \n") == "empty"
-    assert f.reason("In 1851.") == "too_short"
-    assert f.reason("It was finished in 1851.") is None
-    assert AnswerFilter(min_words=1).reason("1851") is None
+    assert long_words("It is in 1851.") == 1
+    assert f.reason("It is.") == "too_short" and f.reason("In 1851.") == "too_short"
+    assert f.reason("Built in 1851.") is None
+    assert AnswerFilter(min_long_words=0).reason("1851") is None
+    assert AnswerFilter(min_long_words=3, long_word_chars=5).reason("Lighthouses shine brightly at sea") is None
+    assert AnswerFilter(min_long_words=4, long_word_chars=5).reason("Lighthouses shine brightly at sea") == "too_short"
+
+
+def test_refusals_dropped_in_chosen_kept_in_rejected():
+    failure = "The text does not mention when the tower was built."
+    refusal = "I'm sorry, but I can't assist with that."
+    for text in (failure, refusal):
+        assert LONGPO_CHOSEN_FILTER.reason(text) == "refusal"
+        assert LONGPO_REJECTED_FILTER.reason(text) is None  # the long-context failure the DPO term pushes down
 
 
 def test_parse_numbered_bulleted_and_bold_lists():
@@ -96,6 +135,12 @@ def test_parse_inline_wrapped_and_unlisted_questions():
     assert parse_questions(statements) == []  # statements are not questions
     assert parse_questions("1. Why?\n2. Ok") == []  # fragments under 3 words
     assert parse_questions("") == []
+    # the reference's "1:" numbering; a quoted question is not glued to the explanation after it
+    explained = ('Question 1: "What are the key themes of the text?"\nThis question asks the reader to find them.\n\n'
+                 'Question 2: "How can the text be applied to daily life?"\nIt asks the reader to apply it.')
+    assert parse_questions(explained) == ["What are the key themes of the text?",
+                                          "How can the text be applied to daily life?"]
+    assert parse_questions("1: What is X made of?\n2: Why is Y so?") == ["What is X made of?", "Why is Y so?"]
 
 
 def test_lead_phrase():
@@ -105,3 +150,5 @@ def test_lead_phrase():
     assert with_lead_phrase("Marion Keith built which tower?", lead) == \
         "As described in the preceding text, Marion Keith built which tower?"
     assert with_lead_phrase("What is X?", "") == "What is X?"
+    assert len(LEAD_PHRASES) == 20 and len(set(LEAD_PHRASES)) == 20
+    assert LEAD_PHRASES[0] == lead and all(p.endswith(",") and p[0].isupper() for p in LEAD_PHRASES)

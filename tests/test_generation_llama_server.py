@@ -115,7 +115,7 @@ def solopo_args(url: str, out: Path, tokenizer: Path, retries: int) -> list[str]
     return [str(QA), "-o", str(out), "--backend", "openai", "--base-url", url, "--tokenizer", str(tokenizer),
             "--samples", "2", "--max-new-tokens", "10", "--target-long-tokens", "300", "--records-per-batch", "1",
             "--concurrency", "2", "--timeout", "60", "--max-retries", str(retries), "--max-consecutive-failures", "2",
-            "--no-progress"]
+            "--score-whole-response", "--no-progress"]
 
 
 def settled_ids(out: Path) -> tuple[list[str], set[str]]:
@@ -204,7 +204,7 @@ def test_longpo_through_llama_server(llama_server, smollm2_dir, tmp_path):
         str(src), "-o", str(out), "--backend", "openai", "--base-url", srv.url, "--tokenizer", str(smollm2_dir),
         "--chunk-tokens", "260", "--max-chunks", "2", "--questions-asked", "3", "--question-max-new-tokens", "80",
         "--max-new-tokens", "40", "--max-pair-tokens", "2000", "--concurrency", "2", "--timeout", "120",
-        "--min-answer-words", "2", "--no-progress"])
+        "--min-answer-words", "2", "--rejected-conditioning", "history", "--no-progress"])
     log, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, log
     written, done = settled_ids(out)

@@ -1,5 +1,6 @@
 """The LongPO pipeline with a scripted generator: conditioning, filters, failures, resume, readers."""
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -61,8 +62,8 @@ class ScriptedBackend:
 
 
 def config(**kw) -> LongPOConfig:
-    base = dict(chunk_tokens=40, max_chunks=4, questions_asked=2, questions_per_chunk=1,
-                question_prompt="{context}\n\nWrite {n} questions.", max_pair_tokens=10_000,
+    base = dict(min_chunk_tokens=0, max_chunk_tokens=40, max_chunks=4, questions_asked=2, questions_per_chunk=1,
+                question_prompt="{context}\n\nWrite {n} questions.", max_pair_tokens=10_000, lead_phrases=(),
                 docs_per_batch=2, seed=3, max_consecutive_failures=0)
     base.update(kw)
     return LongPOConfig(**base)
@@ -75,7 +76,8 @@ def read(path):
 def test_conditioning_of_chosen_and_rejected_turns(tmp_path):
     doc = make_doc("A")
     be = ScriptedBackend([doc])
-    stats = LongPOBuilder(be, WS, config(lead_phrase="As described in the preceding text,")).run(
+    stats = LongPOBuilder(be, WS, config(lead_phrases=("As described in the preceding text,",),
+                                         rejected_conditioning="history")).run(
         [doc], tmp_path / "o.jsonl", progress=False)
     (row,) = read(tmp_path / "o.jsonl")
     validate_longpo_line(row)
@@ -136,7 +138,8 @@ def test_filters_drop_turns_and_keep_them_out_of_the_history(tmp_path):
         return f"The {side} answer to '{instruction}' has some words."
 
     be = ScriptedBackend([doc], answer=answer)
-    stats = LongPOBuilder(be, WS, config()).run([doc], tmp_path / "o.jsonl", progress=False)
+    stats = LongPOBuilder(be, WS, config(rejected_conditioning="history")).run([doc], tmp_path / "o.jsonl",
+                                                                              progress=False)
     (row,) = read(tmp_path / "o.jsonl")
     kept_chunks = row["meta"]["chunk_ids"]
     assert 1 not in kept_chunks  # chunk 1's chosen answer was a refusal
@@ -163,8 +166,9 @@ def test_identical_answers_and_length_limits(tmp_path):
     assert read(tmp_path / "a.jsonl") == []
     # doc 90 words; a turn adds instruction (5 words + 8) and answer (12 words + 8) = 33 tokens:
     # turn 1 -> 123, turn 2 -> 156, turn 3 -> 189 > 160
-    st = LongPOBuilder(ScriptedBackend([doc]), WS, config(max_pair_tokens=160,
-                                                           answer_params=SamplingParams(max_new_tokens=10))).run(
+    ten = SamplingParams(max_new_tokens=10)
+    st = LongPOBuilder(ScriptedBackend([doc]), WS, config(max_pair_tokens=160, chosen_params=ten,
+                                                           rejected_params=ten)).run(
         [doc], tmp_path / "b.jsonl", progress=False)
     (row,) = read(tmp_path / "b.jsonl")
     assert len(row["turns"]) == 2 and st.dropped["over_length"] == 1
@@ -226,6 +230,10 @@ def test_config_errors_name_the_fix():
         LongPOConfig(question_prompt="Write questions.")
     with pytest.raises(ValueError, match="history or independent"):
         LongPOConfig(rejected_conditioning="both")
+    with pytest.raises(ValueError, match="--min-chunk-tokens"):
+        LongPOConfig(min_chunk_tokens=500, max_chunk_tokens=400)
+    with pytest.raises(ValueError, match="--no-lead-phrase"):
+        LongPOConfig(lead_phrases=("",))
 
 
 def test_readers_give_the_same_documents(tmp_path, monkeypatch):
@@ -285,3 +293,136 @@ def test_output_file_checks(tmp_path):
     out.write_text('{"long_context": "x"}\n')
     with pytest.raises(ValueError, match="not written by this tool"):
         ResumableJsonl(out, meta_id)
+
+
+# ---------------------------------------------------------------- the reference's rules (issue #16)
+
+class CountingBackend(ScriptedBackend):
+    """Writes `counts[k]` numbered questions ("1: ...") for the chunk of paragraph k."""
+
+    def __init__(self, docs, counts, **kw):
+        super().__init__(docs, **kw)
+        self.counts = counts
+
+    def chat(self, conversations, params):
+        if "questions." not in conversations[0][-1]["content"]:
+            return super().chat(conversations, params)
+        self.calls.append((conversations, params))
+        out = []
+        for conv in conversations:
+            k = int(conv[-1]["content"].split("paragraph ")[1].split(":")[0])
+            out.append(["\n".join(f"{i + 1}: What is point {chr(97 + i)} of paragraph {k}?"
+                                  for i in range(self.counts[k]))])
+        return out
+
+
+def test_a_chunk_is_kept_only_when_exactly_n_questions_parse(tmp_path):
+    doc = make_doc("A", n_paras=4)
+    counts = {0: 4, 1: 3, 2: 5, 3: 4}
+    st = LongPOBuilder(CountingBackend([doc], counts), WS, config(questions_asked=4)).run(
+        [doc], tmp_path / "o.jsonl", progress=False)
+    (row,) = read(tmp_path / "o.jsonl")
+    assert row["meta"]["chunk_ids"] == [0, 3]
+    assert st.dropped["chunk_too_few_questions"] == 1 and st.dropped["chunk_too_many_questions"] == 1
+    assert st.counts["questions_parsed"] == 16 and st.counts["questions_used"] == 2
+    for t, k in zip(row["turns"], (0, 3)):  # one of the chunk's own N questions
+        assert t["instruction"] in {f"What is point {c} of paragraph {k}?" for c in "abcd"}
+    # the old, lenient rule keeps every chunk with at least one question
+    st = LongPOBuilder(CountingBackend([doc], counts), WS, config(questions_asked=4, exact_question_count=False)).run(
+        [doc], tmp_path / "lenient.jsonl", progress=False)
+    assert read(tmp_path / "lenient.jsonl")[0]["meta"]["chunk_ids"] == [0, 1, 2, 3]
+    # the pick is seeded: the same seed picks the same question, other seeds others
+    picks = []
+    for seed in (0, 0, 1, 2, 3, 4, 5):
+        LongPOBuilder(CountingBackend([doc], counts), WS, config(questions_asked=4, seed=seed)).run(
+            [doc], tmp_path / f"seed{len(picks)}.jsonl", progress=False)
+        picks.append(read(tmp_path / f"seed{len(picks)}.jsonl")[0]["turns"][0]["instruction"])
+    assert picks[0] == picks[1] and len(set(picks)) > 1
+
+
+def test_lead_phrases_are_drawn_from_the_list(tmp_path):
+    from megatron_longpo.generation.filters import LEAD_PHRASES
+
+    docs = [make_doc(t, n_paras=4) for t in "ABCD"]
+    LongPOBuilder(ScriptedBackend(docs), WS, config(lead_phrases=LEAD_PHRASES)).run(docs, tmp_path / "a.jsonl",
+                                                                                  progress=False)
+    instructions = [t["instruction"] for r in read(tmp_path / "a.jsonl") for t in r["turns"]]
+    assert len(instructions) == 16
+    used = set()
+    for ins in instructions:
+        lead = next(p for p in LEAD_PHRASES if ins.startswith(p + " "))
+        used.add(lead)
+        assert ins[len(lead) + 1 :].startswith(("what does paragraph", "why is paragraph"))  # opener lower-cased
+    assert len(used) > 3  # drawn, not fixed
+    LongPOBuilder(ScriptedBackend(docs), WS, config(lead_phrases=LEAD_PHRASES)).run(docs, tmp_path / "b.jsonl",
+                                                                                  progress=False)
+    assert instructions == [t["instruction"] for r in read(tmp_path / "b.jsonl") for t in r["turns"]]
+
+
+def test_chunk_bounds_drop_small_groups_and_keep_at_most_four(tmp_path):
+    doc = make_doc("A", n_paras=11)  # 11 paragraphs of 30 words
+    be = ScriptedBackend([doc])
+    st = LongPOBuilder(be, WS, config(min_chunk_tokens=50, max_chunk_tokens=70)).run(
+        [doc], tmp_path / "o.jsonl", progress=False)
+    # five groups of two paragraphs (60 words) and the 30-word last one: that is dropped, 4 of the 5 others used
+    assert st.counts["chunks_total"] == 6 and st.dropped["chunk_under_min_tokens"] == 1
+    assert st.dropped["chunk_over_max_chunks"] == 1 and st.counts["chunks_used"] == 4
+    (row,) = read(tmp_path / "o.jsonl")
+    assert 5 not in row["meta"]["chunk_ids"] and len(row["turns"]) == 4
+    assert row["meta"]["chunk_bounds"] == [50, 70]
+    for t in row["turns"]:
+        assert 50 <= WS.count(t["short_context"]) <= 70
+    for convs, _ in be.calls[:1]:  # every question prompt holds a chunk within the bounds
+        for conv in convs:
+            assert 50 <= WS.count(conv[0]["content"].split("\n\nWrite")[0]) <= 70
+    # no group reaches the minimum: the document is dropped, and said so
+    st = LongPOBuilder(ScriptedBackend([doc]), WS, config(min_chunk_tokens=65, max_chunk_tokens=70)).run(
+        [doc], tmp_path / "none.jsonl", progress=False)
+    assert st.dropped["chunk_under_min_tokens"] == 6 and st.dropped["doc_no_chunk_in_range"] == 1
+    assert read(tmp_path / "none.jsonl") == []
+
+
+def test_rejected_answers_are_single_turn_by_default(tmp_path):
+    doc = make_doc("A")
+    be = ScriptedBackend([doc])
+    d = LongPOConfig()  # the default sampling settings
+    cfg = replace(config(), question_params=d.question_params, chosen_params=d.chosen_params,
+                  rejected_params=d.rejected_params)
+    assert cfg.rejected_conditioning == "independent"
+    LongPOBuilder(be, WS, cfg).run([doc], tmp_path / "o.jsonl", progress=False)
+    (row,) = read(tmp_path / "o.jsonl")
+    t = row["turns"]
+    assert len(be.calls) == 3  # questions, chosen, rejected
+    (q_convs, q_params), (_, c_params), (r_convs, r_params) = be.calls
+    assert (q_params.temperature, q_params.top_p, q_params.max_new_tokens) == (0.7, 0.9, 1024)
+    assert c_params.temperature == 0.0  # greedy chosen (the paper)
+    assert (r_params.temperature, r_params.top_p, r_params.max_new_tokens) == (1.0, 1.0, 1024)
+    assert r_convs == [[{"role": "user", "content": f"{doc.text}\n\n{x['instruction']}"}] for x in t]
+    # the request for turn 2 holds neither turn 1's question nor its rejected answer
+    second = r_convs[1][0]["content"]
+    assert t[0]["instruction"] not in second and t[0]["rejected"] not in second
+
+
+def test_long_context_failures_stay_rejected_and_chosen_ones_go(tmp_path):
+    doc = make_doc("A", n_paras=3)
+
+    def answer(side, instruction, conv):
+        if side == "long":
+            return f"The text does not mention anything about '{instruction}'."
+        if "paragraph 1:" in conv[0]["content"]:
+            return "The text does not mention this at all."
+        return f"The short answer to '{instruction}' has some words."
+
+    st = LongPOBuilder(ScriptedBackend([doc], answer=answer), WS, config()).run([doc], tmp_path / "o.jsonl",
+                                                                                 progress=False)
+    (row,) = read(tmp_path / "o.jsonl")
+    assert row["meta"]["chunk_ids"] == [0, 2] and st.dropped["chosen_refusal"] == 1
+    assert all(t["rejected"].startswith("The text does not mention") for t in row["turns"])
+    assert not any(k.startswith("rejected_") for k in st.dropped)
+    # the reference code's post-processing also dropped those: an option
+    from megatron_longpo.generation.filters import AnswerFilter
+
+    st = LongPOBuilder(ScriptedBackend([doc], answer=answer), WS,
+                       config(rejected_filter=AnswerFilter(0.95, drop_refusals=True))).run(
+        [doc], tmp_path / "strict.jsonl", progress=False)
+    assert st.dropped["rejected_refusal"] == 2 and read(tmp_path / "strict.jsonl") == []

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from megatron_longpo.generation.solopo import (
-    build_long_context, join_passages, normalize_answer, qa_record_from_dict, read_qa_records, sub_exact_match)
+    build_long_context, extract_final_answer, join_passages, normalize_answer, qa_record_from_dict, read_qa_records,
+    sub_exact_match)
 from megatron_longpo.generation.output import RunStats
 from megatron_longpo.generation.text import WhitespaceTokenCounter
 
@@ -130,11 +131,16 @@ def test_solopo_pairs_counts_and_resume(tmp_path):
     from megatron_longpo.generation.solopo import validate_solopo_line
 
     records = read_qa_records(QA)[:4]
-    samples = {
-        "Winter Harbour": ["Talvik.", "She was born in Talvik", "Oslo", "Bergen"],   # pair
-        "Harlow Tower": ["Marport", "the Thames", "Marport", "a river"],            # no correct answer
-        "Ostra Lakes": ["A white heron", "heron", "The heron.", "herons"],         # no wrong answer
-        "Carrow Music": ["cello", "I'm sorry, but I can't", "piano", "violin"],     # pair
+    samples = {  # chain-of-thought responses; sub-EM scores the final answer only
+        "Winter Harbour": ["Passage 2: Ilse Marten was born in Talvik.\nAnswer: Talvik",
+                           "The symphony is by Ilse Marten.\n**Final Answer:** Talvik.",
+                           "Passage 2 mentions Talvik, but the orchestra is in the capital.\nAnswer: Oslo",
+                           "Answer: Bergen"],                                                          # pair
+        "Harlow Tower": ["Answer: Marport", "Answer: the Thames", "Answer: Marport", "It is a river."],  # none correct
+        "Ostra Lakes": ["Answer: A white heron", "The answer is heron.", "Answer: The heron.",
+                        "The flag shows \\boxed{herons}"],                                             # none wrong
+        "Carrow Music": ["Edwin Hale founded it; he was a cellist.\nAnswer: cello", "Answer: piano", "Answer: violin",
+                         "I cannot tell from these passages."],                                        # pair
     }
     be = Sampler(samples)
     out = tmp_path / "s.jsonl"
@@ -147,10 +153,13 @@ def test_solopo_pairs_counts_and_resume(tmp_path):
         for p in by_id[r["meta"]["id"]].supporting:  # the same passages, renumbered among distractors
             assert p.text in r["short_context"] and p.text in r["long_context"]
         assert r["meta"]["n_distractors"] >= 3
-    assert rows[0]["chosen"] in ("Talvik.", "She was born in Talvik") and rows[0]["rejected"] in ("Oslo", "Bergen")
-    assert rows[1]["chosen"] == "cello"
+    w = samples["Winter Harbour"]
+    assert rows[0]["chosen"] in w[:2] and rows[0]["rejected"] in w[2:]  # the whole responses, reasoning included
+    assert rows[0]["meta"]["chosen_answer"] == "Talvik" and rows[0]["meta"]["rejected_answer"] in ("Oslo", "Bergen")
+    assert rows[1]["chosen"] == samples["Carrow Music"][0] and rows[1]["meta"]["n_no_final_answer"] == 1
     assert rows[0]["meta"]["n_correct"] == 2 and rows[0]["meta"]["n_samples"] == 4
     assert st.dropped["record_no_correct_answer"] == 1 and st.dropped["record_no_wrong_answer"] == 1
+    assert st.counts["samples_no_final_answer"] == 2  # neither chosen nor rejected, and counted
     assert st.counts["samples"] == 16
     # the chosen / rejected user message is the short context + instruction, sampled n times
     conv, params = be.calls[0][0][0], be.calls[0][1]
@@ -163,8 +172,9 @@ def test_solopo_pairs_counts_and_resume(tmp_path):
 
 def test_solopo_failures_are_retried_on_rerun(tmp_path):
     records = read_qa_records(QA)[:3]
-    samples = {"Winter Harbour": ["Talvik", "Oslo"] * 2, "Harlow Tower": ["Venn River", "Marport"] * 2,
-               "Ostra Lakes": ["heron", "swan"] * 2}
+    samples = {"Winter Harbour": ["Answer: Talvik", "Answer: Oslo"] * 2,
+               "Harlow Tower": ["Answer: Venn River", "Answer: Marport"] * 2,
+               "Ostra Lakes": ["Answer: heron", "Answer: swan"] * 2}
     out = tmp_path / "s.jsonl"
     st = _solopo(records, Sampler(samples, fail={"Harlow Tower"}), out)
     assert st.counts["records_failed"] == 1 and st.failures["sample_request"] == 1
@@ -185,3 +195,51 @@ def test_large_distractor_pool_is_drawn_lazily():
     text, n, k = build_long_context(rec, pool, WhitespaceTokenCounter(), 2000, random.Random(0))
     assert time.monotonic() - t0 < 2.0
     assert 1900 <= n <= 2000 and k > 50
+
+
+@pytest.mark.parametrize("response,expected", [
+    ("Passage 1 names the composer.\nAnswer: Talvik", "Talvik"),
+    ("Reasoning.\n**Answer:** Talvik", "Talvik"),
+    ("Reasoning.\n**Answer: Talvik**", "Talvik"),
+    ("Step 1 ...\nFinal Answer: the Venn River.", "the Venn River"),
+    ("- answer: 1887", "1887"),
+    ("ANSWER\uff1a Talvik", "Talvik"),                                     # full-width colon
+    ("So the final answer is Talvik. It was her birthplace.", "Talvik"),
+    ('The answer is: "a white heron"', "a white heron"),
+    ("The answer is: The answer is: 1887", "1887"),                        # the last phrase of the line
+    ("Therefore \\boxed{1887}.", "1887"),
+    ("Answer:\n\nTalvik", "Talvik"),                                       # the answer on the next line
+    ("First guess.\nAnswer: Oslo\nWait, passage 2 says otherwise.\nAnswer: Talvik", "Talvik"),  # the last wins
+    ("Answer: Oslo\nAnswer: Bergen\nAnswer: Talvik", "Talvik"),
+    ("She was born in Talvik.", None),                                     # no final answer
+    ("Answer the question: where was she born?", None),
+    ("Answer:", None),
+    ("", None),
+])
+def test_final_answer_extraction(response, expected):
+    assert extract_final_answer(response) == expected
+
+
+def test_sub_em_scores_the_extracted_answer():
+    golds = ["Talvik"]
+    mentions = "Passage 2 says she was born in Talvik, but I think not.\nAnswer: Oslo"
+    assert sub_exact_match(mentions, golds)  # the whole response mentions the gold ...
+    assert not sub_exact_match(extract_final_answer(mentions), golds)  # ... its final answer is wrong
+    assert sub_exact_match(extract_final_answer("Reasoning.\nAnswer: the town of TALVIK."), golds)
+    assert extract_final_answer("No answer here.") is None
+
+
+def test_records_without_any_final_answer_and_the_whole_response_option(tmp_path):
+    records = read_qa_records(QA)[:2]
+    samples = {"Winter Harbour": ["She was born in Talvik.", "Oslo, I think."] * 2,
+               "Harlow Tower": ["Answer: Venn River", "Answer: Marport", "no idea", "Answer: Marport"]}
+    st = _solopo(records, Sampler(samples), tmp_path / "cot.jsonl")
+    rows = [json.loads(l) for l in (tmp_path / "cot.jsonl").read_text().splitlines()]
+    assert [r["meta"]["id"] for r in rows] == ["q02"]
+    assert st.dropped["record_no_final_answer"] == 1 and st.counts["samples_no_final_answer"] == 5
+    assert rows[0]["chosen"] == "Answer: Venn River" and rows[0]["rejected"] == "Answer: Marport"
+    # the short-answer mode scores the whole response
+    st = _solopo(records, Sampler(samples), tmp_path / "whole.jsonl", final_answer=False)
+    rows = [json.loads(l) for l in (tmp_path / "whole.jsonl").read_text().splitlines()]
+    assert [r["meta"]["id"] for r in rows] == ["q01", "q02"] and st.counts.get("samples_no_final_answer", 0) == 0
+    assert rows[0]["chosen"] == "She was born in Talvik." and rows[0]["rejected"] == "Oslo, I think."

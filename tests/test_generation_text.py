@@ -5,7 +5,7 @@ import nltk
 import pytest
 
 from megatron_longpo.generation.text import (
-    HFTokenCounter, WhitespaceTokenCounter, chunk_document, is_heading, offline_sentence_splitter,
+    HFTokenCounter, WhitespaceTokenCounter, chunk_bounds, chunk_document, is_heading, offline_sentence_splitter,
     paragraph_spans, select_chunks)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "generation" / "documents"
@@ -111,3 +111,30 @@ def test_select_chunks_spreads_over_the_document():
     assert len(select_chunks(chunks[:3], 4)) == 3
     with pytest.raises(ValueError, match="budget"):
         chunk_document("x", WS, 0)
+
+
+def test_chunk_bounds_scale_the_reference_rule():
+    assert chunk_bounds(32768, 1024) == (16384, 30000)  # the reference, Mistral-7B-v0.2's 32K window
+    assert chunk_bounds(131072, 1024) == (65536, 120000)
+    lo, hi = chunk_bounds(8192, 1024)  # SmolLM2: the answer budget, not the ratio, sets the maximum
+    assert hi == 8192 - 1024 - 256 and lo == hi * 16384 // 30000
+    for window in (4096, 8192, 32768, 131072):  # chunk + prompt reserve + answer always fit the window
+        lo, hi = chunk_bounds(window, 1024)
+        assert 0 < lo < hi and hi + 256 + 1024 <= window
+    with pytest.raises(ValueError, match="--generator-window"):
+        chunk_bounds(1024, 1024)
+
+
+def test_minimum_chunk_size_drops_the_small_last_group_and_delays_section_breaks():
+    paras = [_para(30, f"p{k}_") for k in range(7)]
+    chunks = chunk_document("\n\n".join(paras), WS, max_tokens=70, min_tokens=50)
+    assert [c.n_tokens for c in chunks] == [60, 60, 60, 30]  # returned, measured ...
+    kept = select_chunks(chunks, 4, min_tokens=50)
+    assert [c.n_tokens for c in kept] == [60, 60, 60]  # ... and the 30-token tail is not used
+    assert [c.index for c in select_chunks(chunks, 2, min_tokens=50)] == [0, 2]
+    # a new section closes a chunk at half the budget, and only once it holds min_tokens
+    text = "\n\n".join([_para(20, "a"), "# Two", _para(20, "b"), "# Three", _para(20, "c")])
+    assert [c.n_tokens for c in chunk_document(text, WS, max_tokens=70)] == [42, 22]
+    assert [c.n_tokens for c in chunk_document(text, WS, max_tokens=70, min_tokens=50)] == [64]
+    with pytest.raises(ValueError, match="minimum chunk tokens"):
+        chunk_document(text, WS, max_tokens=60, min_tokens=61)

@@ -497,3 +497,18 @@ def tokenizer_path_from_args(a: argparse.Namespace) -> str:
         flag = "--tokenizer" if a.tokenizer else "--model"
         raise ValueError(f"{flag} {path}: no such directory (give a Hugging Face model or tokenizer directory)")
     return os.path.expanduser(path)
+
+
+def model_context_window(path: str) -> int | None:
+    """`max_position_embeddings` from a Hugging Face directory's config.json (also under
+    `text_config`), or None when there is none."""
+    cfg_path = os.path.join(os.path.expanduser(path), "config.json")
+    if not os.path.isfile(cfg_path):
+        return None
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    for c in (cfg, cfg.get("text_config") or {}):
+        n = c.get("max_position_embeddings")
+        if isinstance(n, int) and n > 0:
+            return n
+    return None

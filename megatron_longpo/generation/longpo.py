@@ -1,27 +1,33 @@
 """LongPO self-generated pairs (METHODS.md §2): chunk -> questions -> short/long answers -> filters -> turns.
 
-For each document `C_L` (the whole text):
+The defaults follow the LongPO reference code (DAMO-NLP-SG/LongPO, `data_prepare/`); docs/generation.md
+lists each choice with its source. For each document `C_L` (the whole text):
 
-1. it is split into chunks of at most `chunk_tokens` tokens on paragraph / section boundaries
-   (`text.chunk_document`) and up to `max_chunks` of them, spread over the document, are kept;
-2. for each chunk `C_S` the generator writes `questions_asked` questions
-   (`question_prompt`, user message `{context}\\n\\n{instruction}`); the numbered / bulleted list
-   is parsed and `questions_per_chunk` of them are drawn at random (seeded by the run seed, the
-   document id and the chunk index, so a resumed run draws the same); an optional lead phrase
-   ("As described in the preceding text,") is prefixed. That is the instruction `I`;
-3. chosen  `y_S ~ π(·|[C_S; I])`: one user message `"{C_S}\\n\\n{I}"`, no earlier turns;
-4. rejected `y_L ~ π(·|[C_L; I])`. With `rejected_conditioning="history"` (default) turn i is
-   generated in the same conversation as the trainer's rejected sequence:
-   `user: "{C_L}\\n\\n{I_1}"`, `assistant: y_L1`, `user: I_2`, ... `user: I_i` (earlier *kept*
-   rejected turns only). With `"independent"` every turn sees `"{C_L}\\n\\n{I_i}"` alone (all turns
-   batch together);
-5. a turn is dropped when either answer is empty, a refusal, repetitive, too short
-   (`filters.AnswerFilter`), when both answers are the same, or when adding it would make either
-   side's long sequence (`C_L` + all kept instructions and that side's answers) exceed
-   `max_pair_tokens`;
+1. it is split on paragraph / section boundaries into chunks of at most `max_chunk_tokens`
+   tokens (`text.chunk_document`); chunks under `min_chunk_tokens` are dropped (the reference:
+   16,384-30,000 tokens for a 32K generator, `text.chunk_bounds` scales that to another window)
+   and up to `max_chunks` (4) of the others, spread over the document, are used;
+2. for each chunk `C_S` the generator is asked for `questions_asked` (N = 4) questions
+   (`question_prompt`, sampled at T 0.7 / top-p 0.9); a chunk is kept only when exactly N parse
+   (`exact_question_count`), then `questions_per_chunk` (1) of them are drawn at random and a lead
+   phrase drawn from `lead_phrases` ("As described in the preceding text,", ...) is prefixed; both
+   draws are seeded by the run seed, the document id and the chunk index, so a resumed run draws
+   the same. That is the instruction `I`;
+3. chosen  `y_S ~ π(·|[C_S; I])`: one user message `"{C_S}\\n\\n{I}"`, greedy by default (the paper);
+4. rejected `y_L ~ π(·|[C_L; I])`: with `rejected_conditioning="independent"` (default, as the
+   reference) every turn is generated single-turn from `"{C_L}\\n\\n{I_i}"` (T 1.0, up to 1,024
+   tokens), all turns of a batch in one call. With `"history"` turn i is generated in the same
+   conversation as the trainer's rejected sequence: `user: "{C_L}\\n\\n{I_1}"`, `assistant: y_L1`,
+   `user: I_2`, ... `user: I_i` (earlier *kept* rejected turns only);
+5. a turn is dropped when the chosen answer fails `chosen_filter` (empty, refusal, repeated-word
+   share > 0.9, fewer than 2 words of >= 3 characters), the rejected answer fails
+   `rejected_filter` (empty, share > 0.95, too short; refusals such as "the text does not
+   mention ..." are kept), both answers are the same, or adding it would make either side's long
+   sequence (`C_L` + all kept instructions and that side's answers) exceed `max_pair_tokens`;
 6. the kept turns of a document make one JSONL line:
    `{"long_context", "turns": [{"short_context", "instruction", "chosen", "rejected"}], "meta"}`.
 
+Every document, chunk and turn that is not used is counted by reason in `RunStats.dropped`.
 Documents are processed `docs_per_batch` at a time so each stage is one batched `chat` call.
 A document whose requests fail is counted and left unsettled (a rerun retries it); results are
 appended as they are made, so a restart skips finished documents (`output.ResumableJsonl`).
@@ -36,15 +42,26 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .backends import Conversation, GenerationBackend, GenerationError, SamplingParams
-from .filters import AnswerFilter, parse_questions, with_lead_phrase
+from .filters import (
+    LEAD_PHRASES, LONGPO_CHOSEN_FILTER, LONGPO_REJECTED_FILTER, AnswerFilter, parse_questions, with_lead_phrase)
 from .output import FailureStreak, ResumableJsonl, RunStats, iter_jsonl, meta_id
-from .text import Chunk, TokenCounter, chunk_document, select_chunks
+from .text import (
+    REFERENCE_MAX_CHUNK, REFERENCE_MIN_CHUNK, Chunk, TokenCounter, chunk_document, select_chunks)
 
+# Our wording of the reference's question-synthesis request (data_prepare/generate_qa.py): N
+# comprehensive questions on comprehension, analysis and the links between the key themes,
+# numbered "1:" to "N:" (the format its parser expects).
 DEFAULT_QUESTION_PROMPT = (
-    "{context}\n\n"
-    "Write {n} questions about the text above that test reading comprehension and analysis of its "
-    "content. Each question must be answerable from the text alone. Write only the questions, as a "
-    "numbered list."
+    "Context:\n{context}\n\n"
+    "Based on the text above, write {n} comprehensive questions in English that test a reader's "
+    "comprehension, analytical skills and ability to connect the key themes and ideas of the whole text.\n\n"
+    "Each question should:\n"
+    "- ask the reader to connect different sections or concepts of the text;\n"
+    "- call for synthesising and summarising the material, not only recalling it;\n"
+    "- cover a different part of the text from the other questions;\n"
+    "- where relevant, ask the reader to apply or evaluate the text's information;\n"
+    "- be clear and unambiguous.\n\n"
+    "Give the questions directly, without explanations, numbered from \"1:\" to \"{n}:\"."
 )
 TEMPLATE_OVERHEAD_TOKENS = 8  # chat-template tokens around one message (role tags, newlines)
 
@@ -58,22 +75,26 @@ class Document:
 
 @dataclass(frozen=True)
 class LongPOConfig:
-    chunk_tokens: int = 32768
+    min_chunk_tokens: int = REFERENCE_MIN_CHUNK
+    max_chunk_tokens: int = REFERENCE_MAX_CHUNK
     max_chunks: int = 4
     questions_asked: int = 4
     questions_per_chunk: int = 1
+    exact_question_count: bool = True  # False: keep a chunk with 1..N parsed questions (first N of more)
     question_prompt: str = DEFAULT_QUESTION_PROMPT
-    lead_phrase: str = ""
+    lead_phrases: tuple[str, ...] = LEAD_PHRASES  # () = no lead phrase
     max_pair_tokens: int = 131072
     min_doc_tokens: int = 0
     max_doc_tokens: int | None = None
-    rejected_conditioning: str = "history"  # "history" | "independent"
+    rejected_conditioning: str = "independent"  # "independent" (single-turn) | "history"
     seed: int = 0
     docs_per_batch: int = 8
     max_consecutive_failures: int = 8
-    question_params: SamplingParams = SamplingParams(max_new_tokens=256, temperature=0.7, top_p=0.95)
-    answer_params: SamplingParams = SamplingParams(max_new_tokens=1024, temperature=0.0)
-    answer_filter: AnswerFilter = field(default_factory=AnswerFilter)
+    question_params: SamplingParams = SamplingParams(max_new_tokens=1024, temperature=0.7, top_p=0.9)
+    chosen_params: SamplingParams = SamplingParams(max_new_tokens=1024, temperature=0.0)
+    rejected_params: SamplingParams = SamplingParams(max_new_tokens=1024, temperature=1.0, top_p=1.0)
+    chosen_filter: AnswerFilter = LONGPO_CHOSEN_FILTER
+    rejected_filter: AnswerFilter = LONGPO_REJECTED_FILTER
 
     def __post_init__(self) -> None:
         if "{context}" not in self.question_prompt:
@@ -82,8 +103,13 @@ class LongPOConfig:
             raise ValueError(f"rejected conditioning {self.rejected_conditioning!r}: choose history or independent")
         if self.questions_per_chunk < 1 or self.questions_asked < self.questions_per_chunk:
             raise ValueError("need 1 <= questions per chunk <= questions asked")
-        if self.chunk_tokens < 1 or self.max_pair_tokens < 1:
+        if self.max_chunk_tokens < 1 or self.max_pair_tokens < 1:
             raise ValueError("chunk and pair token budgets must be positive")
+        if not 0 <= self.min_chunk_tokens <= self.max_chunk_tokens:
+            raise ValueError(f"need 0 <= --min-chunk-tokens ({self.min_chunk_tokens}) <= --max-chunk-tokens "
+                             f"({self.max_chunk_tokens})")
+        if any(not p.strip() for p in self.lead_phrases):
+            raise ValueError("a lead phrase is empty; pass --no-lead-phrase for none")
 
 
 # ---------------------------------------------------------------- reading documents
@@ -242,22 +268,41 @@ class LongPOBuilder:
         cfg, st = self.cfg, self.stats
         n = self.counter.count(doc.text)
         reason = None
+        chunks: list[Chunk] = []
         if n < cfg.min_doc_tokens:
             reason = "doc_too_short"
         elif cfg.max_doc_tokens is not None and n > cfg.max_doc_tokens:
             reason = "doc_too_long"
-        elif n + cfg.answer_params.max_new_tokens + TEMPLATE_OVERHEAD_TOKENS > cfg.max_pair_tokens:
+        elif n + cfg.rejected_params.max_new_tokens + TEMPLATE_OVERHEAD_TOKENS > cfg.max_pair_tokens:
             reason = "doc_over_max_pair_tokens"
         if reason is None:
-            chunks = chunk_document(doc.text, self.counter, cfg.chunk_tokens)
+            chunks = chunk_document(doc.text, self.counter, cfg.max_chunk_tokens, min_tokens=cfg.min_chunk_tokens)
             st.count("chunks_total", len(chunks))
             if len(chunks) < 2:
                 reason = "doc_single_chunk"  # the short context would be the whole document
+        if reason is None:
+            small = sum(c.n_tokens < cfg.min_chunk_tokens for c in chunks)
+            if small:
+                st.drop("chunk_under_min_tokens", small)
+            used = select_chunks(chunks, cfg.max_chunks, cfg.min_chunk_tokens)
+            if len(chunks) - small > len(used):
+                st.drop("chunk_over_max_chunks", len(chunks) - small - len(used))
+            if not used:
+                reason = "doc_no_chunk_in_range"
         if reason is not None:
             st.drop(reason)
             out.settle(doc.id, reason)
             return None
-        return _DocWork(doc, n, select_chunks(chunks, cfg.max_chunks))
+        return _DocWork(doc, n, used)
+
+    def _parsed(self, qs: list[str]) -> tuple[list[str], str | None]:
+        """The questions a chunk may use, or the reason it is dropped (exactly N must parse)."""
+        n = self.cfg.questions_asked
+        if not qs:
+            return [], "chunk_no_question_parsed"
+        if self.cfg.exact_question_count and len(qs) != n:
+            return [], "chunk_too_few_questions" if len(qs) < n else "chunk_too_many_questions"
+        return qs[:n], None
 
     def _questions(self, work: list[_DocWork]) -> None:
         cfg, st = self.cfg, self.stats
@@ -272,20 +317,22 @@ class LongPOBuilder:
         for w, c, o in zip(owners, chunks, outs):
             if o is None or w.failed:
                 continue
-            qs = parse_questions(o[0])
-            st.count("questions_parsed", len(qs))
-            if not qs:
-                st.drop("chunk_no_question_parsed")
+            parsed = parse_questions(o[0])
+            st.count("questions_parsed", len(parsed))
+            qs, reason = self._parsed(parsed)
+            if reason:
+                st.drop(reason)
                 continue
             rng = random.Random(f"{cfg.seed}:{w.doc.id}:{c.index}")
             for q in rng.sample(qs, min(cfg.questions_per_chunk, len(qs))):
-                w.turns.append(_Turn(c, with_lead_phrase(q, cfg.lead_phrase)))
+                lead = rng.choice(cfg.lead_phrases) if cfg.lead_phrases else ""
+                w.turns.append(_Turn(c, with_lead_phrase(q, lead)))
         st.count("questions_used", sum(len(w.turns) for w in work if not w.failed))
 
     def _chosen(self, work: list[_DocWork]) -> None:
         turns = [(w, t) for w in work if not w.failed for t in w.turns]
         convs = [[{"role": "user", "content": user_message(t.chunk.text, t.instruction)}] for _, t in turns]
-        outs = self._chat(convs, self.cfg.answer_params, [w for w, _ in turns], "chosen")
+        outs = self._chat(convs, self.cfg.chosen_params, [w for w, _ in turns], "chosen")
         for (w, t), o in zip(turns, outs):
             if o is not None:
                 t.chosen = o[0].strip()
@@ -301,14 +348,12 @@ class LongPOBuilder:
         return conv
 
     def _judge(self, w: _DocWork, t: _Turn) -> None:
-        """Filter one finished turn and keep it on its document when it passes."""
-        st, f = self.stats, self.cfg.answer_filter
+        """Filter one finished turn (its chosen answer already passed) and keep it when it passes."""
+        st = self.stats
         reason = None
-        for side, answer in (("chosen", t.chosen), ("rejected", t.rejected)):
-            r = f.reason(answer)
-            if r:
-                reason = f"{side}_{r}"
-                break
+        r = self.cfg.rejected_filter.reason(t.rejected)
+        if r:
+            reason = f"rejected_{r}"
         if reason is None and " ".join(t.chosen.split()).lower() == " ".join(t.rejected.split()).lower():
             reason = "identical_answers"
         if reason is None:
@@ -330,7 +375,7 @@ class LongPOBuilder:
         `max_new_tokens` answer; a turn that cannot fit is dropped before it is requested."""
         if self.cfg.rejected_conditioning == "independent" or not w.kept:
             return True
-        need = (w.rejected_len + self.counter.count(t.instruction) + self.cfg.answer_params.max_new_tokens
+        need = (w.rejected_len + self.counter.count(t.instruction) + self.cfg.rejected_params.max_new_tokens
                 + 2 * TEMPLATE_OVERHEAD_TOKENS)
         if need > self.cfg.max_pair_tokens:
             self.stats.drop("over_length")
@@ -338,7 +383,7 @@ class LongPOBuilder:
         return True
 
     def _rejected_and_filter(self, work: list[_DocWork]) -> None:
-        st, f = self.stats, self.cfg.answer_filter
+        st, f = self.stats, self.cfg.chosen_filter
         # chosen answers that fail the filters need no rejected answer
         pending: dict[int, list[_Turn]] = {}
         for wi, w in enumerate(work):
@@ -358,7 +403,7 @@ class LongPOBuilder:
         for rnd in rounds:
             rnd = [(w, t) for w, t in rnd if not w.failed and self._fits(w, t)]
             convs = [self._rejected_conversation(w, t) for w, t in rnd]
-            outs = self._chat(convs, self.cfg.answer_params, [w for w, _ in rnd], "rejected")
+            outs = self._chat(convs, self.cfg.rejected_params, [w for w, _ in rnd], "rejected")
             for (w, t), o in zip(rnd, outs):
                 if o is None or w.failed:
                     continue
@@ -389,6 +434,7 @@ class LongPOBuilder:
                 "long_tokens": w.doc_tokens,
                 "generator": getattr(self.backend, "name", type(self.backend).__name__),
                 "rejected_conditioning": self.cfg.rejected_conditioning,
+                "chunk_bounds": [self.cfg.min_chunk_tokens, self.cfg.max_chunk_tokens],
                 "seed": self.cfg.seed,
             },
         }

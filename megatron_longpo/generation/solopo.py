@@ -16,11 +16,17 @@ For each record:
   the record's own non-supporting passages first, then passages of other records (never one
   whose title is a supporting title or whose text contains a gold answer); the seed, the record
   id and the passage order fix the draw;
-- `n_samples` answers are sampled on `x_S` only (temperature `temperature`);
-- each is scored by sub-string exact match against the gold answers, both normalised as in
-  SQuAD / MuSiQue (lower-case, punctuation and articles removed, whitespace collapsed);
-- chosen = a correct answer, rejected = a wrong one, each drawn at random among the distinct
-  candidates. Records with no correct or no wrong answer are counted and produce nothing.
+- `n_samples` chain-of-thought responses are sampled on `x_S` only (paper: 32 at T 0.85): the
+  instruction asks for the reasoning, then a last line "Answer: <answer>";
+- the final answer of each response is extracted (`extract_final_answer`: the last "Answer:" /
+  "Final answer:" line, "the answer is ...", or \\boxed{...}) and scored by sub-string exact
+  match against the gold answers, both normalised as in SQuAD / MuSiQue (lower-case, punctuation
+  and articles removed, whitespace collapsed). A response without a final answer is neither
+  chosen nor rejected (counted: `samples_no_final_answer`). `final_answer=False` scores the whole
+  response instead (short-answer prompts);
+- chosen = a correct response, rejected = a wrong one (the whole response, reasoning included),
+  each drawn at random among the distinct candidates. Records with no correct or no wrong
+  response are counted and produce nothing.
 Output line: `{"short_context", "long_context", "instruction", "chosen", "rejected", "meta"}`.
 """
 
@@ -39,7 +45,16 @@ from .filters import AnswerFilter
 from .output import FailureStreak, ResumableJsonl, RunStats, iter_jsonl, meta_id
 from .text import TokenCounter
 
-DEFAULT_INSTRUCTION = "Answer the question based on the documents above. Give a short answer.\n\nQuestion: {question}"
+# Chain-of-thought sampling (the SoLoPO paper samples reasoning, then the final answer): the last
+# line carries the answer that `extract_final_answer` reads and sub-EM scores.
+DEFAULT_INSTRUCTION = (
+    "Answer the question based on the passages above. Think step by step: first work out which "
+    "passages are relevant and how they connect, then give your final answer on the last line, "
+    "in the form \"Answer: <answer>\", where <answer> is as short as possible (a name, a date, a "
+    "number or a short phrase).\n\nQuestion: {question}"
+)
+# The short-answer prompt (the whole response is scored): `final_answer=False`.
+SHORT_ANSWER_INSTRUCTION = "Answer the question based on the documents above. Give a short answer.\n\nQuestion: {question}"
 TEMPLATE_OVERHEAD_TOKENS = 8
 PASSAGE_SEPARATOR = "\n\n"
 
@@ -82,6 +97,51 @@ def sub_exact_match(prediction: str, golds: Iterable[str]) -> bool:
     """True when some normalised gold answer is a sub-string of the normalised prediction."""
     pred = normalize_answer(prediction)
     return any((g := normalize_answer(gold)) and g in pred for gold in golds)
+
+
+_LABEL = re.compile(
+    r"^[\s>#*_\-]*(?:\*\*|__)?\s*(?:the\s+|my\s+)?(?:final\s+answer|short\s+answer|answer)\s*(?:\*\*|__)?\s*[:\uff1a]"
+    r"\s*(?:\*\*|__)?\s*(.*)$",
+    re.IGNORECASE,
+)
+_PHRASE = re.compile(r"\b(?:the|my) (?:final |short )?answer is\s*:?\s*", re.IGNORECASE)
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
+
+
+def _clean_answer(text: str) -> str:
+    text = text.strip().replace("**", "").replace("__", "").strip("`*_ \t")
+    return text.strip("\"'\u201c\u201d").strip().rstrip(".").strip()
+
+
+def extract_final_answer(response: str) -> str | None:
+    """The final answer of a chain-of-thought response, or None when it states none.
+
+    Read, per line, a `\\boxed{X}`, else an answer label at the start of the line ("Answer: X",
+    "**Final Answer:** X", "- answer: X"; X on the next line when the label ends the line), else
+    "the (final) answer is X" (X up to the end of its sentence). The LAST line that holds one
+    wins, so "Answer:" lines in the reasoning are overridden by the last. Markdown bold, quotes and
+    a final period are stripped."""
+    lines = response.replace("\r", "").split("\n")
+    found: str | None = None
+    for i, line in enumerate(lines):
+        cand = None
+        boxed = _BOXED.findall(line)
+        if boxed:
+            cand = boxed[-1]
+        elif (m := _LABEL.match(line)) is not None:
+            cand = m.group(1)
+            if not _clean_answer(cand):  # "Answer:" alone: the answer is on the next non-empty line
+                cand = next((ln for ln in lines[i + 1 :] if ln.strip()), "")
+        else:
+            phrases = list(_PHRASE.finditer(line))
+            if phrases:  # the text after the last "the answer is" of the line
+                rest = line[phrases[-1].end() :]
+                end = _SENTENCE_END.search(rest)
+                cand = rest[: end.start()] if end else rest
+        if cand is not None and _clean_answer(cand):
+            found = _clean_answer(cand)
+    return found
 
 
 # ---------------------------------------------------------------- reading records
@@ -228,13 +288,16 @@ def build_long_context(
 class SoLoPOConfig:
     target_long_tokens: int = 7500
     n_samples: int = 32
-    sampling: SamplingParams = SamplingParams(max_new_tokens=256, temperature=0.85, top_p=1.0)
+    sampling: SamplingParams = SamplingParams(max_new_tokens=1024, temperature=0.85, top_p=1.0)
     instruction_template: str = DEFAULT_INSTRUCTION
+    final_answer: bool = True  # score the extracted final answer (False: the whole response)
     max_pair_tokens: int = 32768
     seed: int = 0
     records_per_batch: int = 8
     max_consecutive_failures: int = 8
-    chosen_filter: AnswerFilter = field(default_factory=lambda: AnswerFilter(min_words=1))
+    # refusals and loops are not chosen; short answers are fine (min_long_words=0)
+    chosen_filter: AnswerFilter = field(default_factory=lambda: AnswerFilter(max_repeated_word_share=0.9,
+                                                                             min_long_words=0))
 
     def __post_init__(self) -> None:
         if "{question}" not in self.instruction_template:
@@ -301,17 +364,27 @@ class SoLoPOBuilder:
             self._pair(rec, ctx, samples, out)
         self._failures.check(st)
 
+    def _answer(self, response: str) -> str | None:
+        """What sub-EM scores: the final answer (None: the response states none), or the response."""
+        return extract_final_answer(response) if self.cfg.final_answer else response
+
     def _pair(self, rec: QARecord, ctx: dict, samples: list[str], out: ResumableJsonl) -> None:
         cfg, st = self.cfg, self.stats
         st.count("samples", len(samples))
-        distinct = list(dict.fromkeys(s.strip() for s in samples if s.strip()))
-        correct = [s for s in distinct if sub_exact_match(s, rec.answers)]
-        wrong = [s for s in distinct if s not in correct]
-        n_correct = sum(sub_exact_match(s, rec.answers) for s in samples)
+        answers = [(s.strip(), self._answer(s.strip())) for s in samples if s.strip()]
+        st.count("samples_empty", len(samples) - len(answers))
+        scored = [(s, a, sub_exact_match(a, rec.answers)) for s, a in answers if a is not None]
+        st.count("samples_no_final_answer", len(answers) - len(scored))
+        n_correct = sum(ok for _, _, ok in scored)
         st.count("samples_correct", n_correct)
+        final = {s: a for s, a, _ in scored}
+        correct = list(dict.fromkeys(s for s, _, ok in scored if ok))
+        wrong = list(dict.fromkeys(s for s, _, ok in scored if not ok))
         good = [s for s in correct if cfg.chosen_filter.reason(s) is None]
         reason = None
-        if not correct:
+        if not scored:
+            reason = "record_no_final_answer"  # no response stated a final answer
+        elif not correct:
             reason = "record_no_correct_answer"
         elif not wrong:
             reason = "record_no_wrong_answer"
@@ -340,6 +413,9 @@ class SoLoPOBuilder:
                 "answers": list(rec.answers),
                 "n_samples": len(samples),
                 "n_correct": n_correct,
+                "n_no_final_answer": len(answers) - len(scored),
+                "chosen_answer": final[chosen],
+                "rejected_answer": final[rejected],
                 "long_tokens": ctx["long_tokens"],
                 "n_distractors": ctx["n_distractors"],
                 "generator": getattr(self.backend, "name", type(self.backend).__name__),

@@ -14,8 +14,11 @@ and its place in the document is known. Chunking works on *units*:
    ending on whitespace where possible) as the last resort.
 
 Units are packed greedily into chunks of at most `max_tokens` tokens; when the current chunk is at
-least `section_break_fill` full and the next unit opens a new section, the chunk is closed there.
-Every chunk's token count is measured on the final slice, so the budget always holds.
+least `section_break_fill` full (and at least `min_tokens` long) and the next unit opens a new
+section, the chunk is closed there. Every chunk's token count is measured on the final slice, so
+the budget always holds. `select_chunks` keeps the chunks of at least `min_tokens` tokens (the
+LongPO reference drops paragraph groups outside its 16,384-30,000-token range, a short last group
+included); `chunk_bounds` derives that range from the generator's context window.
 """
 
 from __future__ import annotations
@@ -194,15 +197,42 @@ def split_units(text: str, counter: TokenCounter, max_tokens: int) -> list[Span]
     return units
 
 
+# The LongPO reference (DAMO-NLP-SG/LongPO, data_prepare/generate_qa.py) groups paragraphs into
+# chunks of 16,384-30,000 tokens for a 32K-token generator (Mistral-7B-Instruct-v0.2): the
+# maximum leaves ~2.7K tokens of the window for the instruction, the template and the answer, and
+# the minimum is half the window. `chunk_bounds` scales both to another window.
+REFERENCE_WINDOW = 32768
+REFERENCE_MIN_CHUNK = 16384
+REFERENCE_MAX_CHUNK = 30000
+PROMPT_RESERVE_TOKENS = 256  # question / instruction text and chat template around a chunk
+
+
+def chunk_bounds(window: int, answer_tokens: int) -> tuple[int, int]:
+    """(min, max) chunk tokens for a generator with a `window`-token context that must also fit
+    `answer_tokens` new tokens: max = min(window x 30000/32768, window - answer_tokens - 256),
+    min = max x 16384/30000. A 32K window with 1,024-token answers gives the reference's
+    (16384, 30000); 8K gives (3774, 6912); 128K gives (65536, 120000)."""
+    hi = min(window * REFERENCE_MAX_CHUNK // REFERENCE_WINDOW, window - answer_tokens - PROMPT_RESERVE_TOKENS)
+    if hi < 1:
+        raise ValueError(f"a {window}-token generator window leaves no room for a chunk with {answer_tokens}-token "
+                         "answers: raise --generator-window or lower --max-new-tokens / --question-max-new-tokens")
+    return hi * REFERENCE_MIN_CHUNK // REFERENCE_MAX_CHUNK, hi
+
+
 def chunk_document(
-    text: str, counter: TokenCounter, max_tokens: int, section_break_fill: float = 0.5
+    text: str, counter: TokenCounter, max_tokens: int, section_break_fill: float = 0.5, min_tokens: int = 0
 ) -> list[Chunk]:
     """Split `text` into chunks of at most `max_tokens` tokens on paragraph / section boundaries.
+    A chunk is closed at a section boundary only once it holds `min_tokens` tokens; chunks shorter
+    than `min_tokens` (the last one, typically) are still returned: `select_chunks` drops them.
 
     Packing adds unit token counts (cheap) while far from the budget and re-counts the whole slice
     near it; every closed chunk is counted exactly and trimmed back a unit if it overshoots."""
     if max_tokens < 1:
         raise ValueError(f"chunk token budget must be at least 1, got {max_tokens}")
+    if not 0 <= min_tokens <= max_tokens:
+        raise ValueError(f"need 0 <= minimum chunk tokens ({min_tokens}) <= maximum ({max_tokens})")
+    break_at = max(section_break_fill * max_tokens, min_tokens)
     queue = deque(split_units(text, counter, max_tokens))
     chunks: list[Chunk] = []
     group: list[Span] = []
@@ -223,7 +253,7 @@ def chunk_document(
     while queue:
         unit = queue.popleft()
         unit_tokens = counter.count(text[unit.start : unit.end])
-        if group and unit.opens_section and estimate >= section_break_fill * max_tokens:
+        if group and unit.opens_section and estimate >= break_at:
             close()
         if group:
             guess = estimate + unit_tokens + 2  # + the blank line between them
@@ -239,8 +269,10 @@ def chunk_document(
     return chunks
 
 
-def select_chunks(chunks: Sequence[Chunk], max_chunks: int) -> list[Chunk]:
-    """Up to `max_chunks` chunks spread evenly over the document (first and last included)."""
+def select_chunks(chunks: Sequence[Chunk], max_chunks: int, min_tokens: int = 0) -> list[Chunk]:
+    """Up to `max_chunks` of the chunks of at least `min_tokens` tokens, spread evenly over the
+    document (first and last of them included)."""
+    chunks = [c for c in chunks if c.n_tokens >= min_tokens]
     n = len(chunks)
     if max_chunks <= 0 or n <= max_chunks:
         return list(chunks)
