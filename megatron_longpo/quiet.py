@@ -38,6 +38,7 @@ class Known:
     origin: str  # which library and file emits it
     why: str  # why a user cannot act on it
     without_cuda_only: bool = False  # actionable on a GPU machine (there it still shows)
+    module: str = ""  # warnings: regular expression for the emitting module (compile-time warnings: the file path)
 
 
 KNOWN: tuple[Known, ...] = (
@@ -68,6 +69,12 @@ KNOWN: tuple[Known, ...] = (
     Known(r"Please use DTensor instead and we are deprecating ShardedTensor\.", "warnings", "FutureWarning",
           "torch distributed/_shard (ShardedTensor), used by megatron-core's dist_checkpointing",
           "megatron-core's checkpoint format is built on ShardedTensor; nothing to change on our side."),
+    Known(r"invalid escape sequence ", "warnings", "SyntaxWarning",
+          "megatron-core's own source (inference/contexts/kv_block_allocator.py: '\\-' in a docstring), when "
+          "Python compiles it on first import (`make demo` installs with pip --no-compile)",
+          "a string literal in megatron's code; printed once, when its .pyc is written. Only files under "
+          "megatron/core/ are filtered: the same warning in any other file still shows.",
+          module=r".*[\\/]megatron[\\/]core[\\/]"),
     Known(r"MCore's async save is deprecated and will be removed", "logging",
           "megatron.core.dist_checkpointing.strategies.torch",
           "megatron-core dist_checkpointing/strategies/torch.py: its synchronous save() calls "
@@ -78,7 +85,7 @@ KNOWN: tuple[Known, ...] = (
           "megatron-longpo compiles no extension; a CPU machine with a CUDA toolkit installed is fine."),
 )
 
-_CATEGORIES = {"UserWarning": UserWarning, "FutureWarning": FutureWarning, "DeprecationWarning": DeprecationWarning}
+_CATEGORIES = {"UserWarning": UserWarning, "FutureWarning": FutureWarning, "SyntaxWarning": SyntaxWarning}
 _installed = False
 
 
@@ -130,7 +137,7 @@ def install(progress_bars_on_terminal_only: bool = True) -> None:
     by_logger: dict[str, list[str]] = {}
     for k in active():
         if k.via == "warnings":
-            warnings.filterwarnings("ignore", message=k.pattern, category=_CATEGORIES[k.source])
+            warnings.filterwarnings("ignore", message=k.pattern, category=_CATEGORIES[k.source], module=k.module)
         else:
             by_logger.setdefault(k.source, []).append(k.pattern)
     for name, patterns in by_logger.items():

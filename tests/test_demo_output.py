@@ -27,6 +27,8 @@ SEEN_BEFORE = [
     "/x/megatron_longpo/platform.py:60: FutureWarning: Please use DTensor instead and we are deprecating ShardedTensor.",
     "/x/megatron/core/models/mimo/config/base_configs.py:12: UserWarning: MimoModelConfig is experimental and still under active development. The API may change without notice in future releases.",
     "W1129 04:28:38.574000 12198 /x/torch/utils/cpp_extension.py:183] No CUDA runtime is found, using CUDA_HOME='/usr/local'",
+    # after `pip install --no-compile`: Python compiles megatron on first import
+    "/x/megatron/core/inference/contexts/kv_block_allocator.py:426: SyntaxWarning: invalid escape sequence '\\-'",
 ]
 PY_WARNING = re.compile(r"\b[A-Z]\w*Warning: ")  # how `warnings` prints one: "file:line: Category: message"
 TORCH_LOG_WARNING = re.compile(r"^W\d{4} \d\d:\d\d:\d\d")  # torch's logging format for a warning
@@ -53,6 +55,8 @@ def test_only_the_known_messages_are_filtered():
         "log.error(\"MCore's async save is deprecated and will be removed (as an error)\")\n"
         "log.warning('another megatron warning')\n"
         "logging.getLogger('megatron.core.other').warning(\"MCore's async save is deprecated (other logger)\")\n"
+        "compile(\"'in megatron \\\\-'\", '/x/site-packages/megatron/core/y.py', 'exec')\n"
+        "compile(\"'in user code \\\\-'\", '/x/my_code.py', 'exec')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -62,6 +66,7 @@ def test_only_the_known_messages_are_filtered():
     assert "a warning nobody listed" in err
     assert "will be removed in the future releases" not in err
     assert "(as an error)" in err and "another megatron warning" in err and "(other logger)" in err
+    assert "my_code.py:1: SyntaxWarning: invalid escape sequence" in err and "megatron/core/y.py" not in err
 
 
 @pytest.mark.slow
