@@ -8,7 +8,8 @@ warnings, every error, and these same messages at a higher logging level still s
 megatron-core 0.19.2, torch 2.14.1, transformers 5.24 (2-core CPU dev machine; docs/quickstart.md).
 
 None of them is printed straight to stderr (by a C extension or a bare `print` at import): each
-one of the demo's was traced to `warnings.warn` or a `logging` call, so neither stream is wrapped.
+one of the demo's was traced to Python's warnings machinery (`warnings.warn`, or the compiler's
+SyntaxWarning) or to a `logging` call, so neither stream is wrapped.
 
     from megatron_longpo import quiet
     quiet.install()      # first line of an entry point's main(); idempotent
