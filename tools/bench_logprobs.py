@@ -40,6 +40,9 @@ def run(method, s, v, h, chunk, reps=3):
 
 
 def main():
+    from megatron_longpo import quiet
+
+    quiet.install()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--vocab", type=int, nargs="+", default=[32000, 152064])

@@ -132,6 +132,9 @@ def ours(jsonl: str, tok_dir: str, workers: int, out: str) -> tuple[float, int, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_longpo import quiet
+
+    quiet.install()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", help="HF tokenizer directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--records", type=int, default=6)

@@ -103,6 +103,9 @@ def resolve_chunk_bounds(a: argparse.Namespace) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
+    from megatron_longpo import quiet
+
+    quiet.install()
     a = parse_args(argv)
     t0 = time.time()
     try:

@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    from megatron_longpo import quiet
+
+    quiet.install()
     a = parse_args(argv)
     t0 = time.time()
     stats = RunStats()

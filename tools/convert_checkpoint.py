@@ -61,6 +61,9 @@ def reshard(a: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
+    from megatron_longpo import quiet
+
+    quiet.install()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     h = sub.add_parser("hf-to-megatron", help="import a Hugging Face Llama/Mistral/Qwen2 model")

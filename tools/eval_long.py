@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    from megatron_longpo import quiet
+
+    quiet.install()
     from rich.console import Console
 
     a = parse_args(argv)

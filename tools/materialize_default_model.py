@@ -7,6 +7,9 @@ from megatron_longpo.models.embedded import default_cache_dir, materialize_defau
 
 
 def main() -> None:
+    from megatron_longpo import quiet
+
+    quiet.install()
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--cache-dir", default=None, help=f"default: {default_cache_dir()}")
     p.add_argument("--force", action="store_true", help="rewrite even if the directory exists")

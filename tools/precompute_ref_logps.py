@@ -15,6 +15,9 @@ import sys
 
 
 def main(argv=None) -> int:
+    from megatron_longpo import quiet
+
+    quiet.install()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="dataset prefix from tools/preprocess_pairs.py")
     p.add_argument("--model", required=True, help="reference checkpoint directory (tools/convert_checkpoint.py hf-to-megatron)")

@@ -131,6 +131,9 @@ def _raise_interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_longpo import quiet
+
+    quiet.install()
     from rich.console import Console
 
     console = Console(stderr=True, soft_wrap=True)  # never wrap file:line messages

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and measurements, run on a GPU machine after Transformer Engine and megatron-core are
 # installed (see docs/foundation.md, "GPU"). Every number quoted in docs/ for a GPU comes from here.
-#   bash tools/run_gpu_checks.sh tests|bench|train(=train16)|all|diag|attn|cpgrads|prefix|bench_step|train_tp2|longpo_run|maxlen
+#   bash tools/run_gpu_checks.sh tests|bench|train(=train16)|all|diag|attn|cpgrads|prefix|bench_step|train_tp2|longpo_run|maxlen|demo
 # Logs go to $OUT (default /tmp/gpu-out).
 set -uo pipefail
 what=${1:-all}
@@ -16,6 +16,15 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.
 NGPU=$(nvidia-smi -L | wc -l)
 trun() { torchrun --master-port=$((20000 + RANDOM % 20000)) "$@"; }
 
+if [ "$what" = demo ]; then
+  # the README's GPU quick start on GPU 0 (bf16, TE spec), with Python's warnings NOT silenced here:
+  # demo_gpu_warnings.txt counts the warning lines a user would see (megatron_longpo/quiet.py)
+  start=$SECONDS
+  ( unset PYTHONWARNINGS; CUDA_VISIBLE_DEVICES=0 python3 -m megatron_longpo.demo --work-dir /tmp/gpu-demo ) > "$OUT/demo_gpu.log" 2>&1
+  echo "demo rc=$? wall $((SECONDS - start)) s" >> "$OUT/demo_gpu.log"
+  grep -E "Warning: |^W[0-9]{4} |^note: |%\|" "$OUT/demo_gpu.log" > "$OUT/demo_gpu_warnings.txt"
+  wc -l < "$OUT/demo_gpu_warnings.txt"
+fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
   python3 -m pytest -q -m gpu tests/test_gpu.py -s -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 fi

@@ -306,7 +306,8 @@ def train(cfg: RunConfig) -> dict:
     log(f"training {cfg.loss.name} on {t.data.describe()} | {t.arch.architecture} {t.arch.num_layers} layers, RoPE base "
         f"{t.arch.rope_theta:g} | TP={t.par.tensor_parallel} PP={t.par.pipeline_parallel} CP={t.par.context_parallel} "
         f"DP={t.dp} | {t.total_steps} steps of {cfg.data.global_batch_size} samples")
-    bar = tqdm(total=t.total_steps, initial=t.iteration, disable=not _rank0(), desc="train", dynamic_ncols=True, file=sys.stderr)
+    # disable=None: no bar where stderr is not a terminal (logs, CI), whose frames would pile up between the step lines
+    bar = tqdm(total=t.total_steps, initial=t.iteration, disable=None if _rank0() else True, desc="train", dynamic_ncols=True, file=sys.stderr)
     records = []
     stopped_by_signal = False
     import faulthandler
