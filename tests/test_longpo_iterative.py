@@ -81,6 +81,7 @@ def test_two_rounds_on_the_cpu(smollm2_dir, tmp_path):
     pi_s = question_writing_llama(tmp_path / "pi_s", smollm2_dir)
     w = tmp_path / "w"
     env = {**os.environ, "TINY": "1", "W": str(w), "BASE_HF": str(pi_s), "PY": sys.executable, "ANSWER_TEMPERATURE": "0.7",
+           "TRAIN_EXTRA": "optim.lr=1e-3",  # 2 steps must move the weights visibly (checked below)
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     t0 = time.time()
     r = subprocess.run(["bash", str(ROOT / "examples/longpo_iterative/run.sh")], env=env, cwd=ROOT,
