@@ -11,6 +11,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_example_recipes_parse(recipe):
     cfg = load_config(str(recipe))
     assert cfg.model.checkpoint and cfg.data.path and cfg.loss.name
+    if cfg.model.rope_theta:  # a context extension: the export must declare the trained length (vLLM reads it)
+        assert cfg.model.max_position_embeddings, f"{recipe.name} sets model.rope_theta without model.max_position_embeddings"
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "examples/longpo_iterative").glob("*.yaml")), ids=lambda p: p.name)
+def test_iterative_round_recipes_parse(recipe):
+    # examples/longpo_iterative/run.sh gives every round these keys on the command line
+    cfg = load_config(str(recipe), ["model.checkpoint=ckpt", "data.path=data", "model.rope_theta=1e7",
+                                    "model.max_position_embeddings=131072", "train.save_dir=runs/x"])
+    assert cfg.loss.name == "longpo" and cfg.model.max_position_embeddings == 131072
 
 
 def test_overrides_are_typed():

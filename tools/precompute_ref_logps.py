@@ -6,7 +6,9 @@
 LongPO: the reference sees each turn's SHORT context; SoLoPO: the chosen response on the short and
 the long context; pair kinds: the policy's own sequences (--reference-sees-policy: that for any
 kind, e.g. plain DPO on LongPO data). Writes PREFIX.ref.safetensors, tied to the dataset's hash
-(the trainer refuses a sidecar of another dataset).
+(the trainer refuses a sidecar of another dataset). The reference runs at the RoPE base its
+checkpoint records (model.json; an imported model's config.json): the original base for pi_S, the
+enlarged one for a later round's reference (docs/iterative.md); the sidecar records it.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ def main(argv=None) -> int:
         import torch.distributed as dist
 
         if dist.get_rank() == 0:
-            print(f"reference log-probs of {r['samples']} samples ({', '.join(r['roles'])}) -> {r['path']} in {r['seconds']:.1f} s")
+            print(f"reference log-probs of {r['samples']} samples ({', '.join(r['roles'])}) at the checkpoint's RoPE base "
+                  f"{r['arch'].rope_theta:g} -> {r['path']} in {r['seconds']:.1f} s")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

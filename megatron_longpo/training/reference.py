@@ -76,7 +76,7 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
     writer = RefLogpWriter.for_dataset(dataset_prefix, roles=roles, reference_model=str(model_dir),
                                        computation={"tp": par.tensor_parallel, "pp": par.pipeline_parallel,
                                                     "cp": par.context_parallel, "dp": dp, "bf16": bool(bf16),
-                                                    "chunk_size": chunk_size,
+                                                    "chunk_size": chunk_size, "rope_theta": arch.rope_theta,
                                                     "sequences": "policy" if policy_sequences else "reference"})
     writes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
     tokens = 0
