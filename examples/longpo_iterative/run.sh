@@ -17,7 +17,8 @@
 # Knobs (environment; defaults below): W (work dir), BASE_HF (pi_S, a HF directory), ROUNDS, L1,
 # ROPE_FACTOR, ROPE1.., CHUNK1.. (default L_r/4), DOCS_IN (your own JSONL/Parquet/text documents;
 # default: tools/make_long_documents.py gazetteers of WORDS_r = L_r*WORDS_PER_TOKEN words), DOCS,
-# GEN_TOKENS, ANSWER_TEMPERATURE (0: greedy answers, as the paper), GEN_EXTRA (extra tools/build_longpo_pairs.py flags), CFG1.. (round YAMLs), STEPS
+# GEN_TOKENS, ANSWER_TEMPERATURE (of the chosen answers; 0: greedy, as the paper; rejected answers keep the
+# reference's T 1.0), GEN_EXTRA (extra tools/build_longpo_pairs.py flags), CFG1.. (round YAMLs), STEPS
 # (optimizer steps per round; empty: the YAML's epochs), TRAIN_EXTRA (extra key=value overrides),
 # NGPU (processes per node for the reference and the training), LAUNCH (the launcher; multi-node:
 # your torchrun with --nnodes/--rdzv-*), PY.
@@ -29,7 +30,7 @@ R=examples/longpo_iterative
 if [ "${TINY:-0}" = 1 ]; then
   : "${W:=runs/longpo_iterative_tiny}" "${L1:=512}" "${DOCS:=3}" "${WORDS_PER_TOKEN:=0.35}" "${GEN_TOKENS:=16}" "${STEPS:=2}"
   : "${CFG1:=$R/tiny.yaml}" "${CFG2:=$R/tiny.yaml}" "${NGPU:=1}"
-  : "${GEN_EXTRA:=--device cpu --dtype float32 --threads 1 --question-max-new-tokens 48}"
+  : "${GEN_EXTRA:=--device cpu --dtype float32 --threads 1 --question-max-new-tokens 48 --any-question-count}"
   : "${BASE_HF:=$($PY -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")}"
 fi
 : "${W:=runs/longpo_iterative}" "${ROUNDS:=2}" "${L1:=131072}" "${ROPE_FACTOR:=10}" "${DOCS:=1000}" "${GEN_TOKENS:=1024}" "${ANSWER_TEMPERATURE:=0}"
@@ -72,8 +73,8 @@ for ((r = 1; r <= ROUNDS; r++)); do
     log "round $r: self-generated pairs with $gen"
     rc=0
     $PY tools/build_longpo_pairs.py "$docs" -o "$d/pairs.jsonl" --backend transformers --model "$gen" \
-      --chunk-tokens "$chunk" --max-chunks 4 --questions-per-chunk 1 --max-pair-tokens $((L - L / 32)) \
-      --max-new-tokens "$GEN_TOKENS" --temperature "$ANSWER_TEMPERATURE" --seed "$r" --no-progress $GEN_EXTRA || rc=$?
+      --max-chunk-tokens "$chunk" --max-chunks 4 --questions-per-chunk 1 --max-pair-tokens $((L - L / 32)) \
+      --max-new-tokens "$GEN_TOKENS" --chosen-temperature "$ANSWER_TEMPERATURE" --seed "$r" --no-progress $GEN_EXTRA || rc=$?
     [ $rc = 0 ] || [ $rc = 3 ] || { echo "error: generation failed (status $rc); rerun to resume" >&2; exit $rc; }
     [ -s "$d/pairs.jsonl" ] || { echo "error: round $r generated no pair (see $d/pairs.jsonl.summary.json)" >&2; exit 1; }
     log "round $r: preprocess at $L tokens"
