@@ -33,6 +33,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-tokenizer-check", action="store_true",
                    help="score a dataset even when its tokenizer (manifest) is not the model's (docs/reliability.md)")
     a = p.parse_args(argv)
+    for flag in ("tp", "pp", "cp", "samples_per_microbatch", "chunk_size"):
+        if getattr(a, flag) < 1:
+            print(f"error: --{flag.replace('_', '-')} must be at least 1, got {getattr(a, flag)}", file=sys.stderr)
+            return 2
     from megatron_longpo import parallel
     from megatron_longpo.training.reference import precompute
 

@@ -424,7 +424,8 @@ def check_out_dir(out: Path, src: Path, overwrite: bool, tool: str = "this tool"
     (without --overwrite) or, even with --overwrite, a directory this tool did not write."""
     out, src = Path(os.path.abspath(out)).resolve(), Path(os.path.abspath(src)).resolve()
     if out == src or src in out.parents:
-        raise ValueError(f"--out {out} is inside the checkpoint directory {src}; choose a directory outside it")
+        what = "the input" if tool == "hf-to-megatron" else "the checkpoint directory"
+        raise ValueError(f"--out {out} is inside {what} {src}; choose a directory outside it")
     if out in src.parents:
         raise ValueError(f"--out {out} contains the input {src}; replacing it would delete the input: choose a new "
                          f"directory, e.g. {out / (src.name + '-out')}")

@@ -219,6 +219,8 @@ class HFChatTokenizer(ChatTokenizer):
         from transformers import AutoTokenizer
 
         self.path = str(path)
+        if not Path(self.path).is_dir():
+            raise TokenizerError(f"tokenizer directory {self.path!r} does not exist (give a Hugging Face model or tokenizer directory)")
         try:
             self.hf = AutoTokenizer.from_pretrained(self.path)
         except Exception as exc:  # noqa: BLE001 - report what transformers said, with the path
