@@ -21,6 +21,27 @@ class ConfigError(ValueError):
     """A configuration value a user set is unknown, of the wrong type or out of range."""
 
 
+def _require(section: str, obj, **rules) -> None:
+    """Refuse values that make no sense, naming the key: rules are key=(predicate, what it must be).
+    A None value is left to the field's own meaning (e.g. train.steps=None: one epoch)."""
+    for key, (ok, need) in rules.items():
+        v = getattr(obj, key)
+        if v is not None and not ok(v):
+            raise ValueError(f"{section}.{key} must be {need}, got {v!r}")
+
+
+def _pos(v) -> bool:
+    return v > 0
+
+
+def _nonneg(v) -> bool:
+    return v >= 0
+
+
+POSITIVE = (_pos, "> 0")
+NON_NEGATIVE = (_nonneg, ">= 0")
+
+
 @dataclass(frozen=True)
 class ModelSection:
     checkpoint: str = ""  # megatron-longpo checkpoint dir (tools/convert_checkpoint.py hf-to-megatron)
@@ -32,6 +53,12 @@ class ModelSection:
     recompute_num_layers: int = 1
     logprob_chunk_size: int = 2048
 
+    def __post_init__(self):
+        if self.recompute not in (None, "full", "selective"):
+            raise ValueError(f"model.recompute must be null, full or selective, got {self.recompute!r}")
+        _require("model", self, rope_theta=POSITIVE, max_position_embeddings=POSITIVE, recompute_num_layers=POSITIVE,
+                 logprob_chunk_size=POSITIVE)
+
 
 @dataclass(frozen=True)
 class ParallelSection:
@@ -40,6 +67,10 @@ class ParallelSection:
     virtual_pipeline_parallel: int | None = None
     context_parallel: int = 1
     sequence_parallel: bool = False
+
+    def __post_init__(self):
+        _require("parallel", self, tensor_parallel=POSITIVE, pipeline_parallel=POSITIVE,
+                 virtual_pipeline_parallel=POSITIVE, context_parallel=POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -51,6 +82,11 @@ class DataSection:
     seed: int = 1234
     max_tokens: int | None = None  # refuse a micro-batch longer than this (packed tokens)
     share_prefix: bool = False  # chosen/rejected share their common prefix in one row (docs/prefix_sharing.md)
+    check_tokenizer: bool = True  # refuse a dataset tokenized with another tokenizer than the model's (docs/reliability.md)
+
+    def __post_init__(self):
+        _require("data", self, samples_per_microbatch=POSITIVE, global_batch_size=POSITIVE, seed=NON_NEGATIVE,
+                 max_tokens=POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -71,6 +107,12 @@ class OptimSection:
     def __post_init__(self):
         if self.name not in ("adam", "sgd"):
             raise ValueError(f"optim.name must be adam or sgd, got {self.name!r}")
+        unit = (lambda v: 0 <= v < 1, "in [0, 1)")
+        _require("optim", self, lr=(_pos, "> 0 (a learning rate of 0 trains nothing)"), min_lr=NON_NEGATIVE,
+                 warmup_fraction=(lambda v: 0 <= v <= 1, "in [0, 1]"), weight_decay=NON_NEGATIVE, adam_beta1=unit,
+                 adam_beta2=unit, adam_eps=POSITIVE, clip_grad=(_nonneg, ">= 0 (0: no clipping)"))
+        if self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr ({self.min_lr:g}) must not exceed optim.lr ({self.lr:g})")
 
 
 @dataclass(frozen=True)
@@ -87,6 +129,14 @@ class TrainSection:
     stall_seconds: float = 1800.0  # a step (or save) taking longer prints every thread's stack on each rank; 0: off
     seed: int = 1234
     peak_tflops: float | None = None  # per-GPU dense bf16 peak for MFU; None = guess from the device name
+    resume_fallback: bool = False  # the newest checkpoint is damaged: resume from the newest intact one (said in the log)
+
+    def __post_init__(self):
+        _require("train", self, steps=(_pos, ">= 1 (leave it unset, or null, for train.epochs epochs)"),
+                 epochs=POSITIVE, save_interval=(_nonneg, ">= 0 (0: save only at the end)"),
+                 keep_last=(_nonneg, ">= 0 (0: keep every checkpoint)"), log_interval=POSITIVE,
+                 max_nonfinite_in_a_row=POSITIVE, exit_after=POSITIVE, stall_seconds=(_nonneg, ">= 0 (0: off)"),
+                 seed=NON_NEGATIVE, peak_tflops=POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -159,7 +209,8 @@ def _build(cls, data: dict, prefix: str):
     try:
         return cls(**kwargs)
     except ValueError as e:
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
+        msg = str(e)
+        raise ConfigError(msg if prefix and msg.startswith(prefix) else f"{prefix.rstrip('.') or 'config'}: {msg}") from e
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:

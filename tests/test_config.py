@@ -68,3 +68,40 @@ def test_run_overrides_reach_the_recorded_architecture():
     assert (got.rope_theta, got.max_position_embeddings, c.model.transformer_engine) == (1e6, 16384, False)
     assert policy_arch(arch, load_config(None, []).model) == arch
     assert load_config(None, []).model.transformer_engine is None
+
+
+@pytest.mark.parametrize("override, msg", [
+    ("train.steps=0", "train.steps must be >= 1 (leave it unset, or null, for train.epochs epochs), got 0"),
+    ("train.steps=-3", "train.steps must be >= 1"),
+    ("train.epochs=0", "train.epochs must be > 0"),
+    ("train.log_interval=0", "train.log_interval must be > 0"),
+    ("train.keep_last=-1", "train.keep_last must be >= 0"),
+    ("train.exit_after=0", "train.exit_after must be > 0"),
+    ("train.max_nonfinite_in_a_row=0", "train.max_nonfinite_in_a_row must be > 0"),
+    ("train.stall_seconds=-1", "train.stall_seconds must be >= 0"),
+    ("data.global_batch_size=0", "data.global_batch_size must be > 0"),
+    ("data.samples_per_microbatch=-1", "data.samples_per_microbatch must be > 0"),
+    ("data.max_tokens=0", "data.max_tokens must be > 0"),
+    ("optim.lr=0", "optim.lr must be > 0 (a learning rate of 0 trains nothing)"),
+    ("optim.lr=-1e-6", "optim.lr must be > 0"),
+    ("optim.lr=.nan", "optim.lr must be > 0"),
+    ("optim.warmup_fraction=1.5", "optim.warmup_fraction must be in [0, 1]"),
+    ("optim.adam_beta2=1.0", "optim.adam_beta2 must be in [0, 1)"),
+    ("optim.adam_eps=0", "optim.adam_eps must be > 0"),
+    ("optim.clip_grad=-1", "optim.clip_grad must be >= 0"),
+    ("optim.min_lr=1", "optim.min_lr (1) must not exceed optim.lr"),
+    ("model.logprob_chunk_size=0", "model.logprob_chunk_size must be > 0"),
+    ("model.rope_theta=0", "model.rope_theta must be > 0"),
+    ("model.recompute=partial", "model.recompute must be null, full or selective"),
+    ("parallel.tensor_parallel=0", "parallel.tensor_parallel must be > 0"),
+    ("parallel.context_parallel=-2", "parallel.context_parallel must be > 0"),
+])
+def test_counts_and_sizes_that_make_no_sense_are_refused_by_name(override, msg):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert msg in str(e.value) and str(e.value).count(override.split("=")[0]) == 1, str(e.value)
+
+
+def test_unset_steps_still_means_epochs():
+    assert load_config(None, []).train.steps is None and load_config(None, ["train.steps=null"]).train.steps is None
+    assert load_config(None, ["train.steps=5", "train.keep_last=0", "train.save_interval=0"]).train.steps == 5

@@ -19,7 +19,7 @@ def hf_to_megatron(a: argparse.Namespace) -> None:
     from megatron_longpo.checkpoint.convert import hf_to_megatron_checkpoint
 
     t0 = time.time()
-    r = hf_to_megatron_checkpoint(a.hf_dir, a.out, tp=a.tp, pp=a.pp)
+    r = hf_to_megatron_checkpoint(a.hf_dir, a.out, tp=a.tp, pp=a.pp, overwrite=a.overwrite)
     arch = r["arch"]
     print(
         f"imported {arch.architecture} ({arch.num_layers} layers, hidden {arch.hidden_size}, "
@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     h.add_argument("--out", required=True)
     h.add_argument("--tp", type=int, default=1, help="tensor-parallel size you will train with (validated)")
     h.add_argument("--pp", type=int, default=1, help="pipeline-parallel size you will train with (validated)")
+    h.add_argument("--overwrite", action="store_true", help="replace --out if it is this tool's earlier output")
     h.set_defaults(fn=hf_to_megatron)
     e = sub.add_parser("megatron-to-hf", help="export a checkpoint (any TP/PP) as a Hugging Face model directory")
     e.add_argument("--megatron-dir", required=True, help="checkpoint directory (holds model.json and iter_*/)")
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
     e.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MB, 5GiB")
     e.add_argument("--dtype", default="auto", choices=["auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"],
                    help="weights dtype (auto: the dtype of the model the checkpoint was imported from)")
-    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is this tool's earlier output (anything else is never deleted)")
     e.set_defaults(fn=megatron_to_hf)
     r = sub.add_parser("reshard", help="load at TP/PP and save again (dist), or write Megatron-LM's legacy per-rank layout")
     r.add_argument("--megatron-dir", required=True)
@@ -91,7 +93,8 @@ def main(argv=None) -> int:
     r.add_argument("--names", default="te", choices=["te", "local"],
                    help="legacy only: Transformer Engine module names (Megatron-LM's default) or the local spec's")
     r.add_argument("--iteration", type=int, default=None, help="iteration to read (default: the one `latest` names)")
-    r.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is this tool's earlier output (anything else is never deleted)")
     r.add_argument("--timeout", type=int, default=3600, help="seconds before the worker processes are killed")
     r.set_defaults(fn=reshard)
     a = p.parse_args(argv)

@@ -35,7 +35,13 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-size", type=int, default=2048, help="sequence chunk of the log-prob computation")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 on GPUs (TE fused attention), fp32 on the CPU")
+    p.add_argument("--no-tokenizer-check", action="store_true",
+                   help="score a dataset even when its tokenizer (manifest) is not the model's (docs/reliability.md)")
     a = p.parse_args(argv)
+    for flag in ("tp", "pp", "cp", "samples_per_microbatch", "chunk_size"):
+        if getattr(a, flag) < 1:
+            print(f"error: --{flag.replace('_', '-')} must be at least 1, got {getattr(a, flag)}", file=sys.stderr)
+            return 2
     from megatron_longpo import parallel
     from megatron_longpo.training.reference import precompute
 
@@ -43,7 +49,7 @@ def main(argv=None) -> int:
         r = precompute(a.data, a.model, parallel.ParallelConfig(a.tp, a.pp, None, a.cp), roles=a.roles,
                        samples_per_microbatch=a.samples_per_microbatch, chunk_size=a.chunk_size, out_path=a.out,
                        bf16={'auto': None, 'bf16': True, 'fp32': False}[a.dtype],
-                       policy_sequences=a.reference_sees_policy)
+                       policy_sequences=a.reference_sees_policy, check_tokenizer=not a.no_tokenizer_check)
         import torch.distributed as dist
 
         if dist.get_rank() == 0:

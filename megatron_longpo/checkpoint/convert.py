@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -71,7 +72,8 @@ def copy_tokenizer(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> lis
     return copied
 
 
-def hf_to_megatron_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1, pp: int = 1) -> dict:
+def hf_to_megatron_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1, pp: int = 1,
+                              overwrite: bool = False) -> dict:
     """Import a Hugging Face model as a megatron-longpo checkpoint (single process).
 
     The dist_checkpointing format does not depend on the layout: the result loads at any TP/PP.
@@ -79,8 +81,11 @@ def hf_to_megatron_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathL
     (so that a bad choice fails here, not on the cluster) and recorded in model.json.
     """
     from megatron_longpo import parallel
+    from megatron_longpo.checkpoint.export import check_out_dir, install_dir, mark_output
     from megatron_longpo.models.build import ModelOptions, build_model
 
+    out = Path(os.path.abspath(out_dir)).resolve()
+    check_out_dir(out, Path(hf_dir), overwrite, tool="hf-to-megatron")  # never writes into the source or a used dir
     hf_cfg = load_hf_config(hf_dir)
     arch = arch_from_hf_config(hf_cfg)
     weights = HFWeights(hf_dir)  # fails early on missing / corrupt files
@@ -90,15 +95,23 @@ def hf_to_megatron_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathL
     parallel.setup(par, seed=0)
     [model] = build_model(arch, par, ModelOptions(use_te=False))
     load_hf_weights_into(model, arch, weights)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    it = ckpt.save(ckpt.model_sharded_state_dict([model]), out, iteration=0)
-    copied = copy_tokenizer(hf_dir, out)
-    ckpt.write_model_json(out, arch, hf_cfg, extra={
-        "source": str(Path(hf_dir).resolve()),
-        "tokenizer_size": n_tok,
-        "tokenizer_files": copied,
-        "intended_layout": {"tensor_parallel": tp, "pipeline_parallel": pp},
-    })
+    # written to a temporary sibling and renamed: an interrupted import leaves no half checkpoint at --out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        ckpt.save(ckpt.model_sharded_state_dict([model]), tmp, iteration=0)
+        copied = copy_tokenizer(hf_dir, tmp)
+        ckpt.write_model_json(tmp, arch, hf_cfg, extra={
+            "source": str(Path(hf_dir).resolve()),
+            "tokenizer_size": n_tok,
+            "tokenizer_files": copied,
+            "intended_layout": {"tensor_parallel": tp, "pipeline_parallel": pp},
+        })
+        mark_output(tmp, "hf-to-megatron", Path(hf_dir))
+        install_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    it = out / ckpt.iter_name(0)
     n_params = sum(p.numel() for p in model.parameters())
     return {"arch": arch, "iteration_dir": str(it), "parameters": n_params}

@@ -6,9 +6,13 @@ Layout of a checkpoint directory (the same for an imported model and a training 
     DIR/tokenizer/        the Hugging Face tokenizer files and chat template
     DIR/iter_0000012/     one dist_checkpointing checkpoint (layout-independent: loads at any TP/PP)
     DIR/latest            the name of the newest complete iteration directory
+    DIR/iter_0000012/checksums.json   size and sha256 of every file of the iteration
 
 An iteration is written to `DIR/.iter_0000012.tmp` and renamed when every rank has finished, and
 `latest` is replaced atomically after that: a crash leaves at worst an ignored `.tmp` directory.
+Before the rename the files are hashed (spread over the ranks) into `checksums.json`; every load
+verifies them first, so a damaged file is reported by name instead of loading garbage
+(docs/reliability.md). Iterations written before checksums existed load unverified, with a note.
 """
 
 from __future__ import annotations
@@ -26,11 +30,22 @@ from megatron_longpo.models.hf_config import ModelArch
 
 MODEL_JSON = "model.json"
 LATEST = "latest"
+CHECKSUMS = "checksums.json"
 FORMAT_VERSION = 1
 
 
 class CheckpointError(ValueError):
     """A directory that is not a (complete) megatron-longpo checkpoint."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """An iteration whose files do not match the checksums written when it was saved."""
+
+    def __init__(self, iteration_dir: Path, problems: list[str], hint: str = ""):
+        self.iteration_dir, self.problems = Path(iteration_dir), problems
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        super().__init__(f"checkpoint {iteration_dir} is damaged: {problems[0]}{more}; "
+                         f"{hint or 'restore the file from a copy or use another iteration'}")
 
 
 def iter_name(iteration: int) -> str:
@@ -95,6 +110,73 @@ def list_iterations(ckpt_dir: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(ckpt_dir).glob("iter_*") if p.is_dir())
 
 
+# ---------------------------------------------------------------- checksums
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _iteration_files(it: Path) -> list[str]:
+    return sorted(str(p.relative_to(it)) for p in it.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def _gather(local: dict) -> dict:
+    """Union of every rank's dict (collective when distributed)."""
+    if not dist.is_initialized() or _world() == 1:
+        return local
+    parts: list = [None] * _world()
+    dist.all_gather_object(parts, local)
+    return {k: v for p in parts for k, v in p.items()}
+
+
+def _sha256(path: Path) -> str:
+    from megatron_longpo.data.format import sha256_file
+
+    return sha256_file(path)
+
+
+def write_checksums(it: Path) -> None:
+    """Collective: hash the iteration's files (round-robin over the ranks) into checksums.json."""
+    names = _iteration_files(it)
+    mine = {n: {"size": (it / n).stat().st_size, "sha256": _sha256(it / n)} for n in names[_rank()::_world()]}
+    files = _gather(mine)
+    if _rank() == 0:
+        atomic_write_text(it / CHECKSUMS, json.dumps({"algorithm": "sha256", "files": files}, indent=1, sort_keys=True))
+    _barrier()
+
+
+def verify_checksums(it: str | os.PathLike) -> bool:
+    """Collective: check every file of the iteration against its checksums.json (hashing spread over
+    the ranks). Raises CheckpointDamaged naming the first bad file; False if the iteration has no
+    checksums (written before they existed), True if all files match."""
+    it = Path(it)
+    path = it / CHECKSUMS
+    if not path.is_file():
+        return False
+    try:
+        files = json.loads(path.read_text())["files"]
+        names = sorted(files)
+        [(files[n]["size"], files[n]["sha256"]) for n in names]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointDamaged(it, [f"{path} is unreadable ({type(e).__name__}: {e})"]) from None
+    problems = {}
+    for n in names[_rank()::_world()]:
+        f = it / n
+        if not f.is_file():
+            problems[n] = f"{f} is missing"
+            continue
+        size = f.stat().st_size
+        if size != files[n]["size"]:
+            problems[n] = f"{f} has {size} bytes, {files[n]['size']} were written (truncated or replaced)"
+        elif _sha256(f) != files[n]["sha256"]:
+            problems[n] = f"{f} does not match its sha256 in {CHECKSUMS} (its contents changed after the save)"
+    problems = _gather(problems)
+    if problems:
+        raise CheckpointDamaged(it, [problems[n] for n in sorted(problems)])
+    return True
+
+
 def save(sharded_state_dict: dict, ckpt_dir: str | os.PathLike, iteration: int, keep_last: int | None = None) -> Path:
     """Collective: every rank calls it with its own sharded state dict."""
     from megatron.core import dist_checkpointing
@@ -110,6 +192,7 @@ def save(sharded_state_dict: dict, ckpt_dir: str | os.PathLike, iteration: int, 
     _barrier()
     dist_checkpointing.save(sharded_state_dict, str(tmp))
     _barrier()
+    write_checksums(tmp)
     if _rank() == 0:
         if final.exists():
             shutil.rmtree(final)
@@ -122,12 +205,25 @@ def save(sharded_state_dict: dict, ckpt_dir: str | os.PathLike, iteration: int, 
     return final
 
 
-def load(sharded_state_dict: dict, ckpt_dir: str | os.PathLike, iteration_dir: str | os.PathLike | None = None) -> dict:
-    """Collective: load into the structure of `sharded_state_dict` (any TP/PP layout)."""
+def load(sharded_state_dict: dict, ckpt_dir: str | os.PathLike, iteration_dir: str | os.PathLike | None = None,
+         verified: bool | None = None) -> dict:
+    """Collective: load into the structure of `sharded_state_dict` (any TP/PP layout), after
+    checking the files against their checksums (`verified`: the caller's verify_checksums result)."""
     from megatron.core import dist_checkpointing
 
     it = Path(iteration_dir) if iteration_dir else latest_iteration_dir(ckpt_dir)
-    return dist_checkpointing.load(sharded_state_dict, str(it))
+    if verified is None:
+        verified = verify_checksums(it)
+    if verified:
+        return dist_checkpointing.load(sharded_state_dict, str(it))
+    try:
+        return dist_checkpointing.load(sharded_state_dict, str(it))
+    except Exception as e:  # noqa: BLE001 - an unverified (pre-checksum) iteration that does not load
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise CheckpointError(
+            f"cannot load checkpoint {it} ({type(e).__name__}: {first}); it was written before checksums existed, "
+            f"so it cannot be verified and may be damaged: use another iteration"
+        ) from e
 
 
 def model_sharded_state_dict(chunks: list) -> dict:

@@ -408,20 +408,71 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def check_out_dir(out: Path, src: Path, overwrite: bool) -> None:
+OUTPUT_MARKER = ".megatron-longpo-output"  # in every directory these tools write: what --overwrite may replace
+
+
+def _writable_parent(out: Path) -> Path:
+    p = out.parent
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def check_out_dir(out: Path, src: Path, overwrite: bool, tool: str = "this tool") -> None:
+    """Refuse an output directory that would destroy anything but this tool's own earlier output:
+    the input itself, a directory inside it or one that contains it, a file, a non-empty directory
+    (without --overwrite) or, even with --overwrite, a directory this tool did not write."""
+    out, src = Path(os.path.abspath(out)).resolve(), Path(os.path.abspath(src)).resolve()
     if out == src or src in out.parents:
-        raise ValueError(f"--out {out} is inside the checkpoint directory {src}; choose a directory outside it")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ValueError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+        what = "the input" if tool == "hf-to-megatron" else "the checkpoint directory"
+        raise ValueError(f"--out {out} is inside {what} {src}; choose a directory outside it")
+    if out in src.parents:
+        raise ValueError(f"--out {out} contains the input {src}; replacing it would delete the input: choose a new "
+                         f"directory, e.g. {out / (src.name + '-out')}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory; choose another --out")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+        marker = out / OUTPUT_MARKER
+        if not marker.is_file():
+            raise ValueError(
+                f"{out} was not written by {tool} (it has no {OUTPUT_MARKER} marker), so --overwrite will not delete "
+                f"it; remove it yourself or choose another --out"
+            )
+        try:
+            wrote = set(json.loads(marker.read_text())["entries"])
+        except (ValueError, KeyError, TypeError):
+            wrote = set()
+        added = sorted(p.name for p in out.iterdir() if p.name not in wrote and p.name != OUTPUT_MARKER)
+        if added:
+            raise ValueError(
+                f"{out} holds files this tool did not write ({', '.join(added[:5])}{', ...' if len(added) > 5 else ''}), "
+                f"so --overwrite will not delete it; remove it yourself or choose another --out"
+            )
+    parent = _writable_parent(out)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write --out {out}: {parent} is not writable; choose another --out")
+
+
+def mark_output(tmp: Path, tool: str, src: Path) -> None:
+    """Record that `tmp` is this tool's output (what a later --overwrite may replace)."""
+    entries = sorted(p.name for p in tmp.iterdir())
+    (tmp / OUTPUT_MARKER).write_text(json.dumps({"tool": tool, "source": str(src), "entries": entries}) + "\n")
 
 
 def install_dir(tmp: Path, out: Path) -> None:
-    """Move the finished temporary directory `tmp` to `out` (replacing an existing `out`)."""
+    """Move the finished temporary directory `tmp` (a sibling of `out`) to `out`; an existing `out`
+    (checked by check_out_dir) is moved aside first and deleted only after the swap."""
     os.chmod(tmp, 0o755)
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
@@ -440,7 +491,8 @@ def megatron_to_hf_checkpoint(
     arch, meta, it = open_checkpoint(megatron_dir, iteration)
     out = Path(out_dir).resolve()
     src = Path(megatron_dir).resolve()
-    check_out_dir(out, src, overwrite)
+    check_out_dir(out, src, overwrite, tool="megatron-to-hf")
+    ckpt.verify_checksums(it)  # a damaged file is named here, not exported as garbage
     reader = DistCheckpointReader(it)
     check_weights(arch, reader)
     hf_config = meta.get("hf_config") or {}
@@ -462,6 +514,7 @@ def megatron_to_hf_checkpoint(
             cfg["torch_dtype"] = cfg["dtype"]
         copied = _copy_tokenizer(src / "tokenizer", tmp)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        mark_output(tmp, "megatron-to-hf", src)
         install_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

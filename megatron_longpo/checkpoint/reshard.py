@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 from megatron_longpo.checkpoint import dist as ckpt
-from megatron_longpo.checkpoint.export import DistCheckpointReader, check_out_dir, install_dir, open_checkpoint
+from megatron_longpo.checkpoint.export import DistCheckpointReader, check_out_dir, install_dir, mark_output, open_checkpoint
 from megatron_longpo.launch import run_torchrun
 
 LEGACY_TRACKER = "latest_checkpointed_iteration.txt"
@@ -59,7 +59,7 @@ def reshard_checkpoint(megatron_dir, out_dir, tp: int, pp: int, fmt: str = "dist
     arch, meta, it = open_checkpoint(megatron_dir, iteration)
     parallel.validate_layout(parallel.ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp), tp * pp, arch)
     src, out = Path(megatron_dir).resolve(), Path(out_dir).resolve()
-    check_out_dir(out, src, overwrite)
+    check_out_dir(out, src, overwrite, tool="reshard")
     stored = DistCheckpointReader(it).dtype("embedding.word_embeddings.weight")
     n = int(it.name.removeprefix("iter_"))
 
@@ -85,6 +85,7 @@ def reshard_checkpoint(megatron_dir, out_dir, tp: int, pp: int, fmt: str = "dist
         ckpt.write_model_json(tmp, arch, meta.get("hf_config") or {}, extra={**keep, **extra})
         if (src / "tokenizer").is_dir():
             shutil.copytree(src / "tokenizer", tmp / "tokenizer")
+        mark_output(tmp, "reshard", src)
         install_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

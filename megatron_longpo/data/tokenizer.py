@@ -219,6 +219,8 @@ class HFChatTokenizer(ChatTokenizer):
         from transformers import AutoTokenizer
 
         self.path = str(path)
+        if not Path(self.path).is_dir():
+            raise TokenizerError(f"tokenizer directory {self.path!r} does not exist (give a Hugging Face model or tokenizer directory)")
         try:
             self.hf = AutoTokenizer.from_pretrained(self.path)
         except Exception as exc:  # noqa: BLE001 - report what transformers said, with the path
@@ -409,3 +411,64 @@ def _maybe_unwrap_json_template(text: str) -> str:
         if isinstance(obj, dict) and isinstance(obj.get("chat_template"), str):
             return obj["chat_template"]
     return text
+
+
+# ------------------------------------------------------------------------------------------
+class TokenizerMismatch(TokenizerError):
+    """A dataset tokenized with another tokenizer than the model's."""
+
+
+def check_dataset_tokenizer(manifest: dict, data_where: str, model_vocab_size: int, model_where: str,
+                            tokenizer_dir: str | os.PathLike | None, skip_key: str) -> list[str]:
+    """Refuse a dataset whose tokenizer (its manifest: vocabulary size, hash of the tokenizer
+    definition + chat template, the chat template) is not the model's (`tokenizer_dir`, the copy a
+    checkpoint keeps; `model_vocab_size`, its embedding rows). Returns notes about what could not be
+    checked (old manifests, a checkpoint without a tokenizer copy); raises TokenizerMismatch naming
+    both sides and the fix. `skip_key`: how the user turns the check off (named in the message)."""
+    t = manifest.get("tokenizer") or {}
+    name = t.get("name", "?")
+    fix = (f"preprocess the data again with the model's tokenizer (tools/preprocess_pairs.py --tokenizer "
+           f"{Path(model_where) / 'tokenizer'}) or use the model the data was made for; {skip_key} skips this check")
+    dv = t.get("vocab_size")
+    if not isinstance(dv, int):
+        return [f"{data_where}: the manifest records no tokenizer; the dataset's tokenizer was not checked"]
+    if dv > model_vocab_size:
+        raise TokenizerMismatch(
+            f"the dataset {data_where} was tokenized with {name!r} ({dv} tokens), but the model {model_where} has "
+            f"{model_vocab_size} token embeddings: they do not belong together; {fix}"
+        )
+    if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
+        return [f"the model {model_where} keeps no tokenizer copy: only the vocabulary size of {data_where} "
+                f"({dv} <= {model_vocab_size}) was checked"]
+    template = manifest.get("chat_template")
+    try:
+        model_tok = HFChatTokenizer(tokenizer_dir, chat_template=template if isinstance(template, str) else None,
+                                    mode="whole")
+    except TokenizerError as e:
+        return [f"the model's tokenizer copy could not be loaded ({e}); only the vocabulary size was checked"]
+    if model_tok.vocab_size != dv:
+        raise TokenizerMismatch(
+            f"the dataset {data_where} was tokenized with {name!r} ({dv} tokens), the model {model_where} uses "
+            f"{model_tok.name!r} ({model_tok.vocab_size} tokens): the token ids mean different things; {fix}"
+        )
+    notes = []
+    if not t.get("hash") or not isinstance(template, str):
+        notes.append(f"{data_where}: an older manifest without the tokenizer's hash; only its vocabulary size "
+                     f"({dv}) was checked against the model's tokenizer")
+    elif t.get("family") != HFChatTokenizer.family:
+        notes.append(f"{data_where} was tokenized with a {t.get('family')} tokenizer; only its vocabulary size "
+                     f"({dv}) was checked against the model's Hugging Face tokenizer")
+    elif model_tok.fingerprint() != t["hash"]:
+        raise TokenizerMismatch(
+            f"the dataset {data_where} was tokenized with {name!r} and the model {model_where} uses {model_tok.name!r}: "
+            f"both have {dv} tokens, but the vocabularies differ (tokens, merges, normaliser or special tokens; "
+            f"hash {t['hash'][:19]}... vs {model_tok.fingerprint()[:19]}...); {fix}"
+        )
+    model_template = model_tok.hf.chat_template
+    if isinstance(template, str) and isinstance(model_template, str) and model_template != template:
+        raise TokenizerMismatch(
+            f"the dataset {data_where} was rendered with another chat template than the model {model_where}'s "
+            f"({Path(tokenizer_dir)}): the model would learn a conversation format it is not used with; {fix} "
+            f"(or pass the model's template: --chat-template)"
+        )
+    return notes

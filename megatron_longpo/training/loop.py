@@ -122,6 +122,9 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     arch = policy_arch(ckpt.read_model_json(cfg.model.checkpoint)[0], cfg.model)
     # the layout is checked before anything heavy is built
     parallel.validate_layout(par, world, arch, cpu_cp=cfg.data.share_prefix)
+    from megatron_longpo.training.resume import check_save_dir
+
+    check_save_dir(cfg.train.save_dir, cfg.model.checkpoint)
     resume_dir = Path(cfg.train.save_dir)
     resuming = (resume_dir / ckpt.LATEST).is_file()
     dp = parallel.setup(par, seed=cfg.train.seed, arch=arch, cpu_cp=cfg.data.share_prefix)
@@ -139,6 +142,12 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         dp_size=dp, pad_multiple=par.pad_multiple(), thd=opts.resolved_use_te(), cp_size=par.context_parallel,
         cp_rank=cp_rank, device=platform.default_device(), share_prefix=cfg.data.share_prefix,
     )
+    if cfg.data.check_tokenizer:
+        from megatron_longpo.data.tokenizer import check_dataset_tokenizer
+
+        for note in check_dataset_tokenizer(data.ds.manifest, cfg.data.path, arch.vocab_size, cfg.model.checkpoint,
+                                            Path(cfg.model.checkpoint) / "tokenizer", skip_key="data.check_tokenizer=false"):
+            log(f"note: {note}")
     total = data.total_steps(cfg.train.steps, cfg.train.epochs)
     warmup = int(round(cfg.optim.warmup_fraction * total))
     scheduler = OptimizerParamScheduler(
@@ -162,7 +171,7 @@ def training_state_dict(t: Trainer, loading: bool = False) -> dict:
     sd["scheduler"] = t.scheduler.state_dict()
     sd["train_state"] = {
         "iteration": t.iteration, "data": t.data.state_dict(), "nonfinite_total": t.nonfinite_total,
-        "nonfinite_in_a_row": t.nonfinite_in_a_row, "config": to_dict(t.cfg),
+        "nonfinite_in_a_row": t.nonfinite_in_a_row, "config": to_dict(t.cfg), "dataset_hash": t.data.ds.dataset_hash,
     }
     return sd
 
@@ -185,18 +194,96 @@ def save_training_state(t: Trainer) -> Path:
     return it
 
 
+def resume_iteration(t: Trainer, d: Path) -> tuple[Path, bool]:
+    """The iteration to resume from and whether its checksums were verified (collective). A damaged
+    newest iteration is an error naming the file, unless train.resume_fallback=true: then the newest
+    intact older one is used, and the log says so."""
+    latest = ckpt.latest_iteration_dir(d)
+    older = [p for p in reversed(ckpt.list_iterations(d)) if p.name < latest.name]
+    try:
+        return latest, ckpt.verify_checksums(latest)
+    except ckpt.CheckpointDamaged as e:
+        if not t.cfg.train.resume_fallback:
+            hint = (f"restore it, or set train.resume_fallback=true to resume from the newest intact older iteration "
+                    f"(kept: {', '.join(p.name for p in older)})" if older else
+                    "restore it; no older iteration is kept to fall back to")
+            raise ckpt.CheckpointDamaged(e.iteration_dir, e.problems, hint) from None
+        log(f"WARNING: {e}")
+        for it in older:
+            try:
+                verified = ckpt.verify_checksums(it)
+            except ckpt.CheckpointDamaged as e2:
+                log(f"WARNING: {e2}")
+                continue
+            log(f"WARNING: train.resume_fallback=true: resuming from {it.name} instead of the damaged {latest.name}; "
+                f"the steps after {it.name} are trained again")
+            return it, verified
+        raise ckpt.CheckpointError(f"{d}: no intact iteration to resume from (damaged: {latest.name}"
+                                   f"{''.join(', ' + p.name for p in older)}); start a new run") from None
+
+
+def check_resume_config(t: Trainer, d: Path, it: Path) -> dict:
+    """Compare the configuration saved with the run with this one (training/resume.py)."""
+    import json
+
+    from megatron.core import dist_checkpointing
+
+    from megatron_longpo.training import resume
+
+    common = dist_checkpointing.load_common_state_dict(str(it))
+    ts = common.get("train_state", {}) if isinstance(common, dict) else {}
+    saved = ts.get("config")
+    if not isinstance(saved, dict):
+        raise resume.ResumeConfigError(
+            f"train.save_dir {d} holds a checkpoint without training state ({it.name}: a model, e.g. an import or a "
+            f"reshard, not a training run), so there is nothing to resume; choose a new train.save_dir "
+            f"(model.checkpoint={d} starts a run from its weights)"
+        )
+    saved_hash = ts.get("dataset_hash")
+    same_dataset = None if saved_hash is None else saved_hash == t.data.ds.dataset_hash
+    try:
+        trained_from = json.loads((d / ckpt.MODEL_JSON).read_text()).get("trained_from")
+    except (OSError, ValueError):
+        trained_from = None
+    return resume.compare(saved, to_dict(t.cfg), save_dir=str(d), same_dataset=same_dataset,
+                          same_base_model=resume.same_path(trained_from, t.cfg.model.checkpoint))
+
+
 def load_training_state(t: Trainer, d: Path) -> None:
-    it = ckpt.latest_iteration_dir(d)
-    state = ckpt.load(training_state_dict(t, loading=True), d, it)
+    from megatron_longpo.training import resume
+
+    it, verified = resume_iteration(t, d)
+    changes = check_resume_config(t, d, it)
+    state = ckpt.load(training_state_dict(t, loading=True), d, it, verified=verified)
     ckpt.apply_model_state(t.chunks, state)
     if "optimizer" in state:
         t.optimizer.load_state_dict(state["optimizer"])
-    t.scheduler.load_state_dict(state["scheduler"])
+        o = t.cfg.optim
+        for g in t.optimizer.param_groups:  # the run's values, not the saved ones (resume.REAPPLY)
+            if "betas" in g:
+                g["betas"] = (o.adam_beta1, o.adam_beta2)
+            if "eps" in g:
+                g["eps"] = o.adam_eps
+    # the schedule is this run's (train.steps, optim.lr, ...), continued from the saved step: resume.SCHEDULE
+    t.scheduler.num_steps = int(state["scheduler"]["num_steps"])
+    t.scheduler.step(increment=0)
     ts = state["train_state"]
     t.iteration = ts["iteration"]
     t.data.load_state_dict(ts["data"])
     t.nonfinite_total, t.nonfinite_in_a_row = ts["nonfinite_total"], ts["nonfinite_in_a_row"]
+    if t.iteration > t.total_steps:
+        raise resume.ResumeConfigError(
+            f"the run in {d} is already at step {t.iteration}, beyond the {t.total_steps} steps this configuration "
+            f"asks for (train.steps / train.epochs); raise train.steps, or use another train.save_dir for a new run"
+        )
     log(f"resumed from {it} at step {t.iteration}")
+    if changes.get("schedule"):
+        log(f"resume: {resume.describe(changes['schedule'])}: the learning-rate schedule is rebuilt for "
+            f"{t.total_steps} steps and continues at step {t.iteration} with lr {t.optimizer.param_groups[0]['lr']:.3e}")
+    if changes.get("reapply"):
+        log(f"resume: {resume.describe(changes['reapply'])}: the new values replace the saved optimizer's")
+    if changes.get("free"):
+        log(f"resume: changed since the save (nothing saved depends on them): {resume.describe(changes['free'])}")
 
 
 # ---------------------------------------------------------------- one step
@@ -249,6 +336,7 @@ def forward_backward(t: Trainer, batches) -> dict[str, float]:
 
 def train_step(t: Trainer) -> M.StepRecord:
     batches = t.data.next_step()
+    lr = t.optimizer.param_groups[0]["lr"]  # the rate this step runs at (the scheduler moves on after it)
     with M.Timer() as timer:
         m = forward_backward(t, batches)
         finite = math.isfinite(m.get("loss", 0.0))
@@ -265,7 +353,6 @@ def train_step(t: Trainer) -> M.StepRecord:
     else:
         t.nonfinite_total += 1
         t.nonfinite_in_a_row += 1
-    lr = t.optimizer.param_groups[0]["lr"]
     flops = M.batch_model_flops(t.arch, t.data.last_step_spans(), t.data.last_step_scored_tokens())
     if t.dp > 1:  # every DP replica processed other samples; TP/CP/PP ranks of a replica the same
         from megatron.core import parallel_state as ps

@@ -38,7 +38,7 @@ def score(chunks, batches: list[StepBatch], chunk_size: int, cp_group=None) -> l
 
 def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_per_microbatch: int = 1,
                chunk_size: int = 2048, out_path: str | None = None, bf16: bool | None = None, progress: bool = True,
-               policy_sequences: bool = False) -> dict:
+               policy_sequences: bool = False, check_tokenizer: bool = True) -> dict:
     """Score every sample of the dataset with the reference checkpoint and write the sidecar.
     Collective over all ranks (any TP/PP/CP/DP). Returns a summary on every rank.
     policy_sequences: each ref role ref_X gets the reference's log-probs of the policy's own
@@ -60,6 +60,16 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
     if bf16 is None:  # Transformer Engine's fused attention on packed (THD) rows needs bf16/fp16
         bf16 = platform.cuda_available()
     ds = PairDataset(dataset_prefix)
+    if check_tokenizer:
+        from pathlib import Path
+
+        from megatron_longpo.data.tokenizer import check_dataset_tokenizer
+
+        ref_arch, _ = ckpt.read_model_json(model_dir)
+        for note in check_dataset_tokenizer(ds.manifest, str(dataset_prefix), ref_arch.vocab_size, str(model_dir),
+                                            Path(model_dir) / "tokenizer", skip_key="--no-tokenizer-check"):
+            if os.environ.get("RANK", "0") == "0":
+                print(f"note: {note}", flush=True)
     roles = tuple(roles or ds.ref_roles)
     opts = ModelOptions(bf16=bf16 and platform.cuda_available())
     chunks, arch = ckpt.open_model(model_dir, par, opts)
