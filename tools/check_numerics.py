@@ -29,6 +29,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+class _Rows(dict):
+    """name -> (loss, gradient), with a progress line per row."""
+
+    def __init__(self, t0: float):
+        super().__init__()
+        self.t0 = t0
+
+    def __setitem__(self, name, value):
+        print(f"  {name}: loss {value[0]:.6f} ({time.time() - self.t0:.0f} s)", flush=True)
+        super().__setitem__(name, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf-dir", help="a Hugging Face checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
@@ -59,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
     platform.enable_cpu_fallback()
     dev = platform.default_device()
+    if platform.cuda_available():  # the fp32 rows are the references: no TF32 in them
+        print(f"TF32 was: matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}; off for this run")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     hf_dir = Path(args.hf_dir) if args.hf_dir else materialize_default_model()
     from transformers import AutoTokenizer
 
@@ -88,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             theta = base * scale
             batch = (N.dataset_batch(args.data, args.sample, loss, lam=args.lam) if args.data
                      else N.make_batch(tok, loss, args.prompt_tokens, args.response_tokens, lam=args.lam))
-            rows: dict[str, tuple[float, dict]] = {}
+            rows = _Rows(t0)
             m = N.hf_model(hf_dir, torch.float32, theta, dev)
             N.fill_reference(m, batch, device=dev)
             rows["transformers fp32"] = N.hf_step(m, batch, dev)
