@@ -114,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             specs = [] if args.fp32_only else [("local", False)] + ([("TE", True)] if use_te else [])
             eng = N.project_engine(work / "ckpt", bf16=False, use_te=False, rope_theta=theta)
-            loss32, g32, _ = N.project_step(eng, batch)
+            loss32, g32, _ = N.project_step(eng, batch, plain=False)
             rows["project fp32 local"] = (loss32, g32)
             del eng
             for spec, te in specs:
                 eng = N.project_engine(work / "ckpt", bf16=True, use_te=te, rope_theta=theta)
-                l16, main16, plain16 = N.project_step(eng, batch)
+                l16, main16, plain16 = N.project_step(eng, batch, plain=not args.no_plain)
                 rows[f"project bf16 {spec}"] = (l16, main16)
                 if not args.no_plain:
                     rows[f"project bf16 {spec} (param.grad, no DDP)"] = (l16, plain16)

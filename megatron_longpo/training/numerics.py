@@ -257,9 +257,10 @@ def project_engine(ckpt_dir, *, bf16: bool, use_te: bool, rope_theta: float | No
     return ProjectEngine(chunks, optimizer, arch, use_te, bf16)
 
 
-def project_step(eng: ProjectEngine, batch: CheckBatch, chunk_size: int = 2048) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One forward/backward of the training step. Returns (loss, main_grad by HF name, param.grad
-    of a plain autograd pass through the same model without DDP, by HF name), fp64 on the CPU."""
+def project_step(eng: ProjectEngine, batch: CheckBatch, chunk_size: int = 2048, plain: bool = True
+                 ) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """One forward/backward of the training step. Returns (loss, main_grad by HF name, and with
+    `plain` the param.grad autograd hands each parameter in a second pass, by HF name), fp64 on the CPU."""
     from megatron_longpo.platform import default_device
     from megatron_longpo.training.loop import engine_forward_backward
     from megatron_longpo.training.step import loss_from_token_logprobs, run_model
@@ -273,6 +274,8 @@ def project_step(eng: ProjectEngine, batch: CheckBatch, chunk_size: int = 2048) 
             if getattr(p, "main_grad", None) is not None}
     for c in eng.chunks:
         c.zero_grad_buffer()
+    if not plain:
+        return loss, megatron_to_hf_grads(eng.arch, main), None
     # param.grad: the gradient autograd hands each parameter (read by a tensor hook, before DDP's
     # hook adds it to the buffer), through the model under DDP (Float16Module + GPTModel)
     inner = eng.chunks[0].module
