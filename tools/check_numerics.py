@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                          "tools/run_gpu_checks.sh cpgrads: 3000)")
     ap.add_argument("--lam", type=float, default=1.0, help="LongPO's λ (1: the DPO term weighs as much as the NLL)")
     ap.add_argument("--fp32-only", action="store_true", help="only transformers fp32 and the project fp32 (the equality check)")
+    ap.add_argument("--hf-attention", default="sdpa", choices=["sdpa", "eager"],
+                    help="transformers' attention (eager: the same unfused arithmetic as the local spec)")
     ap.add_argument("--json", help="also write the numbers to this JSON file")
     ap.add_argument("--bar", type=float, default=2.0)
     ap.add_argument("--no-te", action="store_true", help="skip the TE-spec row even where TE is present")
@@ -64,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from megatron_longpo import platform
-    from megatron_longpo.checkpoint.convert import hf_to_megatron_checkpoint
-    from megatron_longpo.models.build import te_available
     from megatron_longpo.models.embedded import materialize_default_model
-    from megatron_longpo.training import numerics as N
 
     platform.enable_cpu_fallback()
     dev = platform.default_device()
@@ -79,6 +78,21 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
     work = Path(tempfile.mkdtemp(prefix="check_numerics_"))
+    try:
+        return _run(args, hf_dir, tok, work)
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args, hf_dir, tok, work) -> int:
+    from megatron_longpo import platform
+    from megatron_longpo.checkpoint.convert import hf_to_megatron_checkpoint
+    from megatron_longpo.models.build import te_available
+    from megatron_longpo.training import numerics as N
+
+    dev = platform.default_device()
     t0 = time.time()
     hf_to_megatron_checkpoint(hf_dir, work / "ckpt")
     from megatron_longpo.checkpoint.dist import read_model_json
@@ -104,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             batch = (N.dataset_batch(args.data, args.sample, loss, lam=args.lam) if args.data
                      else N.make_batch(tok, loss, args.prompt_tokens, args.response_tokens, lam=args.lam))
             rows = _Rows(t0)
-            m = N.hf_model(hf_dir, torch.float32, theta, dev)
+            m = N.hf_model(hf_dir, torch.float32, theta, dev, attn=args.hf_attention)
             N.fill_reference(m, batch, device=dev)
             rows["transformers fp32"] = N.hf_step(m, batch, dev)
             if not args.fp32_only:

@@ -128,7 +128,7 @@ def dataset_batch(prefix, index: int, loss: str, *, lam: float = 1.0, beta: floa
 # ---------------------------------------------------------------- the independent reference (transformers)
 
 
-def hf_model(hf_dir, dtype: torch.dtype, rope_theta: float | None = None, device="cpu"):
+def hf_model(hf_dir, dtype: torch.dtype, rope_theta: float | None = None, device="cpu", attn: str = "sdpa"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(hf_dir)
@@ -137,7 +137,7 @@ def hf_model(hf_dir, dtype: torch.dtype, rope_theta: float | None = None, device
         rp = getattr(cfg, "rope_parameters", None)
         if isinstance(rp, dict):
             rp["rope_theta"] = rope_theta
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, config=cfg, torch_dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, config=cfg, torch_dtype=torch.float32, attn_implementation=attn)
     model = model.to(device=device, dtype=dtype).train()  # dropout is 0 in these configs
     # recompute each layer in the backward (the same arithmetic): at thousands of tokens the
     # saved attention probabilities of 30 layers would not fit a small machine
