@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp32-only", action="store_true", help="only transformers fp32 and the project fp32 (the equality check)")
     ap.add_argument("--hf-attention", default="sdpa", choices=["sdpa", "eager"],
                     help="transformers' attention (eager: the same unfused arithmetic as the local spec)")
+    ap.add_argument("--fp64", action="store_true",
+                    help="also transformers in float64: how far each fp32 row is from exact arithmetic (the fp32 floor)")
     ap.add_argument("--json", help="also write the numbers to this JSON file")
     ap.add_argument("--bar", type=float, default=2.0)
     ap.add_argument("--no-te", action="store_true", help="skip the TE-spec row even where TE is present")
@@ -171,6 +173,16 @@ def _run(args, hf_dir, tok, work) -> int:
                     continue
                 w = N.compare(g, g_hf)["worst"]
                 print(f"  worst vs HF fp32, {name}: " + ", ".join(f"{n.replace('model.', '')} {v:.2e}" for n, v in w))
+            if args.fp64:
+                m = N.hf_model(hf_dir, torch.float64, theta, dev, attn="eager")
+                l64, g64 = N.hf_step(m, batch, dev)
+                del m
+                case["fp64"] = {"loss": l64}
+                for name in ("transformers fp32", "project fp32 local"):
+                    c = N.compare(rows[name][1], g64)
+                    case["fp64"][name] = {"grad_rel": c["rel"], "loss_rel": N.rel_diff(rows[name][0], l64), "worst": c["worst"]}
+                    print(f"  vs transformers fp64 (loss {l64:.8f}): {name} loss rel {N.rel_diff(rows[name][0], l64):.2e}, "
+                          f"grad rel {c['rel']:.3e}, worst " + ", ".join(f"{n.replace('model.', '')} {v:.2e}" for n, v in c["worst"][:2]))
             print(f"({time.time() - t0:.0f} s so far)", flush=True)
     print(f"\nbar: a project bf16 row within {args.bar:g}x transformers' bf16-vs-fp32 distance (gradient and loss)")
     print("FAIL: " + "; ".join(failures) if failures else "PASS")
