@@ -10,7 +10,9 @@ What it does, all of it undone by nothing (call it once per process, before buil
     become no-ops (optimizer, DDP buffers, pipeline p2p, checkpoint writers call them);
   * a `TorchFunctionMode` rewrites `device="cuda"` / `.cuda()` / `.to("cuda")` to the CPU
     (hard-coded in schedules, clip_grads, the distributed optimizer, the default causal mask);
-  * the tensor-parallel RNG tracker keeps CPU generator states instead of CUDA ones.
+  * the tensor-parallel RNG tracker keeps CPU generator states instead of CUDA ones, and activation
+    recompute's save/restore of "the CUDA RNG state" has nothing to save (the CPU state is restored
+    next to it).
 It is NOT a general CUDA emulator: fused CUDA kernels, Transformer Engine, context parallelism and
 packed (THD) attention still need a GPU, and the caller must pick the local layer spec.
 """
@@ -140,6 +142,22 @@ def enable_cpu_fallback() -> bool:
 
     mrandom.initialize_rng_tracker(force_reset=True)
     mrandom._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker_class()()
+    # activation recompute saves and restores "the CUDA RNG state" around each recomputed chunk:
+    # on the CPU the CPU generator is the only one (restored next to it), so no second state
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
+    # the mode below is off inside the backward pass (it runs within the handler of .backward()),
+    # where recompute re-runs the forward: the one CUDA tensor that forward makes is this mask
+    import functools
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as tutils
+
+    @functools.lru_cache(maxsize=None)
+    def cpu_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+    tutils.get_default_causal_mask = fused_softmax.get_default_causal_mask = cpu_causal_mask
 
     mode = _CudaToCpu()
     mode.__enter__()  # process-wide for the main thread; stays on for the life of the process

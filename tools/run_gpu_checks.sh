@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and measurements, run on a GPU machine after Transformer Engine and megatron-core are
 # installed (see docs/foundation.md, "GPU"). Every number quoted in docs/ for a GPU comes from here.
-#   bash tools/run_gpu_checks.sh tests|bench|train(=train16)|all|diag|attn|cpgrads|prefix|bench_step|train_tp2|longpo_run|maxlen|demo
+#   bash tools/run_gpu_checks.sh tests|bench|train(=train16)|all|diag|attn|cpgrads|prefix|bench_step|train_tp2|longpo_run|maxlen|demo|numerics
 # Logs go to $OUT (default /tmp/gpu-out).
 set -uo pipefail
 what=${1:-all}
@@ -27,6 +27,10 @@ if [ "$what" = demo ]; then
 fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
   python3 -m pytest -q -m gpu tests/test_gpu.py -s -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+fi
+if [ "$what" = numerics ]; then  # issue #17: one step's bf16 gradient against transformers' on the same batch
+  python3 tools/check_numerics.py --json $OUT/numerics_documents.json 2>&1 | grep -v -i warn | tee $OUT/numerics.log
+  python3 tools/check_numerics.py --synthetic-words 3000 --json $OUT/numerics_synthetic.json 2>&1 | grep -v -i warn | tee -a $OUT/numerics.log
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 tools/bench_logprobs.py 2>&1 | tee "$OUT/bench_logprobs.log"

@@ -60,10 +60,12 @@ def log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def build_engine(arch, par: parallel.ParallelConfig, opts: ModelOptions, optim, load_from: str | None):
+def build_engine(arch, par: parallel.ParallelConfig, opts: ModelOptions, optim, load_from: str | None,
+                 with_optimizer: bool = True):
     """Model chunks (bf16 via Float16Module when opts.bf16) wrapped in megatron DDP, and the
     megatron optimizer (distributed when asked and on CUDA). Parallel state must be set up.
-    `load_from`: a checkpoint to load the weights from (None: random init / resume later)."""
+    `load_from`: a checkpoint to load the weights from (None: random init / resume later).
+    with_optimizer=False: (chunks, None), for gradient checks (megatron's bf16 optimizer needs CUDA)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
@@ -84,6 +86,9 @@ def build_engine(arch, par: parallel.ParallelConfig, opts: ModelOptions, optim, 
         use_distributed_optimizer=dist_opt, average_in_collective=False,
     )
     chunks = [DistributedDataParallel(tcfg, ddp_cfg, c, disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    if not with_optimizer:
+        return chunks, None
     clip = optim.clip_grad
     if clip and not platform.cuda_available():
         log("note: megatron's gradient clipping needs CUDA tensors; clipping is off on the CPU")
@@ -95,7 +100,6 @@ def build_engine(arch, par: parallel.ParallelConfig, opts: ModelOptions, optim, 
         use_distributed_optimizer=dist_opt,
     )
     optimizer = get_megatron_optimizer(ocfg, chunks)
-    tcfg.finalize_model_grads_func = finalize_model_grads
     tcfg.grad_scale_func = optimizer.scale_loss
     if optim.overlap_grad_reduce:
         tcfg.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
@@ -324,7 +328,8 @@ def engine_forward_backward(chunks, optimizer, batches, loss_cfg, chunk_size: in
     per-micro-batch metrics (last pipeline stage)."""
     for c in chunks:
         c.zero_grad_buffer()
-    optimizer.zero_grad()
+    if optimizer is not None:
+        optimizer.zero_grad()
     return run_schedule(chunks, batches, make_forward_step(loss_cfg, chunk_size, cp_group), forward_only=False)
 
 
