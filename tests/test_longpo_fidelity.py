@@ -24,8 +24,6 @@ import torch.nn.functional as F
 from fixtures import ROOT, run_tool
 from mp import torchrun
 
-pytestmark = pytest.mark.slow
-
 BETA, LAM, LR = 0.5, 1.0, 100.0  # λ = 1 so that the DPO term is not lost in the NLL's rounding
 
 
@@ -91,7 +89,8 @@ def train_one_step(ckpt, data, out, nproc=1, **kw):
             "loss.longpo_lambda": LAM, "loss.beta": BETA, **kw}
     torchrun(nproc, "train.py", *[f"{k}={v}" for k, v in base.items()], timeout=600)
     summary = json.loads((out / "run" / "summary.json").read_text())
-    run_tool(ROOT / "tools/convert_checkpoint.py", "megatron-to-hf", "--megatron-dir", out / "run", "--out", out / "hf")
+    run_tool(ROOT / "tools/convert_checkpoint.py", "megatron-to-hf", "--megatron-dir", out / "run", "--out", out / "hf",
+             "--dtype", "fp32")
     return summary["first_loss"], _hf_weights(out / "hf")
 
 
@@ -143,6 +142,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_longpo_step_equals_the_reference_formula(layout, tiny_llama_ckpt, tiny_hf, tiny_longpo_data, tiny_reference,
                                                   tmp_path):
@@ -151,6 +151,7 @@ def test_longpo_step_equals_the_reference_formula(layout, tiny_llama_ckpt, tiny_
     check_step(loss, after, _hf_weights(tiny_hf), *tiny_reference["sequence"])
 
 
+@pytest.mark.slow
 def test_responses_ablation_equals_its_formula(tiny_llama_ckpt, tiny_hf, tiny_longpo_data, tiny_reference, tmp_path):
     """longpo_nll=responses: the NLL over the chosen responses only (prefix-shared, so the trunk
     skip is on again)."""
@@ -159,6 +160,7 @@ def test_responses_ablation_equals_its_formula(tiny_llama_ckpt, tiny_hf, tiny_lo
     check_step(loss, after, _hf_weights(tiny_hf), *tiny_reference["responses"])
 
 
+@pytest.mark.slow
 def test_smollm2_step_equals_the_reference_formula(smollm2_ckpt, smollm2_dir, tiny_llama_ckpt, tiny_longpo_data,
                                                    tmp_path):
     """A trained model (SmolLM2-135M-Instruct, tied embeddings) as the policy; the data's reference
@@ -167,3 +169,40 @@ def test_smollm2_step_equals_the_reference_formula(smollm2_ckpt, smollm2_dir, ti
     ref_loss, ref_grads = reference_loss_and_grads(smollm2_dir, tiny_llama_ckpt.parent / "hf", tiny_longpo_data, idx)
     loss, after = train_one_step(smollm2_ckpt, tiny_longpo_data, tmp_path, 1, **{"data.samples_per_microbatch": 2})
     check_step(loss, after, _hf_weights(smollm2_dir), ref_loss, ref_grads)
+
+
+def test_step_statistics_and_the_responses_mode_bit_for_bit(tiny_longpo_data):
+    """On one packed micro-batch and arbitrary token log-probs (CPU, padded path): asking for the
+    whole-sequence statistic leaves the response sums bit-identical; chosen_sequence is the sum of
+    the first n - 1 positions of each chosen sequence; longpo_nll=responses gives exactly the loss
+    written as before the option (-mean(chosen) + λ·DPO from the same sums)."""
+    from megatron_longpo.data.format import PairDataset
+    from megatron_longpo.data.packing import pack
+    from megatron_longpo.losses import LossConfig, SeqStat, dpo_loss
+    from megatron_longpo.training.step import loss_from_token_logprobs, prepare_batch, sequence_statistics
+
+    ds = PairDataset(tiny_longpo_data)
+    samples = [ds.sample(1), ds.sample(4)]
+    packed = pack(samples, ("chosen", "rejected"))
+    ref = {r: SeqStat(torch.tensor([-40.0, -55.0]), torch.tensor([20.0, 30.0])) for r in ("ref_chosen", "ref_rejected")}
+    old = prepare_batch(packed, ref, thd=False)
+    new = prepare_batch(packed, ref, thd=False, sequence_roles=("chosen",))
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(old.loss_mask.shape, generator=g, dtype=torch.float32) * 5
+    s_old, s_new = sequence_statistics(logp, old), sequence_statistics(logp, new)
+    assert set(s_old) == {"chosen", "rejected"} and set(s_new) == {"chosen", "rejected", "chosen_sequence"}
+    for r in s_old:
+        assert torch.equal(s_old[r].logps, s_new[r].logps) and torch.equal(s_old[r].tokens, s_new[r].tokens)
+    for b, sample in enumerate(samples):
+        i = packed.seq_role.index("chosen") + 2 * b
+        n = len(sample.sequences("chosen")[0])
+        assert s_new["chosen_sequence"].tokens[b] == n - 1
+        torch.testing.assert_close(s_new["chosen_sequence"].logps[b], logp[i, :n - 1].double().sum().float())
+    cfg = LossConfig("longpo", beta=0.5, longpo_lambda=0.3, longpo_nll="responses")
+    loss, count, _ = loss_from_token_logprobs(logp, old, cfg)
+    dpo = dpo_loss(s_old["chosen"], s_old["rejected"], ref["ref_chosen"], ref["ref_rejected"], beta=0.5)
+    assert torch.equal(loss, (-s_old["chosen"].mean + 0.3 * dpo.loss).sum()) and int(count) == 2
+    seq_loss, _, metrics = loss_from_token_logprobs(logp, new, LossConfig("longpo", beta=0.5, longpo_lambda=0.3))
+    want = (-s_new["chosen_sequence"].mean + 0.3 * dpo.loss).sum()
+    torch.testing.assert_close(seq_loss, want, rtol=1e-6, atol=0)
+    assert "logps/chosen_sequence" in metrics
