@@ -43,7 +43,7 @@ def _sequence_nll(model, tokens):
 def _hf(path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float64, attn_implementation="eager")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation="eager")
 
 
 def reference_loss_and_grads(policy_dir, ref_dir, data, indices, nll="sequence"):
@@ -106,6 +106,7 @@ def _hf_weights(d):
 def check_step(loss, after, before, ref_loss, ref_grads, tol_loss=1e-5, tol_grad=1e-4):
     assert abs(loss - ref_loss) <= tol_loss * abs(ref_loss), (loss, ref_loss)
     diff2 = ref2 = 0.0
+    worst = ("", 0.0)
     for name, g_ref in ref_grads.items():
         if name not in after:  # a tied output layer: exported once, as the embedding
             continue
@@ -113,8 +114,12 @@ def check_step(loss, after, before, ref_loss, ref_grads, tol_loss=1e-5, tol_grad
         diff2 += (g - g_ref).pow(2).sum().item()
         ref2 += g_ref.pow(2).sum().item()
         rel = ((g - g_ref).norm() / g_ref.norm()).item()
+        worst = max(worst, (name, rel), key=lambda x: x[1])
         assert rel <= 10 * tol_grad, f"{name}: gradient differs by {rel:.2e} (relative)"
-    assert (diff2 / ref2) ** 0.5 <= tol_grad, f"whole gradient differs by {(diff2 / ref2) ** 0.5:.2e}"
+    whole = (diff2 / ref2) ** 0.5
+    print(f"loss {loss!r} vs reference {ref_loss!r} (rel {abs(loss - ref_loss) / abs(ref_loss):.2e}); "
+          f"gradient rel {whole:.2e}, worst tensor {worst[1]:.2e} ({worst[0]})")
+    assert whole <= tol_grad, f"whole gradient differs by {whole:.2e}"
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +132,10 @@ def tiny_reference(tiny_hf, tiny_longpo_data):
     idx = _global_batch(tiny_longpo_data, 4)
     seq = reference_loss_and_grads(tiny_hf, tiny_hf, tiny_longpo_data, idx, "sequence")
     resp = reference_loss_and_grads(tiny_hf, tiny_hf, tiny_longpo_data, idx, "responses")
-    # the test can fail: the two NLLs are far apart compared with the tolerances
-    assert abs(seq[0] - resp[0]) > 1e-2 * abs(seq[0]), (seq[0], resp[0])
+    # the test can fail: the two modes are 100x the tolerances below apart, in the loss and the gradient
+    assert abs(seq[0] - resp[0]) > 100 * 1e-5 * abs(seq[0]), (seq[0], resp[0])
+    d2 = sum((seq[1][n] - resp[1][n]).pow(2).sum().item() for n in seq[1])
+    assert (d2 / sum(g.pow(2).sum().item() for g in seq[1].values())) ** 0.5 > 100 * 1e-4
     return {"sequence": seq, "responses": resp}
 
 
