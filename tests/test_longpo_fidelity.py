@@ -27,17 +27,13 @@ from mp import torchrun
 BETA, LAM, LR = 0.5, 1.0, 100.0  # λ = 1 so that the DPO term is not lost in the NLL's rounding
 
 
-def _response_logp_sum(model, tokens, mask):
-    """Σ_t log p(x_t | x_<t) over the tokens t >= 1 with mask[t] (response tokens), float64."""
+def _forward(model, tokens, mask):
+    """(Σ_t log p(x_t | x_<t) over the tokens t >= 1 with mask[t] (the response tokens), the mean
+    token NLL of every predicted token (HF's shifted cross-entropy)), float64."""
     x = torch.as_tensor(tokens, dtype=torch.long)[None]
-    logp = torch.log_softmax(model(x).logits[0, :-1].double(), -1).gather(-1, x[0, 1:, None])[:, 0]
-    return (logp * torch.as_tensor(mask[1:], dtype=torch.float64)).sum()
-
-
-def _sequence_nll(model, tokens):
-    """Mean token NLL of every predicted token of a sequence (HF's shifted cross-entropy), float64."""
-    x = torch.as_tensor(tokens, dtype=torch.long)[None]
-    return F.cross_entropy(model(x).logits[0, :-1].double(), x[0, 1:])
+    logits = model(x).logits[0, :-1].double()
+    logp = torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None])[:, 0]
+    return (logp * torch.as_tensor(mask[1:], dtype=torch.float64)).sum(), F.cross_entropy(logits, x[0, 1:])
 
 
 def _hf(path):
@@ -47,27 +43,25 @@ def _hf(path):
 
 
 def reference_loss_and_grads(policy_dir, ref_dir, data, indices, nll="sequence"):
-    """(L, {HF name: dL/dθ}) of the formula above, float64."""
+    """(L, {HF name: dL/dθ}) of the formula above, float64 (one sample's graph at a time: the
+    gradient of the mean is accumulated sample by sample)."""
     from megatron_longpo.data.format import PairDataset  # the token sequences are the input
 
     ds = PairDataset(data)
     policy, ref = _hf(policy_dir), _hf(ref_dir)
-    losses = []
+    loss = 0.0
     for i in indices:
         s = ds.sample(i)
         (cw,), (cl,) = s.sequences("chosen"), s.sequences("rejected")
         with torch.no_grad():
-            ref_w = sum(_response_logp_sum(ref, q.tokens, q.loss_mask) for q in s.sequences("ref_chosen"))
-            ref_l = sum(_response_logp_sum(ref, q.tokens, q.loss_mask) for q in s.sequences("ref_rejected"))
-        lw, ll = _response_logp_sum(policy, cw.tokens, cw.loss_mask), _response_logp_sum(policy, cl.tokens, cl.loss_mask)
-        if nll == "sequence":
-            nll_i = _sequence_nll(policy, cw.tokens)
-        else:
-            nll_i = -lw / float(cw.loss_mask[1:].sum())
-        losses.append(nll_i - LAM * F.logsigmoid(BETA * ((lw - ref_w) - (ll - ref_l))))
-    loss = torch.stack(losses).mean()
-    loss.backward()
-    return loss.item(), {n: p.grad.detach().clone() for n, p in policy.named_parameters()}
+            ref_w = sum(_forward(ref, q.tokens, q.loss_mask)[0] for q in s.sequences("ref_chosen"))
+            ref_l = sum(_forward(ref, q.tokens, q.loss_mask)[0] for q in s.sequences("ref_rejected"))
+        (lw, seq_nll), (ll, _) = _forward(policy, cw.tokens, cw.loss_mask), _forward(policy, cl.tokens, cl.loss_mask)
+        nll_i = seq_nll if nll == "sequence" else -lw / float(cw.loss_mask[1:].sum())
+        loss_i = (nll_i - LAM * F.logsigmoid(BETA * ((lw - ref_w) - (ll - ref_l)))) / len(indices)
+        loss_i.backward()
+        loss += loss_i.item()
+    return loss, {n: p.grad.detach().clone() for n, p in policy.named_parameters()}
 
 
 def _global_batch(data, gbs):
