@@ -173,8 +173,7 @@ def test_smollm2_step_equals_the_reference_formula(smollm2_ckpt, smollm2_dir, ti
     statistics came from the tiny Llama, which is the reference model here too."""
     idx = _global_batch(tiny_longpo_data, 4)
     ref_loss, ref_grads = reference_loss_and_grads(smollm2_dir, tiny_llama_ckpt.parent / "hf", tiny_longpo_data, idx)
-    # most of a trained model's 49152 x 576 embedding gradients are far below its weights' fp32
-    # resolution at lr 100 (the update read back was 4.8e-2 off); at lr 1e6 the update dominates
+    # lr 1e6: the update dominates the weights, so fp32 rounding cannot hide in it (lr 100 gave the same 4.8e-2)
     lr = 1e6
     loss, after = train_one_step(smollm2_ckpt, tiny_longpo_data, tmp_path, 1, lr=lr, **{"data.samples_per_microbatch": 2})
     check_step(loss, after, _hf_weights(smollm2_dir), ref_loss, ref_grads, lr=lr)
