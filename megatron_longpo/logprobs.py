@@ -6,9 +6,11 @@
    chunk's logits. Peak extra memory is one chunk of logits [chunk, b, V/TP] in fp32 instead of
    [s, b, V] (at 128K tokens and a 32K vocabulary: 16 GiB -> 256 MiB with chunk 2048).
    The vocabulary is never gathered: max, sum-exp and the target logit are all-reduced over the
-   tensor-parallel group (three [chunk, b] reductions per chunk). With `keep` (the loss mask) only
-   the scored positions are projected: a long prompt or a shared trunk costs no output-layer
-   work at all (at 64K tokens and a 32K vocabulary that is ~51 TFLOP of a 7B-shaped step).
+   tensor-parallel group (three [chunk, b] reductions per chunk). With `keep` (training/step.py's
+   StepBatch.keep: the loss mask, plus every position of a sequence whose whole-sequence statistic
+   is wanted, e.g. LongPO's NLL over the chosen long sequence) only those positions are projected:
+   under a responses-only loss a long prompt or a shared trunk costs no output-layer work at all
+   (at 64K tokens and a 32K vocabulary that is ~51 TFLOP of a 7B-shaped step).
 2. `sequence_sums(logp, mask, seq_index, n)`: masked sums per packed sequence.
 3. `reduce_over_context_parallel(x)`: autograd-aware sum over the CP group (its backward sums the
    gradients too, so every CP rank computing the same loss gives each rank the full dL/dx).

@@ -24,11 +24,13 @@ from megatron_longpo.losses import (
     orpo_loss,
     policy_roles,
     reference_roles,
+    required_roles,
+    sequence_roles,
     solo_simpo_loss,
 )
 
 ALL_ROLES = ("chosen", "rejected", "long_chosen", "long_rejected",
-             "ref_chosen", "ref_rejected", "ref_long_chosen", "ref_long_rejected")
+             "ref_chosen", "ref_rejected", "ref_long_chosen", "ref_long_rejected", "chosen_sequence")
 
 
 # =======================================================================================
@@ -96,9 +98,9 @@ def ref_sample(cfg: LossConfig, s: dict[str, tuple[float, float]]) -> dict[str, 
         loss, rw, rl = simpo()
     elif n == "orpo":
         loss, rw, rl = orpo()
-    elif n == "longpo":
+    elif n == "longpo":  # the NLL over the whole chosen long sequence, or the responses (ablation)
         d, rw, rl = dpo()
-        loss = -avg["chosen"] + cfg.longpo_lambda * d
+        loss = -avg["chosen_sequence" if cfg.longpo_nll == "sequence" else "chosen"] + cfg.longpo_lambda * d
     else:  # SoLo-X = X on the short pair + α |r(x_S, y) - r(x_L, y)|
         po = {"solo-dpo": dpo, "solo-simpo": simpo, "solo-orpo": orpo}[n]
         loss, rw, rl = po()
@@ -163,6 +165,8 @@ CONFIGS = [
     LossConfig("orpo", orpo_lambda=0.1),
     LossConfig("orpo", orpo_lambda=1.0),
     LossConfig("sft"),
+    LossConfig("longpo", beta=0.1, longpo_lambda=0.01, longpo_nll="responses"),
+    LossConfig("longpo", beta=0.01, longpo_lambda=0.5, label_smoothing=0.1, longpo_nll="responses"),
     LossConfig("longpo", beta=0.1, longpo_lambda=0.01),
     LossConfig("longpo", beta=0.01, longpo_lambda=0.5, label_smoothing=0.1),
     LossConfig("solo-dpo", beta=0.1, solopo_alpha=3.0),
@@ -175,7 +179,8 @@ CONFIGS = [
 
 
 def cfg_id(c: LossConfig) -> str:
-    return f"{c.name}-b{c.beta}-ls{c.label_smoothing}-both{int(c.solopo_both)}-a{c.solopo_alpha}"
+    nll = f"-nll_{c.longpo_nll}" if c.name == "longpo" else ""
+    return f"{c.name}-b{c.beta}-ls{c.label_smoothing}-both{int(c.solopo_both)}-a{c.solopo_alpha}{nll}"
 
 
 # =======================================================================================
@@ -223,12 +228,47 @@ def test_longpo_is_nll_plus_lambda_dpo():
     rows = random_rows(random.Random(3), 5)
     stats = make_stats(rows)
     for lam in (0.0, 0.01, 1.0):
-        out = compute_loss(LossConfig("longpo", beta=0.1, longpo_lambda=lam), stats)
+        out = compute_loss(LossConfig("longpo", beta=0.1, longpo_lambda=lam, longpo_nll="responses"), stats)
         dpo = compute_loss(LossConfig("dpo", beta=0.1), stats)
         nll = -stats["chosen"].logps / stats["chosen"].tokens
         torch.testing.assert_close(out.loss, nll + lam * dpo.loss, rtol=1e-14, atol=1e-14)
         torch.testing.assert_close(out.metrics["loss/dpo"], dpo.loss)
         torch.testing.assert_close(out.metrics["loss/nll"], nll.detach())
+
+
+def test_longpo_sequence_nll_is_over_the_whole_chosen_sequence():
+    """The default NLL averages chosen_sequence (every token of the chosen long sequence); the DPO
+    term still uses the response sums, and the responses mode is today's formula bit for bit."""
+    rows = random_rows(random.Random(13), 5)
+    stats = make_stats(rows)
+    dpo = compute_loss(LossConfig("dpo", beta=0.1), stats)
+    seq = compute_loss(LossConfig("longpo", beta=0.1, longpo_lambda=0.3), stats)
+    nll = -stats["chosen_sequence"].logps / stats["chosen_sequence"].tokens
+    torch.testing.assert_close(seq.loss, nll + 0.3 * dpo.loss, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(seq.metrics["loss/nll"], nll)
+    torch.testing.assert_close(seq.metrics["logps/chosen_sequence"], -nll)
+    torch.testing.assert_close(seq.metrics["loss/dpo"], dpo.loss)
+    # responses: exactly the expression the loss had before longpo_nll existed
+    old = -stats["chosen"].mean + 0.3 * dpo.loss
+    resp = compute_loss(LossConfig("longpo", beta=0.1, longpo_lambda=0.3, longpo_nll="responses"), stats)
+    assert torch.equal(resp.loss, old)
+    assert "logps/chosen_sequence" not in resp.metrics
+    # the whole-sequence statistic changes the sequence loss and nothing else
+    other = dict(stats, chosen_sequence=SeqStat(stats["chosen_sequence"].logps * 2, stats["chosen_sequence"].tokens))
+    assert torch.equal(compute_loss(resp_cfg := LossConfig("longpo", longpo_nll="responses"), other).loss,
+                       compute_loss(resp_cfg, stats).loss)
+    assert not torch.equal(compute_loss(LossConfig("longpo"), other).loss, compute_loss(LossConfig("longpo"), stats).loss)
+
+
+def test_longpo_sequence_roles():
+    assert sequence_roles(LossConfig("longpo")) == ("chosen",)
+    assert required_roles(LossConfig("longpo")) == ("chosen", "rejected", "chosen_sequence", "ref_chosen", "ref_rejected")
+    assert sequence_roles(LossConfig("longpo", longpo_nll="responses")) == ()
+    assert all(sequence_roles(c) == () for c in CONFIGS if c.name != "longpo")
+    stats = make_stats(random_rows(random.Random(2), 2, roles=("chosen", "rejected", "ref_chosen", "ref_rejected")))
+    with pytest.raises(ValueError, match="missing: 'chosen_sequence'") as e:
+        compute_loss(LossConfig("longpo"), stats)
+    assert "whole-sequence roles are computed by the trainer" in str(e.value)
 
 
 @pytest.mark.parametrize("name", ["solo-dpo", "solo-simpo", "solo-orpo"])
@@ -333,11 +373,11 @@ def test_gradcheck_solo_simpo_both():
                ("chosen", "rejected", "long_chosen", "long_rejected"), 3)
 
 
-@pytest.mark.parametrize("cfg", [LossConfig("ipo"), LossConfig("longpo"),
+@pytest.mark.parametrize("cfg", [LossConfig("ipo"), LossConfig("longpo"), LossConfig("longpo", longpo_nll="responses"),
                                  LossConfig("solo-dpo", solopo_both=True),
-                                 LossConfig("solo-orpo")], ids=lambda c: c.name)
+                                 LossConfig("solo-orpo")], ids=cfg_id)
 def test_gradcheck_via_compute_loss(cfg):
-    _gradcheck(lambda s: compute_loss(cfg, s), policy_roles(cfg) + reference_roles(cfg), 4)
+    _gradcheck(lambda s: compute_loss(cfg, s), required_roles(cfg), 4)
 
 
 def test_reference_statistics_get_no_gradient():
@@ -379,6 +419,8 @@ def test_metric_names_shapes_detached_and_microbatch_invariance(cfg):
         want = {"logps/chosen", "loss/nll"}
     else:
         want = PAIR | EXPECTED_METRICS[cfg.name]
+        if cfg.name == "longpo" and cfg.longpo_nll == "sequence":
+            want |= {"logps/chosen_sequence"}
         if cfg.name.startswith("solo-"):
             want |= SOLO | (SOLO_BOTH if cfg.solopo_both else set())
     assert set(out.metrics) == want
@@ -417,7 +459,7 @@ def test_integer_token_counts():
     (LossConfig("simpo"), ("chosen", "rejected"), ()),
     (LossConfig("orpo"), ("chosen", "rejected"), ()),
     (LossConfig("sft"), ("chosen",), ()),
-    (LossConfig("longpo"), ("chosen", "rejected"), ("ref_chosen", "ref_rejected")),
+    (LossConfig("longpo", longpo_nll="responses"), ("chosen", "rejected"), ("ref_chosen", "ref_rejected")),
     (LossConfig("solo-dpo"), ("chosen", "rejected", "long_chosen"),
      ("ref_chosen", "ref_rejected", "ref_long_chosen")),
     (LossConfig("solo-dpo", solopo_both=True), ("chosen", "rejected", "long_chosen", "long_rejected"),
@@ -443,7 +485,7 @@ def test_every_loss_name_is_covered():
 # errors
 # =======================================================================================
 def _stats_for(cfg, n=3, seed=0):
-    return make_stats(random_rows(random.Random(seed), n, roles=policy_roles(cfg) + reference_roles(cfg)))
+    return make_stats(random_rows(random.Random(seed), n, roles=required_roles(cfg)))
 
 
 def test_error_missing_reference_role():
@@ -517,6 +559,7 @@ def test_error_logps_tokens_mismatch_within_role():
     (dict(longpo_lambda=-0.01), "longpo_lambda must be >= 0"),
     (dict(orpo_lambda=-1), "orpo_lambda must be >= 0"),
     (dict(simpo_gamma=-0.5), "simpo_gamma must be >= 0"),
+    (dict(longpo_nll="response"), "longpo_nll must be one of sequence, responses"),
 ])
 def test_config_errors(kwargs, msg):
     with pytest.raises(ValueError) as e:
@@ -528,6 +571,7 @@ def test_config_defaults():
     c = LossConfig()
     assert (c.name, c.beta, c.label_smoothing, c.simpo_gamma, c.orpo_lambda, c.longpo_lambda,
             c.solopo_alpha, c.solopo_both) == ("longpo", 0.1, 0.0, 0.5, 0.1, 0.01, 1.0, False)
+    assert c.longpo_nll == "sequence"  # the paper's LongPO
 
 
 def test_empty_micro_batch():

@@ -72,9 +72,10 @@ def test_unshareable_pairs_fall_back_to_separate_sequences(tiny_longpo_data):
     assert row.real_tokens == row.unshared_tokens
 
 
-def _run(tmp_path, name, nproc, ckpt, data, roles, samples, share):
+def _run(tmp_path, name, nproc, ckpt, data, roles, samples, share, sequence_roles=()):
     out = tmp_path / f"{name}.pt"
-    torchrun(nproc, "prefix_sharing.py", str(ckpt), str(data), ",".join(roles), samples, "1" if share else "0", str(out))
+    torchrun(nproc, "prefix_sharing.py", str(ckpt), str(data), ",".join(roles), samples, "1" if share else "0", str(out),
+             "auto", ",".join(sequence_roles))
     return torch.load(out)
 
 
@@ -112,6 +113,82 @@ def test_shared_at_cp2_equals_two_sequences(tiny_llama_ckpt, tiny_longpo_data, t
     cp2 = _run(tmp_path, "cp2", 2, tiny_llama_ckpt, tiny_longpo_data, roles, "0,1,2", True)
     _assert_same(ref, cp2)
     assert cp2["last_trunk_skipped"]
+
+
+def _predicted(pos, labels, sel):
+    """(positions, labels) of the selected tokens, in position order."""
+    order = np.argsort(pos[sel], kind="stable")
+    return pos[sel][order], labels[sel][order]
+
+
+def test_whole_sequence_scores_every_chosen_token_exactly_once(tiny_longpo_data):
+    """sequence_roles=("chosen",): the trunk's positions (its last one predicts the branch's first
+    token) and the chosen branch's predict every token of the chosen sequence but its first, each
+    once; nothing of the rejected side; on both CP views together too. The trunk is then scored,
+    so the last layer must compute it."""
+    ds = PairDataset(tiny_longpo_data)
+    samples = [ds.sample(0), ds.sample(1), ds.sample(2)]
+    roles = ("chosen", "rejected")
+    assert not build_shared_row(samples, roles).trunk_scored
+    row = build_shared_row(samples, roles, sequence_roles=("chosen",))
+    assert row.trunk_scored
+    for j, sample in enumerate(samples):
+        c = sample.sequences("chosen")[0]
+        pos = np.concatenate([row.t_pos, row.b_pos])
+        lab = np.concatenate([row.t_labels, row.b_labels])
+        whole = np.concatenate([row.t_whole, row.b_whole])
+        p, lb = _predicted(pos, lab, whole == 2 * j)
+        np.testing.assert_array_equal(p, np.arange(len(c) - 1))
+        np.testing.assert_array_equal(lb, c.tokens[1:])
+        assert not (whole == 2 * j + 1).any()  # the rejected sequence has no whole-sequence statistic
+    # the response sums are those of the row without sequence roles
+    plain = build_shared_row(samples, roles)
+    for name in ("t_seq", "b_seq", "t_mask", "b_mask", "t_tokens", "b_tokens"):
+        np.testing.assert_array_equal(getattr(row, name), getattr(plain, name))
+    # CP=2: the two ranks' views hold every whole-sequence position once
+    row2 = build_shared_row(samples, roles, cp_size=2, pad_multiple=4, sequence_roles=("chosen",))
+    views = [rank_view(row2, r) for r in range(2)]
+    got = np.concatenate([v.whole_index.numpy() for v in views])
+    for j, sample in enumerate(samples):
+        assert (got == 2 * j).sum() == len(sample.sequences("chosen")[0]) - 1
+
+
+@pytest.mark.parametrize("thd,cp", [(False, 1), (True, 1), (True, 2)])
+def test_whole_sequence_index_of_plain_packing(tiny_longpo_data, thd, cp):
+    """prepare_batch(sequence_roles=("chosen",)): every position of a chosen sequence but its last
+    (n - 1 predicted tokens of n) and no padding, over the CP ranks together; response masks unchanged."""
+    from megatron_longpo.training.step import prepare_batch
+
+    ds = PairDataset(tiny_longpo_data)
+    samples = [ds.sample(0), ds.sample(3)]
+    packed = pack(samples, ("chosen", "rejected", "ref_chosen"), 2 * cp if cp > 1 else 1)
+    labels, counts = [], torch.zeros(packed.num_sequences, dtype=torch.long)
+    for r in range(cp):
+        b = prepare_batch(packed, None, thd=thd, cp_size=cp, cp_rank=r, sequence_roles=("chosen",))
+        plain = prepare_batch(packed, None, thd=thd, cp_size=cp, cp_rank=r)
+        assert plain.whole_index is None and torch.equal(b.loss_mask, plain.loss_mask)
+        assert torch.equal(b.keep, b.loss_mask.bool() | (b.whole_index >= 0))
+        sel = b.whole_index >= 0
+        counts += torch.bincount(b.whole_index[sel], minlength=packed.num_sequences)
+        labels.append(b.labels[sel])
+    want = [len(s.sequences("chosen")[0]) - 1 if role == "chosen" else 0
+            for s, role in zip([samples[i] for i in packed.seq_sample], packed.seq_role)]
+    assert counts.tolist() == want
+    chosen_labels = np.concatenate([s.sequences("chosen")[0].tokens[1:] for s in samples])
+    np.testing.assert_array_equal(np.sort(torch.cat(labels).numpy()), np.sort(chosen_labels))
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_whole_sequence_statistic_shared_equals_two_sequences(nproc, tiny_llama_ckpt, tiny_longpo_data, tmp_path):
+    """LongPO's NLL over the chosen long sequence (chosen_sequence): the prefix-shared row at CP=1
+    and CP=2 gives the statistics and gradients of the two-sequence layout, and its last layer
+    computes the (now scored) trunk."""
+    roles, seq = ("chosen", "rejected"), ("chosen",)
+    ref = _run(tmp_path, "two", 1, tiny_llama_ckpt, tiny_longpo_data, roles, "0,1,2", False, seq)
+    shared = _run(tmp_path, "shared", nproc, tiny_llama_ckpt, tiny_longpo_data, roles, "0,1,2", True, seq)
+    assert set(ref["stats"]) == {"chosen", "rejected", "chosen_sequence"}
+    _assert_same(ref, shared)
+    assert shared["last_trunk_skipped"] is False
 
 
 def test_tail_causal_attention_equals_the_masked_reference(tiny_longpo_data):

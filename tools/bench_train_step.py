@@ -5,6 +5,9 @@ vs. the prefix-shared row, at several lengths. Prints a table; --json writes it.
 
   # 4 Mistral-7B layers on one GPU
   torchrun --nproc-per-node 1 tools/bench_train_step.py --layers 4 --lengths 16384,32768,65536,131072
+  # LongPO's NLL over the whole chosen sequence (the default) next to the responses-only ablation
+  torchrun --nproc-per-node 1 tools/bench_train_step.py --layers 4 --lengths 65536,131072 \
+      --longpo-nll sequence,responses
   # the longest pair that fits: 32 layers, CP=2 on two GPUs, full recompute
   torchrun --nproc-per-node 2 tools/bench_train_step.py --layers 32 --cp 2 --layouts shared \\
       --recompute full --lengths 65536,131072,196608,262144 --until-oom
@@ -12,7 +15,8 @@ vs. the prefix-shared row, at several lengths. Prints a table; --json writes it.
 Lengths are tokens per sequence (prompt + response); every pair has a response of --response
 tokens on each side. Model FLOPs are those of the layout that runs (metrics.model_flops_per_token:
 causal attention counted as half the square, recomputation not counted, the output layer on the
-scored response tokens only, where it runs); MFU against the dense
+positions it runs on: the responses, and with --longpo-nll sequence every position of the chosen
+sequence too); MFU against the dense
 bf16 peak of the GPU (metrics.PEAK_TFLOPS: 989 TFLOP/s for H100/H200).
 """
 
@@ -65,7 +69,7 @@ class _PairSample:
         return self._seqs[role]
 
 
-def batch_for(layout, sample, cp, cp_rank, cp_group, ref, trunk_skip=True):
+def batch_for(layout, sample, cp, cp_rank, cp_group, ref, trunk_skip=True, sequence_roles=()):
     from megatron_longpo.data.packing import pack
     from megatron_longpo.data.prefix_sharing import build_shared_row, flops_spans
     from megatron_longpo.training.step import prepare_batch, prepare_shared_batch
@@ -73,19 +77,20 @@ def batch_for(layout, sample, cp, cp_rank, cp_group, ref, trunk_skip=True):
     roles = ("chosen", "rejected")
     pad = 2 * cp if cp > 1 else 1
     if layout == "shared":
-        row = build_shared_row([sample], roles, cp_size=cp, pad_multiple=pad)
+        row = build_shared_row([sample], roles, cp_size=cp, pad_multiple=pad, sequence_roles=sequence_roles)
         return prepare_shared_batch(row, ref, cp_rank=cp_rank, cp_group=cp_group, device=DEVICE), \
             flops_spans(row, last_layer_trunk=None if trunk_skip else True)
     packed = pack([sample], roles, pad)
     lens = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).tolist()
-    return prepare_batch(packed, ref, thd=DEVICE == "cuda", cp_size=cp, cp_rank=cp_rank, device=DEVICE), [(n, n) for n in lens]
+    return prepare_batch(packed, ref, thd=DEVICE == "cuda", cp_size=cp, cp_rank=cp_rank, device=DEVICE,
+                         sequence_roles=sequence_roles), [(n, n) for n in lens]
 
 
-def run_layout(args, arch, par, layout, recompute, lengths, world):
+def run_layout(args, arch, par, layout, recompute, lengths, world, longpo_nll="sequence"):
     from megatron.core import parallel_state as ps
 
     from megatron_longpo.config import OptimSection
-    from megatron_longpo.losses import LossConfig, SeqStat
+    from megatron_longpo.losses import LossConfig, SeqStat, sequence_roles
     from megatron_longpo.models.build import ModelOptions
     from megatron_longpo.training import metrics as M
     from megatron_longpo.training.loop import build_engine, engine_forward_backward
@@ -94,7 +99,8 @@ def run_layout(args, arch, par, layout, recompute, lengths, world):
                         skip_unused_trunk=not args.no_trunk_skip,
                         max_sequence_length=max(lengths))
     chunks, optimizer = build_engine(arch, par, opts, OptimSection(lr=1e-7, warmup_fraction=0.0), None)
-    loss_cfg = LossConfig(name="longpo", beta=0.1, longpo_lambda=0.01)
+    loss_cfg = LossConfig(name="longpo", beta=0.1, longpo_lambda=0.01, longpo_nll=longpo_nll)
+    seq_roles = sequence_roles(loss_cfg)
     cp_group = ps.get_context_parallel_group() if par.context_parallel > 1 else None
     cp_rank = ps.get_context_parallel_rank()
     ref = {"ref_chosen": SeqStat(torch.tensor([-400.0]), torch.tensor([float(args.response)])),
@@ -103,11 +109,11 @@ def run_layout(args, arch, par, layout, recompute, lengths, world):
     rows = []
     for length in lengths:
         name = layout + (" (last layer's trunk too)" if layout == "shared" and args.no_trunk_skip else "")
-        row = {"layout": name, "length": length, "recompute": recompute or "none", "layers": arch.num_layers,
-               "gpus": world}
+        row = {"layout": name, "nll": longpo_nll, "length": length, "recompute": recompute or "none",
+               "layers": arch.num_layers, "gpus": world}
         try:
             batch, spans = batch_for(layout, _PairSample(length, args.response, seed=length), par.context_parallel,
-                                     cp_rank, cp_group, ref, trunk_skip=not args.no_trunk_skip)
+                                     cp_rank, cp_group, ref, trunk_skip=not args.no_trunk_skip, sequence_roles=seq_roles)
             step = partial(train_step, engine_forward_backward, chunks, optimizer, batch, loss_cfg, cp_group)
             times = []
             for i in range(args.warmup + args.iters):
@@ -122,7 +128,9 @@ def run_layout(args, arch, par, layout, recompute, lengths, world):
             sec = float(np.median(times))
             if args.profile:
                 profile_step(step, f"{layout} {length}", args.profile)
-            flops = M.batch_model_flops(arch, spans, scored_tokens=2 * args.response)
+            # the output layer: both responses, plus the chosen sequence's other predicted positions
+            scored = 2 * args.response + ((length - 1 - args.response) if seq_roles else 0)
+            flops = M.batch_model_flops(arch, spans, scored_tokens=scored)
             tflops = flops / sec / world / 1e12
             row.update(seconds=sec, tokens_per_s=2 * length / sec, model_tflops_per_gpu=tflops,
                        mfu=tflops / peak if peak else None,
@@ -180,14 +188,15 @@ def profile_step(step, title: str, top: int):
 
 
 def print_table(rows, peak):
-    print(f"\n| layout | length | layers | GPUs | recompute | s / pair | pair tokens/s | model TFLOP/s/GPU | MFU (peak {peak:g}) | peak mem GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    print(f"\n| layout | LongPO NLL | length | layers | GPUs | recompute | s / pair | pair tokens/s | model TFLOP/s/GPU | MFU (peak {peak:g}) | peak mem GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["layout"], r["length"], r.get("nll", "responses"))):
+        head = f"| {r['layout']} | {r.get('nll', 'responses')} | {r['length']} | {r['layers']} | {r['gpus']} | {r['recompute']}"
         if r["status"] != "ok":
-            print(f"| {r['layout']} | {r['length']} | {r['layers']} | {r['gpus']} | {r['recompute']} | {r['status']} | | | | |")
+            print(f"{head} | {r['status']} | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
-        print(f"| {r['layout']} | {r['length']} | {r['layers']} | {r['gpus']} | {r['recompute']} | {r['seconds']:.3f} | "
+        print(f"{head} | {r['seconds']:.3f} | "
               f"{r['tokens_per_s']:,.0f} | {r['model_tflops_per_gpu']:.0f} | {mfu} | {r['peak_mem_gib']:.1f} |")
 
 
@@ -207,6 +216,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-trunk-skip", action="store_true",
                    help="shared layout: compute the last layer's trunk queries too (models/prefix_attention.py skips "
                         "them: no scored token reads them), to measure what the skip saves")
+    p.add_argument("--longpo-nll", default="sequence",
+                   help="comma-separated loss.longpo_nll modes to run (sequence: the NLL over the whole chosen sequence, "
+                        "the paper's; responses: the chosen responses only), e.g. sequence,responses for both side by side")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--profile", type=int, default=0, metavar="N",
@@ -222,6 +234,13 @@ def main(argv=None) -> int:
 
         print_table(rows, M.peak_tflops(None) or 0)
         return 0
+    modes = args.longpo_nll.split(",")
+    from megatron_longpo.losses import LONGPO_NLL_MODES
+
+    if any(m not in LONGPO_NLL_MODES for m in modes):
+        print(f"--longpo-nll: each mode must be one of {', '.join(LONGPO_NLL_MODES)}, got {args.longpo_nll!r}",
+              file=sys.stderr)
+        return 2
     if DEVICE != "cuda" and not args.tiny:
         print("bench_train_step measures GPUs (Transformer Engine); on the CPU only --tiny runs", file=sys.stderr)
         return 2
@@ -240,11 +259,12 @@ def main(argv=None) -> int:
     parallel.setup(par, seed=0, arch=arch, cpu_cp=True)
     rows = []
     for layout in args.layouts.split(","):
-        got = run_layout(args, arch, par, layout, args.recompute, lengths, world)
-        rows += got
-        oom = [r["length"] for r in got if r["status"] == "OOM"]
-        if oom and args.recompute_on_oom and args.recompute is None:
-            rows += run_layout(args, arch, par, layout, "full", oom, world)
+        for mode in modes:
+            got = run_layout(args, arch, par, layout, args.recompute, lengths, world, mode)
+            rows += got
+            oom = [r["length"] for r in got if r["status"] == "OOM"]
+            if oom and args.recompute_on_oom and args.recompute is None:
+                rows += run_layout(args, arch, par, layout, "full", oom, world, mode)
     if torch.distributed.get_rank() == 0:
         name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (--tiny)"
         print(f"\n{name} x{world}, {'tiny' if args.tiny else 'Mistral-7B'} layer shapes x {args.layers} layers, responses "

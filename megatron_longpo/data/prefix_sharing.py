@@ -13,6 +13,12 @@ common to both sides, and every scored token lies in a branch, so the per-sequen
 are exactly those of the two separate sequences. Sequences that have no partner (SoLoPO's
 long_chosen, SFT) are trunks with no branches and keep their own scored tokens.
 
+Whole-sequence statistics (`sequence_roles`, LongPO's NLL over the chosen long sequence): every
+position of such a sequence that has a label adds to it (`*_whole`), each exactly once: the shared
+trunk's positions 0..k-1 (the last one predicts the branch's first token) count for the one role of
+the pair that asks for it, never for its partner; its branch adds positions k..len-2. A pair whose
+two roles both ask for it is not shared (the trunk would have to count twice).
+
 Row layout before the context-parallel split (global token ids):
 
     [trunk 0 | pad][trunk 1 | pad] ... | branch 0 branch 1 ... | pad
@@ -62,6 +68,7 @@ class SharedRow:
     t_seq: np.ndarray  # virtual sequence whose sum a scored token adds to, -1 for none
     t_valid: np.ndarray
     t_trunk: np.ndarray  # trunk number of each token (padding too)
+    t_whole: np.ndarray  # sequence whose whole-sequence sum the token's log-prob adds to, -1 for none
     cu: np.ndarray  # [n_trunks+1] real trunk lengths
     cu_pad: np.ndarray  # [n_trunks+1] trunk offsets in the section
     b_tokens: np.ndarray
@@ -72,12 +79,14 @@ class SharedRow:
     b_valid: np.ndarray
     b_trunk: np.ndarray  # parent trunk, -1 on padding
     b_branch: np.ndarray  # branch number, -1 on padding
+    b_whole: np.ndarray
     seq_role: list[str]
     seq_sample: list[int]
     sample_ids: list[int]
     cp_size: int
     real_tokens: int  # tokens the model runs on (trunks + branches, no padding)
     unshared_tokens: int  # tokens the same sequences take when packed separately
+    sequence_roles: tuple[str, ...] = ()  # roles with a whole-sequence statistic
 
     @property
     def num_trunk_tokens(self) -> int:
@@ -93,9 +102,15 @@ class SharedRow:
 
     @property
     def trunk_scored(self) -> bool:
-        """A trunk token is scored (SoLoPO's long_chosen, SFT): the last layer must compute the
-        trunk queries; otherwise it skips them (models/prefix_attention.py)."""
-        return bool(self.t_mask.any())
+        """A trunk token is scored (SoLoPO's long_chosen, SFT; a whole-sequence statistic such as
+        LongPO's NLL over the chosen long sequence): the last layer must compute the trunk queries;
+        otherwise it skips them (models/prefix_attention.py)."""
+        return bool(self.t_mask.any() or (self.t_whole >= 0).any())
+
+    @property
+    def scored_tokens(self) -> int:
+        """Positions any statistic reads (the output layer's work): scored or in a whole sequence."""
+        return int(((self.t_mask > 0) | (self.t_whole >= 0)).sum() + ((self.b_mask > 0) | (self.b_whole >= 0)).sum())
 
 
 def _labels(s: Sequence, lo: int) -> tuple[np.ndarray, np.ndarray]:
@@ -114,14 +129,16 @@ def _padding_section(n: int, pad_token_id: int, trunk: int):
 
 
 def build_shared_row(samples: Seq[Sample], roles: Seq[str], cp_size: int = 1, pad_multiple: int = 1,
-                     pad_token_id: int = 0, min_shared: int = 1) -> SharedRow:
+                     pad_token_id: int = 0, min_shared: int = 1, sequence_roles: Seq[str] = ()) -> SharedRow:
     """Lay the `roles` sequences of `samples` out with shared prefixes (see the module docstring).
-    A pair shares when both roles are asked for, each has one sequence and they have at least
-    `min_shared` shareable tokens; otherwise its sequences are trunks of their own."""
+    A pair shares when both roles are asked for, each has one sequence, they have at least
+    `min_shared` shareable tokens and not both are in `sequence_roles`; otherwise its sequences
+    are trunks of their own. `sequence_roles`: roles whose whole-sequence statistic is wanted."""
     if not samples or not roles:
         raise ValueError("build_shared_row needs samples and roles")
-    trunks: list[tuple] = []  # (tokens, labels, mask, seq_of_scored)
-    branches: list[tuple] = []  # (parent, start_pos, tokens, labels, mask, seq)
+    sequence_roles = tuple(sequence_roles)
+    trunks: list[tuple] = []  # (tokens, labels, mask, seq_of_scored, seq_of_whole)
+    branches: list[tuple] = []  # (parent, start_pos, tokens, labels, mask, seq, whole)
     seq_role: list[str] = []
     seq_sample: list[int] = []
     unshared = 0
@@ -138,16 +155,20 @@ def build_shared_row(samples: Seq[Sample], roles: Seq[str], cp_size: int = 1, pa
             if role in done:
                 continue
             partner = next((p[1] for p in SHARED_PAIRS if p[0] == role and p[1] in seqs), None)
-            if partner and len(seqs[role]) == 1 and len(seqs[partner]) == 1:
+            whole_pair = partner and role in sequence_roles and partner in sequence_roles
+            if partner and not whole_pair and len(seqs[role]) == 1 and len(seqs[partner]) == 1:
                 a, r = seqs[role][0], seqs[partner][0]
                 k = shared_prefix_length(a, r)
                 if k >= min_shared:
                     unshared += len(a) + len(r)
                     parent = len(trunks)
-                    trunks.append((a.tokens[:k], a.tokens[1:k + 1], np.zeros(k, np.float32), -1))
+                    ids = {rl: new_seq(rl, b) for rl in (role, partner)}
+                    owner = next((ids[rl] for rl in (role, partner) if rl in sequence_roles), -1)
+                    trunks.append((a.tokens[:k], a.tokens[1:k + 1], np.zeros(k, np.float32), -1, owner))
                     for rl, s in ((role, a), (partner, r)):
                         labels, mask = _labels(s, k)
-                        branches.append((parent, k, s.tokens[k:], labels, mask, new_seq(rl, b)))
+                        branches.append((parent, k, s.tokens[k:], labels, mask, ids[rl],
+                                         ids[rl] if rl in sequence_roles else -1))
                     done.update((role, partner))
                     continue
             for s in seqs[role]:
@@ -155,7 +176,8 @@ def build_shared_row(samples: Seq[Sample], roles: Seq[str], cp_size: int = 1, pa
                     raise ValueError(f"sample {sample.index} role {role!r} has an empty sequence")
                 unshared += len(s)
                 labels, mask = _labels(s, 0)
-                trunks.append((s.tokens, labels, mask, new_seq(role, b)))
+                seq = new_seq(role, b)
+                trunks.append((s.tokens, labels, mask, seq, seq if role in sequence_roles else -1))
             done.add(role)
 
     lengths = np.array([len(t[0]) for t in trunks], dtype=np.int64)
@@ -164,20 +186,26 @@ def build_shared_row(samples: Seq[Sample], roles: Seq[str], cp_size: int = 1, pa
     cu_pad = np.concatenate([[0], np.cumsum(padded)])
     T = int(cu_pad[-1])
     t_tokens, t_labels, t_mask, t_pos, t_seq, t_valid, t_trunk = _padding_section(T, pad_token_id, trunk=0)
-    for i, (tok, lab, msk, seq) in enumerate(trunks):
+    t_whole = np.full(T, -1, np.int64)
+    for i, (tok, lab, msk, seq, whole) in enumerate(trunks):
         lo, n, pn = int(cu_pad[i]), len(tok), int(padded[i])
         t_tokens[lo:lo + n], t_labels[lo:lo + n], t_mask[lo:lo + n] = tok, lab, msk
         t_pos[lo:lo + pn] = np.arange(pn)
         t_seq[lo:lo + n] = np.where(msk > 0, seq, -1)
+        # a shared trunk's every position has a label (the last one: the branches' common first token);
+        # a sequence of its own has none at its last position
+        t_whole[lo:lo + (n if seq < 0 else n - 1)] = whole
         t_valid[lo:lo + n] = True
         t_trunk[lo:lo + pn] = i
     nb = sum(len(br[2]) for br in branches)
     B = -(-nb // cp_size) * cp_size
     b_tokens, b_labels, b_mask, b_pos, b_seq, b_valid, b_trunk = _padding_section(B, pad_token_id, trunk=-1)
     b_branch = np.full(B, -1, np.int64)
+    b_whole = np.full(B, -1, np.int64)
     o = 0
-    for j, (parent, start, tok, lab, msk, seq) in enumerate(branches):
+    for j, (parent, start, tok, lab, msk, seq, whole) in enumerate(branches):
         n = len(tok)
+        b_whole[o:o + n - 1] = whole  # the branch's last token has no label
         b_tokens[o:o + n], b_labels[o:o + n], b_mask[o:o + n] = tok, lab, msk
         b_pos[o:o + n] = start + np.arange(n)
         b_seq[o:o + n] = np.where(msk > 0, seq, -1)
@@ -185,10 +213,10 @@ def build_shared_row(samples: Seq[Sample], roles: Seq[str], cp_size: int = 1, pa
         b_trunk[o:o + n] = parent
         b_branch[o:o + n] = j
         o += n
-    return SharedRow(t_tokens, t_labels, t_mask, t_pos, t_seq, t_valid, t_trunk, cu.astype(np.int32),
+    return SharedRow(t_tokens, t_labels, t_mask, t_pos, t_seq, t_valid, t_trunk, t_whole, cu.astype(np.int32),
                      cu_pad.astype(np.int32), b_tokens, b_labels, b_mask, b_pos, b_seq, b_valid, b_trunk,
-                     b_branch, seq_role, seq_sample, [int(s.index) for s in samples], cp_size,
-                     int(lengths.sum()) + nb, unshared)
+                     b_branch, b_whole, seq_role, seq_sample, [int(s.index) for s in samples], cp_size,
+                     int(lengths.sum()) + nb, unshared, sequence_roles)
 
 
 def flops_spans(row: SharedRow, last_layer_trunk: bool | None = None) -> list[tuple]:
@@ -226,6 +254,7 @@ class RankView:
     loss_mask: torch.Tensor  # float32
     position_ids: torch.Tensor
     seq_index: torch.Tensor  # virtual sequence of each scored token, -1 elsewhere
+    whole_index: torch.Tensor  # sequence of each token in a whole-sequence statistic, -1 elsewhere
     n_trunk: int  # the first n_trunk local tokens are trunk tokens
     meta: dict[str, torch.Tensor]  # over the gathered [cp * t] tokens: trunk, branch, pos, valid
     parts: list[tuple[int, int, torch.Tensor, bool]]  # (lo, hi, kv index into the gathered tokens,
@@ -282,7 +311,7 @@ def rank_view(row: SharedRow, cp_rank: int = 0) -> RankView:
     return RankView(
         tokens=local(row.t_tokens, row.b_tokens), labels=local(row.t_labels, row.b_labels),
         loss_mask=local(row.t_mask, row.b_mask), position_ids=local(row.t_pos, row.b_pos),
-        seq_index=local(row.t_seq, row.b_seq), n_trunk=n_trunk,
+        seq_index=local(row.t_seq, row.b_seq), whole_index=local(row.t_whole, row.b_whole), n_trunk=n_trunk,
         meta={"trunk": torch.from_numpy(g_trunk), "branch": torch.from_numpy(g_branch),
               "pos": torch.from_numpy(g_pos), "valid": torch.from_numpy(g_valid)},
         parts=parts,

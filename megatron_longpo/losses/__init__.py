@@ -1,6 +1,7 @@
 """Pure loss functions on per-sequence log-prob statistics (docs/losses.md).
 
-Entry points: ``LossConfig``, ``policy_roles``, ``reference_roles``, ``compute_loss``.
+Entry points: ``LossConfig``, ``policy_roles``, ``sequence_roles``, ``reference_roles``,
+``compute_loss``.
 """
 from .long_context import longpo_loss, solo_dpo_loss, solo_orpo_loss, solo_simpo_loss
 from .preference import (
@@ -14,10 +15,20 @@ from .preference import (
     simpo_loss,
     simpo_reward,
 )
-from .registry import LOSS_NAMES, LossConfig, compute_loss, policy_roles, reference_roles
-from .stats import POLICY_ROLES, REFERENCE_ROLES, LossOutput, SeqStat, check_stats
+from .registry import (
+    LONGPO_NLL_MODES,
+    LOSS_NAMES,
+    LossConfig,
+    compute_loss,
+    policy_roles,
+    reference_roles,
+    required_roles,
+    sequence_roles,
+)
+from .stats import POLICY_ROLES, REFERENCE_ROLES, LossOutput, SeqStat, check_stats, sequence_role
 
 __all__ = [
+    "LONGPO_NLL_MODES",
     "LOSS_NAMES",
     "POLICY_ROLES",
     "REFERENCE_ROLES",
@@ -36,7 +47,10 @@ __all__ = [
     "orpo_loss",
     "policy_roles",
     "reference_roles",
+    "required_roles",
     "simpo_loss",
+    "sequence_role",
+    "sequence_roles",
     "simpo_reward",
     "solo_dpo_loss",
     "solo_orpo_loss",

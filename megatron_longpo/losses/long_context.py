@@ -1,8 +1,11 @@
 """Pure long-context losses built on the preference losses: LongPO and SoLoPO.
 
-LongPO (METHODS.md §2): L = NLL(chosen) + λ · DPO(chosen, rejected, ref_chosen, ref_rejected)
-where the policy roles are on the LONG context (multi-turn sums) and the reference roles on
-the SHORT contexts; the data layer arranges that, the formula is plain DPO + NLL.
+LongPO (METHODS.md §2): L = NLL(chosen long sequence) + λ · DPO(chosen, rejected, ref_chosen,
+ref_rejected) where the policy roles are on the LONG context (multi-turn sums) and the reference
+roles on the SHORT contexts; the data layer arranges that, the formula is plain DPO + NLL. The
+NLL is the mean over EVERY predicted token of the chosen long sequence (``chosen_sequence``:
+document, instructions, template, responses), as the paper and its reference code; given only
+``chosen`` it is over the chosen responses (the ``longpo_nll: responses`` ablation).
 
 SoLoPO (METHODS.md §3): L = L_PO(x_S, y_w, y_l) + α · |r(x_S, y_w) - r(x_L, y_w)|
 (+ α · |r(x_S, y_l) - r(x_L, y_l)| in the "both responses" form), r the PO method's reward.
@@ -33,22 +36,32 @@ def longpo_loss(
     beta: float,
     lam: float,
     label_smoothing: float = 0.0,
+    chosen_sequence: SeqStat | None = None,
     check: bool = True,
 ) -> LossOutput:
-    """LongPO: NLL(chosen) + λ · DPO, r(x_L, y) = β log π_θ(y|x_L) / π_ref(y|x_S)."""
+    """LongPO: NLL + λ · DPO, r(x_L, y) = β log π_θ(y|x_L) / π_ref(y|x_S) (response sums).
+
+    The NLL is the per-sample mean token NLL of ``chosen_sequence`` (every predicted token of
+    the chosen long sequence) when given, else of the ``chosen`` responses.
+    """
     if check:
+        roles = ("chosen", "rejected", "ref_chosen", "ref_rejected")
+        roles += ("chosen_sequence",) if chosen_sequence is not None else ()
         check_stats(
-            dict(chosen=chosen, rejected=rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected),
-            ("chosen", "rejected", "ref_chosen", "ref_rejected"),
+            dict(chosen=chosen, rejected=rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected,
+                 chosen_sequence=chosen_sequence),
+            roles,
             "longpo",
         )
     po = dpo_loss(
         chosen, rejected, ref_chosen, ref_rejected,
         beta=beta, label_smoothing=label_smoothing, check=False,
     )
-    nll_w = nll(chosen)
+    nll_w = nll(chosen if chosen_sequence is None else chosen_sequence)
     metrics = dict(po.metrics)
     metrics["loss/nll"] = nll_w.detach()
+    if chosen_sequence is not None:
+        metrics["logps/chosen_sequence"] = chosen_sequence.mean.detach()
     return LossOutput(nll_w + lam * po.loss, metrics)
 
 

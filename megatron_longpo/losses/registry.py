@@ -8,13 +8,14 @@ from typing import Mapping
 
 from .long_context import longpo_loss, solo_dpo_loss, solo_orpo_loss, solo_simpo_loss
 from .preference import dpo_loss, ipo_loss, nll_loss, orpo_loss, simpo_loss
-from .stats import LossOutput, SeqStat, check_stats
+from .stats import LossOutput, SeqStat, check_stats, sequence_role
 
 LOSS_NAMES = (
     "dpo", "ipo", "simpo", "orpo", "sft", "longpo", "solo-dpo", "solo-simpo", "solo-orpo",
 )
 _SOLO = ("solo-dpo", "solo-simpo", "solo-orpo")
 _WITH_LABEL_SMOOTHING = ("dpo", "longpo", "solo-dpo")
+LONGPO_NLL_MODES = ("sequence", "responses")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class LossConfig:
                      CPOConfig.simpo_gamma has this meaning too; the SimPO paper reports γ/β.)
     orpo_lambda:     λ >= 0 weighting ORPO's odds-ratio term (orpo, solo-orpo).
     longpo_lambda:   λ >= 0 in L = NLL + λ·DPO (paper: 0.01).
+    longpo_nll:      what LongPO's NLL averages over: "sequence" (the paper and its code: every
+                     predicted token of the chosen long sequence, document and instructions
+                     included) or "responses" (the chosen responses only: an ablation). Only
+                     longpo reads it.
     solopo_alpha:    α >= 0 weighting SoLo-RA (paper: 3 for DPO, 1 for SimPO/ORPO on Qwen2.5-7B).
     solopo_both:     also align the rejected response (needs long_rejected); solo-* only.
     """
@@ -39,6 +44,7 @@ class LossConfig:
     simpo_gamma: float = 0.5
     orpo_lambda: float = 0.1
     longpo_lambda: float = 0.01
+    longpo_nll: str = "sequence"
     solopo_alpha: float = 1.0
     solopo_both: bool = False
 
@@ -70,6 +76,12 @@ class LossConfig:
                 f"loss config: label_smoothing={self.label_smoothing} has no effect on loss "
                 f"'{self.name}' (only {', '.join(_WITH_LABEL_SMOOTHING)} use it); set it to 0"
             )
+        if self.longpo_nll not in LONGPO_NLL_MODES:
+            raise ValueError(
+                f"loss config: longpo_nll must be one of {', '.join(LONGPO_NLL_MODES)} (sequence: NLL over "
+                f"every token of the chosen long sequence, the paper's LongPO; responses: over the chosen "
+                f"responses only), got {self.longpo_nll!r}"
+            )
         if not isinstance(self.solopo_both, bool):
             raise ValueError(f"loss config: solopo_both must be true or false, got {self.solopo_both!r}")
         if self.solopo_both and self.name not in _SOLO:
@@ -88,6 +100,19 @@ def policy_roles(cfg: LossConfig) -> tuple[str, ...]:
     return ("chosen", "rejected")
 
 
+def sequence_roles(cfg: LossConfig) -> tuple[str, ...]:
+    """The policy roles whose WHOLE-SEQUENCE statistic (every predicted token, not only the
+    responses; named ``sequence_role(role)``) ``cfg``'s loss needs besides the response sums."""
+    if cfg.name == "longpo" and cfg.longpo_nll == "sequence":
+        return ("chosen",)
+    return ()
+
+
+def required_roles(cfg: LossConfig) -> tuple[str, ...]:
+    """Every statistic ``compute_loss`` reads: policy, whole-sequence and reference roles."""
+    return policy_roles(cfg) + tuple(sequence_role(r) for r in sequence_roles(cfg)) + reference_roles(cfg)
+
+
 def reference_roles(cfg: LossConfig) -> tuple[str, ...]:
     """The frozen-reference statistics (from the offline sidecar) ``cfg``'s loss needs."""
     if cfg.name in ("dpo", "ipo", "longpo"):
@@ -101,7 +126,7 @@ def reference_roles(cfg: LossConfig) -> tuple[str, ...]:
 
 def compute_loss(cfg: LossConfig, stats: Mapping[str, SeqStat]) -> LossOutput:
     """Check ``stats`` once, then compute ``cfg``'s loss: [B] per-sample loss + metrics."""
-    check_stats(stats, policy_roles(cfg) + reference_roles(cfg), cfg.name)
+    check_stats(stats, required_roles(cfg), cfg.name)
     s = stats
     n = cfg.name
     if n == "dpo":
@@ -120,7 +145,9 @@ def compute_loss(cfg: LossConfig, stats: Mapping[str, SeqStat]) -> LossOutput:
     if n == "longpo":
         return longpo_loss(s["chosen"], s["rejected"], s["ref_chosen"], s["ref_rejected"],
                            beta=cfg.beta, lam=cfg.longpo_lambda,
-                           label_smoothing=cfg.label_smoothing, check=False)
+                           label_smoothing=cfg.label_smoothing,
+                           chosen_sequence=s["chosen_sequence"] if cfg.longpo_nll == "sequence" else None,
+                           check=False)
     long_rejected = s["long_rejected"] if cfg.solopo_both else None
     if n == "solo-dpo":
         return solo_dpo_loss(

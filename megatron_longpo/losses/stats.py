@@ -15,6 +15,15 @@ from torch import Tensor
 
 #: Roles computed by the policy being trained.
 POLICY_ROLES = ("chosen", "rejected", "long_chosen", "long_rejected")
+#: Suffix of a WHOLE-SEQUENCE statistic: ``"chosen_sequence"`` is the sum of the log-probs of
+#: every predicted token of the chosen sequence (document, instructions, chat template and
+#: responses; padding excluded) and their count, where ``"chosen"`` has the responses only.
+SEQUENCE_SUFFIX = "_sequence"
+
+
+def sequence_role(role: str) -> str:
+    """The name of `role`'s whole-sequence statistic ("chosen" -> "chosen_sequence")."""
+    return role + SEQUENCE_SUFFIX
 #: Roles computed by the frozen reference (precomputed offline into the reference sidecar).
 REFERENCE_ROLES = ("ref_chosen", "ref_rejected", "ref_long_chosen", "ref_long_rejected")
 
@@ -78,14 +87,19 @@ def check_stats(stats: Mapping[str, SeqStat], roles: tuple[str, ...], method: st
     missing = [r for r in roles if r not in stats or stats[r] is None]
     if missing:
         need_ref = [r for r in roles if r in REFERENCE_ROLES]
-        need_pol = [r for r in roles if r not in REFERENCE_ROLES]
+        need_pol = [r for r in roles if r not in REFERENCE_ROLES and not r.endswith(SEQUENCE_SUFFIX)]
         hints = []
         if any(r in REFERENCE_ROLES for r in missing):
             hints.append(
                 "reference roles come from the offline reference sidecar: precompute it for "
                 f"loss '{method}' (it must hold {', '.join(need_ref)})"
             )
-        if any(r not in REFERENCE_ROLES for r in missing):
+        if any(r.endswith(SEQUENCE_SUFFIX) for r in missing):
+            hints.append(
+                "whole-sequence roles are computed by the trainer from the data's sequences: pass "
+                "the loss's sequence_roles to the batch preparation (training/step.py)"
+            )
+        if any(r not in REFERENCE_ROLES and not r.endswith(SEQUENCE_SUFFIX) for r in missing):
             hints.append(
                 "policy roles come from the data kind: use a data set that provides "
                 f"{', '.join(need_pol)} for loss '{method}'"

@@ -17,9 +17,23 @@ class DataConfigError(ValueError):
     """The dataset does not fit the chosen method or layout."""
 
 
+def _scored_positions(packed, sequence_roles) -> int:
+    """Positions whose log-prob a statistic reads (StepBatch.keep over the whole row): the scored
+    response tokens, and every labelled position (n - 1 of n) of a sequence of `sequence_roles`."""
+    if not sequence_roles:
+        return int(packed.loss_mask.sum())
+    n = 0
+    for i, role in enumerate(packed.seq_role):
+        lo, hi = int(packed.cu_seqlens_padded[i]), int(packed.cu_seqlens_padded[i + 1])
+        length = int(packed.cu_seqlens[i + 1] - packed.cu_seqlens[i])
+        n += length - 1 if role in sequence_roles else int(packed.loss_mask[0, lo:hi].sum())
+    return n
+
+
 class StepData:
     def __init__(self, dcfg, *, roles, ref_roles, dp_rank: int, dp_size: int, pad_multiple: int, thd: bool,
-                 cp_size: int, cp_rank: int, device, reference=None, share_prefix: bool = False):
+                 cp_size: int, cp_rank: int, device, reference=None, share_prefix: bool = False,
+                 sequence_roles=()):
         if not dcfg.path:
             raise DataConfigError("data.path is not set: point it at a dataset prefix written by tools/preprocess_pairs.py")
         self.ds = PairDataset(dcfg.path)
@@ -31,6 +45,9 @@ class StepData:
                 f"DPO/IPO/SimPO/ORPO/SFT: pair) or another loss.name"
             )
         self.roles, self.ref_roles = tuple(roles), tuple(ref_roles)
+        # roles whose whole-sequence statistic the loss needs: derived from each sequence's length at
+        # batch time, so datasets preprocessed before it existed need no re-preprocessing
+        self.sequence_roles = tuple(sequence_roles)
         self.ref = None
         if self.ref_roles:
             import os
@@ -49,7 +66,7 @@ class StepData:
         self.cp_size, self.cp_rank, self.device = cp_size, cp_rank, device
         self.share_prefix = share_prefix
         self._last_spans: list[tuple] = []  # metrics.batch_model_flops items
-        self._last_scored = 0  # scored (loss-mask) tokens of the last step: the output layer runs on these
+        self._last_scored = 0  # scored tokens of the last step (StepBatch.keep): the output layer runs on these
 
     def total_steps(self, steps: int | None, epochs: int) -> int:
         return steps if steps else epochs * self.sampler.steps_per_epoch
@@ -75,15 +92,16 @@ class StepData:
             )
         lens = (packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).tolist()
         self._last_spans.extend((int(x), float(x)) for x in lens)
-        self._last_scored += int(packed.loss_mask.sum())
-        return prepare_batch(packed, self.reference_stats(indices), thd=self.thd, cp_size=self.cp_size,
-                             cp_rank=self.cp_rank, device=self.device)
+        batch = prepare_batch(packed, self.reference_stats(indices), thd=self.thd, cp_size=self.cp_size,
+                              cp_rank=self.cp_rank, device=self.device, sequence_roles=self.sequence_roles)
+        self._last_scored += _scored_positions(packed, self.sequence_roles)
+        return batch
 
     def _shared_micro_batch(self, indices: list[int]) -> StepBatch:
         from megatron_longpo.data.prefix_sharing import build_shared_row, flops_spans
 
         row = build_shared_row([self.ds.sample(i) for i in indices], self.roles, cp_size=self.cp_size,
-                               pad_multiple=self.pad_multiple)
+                               pad_multiple=self.pad_multiple, sequence_roles=self.sequence_roles)
         total = row.num_trunk_tokens + row.num_branch_tokens
         if self.max_tokens and total > self.max_tokens:
             raise DataConfigError(
@@ -91,7 +109,7 @@ class StepData:
                 f"lower data.samples_per_microbatch, or re-preprocess with --max-length"
             )
         self._last_spans.extend(flops_spans(row))
-        self._last_scored += int(row.t_mask.sum() + row.b_mask.sum())
+        self._last_scored += row.scored_tokens
         return prepare_shared_batch(row, self.reference_stats(indices), cp_rank=self.cp_rank, cp_group=self.cp_group(),
                                     device=self.device)
 

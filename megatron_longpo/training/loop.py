@@ -17,7 +17,7 @@ import torch.distributed as dist
 from megatron_longpo import parallel, platform
 from megatron_longpo.checkpoint import dist as ckpt
 from megatron_longpo.config import RunConfig, to_dict
-from megatron_longpo.losses import policy_roles, reference_roles
+from megatron_longpo.losses import policy_roles, reference_roles, sequence_roles
 from megatron_longpo.models.build import ModelOptions, build_model, unwrap
 from megatron_longpo.models.forward import run_schedule
 from megatron_longpo.training import metrics as M
@@ -145,6 +145,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         cfg.data, roles=policy_roles(cfg.loss), ref_roles=reference_roles(cfg.loss), dp_rank=ps.get_data_parallel_rank(),
         dp_size=dp, pad_multiple=par.pad_multiple(), thd=opts.resolved_use_te(), cp_size=par.context_parallel,
         cp_rank=cp_rank, device=platform.default_device(), share_prefix=cfg.data.share_prefix,
+        sequence_roles=sequence_roles(cfg.loss),
     )
     if cfg.data.check_tokenizer:
         from megatron_longpo.data.tokenizer import check_dataset_tokenizer

@@ -2,9 +2,11 @@
 parameter gradients of one micro-batch, two-sequence layout or prefix-shared, at CP = world size.
 CPU: gloo, fp32, local spec. GPU: NCCL, bf16, Transformer Engine spec (THD rows).
 
-  prefix_sharing.py CKPT DATA ROLES SAMPLES SHARE OUT.pt [fp32]
+  prefix_sharing.py CKPT DATA ROLES SAMPLES SHARE OUT.pt [fp32|auto] [SEQUENCE_ROLES]
 
 fp32 (GPU, two-sequence layout, one process): the local spec in fp32, a reference for the bf16 runs.
+SEQUENCE_ROLES (comma-separated, e.g. "chosen"): also the whole-sequence statistics of these roles
+(StepBatch.whole_index; saved as "chosen_sequence", ...), weighed into the scalar like the others.
 """
 import sys
 
@@ -12,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 
-def main(ckpt, data, roles, samples, share, out, precision="auto"):
+def main(ckpt, data, roles, samples, share, out, precision="auto", sequence_roles=""):
     from megatron.core import parallel_state as ps
 
     from megatron_longpo import parallel, platform
@@ -27,6 +29,7 @@ def main(ckpt, data, roles, samples, share, out, precision="auto"):
     _, world = parallel.init_distributed()
     share = share == "1"
     roles = tuple(roles.split(","))
+    sequence_roles = tuple(r for r in sequence_roles.split(",") if r)
     arch, _ = ck.read_model_json(ckpt)
     par = parallel.ParallelConfig(context_parallel=world)
     parallel.setup(par, arch=arch, cpu_cp=share)
@@ -46,13 +49,14 @@ def main(ckpt, data, roles, samples, share, out, precision="auto"):
     batch_samples = [ds.sample(int(i)) for i in samples.split(",")]
     cp_group = ps.get_context_parallel_group() if world > 1 else None
     if share:
-        row = build_shared_row(batch_samples, roles, cp_size=world, pad_multiple=2 * world if world > 1 else 1)
+        row = build_shared_row(batch_samples, roles, cp_size=world, pad_multiple=2 * world if world > 1 else 1,
+                               sequence_roles=sequence_roles)
         batch = prepare_shared_batch(row, None, cp_rank=ps.get_context_parallel_rank(), cp_group=cp_group, device=dev)
         print(f"shared layout: {row.real_tokens} tokens for {row.unshared_tokens} unshared", flush=True)
     else:
         pad = 2 * world if world > 1 else 1
         batch = prepare_batch(pack(batch_samples, roles, pad), None, thd=gpu, cp_size=world,
-                              cp_rank=ps.get_context_parallel_rank(), device=dev)
+                              cp_rank=ps.get_context_parallel_rank(), device=dev, sequence_roles=sequence_roles)
     # did the last layer skip its trunk queries (models/prefix_attention.py)? its trunk rows are then zeros
     last = {}
     if share:
@@ -63,6 +67,7 @@ def main(ckpt, data, roles, samples, share, out, precision="auto"):
         attn.register_forward_hook(lambda m, a, o: last.update(trunk_zero=bool(n_trunk) and not o[:n_trunk].any()))
     logp = run_model(model, batch, 64)
     stats = sequence_statistics(logp, batch, cp_group)
+    roles = roles + tuple(f"{r}_sequence" for r in sequence_roles)
     # a scalar that weighs every role and sample differently
     w = lambda n: torch.arange(1.0, n + 1, device=dev)  # noqa: E731
     loss = sum((stats[r].logps * w(len(stats[r].logps)) * (i + 1)).sum() for i, r in enumerate(roles))
@@ -81,4 +86,4 @@ def main(ckpt, data, roles, samples, share, out, precision="auto"):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:8])
+    main(*sys.argv[1:9])
