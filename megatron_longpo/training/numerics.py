@@ -145,8 +145,13 @@ def hf_model(hf_dir, dtype: torch.dtype, rope_theta: float | None = None, device
     return model
 
 
-def hf_sequence_logps(model, s: Seq, device="cpu") -> torch.Tensor:
-    """Summed log-prob of the scored tokens of `s` (fp32, differentiable)."""
+def hf_sequence_logps(model, s: Seq, device="cpu", whole: bool = False) -> torch.Tensor:
+    """Summed log-prob of the scored tokens of `s` (fp32, differentiable); whole=True: of every
+    predicted token (all but the first), LongPO's NLL over the whole chosen sequence."""
+    if whole:
+        every = np.ones(len(s), dtype=bool)
+        every[0] = False
+        s = Seq(s.tokens, every)
     tokens = torch.as_tensor(s.tokens, device=device).unsqueeze(0)
     mask = torch.as_tensor(s.loss_mask, device=device)
     first = int(np.argmax(s.loss_mask))  # the first scored token; logits from position first-1 on
@@ -159,9 +164,12 @@ def hf_sequence_logps(model, s: Seq, device="cpu") -> torch.Tensor:
 def hf_loss(model, batch: CheckBatch, device="cpu") -> torch.Tensor:
     """METHODS.md's loss from transformers' logits (one sample)."""
     pc = hf_sequence_logps(model, batch.roles["chosen"], device)
-    nll = -pc / float(batch.roles["chosen"].loss_mask.sum())
     if batch.loss == "sft":
-        return nll
+        return -pc / float(batch.roles["chosen"].loss_mask.sum())
+    # LongPO (METHODS.md §2, the default loss.longpo_nll=sequence): the NLL over every predicted token
+    # of the chosen long sequence
+    chosen = batch.roles["chosen"]
+    nll = -hf_sequence_logps(model, chosen, device, whole=True) / float(len(chosen) - 1)
     pr = hf_sequence_logps(model, batch.roles["rejected"], device)
     z = batch.beta * ((pc - batch.ref_logps["ref_chosen"]) - (pr - batch.ref_logps["ref_rejected"]))
     return nll + batch.lam * -torch.nn.functional.logsigmoid(z)
@@ -206,7 +214,9 @@ def project_batch(batch: CheckBatch, *, thd: bool, device):
     packed = pack([_Sample(batch.roles)], roles)
     ref = {k: SeqStat(torch.tensor([v], dtype=torch.float64), torch.tensor([1.0])) for k, v in batch.ref_logps.items()}
     # tokens of the reference do not enter DPO; NLL uses the policy's own count
-    return prepare_batch(packed, ref, thd=thd, device=device)
+    from megatron_longpo.losses import sequence_roles
+
+    return prepare_batch(packed, ref, thd=thd, device=device, sequence_roles=sequence_roles(loss_config(batch)))
 
 
 def loss_config(batch: CheckBatch):
