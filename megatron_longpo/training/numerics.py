@@ -139,6 +139,9 @@ def hf_model(hf_dir, dtype: torch.dtype, rope_theta: float | None = None, device
             rp["rope_theta"] = rope_theta
     model = AutoModelForCausalLM.from_pretrained(hf_dir, config=cfg, torch_dtype=torch.float32, attn_implementation=attn)
     model = model.to(device=device, dtype=dtype).train()  # dropout is 0 in these configs
+    # transformers' nn.Embedding(padding_idx=pad_token_id) drops that row's input gradient; SmolLM2's
+    # pad token is <|im_end|> (id 2), a real token of chat data: the reference must differentiate the loss
+    model.get_input_embeddings().padding_idx = None
     # recompute each layer in the backward (the same arithmetic): at thousands of tokens the
     # saved attention probabilities of 30 layers would not fit a small machine
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -224,7 +227,7 @@ def loss_config(batch: CheckBatch):
 
     if batch.loss == "sft":
         return LossConfig(name="sft")
-    return LossConfig(name="longpo", beta=batch.beta, longpo_lambda=batch.lam)
+    return LossConfig(name="longpo", beta=batch.beta, longpo_lambda=batch.lam, longpo_nll="responses")  # hf_loss's NLL
 
 
 def megatron_to_hf_grads(arch, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
