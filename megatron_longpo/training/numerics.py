@@ -227,7 +227,7 @@ def loss_config(batch: CheckBatch):
 
     if batch.loss == "sft":
         return LossConfig(name="sft")
-    return LossConfig(name="longpo", beta=batch.beta, longpo_lambda=batch.lam, longpo_nll="responses")  # hf_loss's NLL
+    return LossConfig(name="longpo", beta=batch.beta, longpo_lambda=batch.lam)  # the default longpo_nll=sequence, as hf_loss
 
 
 def megatron_to_hf_grads(arch, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
