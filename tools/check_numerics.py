@@ -11,8 +11,9 @@ The batch: a prompt of --prompt-tokens tokens (examples/generation/documents) an
 responses; SFT scores the chosen response, LongPO (λ = --lam, β = 0.1) both, with reference
 log-probs from transformers fp32 on a 256-token context (constants). On the CPU it takes minutes
 (2-core machine: about 3-4 minutes per loss and RoPE base at 3K tokens).
-Exit status 1 when a bf16 row misses the bar (--bar: its distance to transformers fp32 at most
-bar x transformers bf16's, the same for the loss); 0 otherwise.
+Exit status 1 when a bf16 row misses the bar (--bar: its gradient's distance to transformers fp32
+at most bar x transformers bf16's in every case; its loss's distance on the mean over the cases,
+since one case's loss error is a single draw); 0 otherwise.
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def _run(args, hf_dir, tok, work) -> int:
     use_te = te_available() and not args.no_te
     print(f"model {hf_dir} | device {dev} | TE spec row: {'yes' if use_te else 'skipped (' + ('--no-te' if args.no_te else 'no GPU with Transformer Engine') + ')'}")
     failures = []
+    loss_dist: dict[str, list[tuple[float, float]]] = {}
     report: list[dict] = []
     for loss in args.losses:
         for scale in args.rope_scale:
@@ -166,8 +168,9 @@ def _run(args, hf_dir, tok, work) -> int:
                       f"{f(c_own, 'rel'):>12s} {(format(c_own['cos'], '.6f') if c_own else '-'):>9s} | "
                       f"{f(c_hf, 'rel'):>13s} {(format(c_hf['cos'], '.6f') if c_hf else '-'):>9s}")
                 if name.startswith("project bf16") and "param.grad" not in name:
-                    if c_hf["rel"] > args.bar * hf_bf16["rel"] or N.rel_diff(lv, l_hf) > args.bar * max(hf_loss_rel, 1e-4):
-                        failures.append(f"{loss} x{scale:g} {name}")
+                    if c_hf["rel"] > args.bar * hf_bf16["rel"]:
+                        failures.append(f"{loss} x{scale:g} {name}: gradient")
+                    loss_dist.setdefault(name, []).append((N.rel_diff(lv, l_hf), hf_loss_rel))
             for name, (lv, g) in rows.items():
                 if name == "transformers fp32":
                     continue
@@ -184,7 +187,17 @@ def _run(args, hf_dir, tok, work) -> int:
                     print(f"  vs transformers fp64 (loss {l64:.8f}): {name} loss rel {N.rel_diff(rows[name][0], l64):.2e}, "
                           f"grad rel {c['rel']:.3e}, worst " + ", ".join(f"{n.replace('model.', '')} {v:.2e}" for n, v in c["worst"][:2]))
             print(f"({time.time() - t0:.0f} s so far)", flush=True)
-    print(f"\nbar: a project bf16 row within {args.bar:g}x transformers' bf16-vs-fp32 distance (gradient and loss)")
+    # The loss is ONE scalar per case: its bf16 error is a draw whose size varies by 100x between
+    # cases (transformers on the GPU: 2.3e-4 to 6.7e-2 over 8 cases), so the loss bar compares the
+    # mean distance over the run's cases; each case's numbers are printed and written all the same.
+    for name, pairs in loss_dist.items():
+        ours, theirs = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
+        print(f"mean loss distance to transformers fp32 over {len(pairs)} cases: {name} {ours:.2e}, "
+              f"transformers bf16 {theirs:.2e}")
+        if ours > args.bar * max(theirs, 1e-4):
+            failures.append(f"{name}: mean loss distance {ours:.2e} > {args.bar:g} x {theirs:.2e}")
+    print(f"\nbar: a project bf16 row within {args.bar:g}x transformers' bf16-vs-fp32 distance (gradient: in every "
+          f"case; loss: on the mean over the cases)")
     print("FAIL: " + "; ".join(failures) if failures else "PASS")
     if args.json:
         import json
