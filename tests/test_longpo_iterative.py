@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fixtures import ROOT, run_tool, tiny_hf_model
-from test_reference_logps import transformers_sums
+from test_reference_logps import sidecar_error
 
 pytestmark = pytest.mark.slow
 
@@ -59,22 +59,11 @@ def sidecar_matches(prefix, hf_dir, rope_theta=None):
     hf_dir (at its own RoPE base unless rope_theta is given)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from megatron_longpo.data.format import PairDataset
-    from megatron_longpo.data.reference import load_ref_logps
-
     cfg = AutoConfig.from_pretrained(hf_dir)
     if rope_theta is not None:
         cfg.rope_parameters["rope_theta"] = rope_theta
     model = AutoModelForCausalLM.from_pretrained(hf_dir, config=cfg, dtype=torch.float32).eval()
-    ds, ref = PairDataset(prefix), load_ref_logps(prefix)
-    worst = 0.0
-    for i in range(len(ds)):
-        for role in ds.ref_roles:
-            want, n = transformers_sums(model, ds.sample(i), role)
-            got, got_n = ref.get(i, role)
-            assert got_n == n
-            worst = max(worst, abs(got - want))
-    return worst, ref
+    return sidecar_error(model, prefix)
 
 
 def test_two_rounds_on_the_cpu(smollm2_dir, tmp_path):

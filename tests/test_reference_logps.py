@@ -24,21 +24,13 @@ def transformers_sums(model, sample, role):
     return total, count
 
 
-@pytest.mark.parametrize("kind", ["longpo", "solopo"])
-def test_sidecar_equals_transformers(kind, smollm2_dir, smollm2_ckpt, tmp_path):
-    from transformers import AutoModelForCausalLM
-
+def sidecar_error(model, prefix):
+    """(max |sidecar - transformers| over every sample and reference role of the dataset at
+    `prefix`, the sidecar): `model` is the transformers reference model, in fp32."""
     from megatron_longpo.data.format import PairDataset
     from megatron_longpo.data.reference import load_ref_logps
 
-    prefix = tmp_path / kind
-    run_tool(ROOT / "tools/preprocess_pairs.py", "--input", ROOT / f"examples/data/{kind}.jsonl", "--kind", kind,
-             "--tokenizer", smollm2_dir, "--output", prefix, "--no-progress", "--workers", "1")
-    r = run_tool(ROOT / "tools/precompute_ref_logps.py", "--data", prefix, "--model", smollm2_ckpt, "--samples-per-microbatch", "2")
-    assert "reference log-probs of" in r.stdout
-    ds = PairDataset(prefix)
-    ref = load_ref_logps(prefix)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    ds, ref = PairDataset(prefix), load_ref_logps(prefix)
     worst = 0.0
     for i in range(len(ds)):
         for role in ds.ref_roles:
@@ -46,6 +38,20 @@ def test_sidecar_equals_transformers(kind, smollm2_dir, smollm2_ckpt, tmp_path):
             got, got_n = ref.get(i, role)
             assert got_n == n
             worst = max(worst, abs(got - want))
+    return worst, ref
+
+
+@pytest.mark.parametrize("kind", ["longpo", "solopo"])
+def test_sidecar_equals_transformers(kind, smollm2_dir, smollm2_ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    prefix = tmp_path / kind
+    run_tool(ROOT / "tools/preprocess_pairs.py", "--input", ROOT / f"examples/data/{kind}.jsonl", "--kind", kind,
+             "--tokenizer", smollm2_dir, "--output", prefix, "--no-progress", "--workers", "1")
+    r = run_tool(ROOT / "tools/precompute_ref_logps.py", "--data", prefix, "--model", smollm2_ckpt, "--samples-per-microbatch", "2")
+    assert "reference log-probs of" in r.stdout
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    worst, _ = sidecar_error(model, prefix)
     print(f"{kind}: max |sidecar - transformers| per sequence sum = {worst:.2e}")
     assert worst <= 1e-3
 
