@@ -7,6 +7,13 @@ where it comes from, and why there is nothing to do about it. Nothing else is fi
 warnings, every error, and these same messages at a higher logging level still show. Measured on
 megatron-core 0.19.2, torch 2.14.1, transformers 5.24 (2-core CPU dev machine; docs/quickstart.md).
 
+One more message is prevented rather than filtered: Transformer Engine warns "Detected a Jax
+installation but could not find the shared object file for the Transformer Engine Jax extension"
+on any machine that has jax installed next to TE's PyTorch build (the GPU images we ran on do).
+`install()` sets `NVTE_FRAMEWORK=pytorch` when the variable is unset, TE's own switch for "only the
+PyTorch extension is wanted": TE then skips the Jax probe (and still raises if its PyTorch extension
+is missing). A user's own NVTE_FRAMEWORK is left alone.
+
 None of them is printed straight to stderr (by a C extension or a bare `print` at import): each
 one of the demo's was traced to Python's warnings machinery (`warnings.warn`, or the compiler's
 SyntaxWarning) or to a `logging` call, so neither stream is wrapped.
@@ -135,6 +142,7 @@ def install(progress_bars_on_terminal_only: bool = True) -> None:
     global _installed
     if _installed:
         return
+    os.environ.setdefault("NVTE_FRAMEWORK", "pytorch")  # before TE's first import: see the module doc
     by_logger: dict[str, list[str]] = {}
     for k in active():
         if k.via == "warnings":
