@@ -72,7 +72,7 @@ class _PairSample:
 def batch_for(layout, sample, cp, cp_rank, cp_group, ref, trunk_skip=True, sequence_roles=()):
     from megatron_longpo.data.packing import pack
     from megatron_longpo.data.prefix_sharing import build_shared_row, flops_spans
-    from megatron_longpo.training.step import prepare_batch, prepare_shared_batch
+    from megatron_longpo.training.batch import prepare_batch, prepare_shared_batch
 
     roles = ("chosen", "rejected")
     pad = 2 * cp if cp > 1 else 1

@@ -359,7 +359,7 @@ def train_step(t: Trainer) -> M.StepRecord:
     else:
         t.nonfinite_total += 1
         t.nonfinite_in_a_row += 1
-    flops = M.batch_model_flops(t.arch, t.data.last_step_spans(), t.data.last_step_scored_tokens())
+    flops = M.batch_model_flops(t.arch, [s for b in batches for s in b.flop_spans], sum(b.scored_tokens for b in batches))
     if t.dp > 1:  # every DP replica processed other samples; TP/CP/PP ranks of a replica the same
         from megatron.core import parallel_state as ps
 

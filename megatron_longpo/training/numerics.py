@@ -211,7 +211,7 @@ def hf_step(model, batch: CheckBatch, device="cpu") -> tuple[float, dict[str, to
 def project_batch(batch: CheckBatch, *, thd: bool, device):
     from megatron_longpo.data.packing import pack
     from megatron_longpo.losses import SeqStat
-    from megatron_longpo.training.step import prepare_batch
+    from megatron_longpo.training.batch import prepare_batch
 
     roles = list(batch.roles)
     packed = pack([_Sample(batch.roles)], roles)

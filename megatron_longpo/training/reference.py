@@ -9,7 +9,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_longpo.training.step import StepBatch, prepare_batch, run_model, sequence_statistics
+from megatron_longpo.training.batch import BatchSpec, StepBatch, micro_batch
+from megatron_longpo.training.step import run_model, sequence_statistics
 
 
 def _collect(token_logp, batch: StepBatch, cp_group):
@@ -52,7 +53,6 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
     from megatron_longpo import platform
     from megatron_longpo.checkpoint import dist as ckpt
     from megatron_longpo.data.format import PairDataset
-    from megatron_longpo.data.packing import pack
     from megatron_longpo.data.reference import RefLogpWriter, merge_parts, part_path, sidecar_path
     from megatron_longpo.models.build import ModelOptions
 
@@ -92,11 +92,11 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
     tokens = 0
     thd = opts.resolved_use_te()  # packed THD rows exactly when the model was built with TE
     bar = tqdm(groups, desc="reference log-probs", disable=not (progress and dist.get_rank() == 0))
+    spec = BatchSpec(roles=scored, pad_multiple=par.pad_multiple(), thd=thd, cp_size=par.context_parallel,
+                     cp_rank=ps.get_context_parallel_rank(), cp_group=cp_group, device=platform.default_device())
     for idx in bar:
-        packed = pack([ds.sample(i) for i in idx], scored, par.pad_multiple())
-        tokens += int(packed.cu_seqlens[-1])
-        b = prepare_batch(packed, None, thd=thd, cp_size=par.context_parallel,
-                          cp_rank=ps.get_context_parallel_rank(), device=platform.default_device())
+        b = micro_batch([ds.sample(i) for i in idx], spec, None, idx)
+        tokens += b.num_tokens
         res = score(chunks, [b], chunk_size, cp_group)
         if writes:
             for role, (lp, n) in res[0].items():

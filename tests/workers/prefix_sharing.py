@@ -23,7 +23,8 @@ def main(ckpt, data, roles, samples, share, out, precision="auto", sequence_role
     from megatron_longpo.data.packing import pack
     from megatron_longpo.data.prefix_sharing import build_shared_row
     from megatron_longpo.models.build import ModelOptions, build_model
-    from megatron_longpo.training.step import prepare_batch, prepare_shared_batch, run_model, sequence_statistics
+    from megatron_longpo.training.batch import prepare_batch, prepare_shared_batch
+    from megatron_longpo.training.step import run_model, sequence_statistics
 
     platform.enable_cpu_fallback()
     _, world = parallel.init_distributed()
