@@ -58,7 +58,7 @@ def test_run_overrides_reach_the_recorded_architecture():
     """model.rope_theta and model.max_position_embeddings change the architecture the checkpoints
     record (and the export writes); model.transformer_engine parses as an optional bool."""
     from megatron_longpo.models.hf_config import arch_from_hf_config
-    from megatron_longpo.training.loop import policy_arch
+    from megatron_longpo.training.engine import policy_arch
 
     arch = arch_from_hf_config(dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

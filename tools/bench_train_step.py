@@ -93,7 +93,7 @@ def run_layout(args, arch, par, layout, recompute, lengths, world, longpo_nll="s
     from megatron_longpo.losses import LossConfig, SeqStat, sequence_roles
     from megatron_longpo.models.build import ModelOptions
     from megatron_longpo.training import metrics as M
-    from megatron_longpo.training.loop import build_engine, engine_forward_backward
+    from megatron_longpo.training.engine import build_engine, engine_forward_backward
 
     opts = ModelOptions(bf16=DEVICE == "cuda", recompute=recompute, prefix_sharing=layout == "shared",
                         skip_unused_trunk=not args.no_trunk_skip,

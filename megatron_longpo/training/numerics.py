@@ -249,13 +249,13 @@ class ProjectEngine:
 
 def project_engine(ckpt_dir, *, bf16: bool, use_te: bool, rope_theta: float | None = None,
                    recompute: str | None = "full") -> ProjectEngine:
-    """The model, DDP and optimizer exactly as training/loop.py's build_engine makes them
+    """The model, DDP and optimizer exactly as training/engine.py's build_engine makes them
     (full recompute by default: the same arithmetic, less memory at long lengths)."""
     from megatron_longpo import parallel
     from megatron_longpo.checkpoint import dist as ckpt
     from megatron_longpo.config import OptimSection
     from megatron_longpo.models.build import ModelOptions
-    from megatron_longpo.training.loop import build_engine
+    from megatron_longpo.training.engine import build_engine
 
     arch, _ = ckpt.read_model_json(ckpt_dir)
     if rope_theta is not None:
@@ -275,7 +275,7 @@ def project_step(eng: ProjectEngine, batch: CheckBatch, chunk_size: int = 2048, 
     """One forward/backward of the training step. Returns (loss, main_grad by HF name, and with
     `plain` the param.grad autograd hands each parameter in a second pass, by HF name), fp64 on the CPU."""
     from megatron_longpo.platform import default_device
-    from megatron_longpo.training.loop import engine_forward_backward
+    from megatron_longpo.training.engine import engine_forward_backward
     from megatron_longpo.training.step import loss_from_token_logprobs, run_model
 
     dev = default_device()

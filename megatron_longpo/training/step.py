@@ -1,16 +1,8 @@
 """One micro-batch: this rank's StepBatch (training/batch.py) -> GPTModel -> token log-probs ->
 per-role statistics -> loss. `forward_step` / `loss_func` follow megatron-core's schedule contract.
 
-Gradient scaling (why the numbers below are what they are):
-  * the loss function returns (sum of per-sample losses, number of samples, metrics) and the
-    TransformerConfig has calculate_per_token_loss=True, so the schedule does not divide and
-    `finalize_model_grads` divides every gradient by the number of samples summed over DP x CP;
-  * every context-parallel rank computes the same loss from sequence sums reduced with an
-    autograd-aware all-reduce, whose backward sums dL/dsum over the CP ranks: each rank's local
-    gradients are CP times the single-device ones; each CP rank also reports the sample count,
-    so the divisor is CP times the global sample count and the factors cancel.
-  The resulting gradients equal those of one device processing the whole global batch (tested
-  for TP=2, DP=2 with 2 micro-batches, and the CP reduction over 2 ranks).
+Gradient scaling: the loss function returns megatron's 3-value contract; why the gradients come
+out right is written beside the engine that sets it up (training/engine.py).
 """
 
 from __future__ import annotations
