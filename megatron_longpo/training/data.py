@@ -15,9 +15,9 @@ __all__ = ["DataConfigError", "StepData"]
 
 
 class StepData:
-    def __init__(self, dcfg, *, roles, ref_roles, dp_rank: int, dp_size: int, pad_multiple: int, thd: bool,
-                 cp_size: int, cp_rank: int, device, reference=None, share_prefix: bool = False,
+    def __init__(self, dcfg, *, roles, ref_roles, layout, thd: bool, device, share_prefix: bool = False,
                  sequence_roles=()):
+        """layout: this rank's parallel.Layout (DP shard of the sampler, CP split of the batches)."""
         if not dcfg.path:
             raise DataConfigError("data.path is not set: point it at a dataset prefix written by tools/preprocess_pairs.py")
         self.ds = PairDataset(dcfg.path)
@@ -44,10 +44,9 @@ class StepData:
                 )
             self.ref = load_ref_logps(dcfg.path, roles=self.ref_roles, path=path)
         self.sampler = PairSampler(len(self.ds), dcfg.global_batch_size, dcfg.samples_per_microbatch,
-                                   dp_size=dp_size, dp_rank=dp_rank, seed=dcfg.seed)
-        self.cp_size, self.cp_rank = cp_size, cp_rank
-        self.spec = BatchSpec(roles=self.roles, pad_multiple=pad_multiple, thd=thd, cp_size=cp_size, cp_rank=cp_rank,
-                              cp_group=self.cp_group(), device=device, share_prefix=share_prefix,
+                                   dp_size=layout.dp_size, dp_rank=layout.dp_rank, seed=dcfg.seed)
+        self.spec = BatchSpec(roles=self.roles, pad_multiple=layout.pad_multiple, thd=thd, cp_size=layout.cp_size,
+                              cp_rank=layout.cp_rank, cp_group=layout.cp_group, device=device, share_prefix=share_prefix,
                               sequence_roles=self.sequence_roles, max_tokens=dcfg.max_tokens)
 
     def total_steps(self, steps: int | None, epochs: int) -> int:
@@ -74,13 +73,6 @@ class StepData:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
-
-    def cp_group(self):
-        if self.cp_size == 1:
-            return None
-        from megatron.core import parallel_state as ps
-
-        return ps.get_context_parallel_group()
 
     def describe(self) -> str:
         return f"{len(self.ds)} {self.ds.kind} samples"

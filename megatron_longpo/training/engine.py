@@ -46,18 +46,19 @@ class Trainer:
     scheduler: object
     data: StepData
     arch: object
-    par: parallel.ParallelConfig
-    dp: int
+    layout: parallel.Layout
     total_steps: int
     iteration: int = 0
     nonfinite_total: int = 0
     nonfinite_in_a_row: int = 0
 
+    @property
+    def par(self) -> parallel.ParallelConfig:
+        return self.layout.config
 
-def _parallel_config(cfg: RunConfig) -> parallel.ParallelConfig:
-    p = cfg.parallel
-    return parallel.ParallelConfig(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline_parallel,
-                                   p.context_parallel, p.sequence_parallel)
+    @property
+    def dp(self) -> int:
+        return self.layout.dp_size
 
 
 def build_engine(arch, par: parallel.ParallelConfig, opts: ModelOptions, optim, load_from: str | None,
@@ -119,24 +120,23 @@ def policy_arch(arch, model) -> object:
 def _reduce_metrics(collected: list[dict], t: Trainer) -> dict[str, float]:
     """Sum the micro-batch metric sums over micro-batches and DP ranks; broadcast from the last
     pipeline stage; divide sample-level metrics by the number of samples."""
-    from megatron.core import parallel_state as ps
-
+    lay = t.layout
     names = sorted(collected[0]) if collected else []
     n_names = torch.tensor([len(names)], device=platform.default_device())
     vec = torch.stack([sum(c[k] for c in collected) for k in names]) if names else torch.zeros(0)
     vec = vec.to(platform.default_device()).double()
-    if ps.get_pipeline_model_parallel_world_size() > 1:
+    if lay.pp_size > 1:
         # metric names are the same on every step; only the last stage has them
-        last = ps.get_pipeline_model_parallel_last_rank()
-        dist.broadcast(n_names, src=last, group=ps.get_pipeline_model_parallel_group())
-        if not ps.is_pipeline_last_stage():
+        last = lay.pp_last_rank
+        dist.broadcast(n_names, src=last, group=lay.pp_group)
+        if not lay.is_last_stage:
             vec = torch.zeros(int(n_names), dtype=torch.float64, device=platform.default_device())
-        dist.broadcast(vec, src=last, group=ps.get_pipeline_model_parallel_group())
+        dist.broadcast(vec, src=last, group=lay.pp_group)
         obj = [names]
-        dist.broadcast_object_list(obj, src=last, group=ps.get_pipeline_model_parallel_group())
+        dist.broadcast_object_list(obj, src=last, group=lay.pp_group)
         names = obj[0]
-    if t.dp > 1:
-        dist.all_reduce(vec, group=ps.get_data_parallel_group())
+    if lay.dp_size > 1:
+        dist.all_reduce(vec, group=lay.dp_group)
     out = dict(zip(names, vec.tolist()))
     n = out.pop("samples", 1.0) or 1.0
     tokens = out.pop("tokens", 0.0)
@@ -145,7 +145,7 @@ def _reduce_metrics(collected: list[dict], t: Trainer) -> dict[str, float]:
     return res
 
 
-def engine_forward_backward(chunks, optimizer, batches, loss_cfg, chunk_size: int, cp_group) -> list[dict]:
+def engine_forward_backward(chunks, optimizer, batches, loss_cfg, chunk_size: int, layout) -> list[dict]:
     """Forward and backward over this rank's micro-batches of one step; gradients end up in the
     DDP buffers, reduced over DP x CP and divided by the global sample count. Returns the
     per-micro-batch metrics (last pipeline stage)."""
@@ -153,46 +153,40 @@ def engine_forward_backward(chunks, optimizer, batches, loss_cfg, chunk_size: in
         c.zero_grad_buffer()
     if optimizer is not None:
         optimizer.zero_grad()
-    return run_schedule(chunks, batches, make_forward_step(loss_cfg, chunk_size, cp_group), forward_only=False)
+    return run_schedule(chunks, batches, make_forward_step(loss_cfg, chunk_size, layout), forward_only=False)
 
 
 def forward_backward(t: Trainer, batches) -> dict[str, float]:
     collected = engine_forward_backward(t.chunks, t.optimizer, batches, t.cfg.loss, t.cfg.model.logprob_chunk_size,
-                                        t.data.cp_group())
+                                        t.layout)
     return _reduce_metrics(collected, t)
 
 
 def build_trainer(cfg: RunConfig) -> Trainer:
-    from megatron.core import parallel_state as ps
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    par = _parallel_config(cfg)
-    platform.enable_cpu_fallback()
-    _, world = parallel.init_distributed()
-    arch = policy_arch(ckpt.read_model_json(cfg.model.checkpoint)[0], cfg.model)
-    # the layout is checked before anything heavy is built
-    parallel.validate_layout(par, world, arch, cpu_cp=cfg.data.share_prefix)
     from megatron_longpo.training.resume import check_save_dir
 
+    par = cfg.parallel
+    platform.enable_cpu_fallback()
+    parallel.init_distributed()
+    arch = policy_arch(ckpt.read_model_json(cfg.model.checkpoint)[0], cfg.model)
+    # the layout is checked (parallel.validate_layout, inside setup) before anything heavy is built
+    layout = parallel.setup(par, seed=cfg.train.seed, arch=arch, cpu_cp=cfg.data.share_prefix)
     check_save_dir(cfg.train.save_dir, cfg.model.checkpoint)
     resume_dir = Path(cfg.train.save_dir)
     resuming = (resume_dir / ckpt.LATEST).is_file()
-    dp = parallel.setup(par, seed=cfg.train.seed, arch=arch, cpu_cp=cfg.data.share_prefix)
 
-    bf16 = cfg.model.bf16 and platform.cuda_available()
+    bf16 = platform.resolve_bf16(cfg.model.bf16)
     if cfg.model.bf16 and not bf16:
         log("note: bf16 needs a GPU; training in fp32 on the CPU")
     opts = ModelOptions(bf16=bf16, use_te=cfg.model.transformer_engine, recompute=cfg.model.recompute,
                         recompute_num_layers=cfg.model.recompute_num_layers, prefix_sharing=cfg.data.share_prefix)
     chunks, optimizer = build_engine(arch, par, opts, cfg.optim, None if resuming else cfg.model.checkpoint)
 
-    cp_rank = ps.get_context_parallel_rank()
-    data = StepData(
-        cfg.data, roles=policy_roles(cfg.loss), ref_roles=reference_roles(cfg.loss), dp_rank=ps.get_data_parallel_rank(),
-        dp_size=dp, pad_multiple=par.pad_multiple(), thd=opts.resolved_use_te(), cp_size=par.context_parallel,
-        cp_rank=cp_rank, device=platform.default_device(), share_prefix=cfg.data.share_prefix,
-        sequence_roles=sequence_roles(cfg.loss),
-    )
+    data = StepData(cfg.data, roles=policy_roles(cfg.loss), ref_roles=reference_roles(cfg.loss), layout=layout,
+                    thd=opts.resolved_use_te(), device=platform.default_device(), share_prefix=cfg.data.share_prefix,
+                    sequence_roles=sequence_roles(cfg.loss))
     if cfg.data.check_tokenizer:
         from megatron_longpo.data.tokenizer import check_dataset_tokenizer
 
@@ -206,7 +200,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         lr_warmup_steps=warmup, lr_decay_steps=max(total, 1), lr_decay_style="cosine",
         start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay, wd_incr_steps=max(total, 1), wd_incr_style="constant",
     )
-    t = Trainer(cfg, chunks, optimizer, scheduler, data, arch, par, dp, total)
+    t = Trainer(cfg, chunks, optimizer, scheduler, data, arch, layout, total)
     if resuming:
         load_training_state(t, resume_dir)
     return t

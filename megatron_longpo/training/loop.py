@@ -46,10 +46,8 @@ def train_step(t: Trainer) -> M.StepRecord:
         t.nonfinite_in_a_row += 1
     flops = M.batch_model_flops(t.arch, [s for b in batches for s in b.flop_spans], sum(b.scored_tokens for b in batches))
     if t.dp > 1:  # every DP replica processed other samples; TP/CP/PP ranks of a replica the same
-        from megatron.core import parallel_state as ps
-
         f = torch.tensor([flops], dtype=torch.float64, device=platform.default_device())
-        dist.all_reduce(f, group=ps.get_data_parallel_group())
+        dist.all_reduce(f, group=t.layout.dp_group)
         flops = float(f.item())
     return M.StepRecord(t.iteration, m, lr, grad_norm, timer.seconds, int(m["tokens"]), flops, M.peak_memory_gib(), skipped=not finite)
 

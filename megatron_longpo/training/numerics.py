@@ -274,6 +274,7 @@ def project_step(eng: ProjectEngine, batch: CheckBatch, chunk_size: int = 2048, 
                  ) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """One forward/backward of the training step. Returns (loss, main_grad by HF name, and with
     `plain` the param.grad autograd hands each parameter in a second pass, by HF name), fp64 on the CPU."""
+    from megatron_longpo.parallel import current_layout
     from megatron_longpo.platform import default_device
     from megatron_longpo.training.engine import engine_forward_backward
     from megatron_longpo.training.step import loss_from_token_logprobs, run_model
@@ -281,7 +282,8 @@ def project_step(eng: ProjectEngine, batch: CheckBatch, chunk_size: int = 2048, 
     dev = default_device()
     sb = project_batch(batch, thd=eng.use_te, device=dev)
     cfg = loss_config(batch)
-    collected = engine_forward_backward(eng.chunks, eng.optimizer, [sb], cfg, chunk_size, None)
+    layout = current_layout()  # project_engine set it up
+    collected = engine_forward_backward(eng.chunks, eng.optimizer, [sb], cfg, chunk_size, layout)
     loss = float(collected[0]["loss"]) / sb.num_samples
     main = {n: p.main_grad.detach().double().cpu() for c in eng.chunks for n, p in c.named_parameters()
             if getattr(p, "main_grad", None) is not None}
@@ -296,7 +298,7 @@ def project_step(eng: ProjectEngine, batch: CheckBatch, chunk_size: int = 2048, 
     hooks = [p.register_hook(lambda g, n=n: plain.__setitem__(n, g.detach().double().cpu()))
              for n, p in inner.named_parameters() if p.requires_grad]
     try:
-        out = run_model(inner, sb, chunk_size)
+        out = run_model(inner, sb, chunk_size, layout)
         loss_sum, n, _ = loss_from_token_logprobs(out, sb, cfg)
         (loss_sum / n).backward()  # recompute does not support torch.autograd.grad
     finally:

@@ -62,39 +62,37 @@ def loss_from_token_logprobs(token_logp: torch.Tensor, batch: StepBatch, loss_cf
     return loss_sum, n, metrics
 
 
-def logprob_processor(chunk_size: int, keep: torch.Tensor | None = None):
+def logprob_processor(chunk_size: int, layout, keep: torch.Tensor | None = None):
     """GPTModel `output_processor`: final hidden states -> per-token target log-probs [b, s]
-    (only at the `keep` positions, StepBatch.keep, when given: the others are 0)."""
+    (only at the `keep` positions, StepBatch.keep, when given: the others are 0). `layout`: the
+    parallel.Layout (its TP group and rank: this rank's vocabulary shard)."""
 
     def process(hidden_states, output_layer, output_weight, labels, config, **_):
-        from megatron.core import parallel_state as ps
-
         weight = output_weight if output_weight is not None else output_layer.weight
-        tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
-        vocab_start = ps.get_tensor_model_parallel_rank() * weight.shape[0]
+        vocab_start = layout.tp_rank * weight.shape[0]
         return target_logprobs(
-            hidden_states, weight, labels, chunk_size=chunk_size, tp_group=tp_group,
+            hidden_states, weight, labels, chunk_size=chunk_size, tp_group=layout.tp_group,
             vocab_start=vocab_start, sequence_parallel=config.sequence_parallel, keep=keep,
         )
 
     return process
 
 
-def run_model(model, batch: StepBatch, chunk_size: int):
+def run_model(model, batch: StepBatch, chunk_size: int, layout):
     """Forward this rank's pipeline stage: hidden states on inner stages, log-probs on the last."""
     return model(
         batch.tokens, batch.position_ids, None, labels=batch.labels,
-        packed_seq_params=batch.packed_seq_params, output_processor=logprob_processor(chunk_size, keep=batch.keep),
+        packed_seq_params=batch.packed_seq_params, output_processor=logprob_processor(chunk_size, layout, keep=batch.keep),
     )
 
 
-def make_forward_step(loss_cfg: LossConfig, chunk_size: int, cp_group=None):
+def make_forward_step(loss_cfg: LossConfig, chunk_size: int, layout):
     """forward_step(data_iterator, model) for megatron's pipeline schedules. The iterator yields
     StepBatch objects (already on the device, already split for this CP rank)."""
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        out = run_model(model, batch, chunk_size)
-        return out, partial(loss_from_token_logprobs, batch=batch, loss_cfg=loss_cfg, cp_group=cp_group)
+        out = run_model(model, batch, chunk_size, layout)
+        return out, partial(loss_from_token_logprobs, batch=batch, loss_cfg=loss_cfg, cp_group=layout.cp_group)
 
     return forward_step
