@@ -60,17 +60,101 @@ class ModelSection:
                  logprob_chunk_size=POSITIVE)
 
 
+class LayoutError(ValueError):
+    """The parallel layout does not fit the world size, the model or the other settings."""
+
+
 @dataclass(frozen=True)
-class ParallelSection:
+class ParallelConfig:
+    """The parallel layout (the run config's `parallel` section)."""
+
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    virtual_pipeline_parallel: int | None = None
+    virtual_pipeline_parallel: int | None = None  # model chunks per pipeline rank (interleaved 1F1B)
     context_parallel: int = 1
     sequence_parallel: bool = False
 
     def __post_init__(self):
-        _require("parallel", self, tensor_parallel=POSITIVE, pipeline_parallel=POSITIVE,
-                 virtual_pipeline_parallel=POSITIVE, context_parallel=POSITIVE)
+        try:
+            _require("parallel", self, tensor_parallel=POSITIVE, pipeline_parallel=POSITIVE,
+                     virtual_pipeline_parallel=POSITIVE, context_parallel=POSITIVE)
+        except ValueError as e:
+            raise LayoutError(str(e)) from None
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise LayoutError("parallel.sequence_parallel needs tensor_parallel > 1; set sequence_parallel=false")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+
+    def data_parallel(self, world_size: int) -> int:
+        return world_size // self.model_parallel_size
+
+    def pad_multiple(self) -> int:
+        """Every packed sequence is padded to this many tokens (CP zig-zag split, SP split)."""
+        m = 2 * self.context_parallel if self.context_parallel > 1 else 1
+        return m * (self.tensor_parallel if self.sequence_parallel else 1)
+
+
+def validate_layout(par: ParallelConfig, world_size: int | None = None, arch=None, seq_lengths=(), *,
+                    cpu_cp: bool = False, use_te: bool | None = None, prefix_sharing: bool = False) -> int | None:
+    """Every layout and compatibility rule, in one place; raises LayoutError naming the numbers and
+    the fix. Each rule runs when its inputs are given:
+      * always: prefix sharing (data.share_prefix) and sequence parallelism;
+      * world_size: TP*PP*CP divides it; context parallelism without a GPU only for prefix sharing
+        (its reference attention runs CP on the CPU) or `cpu_cp`;
+      * arch (models.hf_config.ModelArch): heads, KV heads, layers and the vocabulary split evenly;
+      * seq_lengths: multiples of the pad multiple;
+      * use_te (the resolved ModelOptions.use_te): CP and SP need the Transformer Engine spec.
+    Returns the data-parallel size when world_size is given (else None)."""
+    if prefix_sharing and par.sequence_parallel:
+        raise LayoutError("data.share_prefix=true does not support parallel.sequence_parallel yet; set one of them to false")
+    if use_te is False and (par.sequence_parallel or (par.context_parallel > 1 and not prefix_sharing)):
+        raise LayoutError("context and sequence parallelism need the Transformer Engine spec (a GPU with TE)")
+    mp = par.model_parallel_size
+    if world_size is not None and world_size % mp:
+        raise LayoutError(
+            f"world size {world_size} is not divisible by TP*PP*CP = {par.tensor_parallel}*"
+            f"{par.pipeline_parallel}*{par.context_parallel} = {mp}; launch a multiple of {mp} "
+            f"processes or change the layout"
+        )
+    if arch is not None:
+        tp = par.tensor_parallel
+        if arch.num_attention_heads % tp:
+            raise LayoutError(
+                f"{arch.num_attention_heads} attention heads are not divisible by TP={tp}; "
+                f"pick a TP that divides {arch.num_attention_heads}"
+            )
+        if arch.num_query_groups % tp:
+            raise LayoutError(
+                f"{arch.num_query_groups} KV heads (query groups) are not divisible by TP={tp}; "
+                f"pick a TP that divides {arch.num_query_groups}"
+            )
+        chunks = par.pipeline_parallel * (par.virtual_pipeline_parallel or 1)
+        if arch.num_layers % chunks:
+            raise LayoutError(
+                f"{arch.num_layers} layers are not divisible by PP*VPP = {chunks}; "
+                f"pick pipeline sizes whose product divides {arch.num_layers}"
+            )
+        if par.virtual_pipeline_parallel and par.pipeline_parallel == 1:
+            raise LayoutError("virtual_pipeline_parallel needs pipeline_parallel > 1")
+        if arch.padded_vocab_size % tp:
+            raise LayoutError(f"padded vocabulary {arch.padded_vocab_size} is not divisible by TP={tp}")
+    m = par.pad_multiple()
+    for s in seq_lengths:
+        if s % m:
+            raise LayoutError(
+                f"sequence length {s} is not a multiple of {m} (2*CP{'*TP with sequence parallel' if par.sequence_parallel else ''}); "
+                f"use a multiple of {m}"
+            )
+    if world_size is None:
+        return None
+    from megatron_longpo import platform
+
+    if par.context_parallel > 1 and not platform.cuda_available() and not (cpu_cp or prefix_sharing):
+        raise LayoutError("context parallelism needs Transformer Engine on GPUs; set context_parallel=1 on the CPU "
+                          "(or data.share_prefix=true, whose reference attention runs CP on the CPU)")
+    return world_size // mp
 
 
 @dataclass(frozen=True)
@@ -142,7 +226,7 @@ class TrainSection:
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataSection = field(default_factory=DataSection)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -238,8 +322,10 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
         k, v = o.split("=", 1)
         _set_dotted(data, k.strip(), yaml.safe_load(v) if v.strip() else "")
     cfg = _build(RunConfig, data, "")
-    if cfg.data.share_prefix and cfg.parallel.sequence_parallel:
-        raise ConfigError("data.share_prefix=true does not support parallel.sequence_parallel yet; set one of them to false")
+    try:  # the rules that need neither the world size nor the model (those run at parallel.setup)
+        validate_layout(cfg.parallel, prefix_sharing=cfg.data.share_prefix)
+    except LayoutError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 

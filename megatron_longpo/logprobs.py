@@ -6,7 +6,7 @@
    chunk's logits. Peak extra memory is one chunk of logits [chunk, b, V/TP] in fp32 instead of
    [s, b, V] (at 128K tokens and a 32K vocabulary: 16 GiB -> 256 MiB with chunk 2048).
    The vocabulary is never gathered: max, sum-exp and the target logit are all-reduced over the
-   tensor-parallel group (three [chunk, b] reductions per chunk). With `keep` (training/step.py's
+   tensor-parallel group (three [chunk, b] reductions per chunk). With `keep` (training/batch.py's
    StepBatch.keep: the loss mask, plus every position of a sequence whose whole-sequence statistic
    is wanted, e.g. LongPO's NLL over the chosen long sequence) only those positions are projected:
    under a responses-only loss a long prompt or a shared trunk costs no output-layer work at all
@@ -161,24 +161,3 @@ def reduce_over_context_parallel(x: torch.Tensor, cp_group) -> torch.Tensor:
     import torch.distributed.nn.functional as dnn
 
     return dnn.all_reduce(x, op=dist.ReduceOp.SUM, group=cp_group)
-
-
-def zigzag_cp_indices(padded_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """Token positions rank `cp_rank` holds of one sequence of `padded_len` tokens under
-    megatron's load-balanced CP split: 2*CP chunks, rank r keeps chunks r and 2*CP-1-r."""
-    if padded_len % (2 * cp_size):
-        raise ValueError(f"sequence length {padded_len} is not a multiple of 2*CP = {2 * cp_size}")
-    c = padded_len // (2 * cp_size)
-    first = torch.arange(cp_rank * c, (cp_rank + 1) * c)
-    second = torch.arange((2 * cp_size - 1 - cp_rank) * c, (2 * cp_size - cp_rank) * c)
-    return torch.cat([first, second])
-
-
-def cp_partition(cu_padded: torch.Tensor, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """Indices of a packed row that this CP rank holds (zig-zag per padded sequence, as TE's
-    thd_get_partitioned_indices)."""
-    parts = [
-        int(cu_padded[i]) + zigzag_cp_indices(int(cu_padded[i + 1] - cu_padded[i]), cp_size, cp_rank)
-        for i in range(len(cu_padded) - 1)
-    ]
-    return torch.cat(parts)

@@ -1,8 +1,10 @@
-"""Parallel layout: the typed config, its validation, and the one place that sets up megatron's
-parallel state (TP, PP, virtual PP, CP, DP) and seeds.
+"""The one adapter over megatron's parallel state: `setup` initialises it (TP, PP, virtual PP, CP,
+DP) and seeds, and returns a `Layout` (ranks, groups, stage flags, pad multiple) that callers pass
+on; nothing else in the package reads megatron.core.parallel_state.
 
-`validate_layout` runs before anything heavy is built so that a bad layout is reported with the
-numbers involved and the fix.
+The layout's config (`ParallelConfig`) and its rules (`validate_layout`, run before anything heavy
+is built so that a bad layout is reported with the numbers involved and the fix) live with the
+run configuration (config.py, the ground floor) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -15,85 +17,84 @@ import torch
 import torch.distributed as dist
 
 from megatron_longpo import platform
+from megatron_longpo.config import LayoutError, ParallelConfig, validate_layout
 from megatron_longpo.launch import free_port
 
-
-class LayoutError(ValueError):
-    """The parallel layout does not fit the world size or the model."""
+__all__ = ["Layout", "LayoutError", "ParallelConfig", "current_layout", "init_distributed", "setup", "teardown",
+           "validate_layout"]
 
 
 @dataclass(frozen=True)
-class ParallelConfig:
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    virtual_pipeline_parallel: int | None = None  # model chunks per pipeline rank (interleaved 1F1B)
-    context_parallel: int = 1
-    sequence_parallel: bool = False
+class Layout:
+    """This rank's place in the parallel layout: ranks, process groups and stage flags, read once
+    from megatron's parallel state after `setup` and handed to whoever needs them. A group is None
+    where its dimension is 1 (nothing to communicate)."""
 
-    def __post_init__(self):
-        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
-            if getattr(self, name) < 1:
-                raise LayoutError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.virtual_pipeline_parallel is not None and self.virtual_pipeline_parallel < 1:
-            raise LayoutError("virtual_pipeline_parallel must be >= 1 or unset")
-        if self.sequence_parallel and self.tensor_parallel == 1:
-            raise LayoutError("sequence_parallel needs tensor_parallel > 1; set sequence_parallel=false")
+    config: ParallelConfig
+    world_size: int
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    cp_rank: int
+    dp_rank: int
+    dp_size: int
+    tp_group: object = None
+    pp_group: object = None
+    cp_group: object = None
+    dp_group: object = None
+    pp_last_rank: int = 0  # global rank of this rank's last pipeline stage (metrics are broadcast from it)
 
     @property
-    def model_parallel_size(self) -> int:
-        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+    def tp_size(self) -> int:
+        return self.config.tensor_parallel
 
-    def data_parallel(self, world_size: int) -> int:
-        return world_size // self.model_parallel_size
+    @property
+    def pp_size(self) -> int:
+        return self.config.pipeline_parallel
 
+    @property
+    def cp_size(self) -> int:
+        return self.config.context_parallel
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
     def pad_multiple(self) -> int:
-        """Every packed sequence is padded to this many tokens (CP zig-zag split, SP split)."""
-        m = 2 * self.context_parallel if self.context_parallel > 1 else 1
-        return m * (self.tensor_parallel if self.sequence_parallel else 1)
+        return self.config.pad_multiple()
 
 
-def validate_layout(par: ParallelConfig, world_size: int, arch=None, seq_lengths=(), cpu_cp: bool = False) -> int:
-    """Check the layout against the world size and (optionally) the model. Returns the DP size."""
-    mp = par.model_parallel_size
-    if world_size % mp:
-        raise LayoutError(
-            f"world size {world_size} is not divisible by TP*PP*CP = {par.tensor_parallel}*"
-            f"{par.pipeline_parallel}*{par.context_parallel} = {mp}; launch a multiple of {mp} "
-            f"processes or change the layout"
-        )
-    if arch is not None:
-        tp = par.tensor_parallel
-        if arch.num_attention_heads % tp:
-            raise LayoutError(
-                f"{arch.num_attention_heads} attention heads are not divisible by TP={tp}; "
-                f"pick a TP that divides {arch.num_attention_heads}"
-            )
-        if arch.num_query_groups % tp:
-            raise LayoutError(
-                f"{arch.num_query_groups} KV heads (query groups) are not divisible by TP={tp}; "
-                f"pick a TP that divides {arch.num_query_groups}"
-            )
-        chunks = par.pipeline_parallel * (par.virtual_pipeline_parallel or 1)
-        if arch.num_layers % chunks:
-            raise LayoutError(
-                f"{arch.num_layers} layers are not divisible by PP*VPP = {chunks}; "
-                f"pick pipeline sizes whose product divides {arch.num_layers}"
-            )
-        if par.virtual_pipeline_parallel and par.pipeline_parallel == 1:
-            raise LayoutError("virtual_pipeline_parallel needs pipeline_parallel > 1")
-        if arch.padded_vocab_size % tp:
-            raise LayoutError(f"padded vocabulary {arch.padded_vocab_size} is not divisible by TP={tp}")
-    m = par.pad_multiple()
-    for s in seq_lengths:
-        if s % m:
-            raise LayoutError(
-                f"sequence length {s} is not a multiple of {m} (2*CP{'*TP with sequence parallel' if par.sequence_parallel else ''}); "
-                f"use a multiple of {m}"
-            )
-    if par.context_parallel > 1 and not platform.cuda_available() and not cpu_cp:
-        raise LayoutError("context parallelism needs Transformer Engine on GPUs; set context_parallel=1 on the CPU "
-                          "(or data.share_prefix=true, whose reference attention runs CP on the CPU)")
-    return world_size // mp
+_LAYOUT: list = []  # the Layout `setup` made, for current_layout()
+
+
+def current_layout() -> Layout:
+    """The Layout `setup` returned, for code that reaches a model through a helper that set the
+    parallel state up itself (checkpoint.dist.open_model, the export and reshard tools)."""
+    if not _LAYOUT:
+        raise RuntimeError("the parallel state is not set up: call megatron_longpo.parallel.setup first")
+    return _LAYOUT[0]
+
+
+def _read_layout(par: ParallelConfig) -> Layout:
+    """This rank's Layout from megatron's parallel state (just initialised for `par`)."""
+    from megatron.core import parallel_state as ps
+
+    dp = ps.get_data_parallel_world_size()
+    return Layout(
+        config=par, world_size=dist.get_world_size(), rank=dist.get_rank(),
+        tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+        cp_rank=ps.get_context_parallel_rank(), dp_rank=ps.get_data_parallel_rank(), dp_size=dp,
+        tp_group=ps.get_tensor_model_parallel_group() if par.tensor_parallel > 1 else None,
+        pp_group=ps.get_pipeline_model_parallel_group() if par.pipeline_parallel > 1 else None,
+        cp_group=ps.get_context_parallel_group() if par.context_parallel > 1 else None,
+        dp_group=ps.get_data_parallel_group() if dp > 1 else None,
+        pp_last_rank=ps.get_pipeline_model_parallel_last_rank(),
+    )
 
 
 def init_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
@@ -112,14 +113,15 @@ def init_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def setup(par: ParallelConfig, seed: int = 1234, arch=None, cpu_cp: bool = False) -> int:
-    """Initialise distributed + megatron parallel state for `par`, seed RNGs. Returns the DP size.
-    cpu_cp: allow CP without a GPU (prefix-shared attention's reference path supports it)."""
+def setup(par: ParallelConfig, seed: int = 1234, arch=None, cpu_cp: bool = False) -> Layout:
+    """Initialise distributed + megatron parallel state for `par` (validated first), seed RNGs.
+    Returns this rank's Layout. cpu_cp: allow CP without a GPU (prefix-shared attention's
+    reference path supports it)."""
     platform.enable_cpu_fallback()
     from megatron.core import parallel_state as ps
 
     _, world = init_distributed()
-    dp = validate_layout(par, world, arch, cpu_cp=cpu_cp)
+    validate_layout(par, world, arch, cpu_cp=cpu_cp)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
@@ -128,8 +130,10 @@ def setup(par: ParallelConfig, seed: int = 1234, arch=None, cpu_cp: bool = False
         virtual_pipeline_model_parallel_size=par.virtual_pipeline_parallel,
         context_parallel_size=par.context_parallel,
     )
+    layout = _read_layout(par)
+    _LAYOUT[:] = [layout]
     platform.seed_everything(seed)
-    return dp
+    return layout
 
 
 def teardown() -> None:
@@ -137,5 +141,6 @@ def teardown() -> None:
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    _LAYOUT.clear()
     if dist.is_initialized():
         dist.destroy_process_group()

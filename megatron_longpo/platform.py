@@ -32,6 +32,12 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def resolve_bf16(asked: bool) -> bool:
+    """bf16 only where it is asked for and a GPU is present: megatron's bf16 path (Float16Module,
+    its optimizer) and TE's fused attention need CUDA; on the CPU everything runs in fp32."""
+    return bool(asked) and cuda_available()
+
+
 def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
 

@@ -22,7 +22,8 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from megatron_longpo import parallel
-    from megatron_longpo.training.loop import TrainingStopped, train
+    from megatron_longpo.training.engine import TrainingStopped
+    from megatron_longpo.training.loop import train
 
     try:
         train(cfg)

@@ -45,7 +45,8 @@ def test_bad_config_names_the_key(override, msg):
 
 def test_prefix_sharing_refuses_sequence_parallel():
     with pytest.raises(ConfigError, match="data.share_prefix=true does not support parallel.sequence_parallel"):
-        load_config(None, ["data.share_prefix=true", "parallel.sequence_parallel=true"])
+        # TP=2: sequence parallelism needs it (ParallelConfig refuses SP at TP=1 first, a rule of its own)
+        load_config(None, ["data.share_prefix=true", "parallel.sequence_parallel=true", "parallel.tensor_parallel=2"])
     assert load_config(None, ["data.share_prefix=true"]).data.share_prefix
 
 
@@ -58,7 +59,7 @@ def test_run_overrides_reach_the_recorded_architecture():
     """model.rope_theta and model.max_position_embeddings change the architecture the checkpoints
     record (and the export writes); model.transformer_engine parses as an optional bool."""
     from megatron_longpo.models.hf_config import arch_from_hf_config
-    from megatron_longpo.training.loop import policy_arch
+    from megatron_longpo.training.engine import policy_arch
 
     arch = arch_from_hf_config(dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -3,9 +3,8 @@ references; TP and CP over gloo processes."""
 import pytest
 import torch
 
-from megatron_longpo.logprobs import (
-    naive_target_logprobs, sequence_sums, target_logprobs, zigzag_cp_indices,
-)
+from megatron_longpo.data.cp_split import zigzag_cp_indices
+from megatron_longpo.logprobs import naive_target_logprobs, sequence_sums, target_logprobs
 from mp import torchrun
 
 

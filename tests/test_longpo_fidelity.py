@@ -192,7 +192,8 @@ def test_step_statistics_and_the_responses_mode_bit_for_bit(tiny_longpo_data):
     from megatron_longpo.data.format import PairDataset
     from megatron_longpo.data.packing import pack
     from megatron_longpo.losses import LossConfig, SeqStat, dpo_loss
-    from megatron_longpo.training.step import loss_from_token_logprobs, prepare_batch, sequence_statistics
+    from megatron_longpo.training.batch import prepare_batch
+    from megatron_longpo.training.step import loss_from_token_logprobs, sequence_statistics
 
     ds = PairDataset(tiny_longpo_data)
     samples = [ds.sample(1), ds.sample(4)]

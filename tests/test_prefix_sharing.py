@@ -157,7 +157,7 @@ def test_whole_sequence_scores_every_chosen_token_exactly_once(tiny_longpo_data)
 def test_whole_sequence_index_of_plain_packing(tiny_longpo_data, thd, cp):
     """prepare_batch(sequence_roles=("chosen",)): every position of a chosen sequence but its last
     (n - 1 predicted tokens of n) and no padding, over the CP ranks together; response masks unchanged."""
-    from megatron_longpo.training.step import prepare_batch
+    from megatron_longpo.training.batch import prepare_batch
 
     ds = PairDataset(tiny_longpo_data)
     samples = [ds.sample(0), ds.sample(3)]

@@ -72,7 +72,7 @@ class _PairSample:
 def batch_for(layout, sample, cp, cp_rank, cp_group, ref, trunk_skip=True, sequence_roles=()):
     from megatron_longpo.data.packing import pack
     from megatron_longpo.data.prefix_sharing import build_shared_row, flops_spans
-    from megatron_longpo.training.step import prepare_batch, prepare_shared_batch
+    from megatron_longpo.training.batch import prepare_batch, prepare_shared_batch
 
     roles = ("chosen", "rejected")
     pad = 2 * cp if cp > 1 else 1
@@ -87,13 +87,12 @@ def batch_for(layout, sample, cp, cp_rank, cp_group, ref, trunk_skip=True, seque
 
 
 def run_layout(args, arch, par, layout, recompute, lengths, world, longpo_nll="sequence"):
-    from megatron.core import parallel_state as ps
-
     from megatron_longpo.config import OptimSection
+    from megatron_longpo.parallel import current_layout
     from megatron_longpo.losses import LossConfig, SeqStat, sequence_roles
     from megatron_longpo.models.build import ModelOptions
     from megatron_longpo.training import metrics as M
-    from megatron_longpo.training.loop import build_engine, engine_forward_backward
+    from megatron_longpo.training.engine import build_engine, engine_forward_backward
 
     opts = ModelOptions(bf16=DEVICE == "cuda", recompute=recompute, prefix_sharing=layout == "shared",
                         skip_unused_trunk=not args.no_trunk_skip,
@@ -101,8 +100,8 @@ def run_layout(args, arch, par, layout, recompute, lengths, world, longpo_nll="s
     chunks, optimizer = build_engine(arch, par, opts, OptimSection(lr=1e-7, warmup_fraction=0.0), None)
     loss_cfg = LossConfig(name="longpo", beta=0.1, longpo_lambda=0.01, longpo_nll=longpo_nll)
     seq_roles = sequence_roles(loss_cfg)
-    cp_group = ps.get_context_parallel_group() if par.context_parallel > 1 else None
-    cp_rank = ps.get_context_parallel_rank()
+    par_layout = current_layout()
+    cp_group, cp_rank = par_layout.cp_group, par_layout.cp_rank
     ref = {"ref_chosen": SeqStat(torch.tensor([-400.0]), torch.tensor([float(args.response)])),
            "ref_rejected": SeqStat(torch.tensor([-420.0]), torch.tensor([float(args.response)]))}
     peak = M.peak_tflops(None)
@@ -114,7 +113,7 @@ def run_layout(args, arch, par, layout, recompute, lengths, world, longpo_nll="s
         try:
             batch, spans = batch_for(layout, _PairSample(length, args.response, seed=length), par.context_parallel,
                                      cp_rank, cp_group, ref, trunk_skip=not args.no_trunk_skip, sequence_roles=seq_roles)
-            step = partial(train_step, engine_forward_backward, chunks, optimizer, batch, loss_cfg, cp_group)
+            step = partial(train_step, engine_forward_backward, chunks, optimizer, batch, loss_cfg, par_layout)
             times = []
             for i in range(args.warmup + args.iters):
                 _sync()
@@ -154,9 +153,9 @@ def run_layout(args, arch, par, layout, recompute, lengths, world, longpo_nll="s
     return rows
 
 
-def train_step(forward_backward, chunks, optimizer, batch, loss_cfg, cp_group):
+def train_step(forward_backward, chunks, optimizer, batch, loss_cfg, par_layout):
     """One measured step: forward and backward of the pair, then the optimizer."""
-    forward_backward(chunks, optimizer, [batch], loss_cfg, 4096, cp_group)
+    forward_backward(chunks, optimizer, [batch], loss_cfg, 4096, par_layout)
     optimizer.step()
 
 

@@ -101,21 +101,19 @@ def reshard_checkpoint(megatron_dir, out_dir, tp: int, pp: int, fmt: str = "dist
 def _worker(a: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
     from megatron_longpo import parallel
     from megatron_longpo.checkpoint.hf import to_canonical_names
     from megatron_longpo.models.build import ModelOptions, build_model, unwrap
 
     arch, _ = ckpt.read_model_json(a.ckpt)
     par = parallel.ParallelConfig(tensor_parallel=a.tp, pipeline_parallel=a.pp)
-    parallel.setup(par, arch=arch)
+    layout = parallel.setup(par, arch=arch)
     chunks = build_model(arch, par, ModelOptions(use_te=False, bf16=a.dtype == "bfloat16"))
     ckpt.load_model(chunks, a.ckpt, iteration_dir=a.iter_dir)
     if a.format == "dist":
         ckpt.save(ckpt.model_sharded_state_dict(chunks), a.out, iteration=a.iteration)
-    elif ps.get_data_parallel_rank() == 0:
-        tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    elif layout.dp_rank == 0:
+        tp_rank, pp_rank = layout.tp_rank, layout.pp_rank
         state = {}
         for i, c in enumerate(chunks):
             sd = unwrap(c).state_dict()

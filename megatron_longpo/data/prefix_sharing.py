@@ -38,6 +38,7 @@ from typing import Sequence as Seq
 import numpy as np
 import torch
 
+from megatron_longpo.data.cp_split import zigzag_indices
 from megatron_longpo.data.format import Sample, Sequence
 
 # role pairs whose sequences share a prefix, in the order they are looked for
@@ -232,16 +233,6 @@ def flops_spans(row: SharedRow, last_layer_trunk: bool | None = None) -> list[tu
         n, k = int(sel.sum()), int(row.b_pos[sel][0])
         spans.append((n, float(2 * k + n), False))
     return spans
-
-
-def zigzag_indices(cu_pad: np.ndarray, cp_size: int, cp_rank: int) -> np.ndarray:
-    """Positions of the trunk section CP rank `cp_rank` holds (logprobs.cp_partition: TE's THD
-    zig-zag split of every padded trunk)."""
-    if cp_size == 1:
-        return np.arange(int(cu_pad[-1]))
-    from megatron_longpo.logprobs import cp_partition
-
-    return cp_partition(torch.from_numpy(cu_pad), cp_size, cp_rank).numpy()
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 
 from megatron_longpo import platform
 from megatron_longpo.models.hf_config import ModelArch, transformer_config
-from megatron_longpo.parallel import ParallelConfig
+from megatron_longpo.parallel import ParallelConfig, current_layout, validate_layout
 
 
 @dataclass(frozen=True)
@@ -88,16 +88,14 @@ def build_model(
 ) -> list[torch.nn.Module]:
     """GPTModel chunks for this rank's pipeline stage (one chunk, or VPP chunks when interleaved).
 
-    Parallel state must be set up (megatron_longpo.parallel.setup) before calling this.
+    Parallel state must be set up (megatron_longpo.parallel.setup) before calling this; the stage
+    flags come from its Layout (megatron's GPTModel layers read the same state themselves).
     """
-    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     use_te = opts.resolved_use_te()
-    if not use_te and (par.sequence_parallel or (par.context_parallel > 1 and not opts.prefix_sharing)):
-        raise RuntimeError("context and sequence parallelism need the Transformer Engine spec (a GPU with TE)")
-    if opts.prefix_sharing and par.sequence_parallel:
-        raise RuntimeError("prefix sharing does not support sequence parallelism yet; set parallel.sequence_parallel=false")
+    validate_layout(par, use_te=use_te, prefix_sharing=opts.prefix_sharing)  # the rules that depend on the spec
+    layout = current_layout()
     config = build_config(arch, par, opts)
     rope_kw = {}
     if arch.rope_scaling_type == "llama3":
@@ -110,8 +108,9 @@ def build_model(
     # GPTModel logs a deprecation notice (HybridModel is its successor); it is stable in 0.19.
     logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
     for vp_stage in range(vpp) if vpp else [None]:
-        pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-        post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        # a virtual chunk is the first (last) stage when it is the first (last) chunk of the first (last) rank
+        pre = layout.is_first_stage and vp_stage in (None, 0)
+        post = layout.is_last_stage and vp_stage in (None, (vpp or 1) - 1)
         model = GPTModel(
             config=config,
             transformer_layer_spec=spec,

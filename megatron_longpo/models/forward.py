@@ -25,14 +25,16 @@ def run_schedule(chunks, batches: list, forward_step, *, forward_only: bool):
     )
 
 
-def full_logits(chunks, tokens: torch.Tensor) -> torch.Tensor | None:
+def full_logits(chunks, tokens: torch.Tensor, layout=None) -> torch.Tensor | None:
     """Logits [b, s, V_pad] (all vocabulary entries) for `tokens` [b, s]; None on ranks that are
-    not the last pipeline stage. Every rank of the model-parallel group must call it."""
-    from megatron.core import parallel_state as ps
+    not the last pipeline stage. Every rank of the model-parallel group must call it.
+    layout: the parallel.Layout (default: the one parallel.setup made)."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+    from megatron_longpo.parallel import current_layout
     from megatron_longpo.platform import default_device
 
+    layout = layout or current_layout()
     dev = default_device()
     tokens = tokens.to(dev)
     pos = torch.arange(tokens.shape[1], device=dev).unsqueeze(0).expand_as(tokens)
@@ -43,27 +45,30 @@ def full_logits(chunks, tokens: torch.Tensor) -> torch.Tensor | None:
 
     with torch.no_grad():
         out = run_schedule(chunks, [SimpleNamespace(tokens=tokens, position_ids=pos)], step, forward_only=True)
-    if not ps.is_pipeline_last_stage():
+    if not layout.is_last_stage:
         return None
     logits = out[0]
     return gather_from_tensor_model_parallel_region(logits)
 
 
 @torch.no_grad()
-def greedy_generate(chunks, tokens: torch.Tensor, max_new_tokens: int, eos_token_id: int | None, vocab_size: int) -> torch.Tensor:
+def greedy_generate(chunks, tokens: torch.Tensor, max_new_tokens: int, eos_token_id: int | None, vocab_size: int,
+                    layout=None) -> torch.Tensor:
     """Greedy decoding without a KV cache (recomputes the prefix each step: for short demos).
     Returns the new token ids [b, n] on every rank (broadcast from the last pipeline stage)."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
+    from megatron_longpo.parallel import current_layout
+
+    layout = layout or current_layout()
     new = []
     for _ in range(max_new_tokens):
-        logits = full_logits(chunks, tokens)
+        logits = full_logits(chunks, tokens, layout)
         nxt = torch.zeros(tokens.shape[0], 1, dtype=torch.long, device=tokens.device)
         if logits is not None:
             nxt = logits[:, -1, :vocab_size].argmax(-1, keepdim=True).to(tokens.device)
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(nxt, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+        if layout.pp_size > 1:
+            dist.broadcast(nxt, src=layout.pp_last_rank, group=layout.pp_group)
         new.append(nxt)
         tokens = torch.cat([tokens, nxt], dim=1)
         if eos_token_id is not None and bool((nxt == eos_token_id).all()):

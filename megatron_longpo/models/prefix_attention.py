@@ -24,27 +24,12 @@ attention is saved.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
-
-@dataclass
-class PrefixSharedParams(PackedSeqParams):
-    """PackedSeqParams (its fields describe the trunk section, for TE) plus the branch layout."""
-
-    position_ids: torch.Tensor | None = None  # [t] this rank's positions
-    n_trunk: int = 0  # this rank's first n_trunk tokens are trunk tokens
-    meta: dict = field(default_factory=dict)  # gathered-token metadata (prefix_sharing.RankView)
-    parts: list = field(default_factory=list)  # (lo, hi, kv index) per branch piece on this rank
-    cp_rank: int = 0
-    shared_cp_group: object = None  # the CP process group when CP > 1
-    max_position: int = 0
-    trunk_scored: bool = True  # a trunk token (of any rank) is scored: the last layer computes trunk queries
+from megatron_longpo.models.packed_params import PrefixSharedParams, trunk_params
 
 
 class _GatherCP(torch.autograd.Function):
@@ -169,7 +154,7 @@ class PrefixSharedAttention(MegatronModule):
         elif nt:
             if self.trunk_attention is not None:
                 o = self.trunk_attention(q[:nt], k[:nt], v[:nt], None, attn_mask_type=attn_mask_type,
-                                         packed_seq_params=_trunk_params(p))
+                                         packed_seq_params=trunk_params(p))
                 outs.append(o.reshape(nt, -1))
             else:
                 kg, vg = gather_cp(k, group), gather_cp(v, group)
@@ -201,27 +186,3 @@ class PrefixSharedAttention(MegatronModule):
             mask = allowed({n: x[lo:hi] for n, x in qmeta.items()}, {n: x[kv] for n, x in meta.items()})
             out[lo - nt:hi - nt] = masked_attention(qb[lo - nt:hi - nt], kg[kv], vg[kv], mask, self.scale)
         return out.reshape(out.shape[0], -1)
-
-
-def _trunk_params(p: PrefixSharedParams) -> PackedSeqParams:
-    """The trunks as plain THD sequences for TE; their padding is attended as part of the trunk
-    (training/step.thd_params says why), branches never see it (meta["valid"])."""
-    from megatron_longpo.training.step import thd_params
-
-    return thd_params(p.cu_seqlens_q_padded, p.max_seqlen_q, p.cu_seqlens_q_padded.device)
-
-
-def params_for(view, row, device, cp_group=None, cp_rank: int = 0) -> PrefixSharedParams:
-    """PrefixSharedParams of one rank from prefix_sharing.rank_view / build_shared_row."""
-    dev = torch.device(device)
-    cu = torch.from_numpy(row.cu).to(dev)
-    cu_pad = torch.from_numpy(row.cu_pad).to(dev)
-    return PrefixSharedParams(
-        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_pad, cu_seqlens_kv_padded=cu_pad,
-        max_seqlen_q=row.max_trunk_seqlen, max_seqlen_kv=row.max_trunk_seqlen,
-        position_ids=view.position_ids.to(dev), n_trunk=view.n_trunk,
-        meta={n: x.to(dev) for n, x in view.meta.items()},
-        parts=[(lo, hi, kv.to(dev), tail) for lo, hi, kv, tail in view.parts],
-        cp_rank=cp_rank, shared_cp_group=cp_group, max_position=int(view.meta["pos"].max()),
-        trunk_scored=row.trunk_scored,
-    )

@@ -6,6 +6,17 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+
+def rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(msg: str) -> None:
+    """A line on rank 0's stdout."""
+    if rank0():
+        print(msg, flush=True)
+
 
 # Dense bf16 peak per GPU (TFLOP/s), used for MFU unless train.peak_tflops is set.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "B200": 2250.0, "GB200": 2450.0}

@@ -211,7 +211,7 @@ def hf_step(model, batch: CheckBatch, device="cpu") -> tuple[float, dict[str, to
 def project_batch(batch: CheckBatch, *, thd: bool, device):
     from megatron_longpo.data.packing import pack
     from megatron_longpo.losses import SeqStat
-    from megatron_longpo.training.step import prepare_batch
+    from megatron_longpo.training.batch import prepare_batch
 
     roles = list(batch.roles)
     packed = pack([_Sample(batch.roles)], roles)
@@ -249,13 +249,13 @@ class ProjectEngine:
 
 def project_engine(ckpt_dir, *, bf16: bool, use_te: bool, rope_theta: float | None = None,
                    recompute: str | None = "full") -> ProjectEngine:
-    """The model, DDP and optimizer exactly as training/loop.py's build_engine makes them
+    """The model, DDP and optimizer exactly as training/engine.py's build_engine makes them
     (full recompute by default: the same arithmetic, less memory at long lengths)."""
     from megatron_longpo import parallel
     from megatron_longpo.checkpoint import dist as ckpt
     from megatron_longpo.config import OptimSection
     from megatron_longpo.models.build import ModelOptions
-    from megatron_longpo.training.loop import build_engine
+    from megatron_longpo.training.engine import build_engine
 
     arch, _ = ckpt.read_model_json(ckpt_dir)
     if rope_theta is not None:
@@ -274,14 +274,16 @@ def project_step(eng: ProjectEngine, batch: CheckBatch, chunk_size: int = 2048, 
                  ) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """One forward/backward of the training step. Returns (loss, main_grad by HF name, and with
     `plain` the param.grad autograd hands each parameter in a second pass, by HF name), fp64 on the CPU."""
+    from megatron_longpo.parallel import current_layout
     from megatron_longpo.platform import default_device
-    from megatron_longpo.training.loop import engine_forward_backward
+    from megatron_longpo.training.engine import engine_forward_backward
     from megatron_longpo.training.step import loss_from_token_logprobs, run_model
 
     dev = default_device()
     sb = project_batch(batch, thd=eng.use_te, device=dev)
     cfg = loss_config(batch)
-    collected = engine_forward_backward(eng.chunks, eng.optimizer, [sb], cfg, chunk_size, None)
+    layout = current_layout()  # project_engine set it up
+    collected = engine_forward_backward(eng.chunks, eng.optimizer, [sb], cfg, chunk_size, layout)
     loss = float(collected[0]["loss"]) / sb.num_samples
     main = {n: p.main_grad.detach().double().cpu() for c in eng.chunks for n, p in c.named_parameters()
             if getattr(p, "main_grad", None) is not None}
@@ -296,7 +298,7 @@ def project_step(eng: ProjectEngine, batch: CheckBatch, chunk_size: int = 2048, 
     hooks = [p.register_hook(lambda g, n=n: plain.__setitem__(n, g.detach().double().cpu()))
              for n, p in inner.named_parameters() if p.requires_grad]
     try:
-        out = run_model(inner, sb, chunk_size)
+        out = run_model(inner, sb, chunk_size, layout)
         loss_sum, n, _ = loss_from_token_logprobs(out, sb, cfg)
         (loss_sum / n).backward()  # recompute does not support torch.autograd.grad
     finally:

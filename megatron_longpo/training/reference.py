@@ -9,7 +9,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_longpo.training.step import StepBatch, prepare_batch, run_model, sequence_statistics
+from megatron_longpo.training.batch import BatchSpec, StepBatch, micro_batch
+from megatron_longpo.training.step import run_model, sequence_statistics
 
 
 def _collect(token_logp, batch: StepBatch, cp_group):
@@ -19,21 +20,19 @@ def _collect(token_logp, batch: StepBatch, cp_group):
 
 
 @torch.no_grad()
-def score(chunks, batches: list[StepBatch], chunk_size: int, cp_group=None) -> list[dict] | None:
+def score(chunks, batches: list[StepBatch], chunk_size: int, layout) -> list[dict] | None:
     """Per micro-batch {role: (logp_sum [B] float64, num_tokens [B])} on the last pipeline stage
-    (None elsewhere)."""
-    from megatron.core import parallel_state as ps
-
+    (None elsewhere). layout: the parallel.Layout."""
     from megatron_longpo.models.forward import run_schedule
 
     def step(data_iterator, model):
         b = next(data_iterator)
-        return run_model(model, b, chunk_size), partial(_collect, batch=b, cp_group=cp_group)
+        return run_model(model, b, chunk_size, layout), partial(_collect, batch=b, cp_group=layout.cp_group)
 
     for c in chunks:
         c.eval()
     out = run_schedule(chunks, batches, step, forward_only=True)
-    return out if ps.is_pipeline_last_stage() else None
+    return out if layout.is_last_stage else None
 
 
 def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_per_microbatch: int = 1,
@@ -46,13 +45,11 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
     import os
     import time
 
-    from megatron.core import parallel_state as ps
     from tqdm import tqdm
 
-    from megatron_longpo import platform
+    from megatron_longpo import parallel, platform
     from megatron_longpo.checkpoint import dist as ckpt
     from megatron_longpo.data.format import PairDataset
-    from megatron_longpo.data.packing import pack
     from megatron_longpo.data.reference import RefLogpWriter, merge_parts, part_path, sidecar_path
     from megatron_longpo.models.build import ModelOptions
 
@@ -71,10 +68,10 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
             if os.environ.get("RANK", "0") == "0":
                 print(f"note: {note}", flush=True)
     roles = tuple(roles or ds.ref_roles)
-    opts = ModelOptions(bf16=bf16 and platform.cuda_available())
+    opts = ModelOptions(bf16=platform.resolve_bf16(bf16))
     chunks, arch = ckpt.open_model(model_dir, par, opts)
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    cp_group = ps.get_context_parallel_group() if par.context_parallel > 1 else None
+    layout = parallel.current_layout()  # open_model set the parallel state up
+    dp, dp_rank = layout.dp_size, layout.dp_rank
     mine = list(range(dp_rank, len(ds), dp))
     groups = [mine[i:i + samples_per_microbatch] for i in range(0, len(mine), samples_per_microbatch)]
     scored = roles
@@ -88,16 +85,16 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
                                                     "cp": par.context_parallel, "dp": dp, "bf16": bool(bf16),
                                                     "chunk_size": chunk_size, "rope_theta": arch.rope_theta,
                                                     "sequences": "policy" if policy_sequences else "reference"})
-    writes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+    writes = layout.is_last_stage and layout.tp_rank == 0 and layout.cp_rank == 0
     tokens = 0
     thd = opts.resolved_use_te()  # packed THD rows exactly when the model was built with TE
     bar = tqdm(groups, desc="reference log-probs", disable=not (progress and dist.get_rank() == 0))
+    spec = BatchSpec(roles=scored, pad_multiple=layout.pad_multiple, thd=thd, cp_size=layout.cp_size,
+                     cp_rank=layout.cp_rank, cp_group=layout.cp_group, device=platform.default_device())
     for idx in bar:
-        packed = pack([ds.sample(i) for i in idx], scored, par.pad_multiple())
-        tokens += int(packed.cu_seqlens[-1])
-        b = prepare_batch(packed, None, thd=thd, cp_size=par.context_parallel,
-                          cp_rank=ps.get_context_parallel_rank(), device=platform.default_device())
-        res = score(chunks, [b], chunk_size, cp_group)
+        b = micro_batch([ds.sample(i) for i in idx], spec, None, idx)
+        tokens += b.num_tokens
+        res = score(chunks, [b], chunk_size, layout)
         if writes:
             for role, (lp, n) in res[0].items():
                 writer.add(idx, roles[scored.index(role)], lp.tolist(), [int(x) for x in n.tolist()])

@@ -49,7 +49,7 @@ def grads(out, overrides):
     import torch.distributed as dist
 
     from megatron_longpo.config import load_config
-    from megatron_longpo.training.loop import build_trainer, forward_backward
+    from megatron_longpo.training.engine import build_trainer, forward_backward
 
     cfg = load_config(None, overrides)
     t = build_trainer(cfg)

@@ -12,7 +12,7 @@ def main():
     torch.cuda.set_device(rank)
     from transformer_engine.pytorch import DotProductAttention
 
-    from megatron_longpo.logprobs import cp_partition
+    from megatron_longpo.data.cp_split import cp_partition
 
     d = 64
     bf = torch.bfloat16

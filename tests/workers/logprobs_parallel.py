@@ -4,7 +4,8 @@ import torch.distributed as dist
 
 from megatron_longpo.logprobs import naive_target_logprobs, target_logprobs
 from megatron_longpo.losses import LossConfig, SeqStat
-from megatron_longpo.training.step import StepBatch, loss_from_token_logprobs
+from megatron_longpo.training.batch import StepBatch
+from megatron_longpo.training.step import loss_from_token_logprobs
 
 
 def tp_check(rank):
@@ -45,15 +46,15 @@ def tp_check(rank):
 def cp_check(rank, cp_group):
     """Packed row of 2 sequences (lengths 8 and 12, padded to multiples of 4) for 2 samples of a
     DPO pair; the policy token log-probs are the leaves whose gradients we compare."""
-    from megatron_longpo.logprobs import cp_partition
-    from megatron_longpo.training.step import _thd_seq_index
+    from megatron_longpo.data.cp_split import cp_partition
+    from megatron_longpo.models.packed_params import thd_seq_index
 
     g = torch.Generator().manual_seed(3)
     cu_pad = torch.tensor([0, 8, 20, 28, 40])  # 4 sequences: chosen/rejected of samples 0 and 1
     total = 40
     logp_full = -torch.rand(1, total, generator=g, dtype=torch.float64) * 3
     mask = (torch.rand(1, total, generator=g) > 0.3).float()
-    seq_index = _thd_seq_index(cu_pad, total).unsqueeze(0)
+    seq_index = thd_seq_index(cu_pad, total).unsqueeze(0)
     roles, samples = ["chosen", "rejected", "chosen", "rejected"], [0, 0, 1, 1]
     ref = {"ref_chosen": SeqStat(torch.tensor([-20.0, -25.0], dtype=torch.float64), torch.tensor([5.0, 6.0])),
            "ref_rejected": SeqStat(torch.tensor([-21.0, -19.0], dtype=torch.float64), torch.tensor([5.0, 6.0]))}

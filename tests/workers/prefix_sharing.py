@@ -23,7 +23,8 @@ def main(ckpt, data, roles, samples, share, out, precision="auto", sequence_role
     from megatron_longpo.data.packing import pack
     from megatron_longpo.data.prefix_sharing import build_shared_row
     from megatron_longpo.models.build import ModelOptions, build_model
-    from megatron_longpo.training.step import prepare_batch, prepare_shared_batch, run_model, sequence_statistics
+    from megatron_longpo.training.batch import prepare_batch, prepare_shared_batch
+    from megatron_longpo.training.step import run_model, sequence_statistics
 
     platform.enable_cpu_fallback()
     _, world = parallel.init_distributed()
@@ -32,7 +33,7 @@ def main(ckpt, data, roles, samples, share, out, precision="auto", sequence_role
     sequence_roles = tuple(r for r in sequence_roles.split(",") if r)
     arch, _ = ck.read_model_json(ckpt)
     par = parallel.ParallelConfig(context_parallel=world)
-    parallel.setup(par, arch=arch, cpu_cp=share)
+    layout = parallel.setup(par, arch=arch, cpu_cp=share)
     fp32 = precision == "fp32"
     if fp32 and (share or world > 1):
         raise SystemExit("fp32 is the two-sequence reference on one process")
@@ -65,7 +66,7 @@ def main(ckpt, data, roles, samples, share, out, precision="auto", sequence_role
         attn = unwrap(chunks[0]).decoder.layers[-1].self_attention.core_attention
         n_trunk = batch.packed_seq_params.n_trunk
         attn.register_forward_hook(lambda m, a, o: last.update(trunk_zero=bool(n_trunk) and not o[:n_trunk].any()))
-    logp = run_model(model, batch, 64)
+    logp = run_model(model, batch, 64, layout)
     stats = sequence_statistics(logp, batch, cp_group)
     roles = roles + tuple(f"{r}_sequence" for r in sequence_roles)
     # a scalar that weighs every role and sample differently

@@ -1,0 +1,141 @@
+"""The package's floors, read from its imports (ast, nothing imported): docs/architecture.md.
+
+Every import counts, module-level or inside a function (a lazy import is still a dependency),
+except those under `if TYPE_CHECKING:`."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "megatron_longpo"
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def _type_checking(node) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def _imports(name: str) -> set[str]:
+    """Dotted names this module imports (`from a import b`: a.b, and a when a.b is no module of ours)."""
+    path = MODULES[name]
+    tree = ast.parse(path.read_text(), str(path))
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _type_checking(node)
+            for child in node.body for n in ast.walk(child)}
+    pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
+                base = ".".join(up + ([base] if base else []))
+            for a in node.names:
+                full = f"{base}.{a.name}"
+                out.add(full)
+                if full not in MODULES:
+                    out.add(base)
+    return out
+
+
+IMPORTS = {name: _imports(name) for name in MODULES}
+
+
+def _under(name: str, *prefixes: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _offenders(sources, targets):
+    return sorted(f"{m} imports {i}" for m, imps in IMPORTS.items() if _under(m, *sources)
+                  for i in imps if _under(i, *targets))
+
+
+def test_the_module_list_is_real():
+    assert {"megatron_longpo.training.loop", "megatron_longpo.training.batch", "megatron_longpo.parallel",
+            "megatron_longpo.data.cp_split", "megatron_longpo.models.packed_params"} <= set(MODULES)
+    assert "megatron_longpo.training.step" in IMPORTS["megatron_longpo.training.engine"]
+
+
+def test_models_and_data_do_not_import_training():
+    assert _offenders(["megatron_longpo.models", "megatron_longpo.data"], ["megatron_longpo.training"]) == []
+
+
+def test_ground_floor_imports_nothing_above():
+    ground = ["megatron_longpo.data", "megatron_longpo.losses", "megatron_longpo.generation"]
+    above = ["megatron_longpo.models", "megatron_longpo.logprobs", "megatron_longpo.training"]
+    assert _offenders(ground, above) == []
+
+
+def test_config_and_platform_import_nothing_above_the_ground():
+    above = ["megatron_longpo.parallel", "megatron_longpo.models", "megatron_longpo.logprobs",
+             "megatron_longpo.training", "megatron_longpo.checkpoint", "megatron_longpo.eval"]
+    assert _offenders(["megatron_longpo.config", "megatron_longpo.platform"], above) == []
+
+
+def test_no_package_module_imports_tools():
+    assert _offenders(["megatron_longpo"], ["tools"]) == []
+
+
+# Allowed readers of megatron's global parallel state: parallel.py, the one adapter. (models/build.py
+# needs no exception: the stage flags come from the Layout; megatron's own layers read the state.)
+PARALLEL_STATE_READERS = {"megatron_longpo.parallel"}
+
+
+def test_parallel_state_is_read_in_parallel_py_only():
+    readers = {m for m, imps in IMPORTS.items() if "megatron.core.parallel_state" in imps}
+    assert readers <= PARALLEL_STATE_READERS, sorted(readers - PARALLEL_STATE_READERS)
+
+
+def test_no_import_circle():
+    graph = {m: {i for i in imps if i in MODULES and i != m} for m, imps in IMPORTS.items()}
+    index, low, on_stack, stack, cycles = {}, {}, set(), [], []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert cycles == []
+
+
+@pytest.mark.parametrize("path, limit", [("training/loop.py", 250)] + [
+    (p, 450) for p in ("training/engine.py", "training/train_state.py", "training/batch.py", "training/step.py",
+                       "training/data.py", "training/metrics.py", "training/reference.py", "models/packed_params.py",
+                       "models/prefix_attention.py", "data/cp_split.py", "data/prefix_sharing.py", "parallel.py",
+                       "config.py", "logprobs.py")])
+def test_file_sizes(path, limit):
+    n = len((PKG / path).read_text().splitlines())
+    assert n < limit, f"{path}: {n} lines"
