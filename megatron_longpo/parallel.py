@@ -105,10 +105,15 @@ def init_distributed(timeout_minutes: int = 10) -> tuple[int, int]:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        device = None
         if platform.cuda_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        # device_id binds the process group to this rank's GPU: NCCL's barrier() then knows the device
+        # instead of guessing it ("barrier(): using the device under current context" on every run)
         dist.init_process_group(
-            backend=platform.dist_backend(), timeout=datetime.timedelta(minutes=timeout_minutes)
+            backend=platform.dist_backend(), timeout=datetime.timedelta(minutes=timeout_minutes),
+            **({"device_id": device} if device is not None else {}),
         )
     return dist.get_rank(), dist.get_world_size()
 
