@@ -291,9 +291,23 @@ def advice(p: MemoryPlan) -> str:
             f"shorter rows (data.max_tokens)")
 
 
+def host_bytes() -> float | None:
+    import os
+
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def describe(p: MemoryPlan) -> str:
     tip = advice(p)
-    return p.table() + (f"\n  to fit: {tip}" if tip else "")
+    out = p.table() + (f"\n  to fit: {tip}" if tip else "")
+    ram = host_bytes()
+    if p.host and ram and p.host > 0.85 * ram:
+        out += (f"\n  host: {p.host / GIB:.1f} GiB of this machine's {ram / GIB:.1f} GiB: lower optim.offload_fraction "
+                f"(the rest of the optimizer stays on the GPU)")
+    return out
 
 
 def row_tokens_of_dataset(ds, *, share_prefix: bool, samples_per_microbatch: int, roles, sequence_roles=()) -> tuple[int, int]:
@@ -357,3 +371,50 @@ def check_run(cfg, arch, world: int, log=print) -> MemoryPlan | None:
         log(f"WARNING: the memory plan predicts {p.peak / GIB:.1f} of {p.device / GIB:.1f} GiB: it may run out of memory; "
             f"{advice(p) or 'model.recompute=full or optim.cpu_offload=true leave more room'}")
     return p
+
+
+H200_GIB = 139.8  # torch's total_memory of one H200 (--plan's default without a GPU)
+
+
+def plan_command(cfg, *, length: int | None = None, response: int = 512, world: int | None = None,
+                 device_gib: float | None = None, hf_config: str | None = None) -> str:
+    """`python -m megatron_longpo.train --plan`: the plan of this configuration without a GPU and
+    without building anything. The model from model.checkpoint (or a Hugging Face config.json); the
+    row from `length` (a LongPO pair of two `length`-token sequences with `response`-token answers:
+    one row of length + response tokens with data.share_prefix, two sequences otherwise), else the
+    dataset's longest sample (data.path)."""
+    import json
+    from pathlib import Path
+
+    from megatron_longpo.losses import sequence_roles
+
+    if hf_config:
+        from megatron_longpo.models.hf_config import arch_from_hf_config
+
+        arch = arch_from_hf_config(json.loads(Path(hf_config).read_text()))
+    else:
+        from megatron_longpo.checkpoint.dist import read_model_json
+
+        arch = read_model_json(cfg.model.checkpoint)[0]
+    p = cfg.parallel
+    world = world or p.tensor_parallel * p.pipeline_parallel * p.context_parallel
+    whole = bool(sequence_roles(cfg.loss))
+    if length:
+        spm = cfg.data.samples_per_microbatch
+        rows = spm * ((length + response) if cfg.data.share_prefix else 2 * length)
+        scored = spm * (2 * response + ((length - response) if whole else 0))
+        where = f"a pair of {length:,}-token sequences"
+    else:
+        from megatron_longpo.data.format import PairDataset
+        from megatron_longpo.losses import policy_roles
+
+        rows, scored = row_tokens_of_dataset(PairDataset(cfg.data.path), share_prefix=cfg.data.share_prefix,
+                                             samples_per_microbatch=cfg.data.samples_per_microbatch,
+                                             roles=policy_roles(cfg.loss), sequence_roles=sequence_roles(cfg.loss))
+        where = f"the longest sample of {cfg.data.path}"
+    dev = device_gib * GIB if device_gib else device_bytes() or H200_GIB * GIB
+    label = f"{dev / GIB:.1f} GiB" + ("" if device_gib or device_bytes() else " (an H200: --device-gib to change)")
+    pl = plan(PlanInputs.from_config(cfg, arch, world=world, row_tokens=rows, scored_tokens=scored, cuda=True), dev)
+    head = (f"{arch.architecture}, {arch.num_layers} layers; {where}: {rows:,} tokens per row"
+            f"{' (prefix-shared)' if cfg.data.share_prefix else ''}; {world} GPU(s) of {label}")
+    return head + "\n" + describe(pl)
