@@ -193,3 +193,37 @@ def test_refusal_names_the_knob():
     assert "to fit: turn" in P.describe(p)
     fits = P.plan(P.PlanInputs(arch, 131585, 131584, recompute="full", cpu_offload=True, precision_aware=True), 139.8 * P.GIB)
     assert fits.verdict == "fits" and P.advice(fits) == ""
+
+
+def _bench():
+    import importlib.util
+
+    from fixtures import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_train_step", ROOT / "tools/bench_train_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("limit", [5000, 70000, 131072, 200000, 300000])
+def test_until_oom_doubles_then_bisects_one_process_per_probe(limit):
+    bench = _bench()
+    calls = []
+
+    def probe(lengths):  # one "process": runs lengths in order, stops at the first that does not fit
+        calls.append(list(lengths))
+        rows = []
+        for n in lengths:
+            rows.append({"length": n, "status": "ok" if n <= limit else "OOM"})
+            if n > limit:
+                break
+        return rows
+
+    best, rows = bench.until_oom(probe, 32768, 8192, 1 << 20)
+    if limit < 8192:
+        assert best is None
+    else:
+        assert best is not None and limit - 8192 < best <= limit, (best, limit)
+    assert calls[0] == [32768, 65536, 131072, 262144, 524288, 1048576]  # the doubling ladder, one process
+    assert all(len(c) == 1 for c in calls[1:])  # every bisection probe in its own process
