@@ -63,6 +63,7 @@ def test_keys_reach_megatron_core_config_objects():
 @pytest.mark.parametrize("optim, kw, msg", [
     (OptimSection(cpu_offload=True), dict(cuda=False), "optim.cpu_offload=true needs a GPU"),
     (OptimSection(cpu_offload=True, distributed_optimizer=False), dict(cuda=True), "needs megatron's distributed optimizer"),
+    (OptimSection(cpu_offload=True, precision_aware=False), dict(cuda=True), "needs the precision-aware optimizer"),
     (OptimSection(offload_fraction=0.5), dict(cuda=True), "optim.offload_fraction=0.5 has no effect"),
     (OptimSection(offload_overlap=True), dict(cuda=True), "optim.offload_overlap=true has no effect"),
     (OptimSection(precision_aware=True), dict(cuda=True, use_te=False), "needs Transformer Engine's FusedAdam"),

@@ -100,8 +100,6 @@ def describe_memory(spec) -> str:
     parts = []
     if o.get("cpu_offload"):
         parts.append(f"offload {o.get('offload_fraction', 1.0):g}" + (" overlap" if o.get("offload_overlap") else ""))
-        if o.get("precision_aware") is False:
-            parts.append("not precision-aware")
     elif o.get("precision_aware"):
         parts.append("precision-aware")
     if o.get("grad_dtype", "fp32") != "fp32":
@@ -305,22 +303,25 @@ def spawn(spec, gpus: int, timeout: float) -> list[dict]:
     done = {r["length"] for r in rows}
     missing = [n for n in spec["lengths"] if n not in done]
     if missing and not (rows and rows[-1]["status"] == "OOM"):
-        base = {k: spec[k] for k in ("layout", "nll", "recompute")}
+        base = {"layout": spec["layout"], "nll": spec["nll"], "recompute": spec["recompute"] or "none"}
         rows.append({**base, "length": missing[0], "layers": spec["layers"], "gpus": gpus, "memory": describe_memory(spec),
                      "status": f"crashed (rc {rc})"})
     return rows
 
 
-def until_oom(probe, start: int, granularity: int, max_length: int) -> tuple[int | None, list]:
+def until_oom(probe, start: int, granularity: int, max_length: int, deadline: float | None = None) -> tuple[int | None, list]:
     """The longest length that fits: `probe(lengths)` runs lengths in order in ONE process and returns
     their rows, stopping at the first that does not fit. Doubling from `start` (one process), then
     bisecting between the longest fit and the shortest failure (one process per probe) down to
-    `granularity` tokens. Returns (longest fitting length or None, all rows)."""
+    `granularity` tokens, or until time.time() passes `deadline`. Returns (longest fitting length or
+    None, all rows)."""
     ladder = []
     n = start
-    while n <= max_length:
+    while n < max_length:
         ladder.append(n)
         n *= 2
+    if ladder[-1:] != [max_length]:
+        ladder.append(max_length)
     rows = probe(ladder)
     ok = [r["length"] for r in rows if r["status"] == "ok"]
     bad = [r["length"] for r in rows if r["status"] != "ok"]
@@ -329,7 +330,7 @@ def until_oom(probe, start: int, granularity: int, max_length: int) -> tuple[int
     if hi is None:
         return lo, rows
     lo_b = lo if lo is not None else 0
-    while hi - lo_b > granularity:
+    while hi - lo_b > granularity and (deadline is None or time.time() < deadline):
         mid = (lo_b + hi) // 2 // granularity * granularity
         if mid <= lo_b:
             break
@@ -379,8 +380,7 @@ def main(argv=None) -> int:
     p.add_argument("--granularity", type=int, default=8192, help="--until-oom: bisect down to this many tokens (8192)")
     p.add_argument("--max-length", type=int, default=1 << 20, help="--until-oom: do not try beyond this (1M)")
     p.add_argument("--offload", type=float, default=None, metavar="FRACTION",
-                   help="optim.cpu_offload=true with this optim.offload_fraction (precision-aware unless --no-precision-aware)")
-    p.add_argument("--no-precision-aware", action="store_true", help="with --offload: optim.precision_aware=false")
+                   help="optim.cpu_offload=true with this optim.offload_fraction (and the precision-aware optimizer)")
     p.add_argument("--offload-overlap", action="store_true", help="optim.offload_overlap=true")
     p.add_argument("--grad-dtype", choices=["fp32", "bf16"], default="fp32", help="optim.grad_dtype")
     p.add_argument("--activation-offload", type=int, default=0, metavar="N", help="model.activation_offload_layers")
@@ -395,6 +395,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing each length, profile one more step and print its N most costly GPU kernels")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per configuration process")
+    p.add_argument("--deadline", type=float, default=None, help="--until-oom: start no bisection probe after this many seconds")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--jsonl", help="append the rows here, one JSON object per line")
     p.add_argument("--table", metavar="JSONL", help="print the table of the rows in this file and exit")
@@ -426,19 +427,25 @@ def main(argv=None) -> int:
     optim = {"grad_dtype": args.grad_dtype}
     if args.offload is not None:
         optim.update(cpu_offload=True, offload_fraction=args.offload, offload_overlap=args.offload_overlap)
-        if args.no_precision_aware:
-            optim["precision_aware"] = False
     lengths = [int(x) for x in args.lengths.split(",")]
     rows = []
+    t_start = time.time()
     for layout in args.layouts.split(","):
         for mode in modes:
             spec = dict(layout=layout, nll=mode, recompute=args.recompute, lengths=lengths, response=args.response,
                         layers=args.layers, cp=args.cp or gpus, tiny=args.tiny, no_trunk_skip=args.no_trunk_skip,
                         warmup=args.warmup, iters=args.iters, profile=args.profile, optim=optim,
                         activation_offload=args.activation_offload, stop_at_oom=True)
-            probe = lambda ls, spec=spec: spawn({**spec, "lengths": ls}, gpus, args.timeout)  # noqa: E731
+            def probe(ls, spec=spec):
+                got = spawn({**spec, "lengths": ls}, gpus, args.timeout)
+                if args.jsonl:  # as they come: a later configuration that hangs loses nothing
+                    with open(args.jsonl, "a") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in got)
+                return got
+
             if args.until_oom:
-                best, got = until_oom(probe, lengths[0], args.granularity, args.max_length)
+                best, got = until_oom(probe, lengths[0], args.granularity, args.max_length,
+                                      deadline=t_start + args.deadline if args.deadline else None)
                 print(f"longest {layout} pair that fits ({mode} NLL, recompute {args.recompute or 'none'}, "
                       f"{describe_memory(spec)}): {best if best else 'none'} tokens per sequence "
                       f"(granularity {args.granularity})", flush=True)
@@ -447,7 +454,7 @@ def main(argv=None) -> int:
             rows += got
             oom = [r["length"] for r in got if r["status"] != "ok"]
             if oom and args.recompute_on_oom and args.recompute is None and not args.until_oom:
-                rows += spawn({**spec, "recompute": "full", "lengths": oom}, gpus, args.timeout)
+                rows += probe(oom, {**spec, "recompute": "full"})
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (--tiny)"
     print(f"\n{name} x{gpus}, {'tiny' if args.tiny else 'Mistral-7B'} layer shapes x {args.layers} layers, responses "
           f"{args.response} tokens, CP={args.cp or gpus}, median of {args.iters} steps after {args.warmup} warm-up; "
@@ -455,9 +462,6 @@ def main(argv=None) -> int:
     print_table(rows, M.peak_tflops(None) or 0)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
-    if args.jsonl:
-        with open(args.jsonl, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
     return 0
 
 

@@ -42,6 +42,10 @@ def check(optim, *, cuda: bool, use_te: bool, distributed_optimizer: bool, activ
         if not distributed_optimizer:
             no("optim.cpu_offload=true needs megatron's distributed optimizer (optim.distributed_optimizer=true): the "
                "precision-aware optimizer that keeps the fp32 parameter copy off the GPU exists only there")
+        if optim.precision_aware is False:
+            no("optim.cpu_offload=true needs the precision-aware optimizer (Megatron-LM asserts it: the hybrid device "
+               "optimizer reuses its code path; without it the distributed optimizer keeps an fp32 copy of every parameter "
+               "on the GPU, 4 bytes each); leave optim.precision_aware unset or true")
     pa = precision_aware(optim)
     if optim.precision_aware:
         if optim.name != "adam":
