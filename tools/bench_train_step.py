@@ -3,21 +3,24 @@
 NLL + DPO, optimizer step) with random weights of Mistral-7B layer shapes, two separate sequences
 vs. the prefix-shared row, at several lengths. Prints a table; --json writes it.
 
-  # 4 Mistral-7B layers on one GPU
-  torchrun --nproc-per-node 1 tools/bench_train_step.py --layers 4 --lengths 16384,32768,65536,131072
+  # 4 Mistral-7B layers on one GPU (each configuration runs in its own torchrun process)
+  python tools/bench_train_step.py --gpus 1 --layers 4 --lengths 16384,32768,65536,131072
   # LongPO's NLL over the whole chosen sequence (the default) next to the responses-only ablation
-  torchrun --nproc-per-node 1 tools/bench_train_step.py --layers 4 --lengths 65536,131072 \
-      --longpo-nll sequence,responses
-  # the longest pair that fits: 32 layers, CP=2 on two GPUs, full recompute
-  torchrun --nproc-per-node 2 tools/bench_train_step.py --layers 32 --cp 2 --layouts shared \\
-      --recompute full --lengths 65536,131072,196608,262144 --until-oom
+  python tools/bench_train_step.py --gpus 1 --layers 4 --lengths 65536,131072 --longpo-nll sequence,responses
+  # the full 32-layer Mistral-7B on one H200: CPU Adam for 3/4 of the parameters, bf16 gradients,
+  # full recompute; then the longest pair (doubling, then bisecting at 8K, one process per probe)
+  python tools/bench_train_step.py --gpus 1 --layers 32 --layouts shared --recompute full \
+      --offload 0.75 --grad-dtype bf16 --lengths 32768,65536,131072 --warmup 1 --iters 1
+  python tools/bench_train_step.py --gpus 1 --layers 32 --layouts shared --recompute full \
+      --offload 0.75 --grad-dtype bf16 --lengths 131072 --until-oom --warmup 0 --iters 1
 
 Lengths are tokens per sequence (prompt + response); every pair has a response of --response
 tokens on each side. Model FLOPs are those of the layout that runs (metrics.model_flops_per_token:
 causal attention counted as half the square, recomputation not counted, the output layer on the
 positions it runs on: the responses, and with --longpo-nll sequence every position of the chosen
 sequence too); MFU against the dense
-bf16 peak of the GPU (metrics.PEAK_TFLOPS: 989 TFLOP/s for H100/H200).
+bf16 peak of the GPU (metrics.PEAK_TFLOPS: 989 TFLOP/s for H100/H200). Next to the measured peak:
+the memory plan's prediction (training/memory_plan.py; docs/training.md "Will it fit").
 """
 
 from __future__ import annotations
