@@ -274,41 +274,60 @@ def print_table(rows, peak):
 ROW_TAG = "BENCH_ROW "
 
 
-def spawn(spec, gpus: int, timeout: float) -> list[dict]:
+def spawn(spec, gpus: int, timeout: float, jsonl: str | None = None) -> list[dict]:
     """Run one configuration in its own process(es) (torchrun, `gpus` ranks): an out-of-memory
     error, or a process the host killed, cannot hold memory that the next configuration needs.
-    Lengths whose row never came back are reported as `crashed (rc N)` (the first one) / not run."""
+    Each row is appended to `jsonl` as it arrives; a length whose row never came back is reported
+    as `crashed (rc N)` (killed after `timeout` seconds: rc timeout)."""
     import random
     import subprocess
+    import threading
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(gpus),
            f"--master-port={20000 + random.randrange(20000)}", str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     rows = []
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    timed_out = []
+
+    def kill():
+        # torchrun starts its workers in sessions of their own: SIGTERM lets it stop them, then SIGKILL it
+        timed_out.append(True)
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    watchdog = threading.Timer(timeout, kill)
+    watchdog.start()
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        t_end = time.time() + timeout
         for line in proc.stdout:
             if line.startswith(ROW_TAG):
-                rows.append(json.loads(line[len(ROW_TAG):]))
-                r = rows[-1]
+                r = json.loads(line[len(ROW_TAG):])
+                rows.append(r)
+                if jsonl:
+                    with open(jsonl, "a") as f:
+                        f.write(json.dumps(r) + "\n")
                 print(f"  {r['layout']} {r['nll']} {r['length']} {r['recompute']} [{r['memory']}]: {r['status']}"
                       + (f", {r['seconds']:.2f} s, peak {r['peak_mem_gib']:.1f} GiB (plan {r['predicted_peak_gib']:.1f})"
                          if r["status"] == "ok" else ""), flush=True)
             elif any(k in line for k in ("Error", "error:", "Traceback", "Killed")) and "Warn" not in line:
                 print("  | " + line.rstrip()[:300], flush=True)
-            if time.time() > t_end:
-                proc.kill()
-                break
-        rc = proc.wait(timeout=max(t_end - time.time(), 5))
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        rc = proc.wait()
+    finally:
+        watchdog.cancel()
+    if timed_out:
         rc = "timeout"
     done = {r["length"] for r in rows}
     missing = [n for n in spec["lengths"] if n not in done]
     if missing and not (rows and rows[-1]["status"] == "OOM"):
         base = {"layout": spec["layout"], "nll": spec["nll"], "recompute": spec["recompute"] or "none"}
-        rows.append({**base, "length": missing[0], "layers": spec["layers"], "gpus": gpus, "memory": describe_memory(spec),
-                     "status": f"crashed (rc {rc})"})
+        r = {**base, "length": missing[0], "layers": spec["layers"], "gpus": gpus, "memory": describe_memory(spec),
+             "status": f"crashed (rc {rc})"}
+        rows.append(r)
+        if jsonl:
+            with open(jsonl, "a") as f:
+                f.write(json.dumps(r) + "\n")
     return rows
 
 
@@ -440,11 +459,7 @@ def main(argv=None) -> int:
                         warmup=args.warmup, iters=args.iters, profile=args.profile, optim=optim,
                         activation_offload=args.activation_offload, stop_at_oom=True)
             def probe(ls, spec=spec):
-                got = spawn({**spec, "lengths": ls}, gpus, args.timeout)
-                if args.jsonl:  # as they come: a later configuration that hangs loses nothing
-                    with open(args.jsonl, "a") as f:
-                        f.writelines(json.dumps(r) + "\n" for r in got)
-                return got
+                return spawn({**spec, "lengths": ls}, gpus, args.timeout, args.jsonl)
 
             if args.until_oom:
                 best, got = until_oom(probe, lengths[0], args.granularity, args.max_length,
