@@ -151,6 +151,8 @@ class TrainSection:
                  keep_last=(_nonneg, ">= 0 (0: keep every checkpoint)"), log_interval=POSITIVE,
                  max_nonfinite_in_a_row=POSITIVE, exit_after=POSITIVE, stall_seconds=(_nonneg, ">= 0 (0: off)"),
                  seed=NON_NEGATIVE, peak_tflops=POSITIVE)
+        if self.memory_check in ("False", "false", "no"):  # YAML reads `off` as false
+            object.__setattr__(self, "memory_check", "off")
         if self.memory_check not in ("refuse", "warn", "off"):
             raise ValueError(f"train.memory_check must be refuse, warn or off, got {self.memory_check!r}")
 

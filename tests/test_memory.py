@@ -99,9 +99,16 @@ def cpu_engine():
     from megatron_longpo.models.build import ModelOptions
     from megatron_longpo.training.loop import build_engine
 
+    import os
+
     arch = _arch()
     par = parallel.ParallelConfig()
+    saved = dict(os.environ)
     parallel.setup(par, seed=0, arch=arch)
+    # the in-process group holds MASTER_PORT: tools the other tests start must not inherit it
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if k not in saved:
+            os.environ.pop(k, None)
     chunks, opt = build_engine(arch, par, ModelOptions(bf16=False, use_te=False), OptimSection(lr=1e-3), None)
     for c in chunks:
         c.zero_grad_buffer()
@@ -228,3 +235,25 @@ def test_until_oom_doubles_then_bisects_one_process_per_probe(limit):
         assert best is not None and limit - 8192 < best <= limit, (best, limit)
     assert calls[0] == [32768, 65536, 131072, 262144, 524288, 1048576]  # the doubling ladder, one process
     assert all(len(c) == 1 for c in calls[1:])  # every bisection probe in its own process
+
+
+def test_trainer_plan_refuses_or_warns_before_the_build(tiny_llama_ckpt, tiny_longpo_data, monkeypatch):
+    """check_run (called by build_trainer before the model is built) on a real dataset: its longest
+    sample sets the row; a GPU too small is refused with the knob, or warned about with memory_check=warn."""
+    from megatron_longpo.checkpoint.dist import read_model_json
+
+    arch = read_model_json(tiny_llama_ckpt)[0]
+    base = [f"model.checkpoint={tiny_llama_ckpt}", f"data.path={tiny_longpo_data}"]
+    lines = []
+    monkeypatch.setattr(P, "device_bytes", lambda: None)
+    p = P.check_run(load_config(None, base), arch, 1, lines.append)
+    assert p.verdict == "not checked (no GPU)" and lines[0].startswith("memory plan (per GPU, GiB):")
+    assert p.inputs.row_tokens > 100
+    tiny_gpu = p.peak / 2  # a GPU with half the predicted peak
+    monkeypatch.setattr(P, "device_bytes", lambda: tiny_gpu)
+    with pytest.raises(P.MemoryPlanError, match=r"more than the GPU's .*model.recompute=full.*train.memory_check=warn"):
+        P.check_run(load_config(None, base), arch, 1, lines.append)
+    lines.clear()
+    P.check_run(load_config(None, base + ["train.memory_check=warn"]), arch, 1, lines.append)
+    assert any(x.startswith("WARNING: the memory plan predicts") for x in lines)
+    assert P.check_run(load_config(None, base + ["train.memory_check=off"]), arch, 1, lines.append) is None
