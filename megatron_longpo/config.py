@@ -52,12 +52,13 @@ class ModelSection:
     recompute: str | None = None  # None | "full" | "selective"
     recompute_num_layers: int = 1
     logprob_chunk_size: int = 2048
+    activation_offload_layers: int = 0  # TE CPU offloading of this many layers' activations (docs/training.md "Will it fit"); 0: off
 
     def __post_init__(self):
         if self.recompute not in (None, "full", "selective"):
             raise ValueError(f"model.recompute must be null, full or selective, got {self.recompute!r}")
         _require("model", self, rope_theta=POSITIVE, max_position_embeddings=POSITIVE, recompute_num_layers=POSITIVE,
-                 logprob_chunk_size=POSITIVE)
+                 logprob_chunk_size=POSITIVE, activation_offload_layers=NON_NEGATIVE)
 
 
 class LayoutError(ValueError):
@@ -186,11 +187,23 @@ class OptimSection:
     clip_grad: float = 1.0
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
-
+    # memory (docs/training.md "Will it fit"; training/memory.py maps them onto megatron-core's configs)
+    cpu_offload: bool = False  # optimizer states and their update on the CPU (megatron's HybridDeviceOptimizer)
+    offload_fraction: float = 1.0  # with cpu_offload: the fraction of the parameters whose optimizer lives on the CPU
+    offload_overlap: bool = False  # with cpu_offload: overlap the gradient/parameter copies with the CPU step (more host memory)
+    precision_aware: bool | None = None  # megatron's precision-aware optimizer; None: on with cpu_offload (no fp32 copy of the parameters on the GPU)
+    grad_dtype: str = "fp32"  # the DDP gradient buffer (and reduction) dtype: fp32 | bf16
+    exp_avg_dtype: str = "fp32"  # Adam's first moment: fp32 | bf16 | fp16 (not fp32: needs precision_aware, GPU optimizer)
+    exp_avg_sq_dtype: str = "fp32"  # Adam's second moment: fp32 | bf16 | fp16 (same)
 
     def __post_init__(self):
         if self.name not in ("adam", "sgd"):
             raise ValueError(f"optim.name must be adam or sgd, got {self.name!r}")
+        for key, allowed in (("grad_dtype", ("fp32", "bf16")), ("exp_avg_dtype", ("fp32", "bf16", "fp16")),
+                             ("exp_avg_sq_dtype", ("fp32", "bf16", "fp16"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"optim.{key} must be {' or '.join(allowed)}, got {getattr(self, key)!r}")
+        _require("optim", self, offload_fraction=(lambda v: 0 < v <= 1, "in (0, 1]"))
         unit = (lambda v: 0 <= v < 1, "in [0, 1)")
         _require("optim", self, lr=(_pos, "> 0 (a learning rate of 0 trains nothing)"), min_lr=NON_NEGATIVE,
                  warmup_fraction=(lambda v: 0 <= v <= 1, "in [0, 1]"), weight_decay=NON_NEGATIVE, adam_beta1=unit,
@@ -214,6 +227,7 @@ class TrainSection:
     seed: int = 1234
     peak_tflops: float | None = None  # per-GPU dense bf16 peak for MFU; None = guess from the device name
     resume_fallback: bool = False  # the newest checkpoint is damaged: resume from the newest intact one (said in the log)
+    memory_check: str = "refuse"  # the memory plan predicts more than the GPU holds: refuse | warn | off (docs/training.md "Will it fit")
 
     def __post_init__(self):
         _require("train", self, steps=(_pos, ">= 1 (leave it unset, or null, for train.epochs epochs)"),
@@ -221,6 +235,10 @@ class TrainSection:
                  keep_last=(_nonneg, ">= 0 (0: keep every checkpoint)"), log_interval=POSITIVE,
                  max_nonfinite_in_a_row=POSITIVE, exit_after=POSITIVE, stall_seconds=(_nonneg, ">= 0 (0: off)"),
                  seed=NON_NEGATIVE, peak_tflops=POSITIVE)
+        if self.memory_check in ("False", "false", "no"):  # YAML reads `off` as false
+            object.__setattr__(self, "memory_check", "off")
+        if self.memory_check not in ("refuse", "warn", "off"):
+            raise ValueError(f"train.memory_check must be refuse, warn or off, got {self.memory_check!r}")
 
 
 @dataclass(frozen=True)

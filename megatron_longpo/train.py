@@ -13,6 +13,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_longpo.train", description=__doc__)
     p.add_argument("--config", help="YAML recipe (see examples/)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.lr=1e-6 parallel.tensor_parallel=2")
+    p.add_argument("--plan", action="store_true", help="print the memory plan (no GPU needed, nothing built) and exit")
+    p.add_argument("--length", type=int, help="--plan: a LongPO pair of this many tokens per sequence (default: the dataset's longest)")
+    p.add_argument("--response", type=int, default=512, help="--plan --length: response tokens per side (512)")
+    p.add_argument("--world", type=int, help="--plan: GPUs (default: TP x PP x CP)")
+    p.add_argument("--device-gib", type=float, help="--plan: GPU memory (default: this GPU's, else an H200's 139.8)")
+    p.add_argument("--hf-config", help="--plan: a Hugging Face config.json instead of model.checkpoint")
     a = p.parse_args(argv)
     from megatron_longpo.config import ConfigError, load_config
 
@@ -21,6 +27,16 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if a.plan:
+        from megatron_longpo.training.memory_plan import plan_command
+
+        try:
+            print(plan_command(cfg, length=a.length, response=a.response, world=a.world, device_gib=a.device_gib,
+                               hf_config=a.hf_config))
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     from megatron_longpo import parallel
     from megatron_longpo.training.engine import TrainingStopped
     from megatron_longpo.training.loop import train

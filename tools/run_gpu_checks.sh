@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and measurements, run on a GPU machine after Transformer Engine and megatron-core are
 # installed (see docs/foundation.md, "GPU"). Every number quoted in docs/ for a GPU comes from here.
-#   bash tools/run_gpu_checks.sh tests|bench|train(=train16)|all|diag|attn|cpgrads|prefix|bench_step|train_tp2|longpo_run|maxlen|demo|numerics
+#   bash tools/run_gpu_checks.sh tests|bench|train(=train16)|all|diag|attn|cpgrads|prefix|bench_step|train_tp2|longpo_run|maxlen|demo|numerics|fit7b
 # Logs go to $OUT (default /tmp/gpu-out).
 set -uo pipefail
 what=${1:-all}
@@ -95,8 +95,8 @@ if [ "$what" = bench_step ]; then
   for c in "${configs[@]}"; do
     set -- $c
     rc=$([ "$2" = full ] && echo "--recompute full" || echo "")
-    timeout -k 5 200 torchrun --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) tools/bench_train_step.py --layers 4 \
-      --layouts $1 $rc --lengths $3 ${@:4} --until-oom --iters 2 ${PROFILE:+--profile $PROFILE} --jsonl $OUT/bench_step.jsonl 2>&1 \
+    CUDA_VISIBLE_DEVICES=0 timeout -k 5 200 python3 tools/bench_train_step.py --gpus 1 --layers 4 \
+      --layouts $1 $rc --lengths $3 ${@:4} --iters 2 ${PROFILE:+--profile $PROFILE} --jsonl $OUT/bench_step.jsonl 2>&1 \
       | grep -v "Warn\|warn\|USDT" | tail -$((8 + 2 * ${PROFILE:-0} + 8)) >> "$OUT/bench_step.log"
   done
   python3 tools/bench_train_step.py --table $OUT/bench_step.jsonl | tee -a "$OUT/bench_step.log"
@@ -140,7 +140,34 @@ if [ "$what" = longpo_run ]; then
   cp ${W:-/tmp/longpo_smollm2}/table.md ${W:-/tmp/longpo_smollm2}/eval_*.json "$OUT/" 2>/dev/null
 fi
 if [ "$what" = maxlen ]; then
-  timeout -k 5 450 torchrun --nproc-per-node 2 --master-port=$((20000 + RANDOM % 20000)) tools/bench_train_step.py --layers 32 --cp 2 \
-    --layouts shared --recompute full --until-oom --iters 1 --lengths ${LENGTHS:-65536,131072,196608,262144} \
+  timeout -k 5 450 python3 tools/bench_train_step.py --gpus 2 --layers 32 --cp 2 \
+    --layouts shared --recompute full --iters 1 --lengths ${LENGTHS:-65536,131072,196608,262144} \
     --json $OUT/maxlen.json 2>&1 | grep -v "Warn\|warn" | tail -40 > "$OUT/maxlen.log"
+fi
+if [ "$what" = fit7b ] || [ "$what" = fit7b_longest ]; then
+  # issue #19 on ONE H200: the full 32-layer Mistral-7B shape (random weights), one prefix-shared
+  # LongPO pair, the paper's NLL (loss.longpo_nll=sequence), full recompute, Adam on the CPU for
+  # FRACTION of the parameters (precision-aware: no fp32 parameter copy on the GPU), bf16 gradient
+  # buffer. Every configuration / probe is its own process (bench_train_step.py); rows go to
+  # $OUT/fit7b.jsonl as they finish.
+  #   fit7b (~6.5 min): the plan, then s/pair, tokens/s, peak vs plan at 32K, 64K, 128K
+  #   fit7b_longest (~5-7 min): the longest pair: PROBE_FROM and PROBE_MAX in one process, then
+  #   bisecting at 16K while the deadline allows
+  F=${FRACTION:-0.75}
+  common="--gpus 1 --layers 32 --layouts shared --longpo-nll sequence --recompute full --offload $F --grad-dtype bf16"
+  if [ "$what" = fit7b ]; then
+    python3 -m megatron_longpo.train --plan --hf-config <(python3 -c "import json,sys; sys.path.insert(0,'tools'); \
+from bench_train_step import MISTRAL_7B as m; print(json.dumps({**m,'num_hidden_layers':32,'max_position_embeddings':262144}))") \
+      --length 131072 data.share_prefix=true model.recompute=full optim.cpu_offload=true optim.offload_fraction=$F \
+      optim.grad_dtype=bf16 > $OUT/fit7b_plan.txt 2>&1
+    CUDA_VISIBLE_DEVICES=0 python3 tools/bench_train_step.py $common --lengths ${LENGTHS:-32768,65536,131072} \
+      --warmup 1 --iters 1 --timeout ${A_SECONDS:-390} --jsonl $OUT/fit7b.jsonl 2>&1 \
+      | grep -v "Warn\|warn\|USDT" | tail -30 > $OUT/fit7b_A.log
+  else
+    CUDA_VISIBLE_DEVICES=0 python3 tools/bench_train_step.py $common --until-oom --lengths ${PROBE_FROM:-163840} \
+      --max-length ${PROBE_MAX:-196608} --granularity 16384 --warmup 0 --iters 1 --deadline ${B_DEADLINE:-240} \
+      --timeout ${B_SECONDS:-300} --jsonl $OUT/fit7b.jsonl 2>&1 | grep -v "Warn\|warn\|USDT" | tail -30 > $OUT/fit7b_B.log
+  fi
+  python3 tools/bench_train_step.py --table $OUT/fit7b.jsonl > $OUT/fit7b_table.md
+  free -g > $OUT/fit7b_host.txt
 fi

@@ -29,6 +29,7 @@ class ModelOptions:
     max_sequence_length: int | None = None  # defaults to the model's max_position_embeddings
     prefix_sharing: bool = False  # core attention for prefix-shared rows (models/prefix_attention.py)
     skip_unused_trunk: bool = True  # prefix sharing: the last layer skips unscored trunk queries (exact; off to measure it)
+    transformer_overrides: tuple = ()  # extra (key, value) pairs for TransformerConfig (training/memory.py: activation offloading)
 
     def resolved_use_te(self) -> bool:
         """Whether the model is built with the TE spec (and batches are packed THD rows for it)."""
@@ -80,6 +81,7 @@ def build_config(arch: ModelArch, par: ParallelConfig, opts: ModelOptions = Mode
         use_cpu_initialization=not platform.cuda_available(),
         recompute=opts.recompute,
         recompute_num_layers=opts.recompute_num_layers,
+        **dict(opts.transformer_overrides),
     )
 
 

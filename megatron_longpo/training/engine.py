@@ -28,6 +28,7 @@ from megatron_longpo.config import RunConfig
 from megatron_longpo.losses import policy_roles, reference_roles, sequence_roles
 from megatron_longpo.models.build import ModelOptions, build_model, unwrap
 from megatron_longpo.models.forward import run_schedule
+from megatron_longpo.training import memory
 from megatron_longpo.training.data import StepData
 from megatron_longpo.training.metrics import log
 from megatron_longpo.training.step import make_forward_step
@@ -71,6 +72,9 @@ def build_engine(arch, par: parallel.ParallelConfig, opts: ModelOptions, optim, 
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
 
+    memory.check(optim, cuda=platform.cuda_available(), use_te=opts.resolved_use_te(), distributed_optimizer=optim.distributed_optimizer,
+                 activation_offload_layers=dict(opts.transformer_overrides).get("cpu_offloading_num_layers", 0),
+                 recompute=opts.recompute, pipeline_parallel=par.pipeline_parallel, num_layers=arch.num_layers)
     chunks = build_model(arch, par, opts)
     tcfg = unwrap(chunks[0]).config
     tcfg.calculate_per_token_loss = True  # see training/step.py: divide by the global sample count
@@ -83,7 +87,7 @@ def build_engine(arch, par: parallel.ParallelConfig, opts: ModelOptions, optim, 
         log("note: megatron's distributed optimizer needs CUDA tensors; using the plain optimizer on the CPU")
         dist_opt = False
     ddp_cfg = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=optim.overlap_grad_reduce,
+        **memory.ddp_kwargs(optim), overlap_grad_reduce=optim.overlap_grad_reduce,
         use_distributed_optimizer=dist_opt, average_in_collective=False,
     )
     chunks = [DistributedDataParallel(tcfg, ddp_cfg, c, disable_bucketing=i > 0) for i, c in enumerate(chunks)]
@@ -98,7 +102,7 @@ def build_engine(arch, par: parallel.ParallelConfig, opts: ModelOptions, optim, 
         optimizer=optim.name, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
         adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
         bf16=opts.bf16, params_dtype=torch.bfloat16 if opts.bf16 else torch.float32, clip_grad=clip,
-        use_distributed_optimizer=dist_opt,
+        use_distributed_optimizer=dist_opt, **memory.optimizer_kwargs(optim),
     )
     optimizer = get_megatron_optimizer(ocfg, chunks)
     tcfg.grad_scale_func = optimizer.scale_loss
@@ -173,6 +177,9 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     arch = policy_arch(ckpt.read_model_json(cfg.model.checkpoint)[0], cfg.model)
     # the layout is checked (parallel.validate_layout, inside setup) before anything heavy is built
     layout = parallel.setup(par, seed=cfg.train.seed, arch=arch, cpu_cp=cfg.data.share_prefix)
+    from megatron_longpo.training.memory_plan import check_run
+
+    check_run(cfg, arch, layout.world_size, log)  # printed before the build; a run that cannot fit stops here (train.memory_check)
     check_save_dir(cfg.train.save_dir, cfg.model.checkpoint)
     resume_dir = Path(cfg.train.save_dir)
     resuming = (resume_dir / ckpt.LATEST).is_file()
@@ -181,7 +188,8 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     if cfg.model.bf16 and not bf16:
         log("note: bf16 needs a GPU; training in fp32 on the CPU")
     opts = ModelOptions(bf16=bf16, use_te=cfg.model.transformer_engine, recompute=cfg.model.recompute,
-                        recompute_num_layers=cfg.model.recompute_num_layers, prefix_sharing=cfg.data.share_prefix)
+                        recompute_num_layers=cfg.model.recompute_num_layers, prefix_sharing=cfg.data.share_prefix,
+                        transformer_overrides=memory.transformer_overrides(cfg.model))
     chunks, optimizer = build_engine(arch, par, opts, cfg.optim, None if resuming else cfg.model.checkpoint)
 
     data = StepData(cfg.data, roles=policy_roles(cfg.loss), ref_roles=reference_roles(cfg.loss), layout=layout,

@@ -1,0 +1,420 @@
+"""The memory plan: what one GPU holds at the peak of a training step, from arithmetic only (the
+model's architecture, the parallel layout, the memory keys and the row length), so that a run
+that cannot fit says so in seconds, with the knob to turn (docs/training.md, "Will it fit").
+
+Static memory is exact bookkeeping of megatron-core 0.19's tensors (checked on the CPU against
+the built model and optimizer, tests/test_memory.py):
+- parameters: bf16 (fp32 on the CPU); this rank's share under TP/PP;
+- gradients: the DDP buffer, fp32 (optim.grad_dtype=fp32) or the parameters' dtype;
+- optimizer (this rank's DP×CP shard with the distributed optimizer): without the precision-aware
+  optimizer an fp32 copy of the parameters stays ON THE GPU even with optim.cpu_offload (megatron's
+  DistributedOptimizer makes it before HybridDeviceOptimizer offloads its own copy: the ~27 GiB of
+  a 7B that offloading alone did not remove); Adam's two moments; with cpu_offload the offloaded
+  fraction's fp32 master, moments and a pinned fp32 gradient live in host memory instead.
+Activations are calibrated (CALIBRATION below) from one H200's measured peaks of 4 Mistral-7B
+layers, prefix-shared LongPO pair (docs/prefix_sharing.md): no recompute 76.06 / 132.60 GiB at
+64K / 128K (responses NLL) and 76.69 / 133.86 GiB (sequence NLL); full recompute 38 / 57 GiB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+GIB = 2**30
+
+# Measured peaks (GiB) the activation constants are fitted to: one H200, 4 Mistral-7B layers, bf16,
+# TE, prefix-shared pair with 512-token responses (row tokens 66,049 / 131,585), distributed Adam
+# with an fp32 gradient buffer, output layer in 2,048-token chunks (docs/prefix_sharing.md, issue #19).
+CALIBRATION = {
+    "rows": (66049, 131585),
+    "none_responses": (76.06, 132.60),
+    "none_sequence": (76.69, 133.86),
+    "full_responses": (38.0, 57.0),
+}
+MISTRAL = dict(h=4096, kv=1024, ffn=14336, layers=4, vocab=32000)
+
+
+def _layer_elems(h, kv, ffn):
+    """Activation elements per token of one layer that the formula scales with (saved tensors of a
+    pre-norm GQA SwiGLU layer: norm inputs/outputs, q/k/v, attention output, fc1 output, its gate)."""
+    return 7 * h + 2 * kv + 3 * ffn
+
+
+def _transient_elems(h, ffn):
+    """Elements per token of the backward's working set of one layer (fc1's output gradient, ...)."""
+    return 2 * ffn + h
+
+
+def _fit():
+    m, c = MISTRAL, CALIBRATION
+    static = _mistral_static_gib()
+    rows = c["rows"]
+    dn = (rows[1] - rows[0])
+    slope_none = (c["none_responses"][1] - c["none_responses"][0]) * GIB / dn  # bytes/token, all layers
+    slope_full = (c["full_responses"][1] - c["full_responses"][0]) * GIB / dn
+    inputs = m["layers"] * 2 * m["h"]  # full recompute keeps each layer's bf16 input
+    # none: L·a + t = slope_none ; full: L·2h + a + t = slope_full
+    a = (slope_none - (slope_full - inputs)) / (m["layers"] - 1)
+    t = slope_none - m["layers"] * a
+    seq = ((c["none_sequence"][0] - c["none_responses"][0]) + (c["none_sequence"][1] - c["none_responses"][1])) * GIB / (
+        rows[0] + rows[1])
+    workspace = c["none_responses"][0] - static - slope_none * rows[0] / GIB
+    return dict(saved=a / (2 * _layer_elems(m["h"], m["kv"], m["ffn"])), transient=t / (2 * _transient_elems(m["h"], m["ffn"])),
+                sequence_nll=seq / m["h"], workspace_gib=max(workspace, 0.0))
+
+
+def layer_params(arch) -> int:
+    h, hd = arch.hidden_size, arch.head_dim
+    q, kv = arch.num_attention_heads * hd, arch.num_query_groups * hd
+    n = h * (q + 2 * kv) + q * h + 3 * h * arch.ffn_hidden_size + 2 * h
+    if arch.qkv_bias:
+        n += q + 2 * kv
+    return n
+
+
+def stage_params(arch, tp: int = 1, pp: int = 1) -> int:
+    """Parameters on one rank of the largest pipeline stage (the embedding's or the output layer's)."""
+    per_layer = layer_params(arch)
+    h = arch.hidden_size
+    norms = 2 * h  # replicated over TP
+    layers = arch.num_layers // pp
+    body = layers * ((per_layer - norms) // tp + norms)
+    emb = arch.padded_vocab_size * h // tp
+    first = body + emb + (h if pp == 1 else 0) + (0 if arch.tie_word_embeddings or pp > 1 else emb)
+    last = body + h + (0 if arch.tie_word_embeddings else emb)
+    return first if pp == 1 else max(first, last)
+
+
+def _mistral_static_gib() -> float:
+    """The calibration runs' static memory: 18 bytes/parameter (bf16 + fp32 grads + fp32 main + Adam)."""
+    m = MISTRAL
+    per_layer = m["h"] * (m["h"] + 2 * m["kv"]) + m["h"] * m["h"] + 3 * m["h"] * m["ffn"] + 2 * m["h"]
+    n = m["layers"] * per_layer + 2 * m["vocab"] * m["h"] + m["h"]
+    return n * 18 / GIB
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """Everything the plan reads; `from_config` fills it from a RunConfig."""
+
+    arch: object
+    row_tokens: int  # tokens of the longest micro-batch row (before the CP split)
+    scored_tokens: int  # positions the output layer projects (responses; + the chosen sequence with longpo_nll=sequence)
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int = 1
+    sequence_parallel: bool = False
+    microbatches: int = 1
+    bf16: bool = True
+    distributed_optimizer: bool = True
+    optimizer: str = "adam"
+    grad_dtype: str = "fp32"
+    cpu_offload: bool = False
+    offload_fraction: float = 1.0
+    precision_aware: bool = False
+    exp_avg_dtype: str = "fp32"
+    exp_avg_sq_dtype: str = "fp32"
+    recompute: str | None = None
+    recompute_num_layers: int = 1
+    activation_offload_layers: int = 0
+    logprob_chunk: int = 2048
+
+    @classmethod
+    def from_config(cls, cfg, arch, *, world: int, row_tokens: int, scored_tokens: int, cuda: bool) -> "PlanInputs":
+        from megatron_longpo.training import memory
+
+        p = cfg.parallel
+        dp = max(world // (p.tensor_parallel * p.pipeline_parallel * p.context_parallel), 1)
+        o = cfg.optim
+        spm = cfg.data.samples_per_microbatch
+        per_rank = max(cfg.data.global_batch_size // max(dp, 1), 1)
+        return cls(arch=arch, row_tokens=row_tokens, scored_tokens=scored_tokens, tp=p.tensor_parallel,
+                   pp=p.pipeline_parallel, cp=p.context_parallel, dp=dp, sequence_parallel=p.sequence_parallel,
+                   microbatches=max(per_rank // spm, 1), bf16=cfg.model.bf16 and cuda,
+                   distributed_optimizer=o.distributed_optimizer and cuda, optimizer=o.name, grad_dtype=o.grad_dtype,
+                   cpu_offload=o.cpu_offload, offload_fraction=o.offload_fraction, precision_aware=memory.precision_aware(o),
+                   exp_avg_dtype=o.exp_avg_dtype, exp_avg_sq_dtype=o.exp_avg_sq_dtype, recompute=cfg.model.recompute,
+                   recompute_num_layers=cfg.model.recompute_num_layers,
+                   activation_offload_layers=cfg.model.activation_offload_layers, logprob_chunk=cfg.model.logprob_chunk_size)
+
+
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    inputs: PlanInputs
+    params: float  # bytes, GPU
+    grads: float
+    main_params: float  # fp32 parameter copy kept on the GPU by the optimizer
+    optim_states: float  # Adam moments on the GPU
+    step_transient: float  # allocated only during the optimizer step (fp32 gradient copies)
+    activations: float
+    logprobs: float
+    workspace: float
+    host: float  # host memory for the offloaded optimizer / activations
+    device: float | None = None  # bytes the GPU holds (None: not checked)
+
+    @property
+    def static(self) -> float:
+        return self.params + self.grads + self.main_params + self.optim_states
+
+    @property
+    def peak(self) -> float:
+        backward = self.static + self.activations + self.logprobs + self.workspace
+        return max(backward, self.static + self.step_transient)
+
+    @property
+    def ratio(self) -> float | None:
+        return None if not self.device else self.peak / self.device
+
+    @property
+    def verdict(self) -> str:
+        r = self.ratio
+        if r is None:
+            return "not checked (no GPU)"
+        return "fits" if r <= 0.9 else "tight (within the plan's 10%)" if r <= 1.1 else "does not fit"
+
+    def table(self) -> str:
+        g = lambda b: f"{b / GIB:7.1f}"  # noqa: E731
+        i = self.inputs
+        rec = i.recompute or "none"
+        opt = (f"{i.optimizer}, distributed over DP×CP={i.dp * i.cp}" if i.distributed_optimizer else i.optimizer)
+        if i.cpu_offload:
+            opt += f", {i.offload_fraction:g} on the CPU"
+        rows = [
+            ("parameters", self.params, f"{stage_params(i.arch, i.tp, i.pp):,} x {'bf16' if i.bf16 else 'fp32'}"),
+            ("gradients", self.grads, f"DDP buffer, {self._grad_bytes()}-byte"),
+            ("fp32 parameter copy", self.main_params, "the optimizer's, on the GPU"),
+            ("optimizer states", self.optim_states, opt),
+            (f"activations ({i.row_tokens:,} tokens / CP {i.cp})", self.activations,
+             f"recompute {rec}" + (f", {i.activation_offload_layers} layers offloaded" if i.activation_offload_layers else "")),
+            ("log-prob chunks", self.logprobs, f"{min(i.logprob_chunk, max(i.scored_tokens, 1)):,} positions x vocab/TP, fp32"),
+            ("workspace", self.workspace, "calibrated"),
+        ]
+        lines = ["memory plan (per GPU, GiB):"] + [f"  {name:<40}{g(b)}  {note}" for name, b, note in rows]
+        if self.step_transient:
+            lines.append(f"  {'(optimizer step: fp32 gradient copies)':<40}{g(self.step_transient)}  not at the backward's peak")
+        if self.host:
+            lines.append(f"  {'host memory (offloaded)':<40}{g(self.host)}")
+        dev = f" of {self.device / GIB:.1f} GiB" if self.device else ""
+        pct = f" ({100 * self.ratio:.0f}%)" if self.ratio else ""
+        lines.append(f"  {'predicted peak':<40}{g(self.peak)}{dev}{pct}: {self.verdict}")
+        return "\n".join(lines)
+
+    def _grad_bytes(self) -> int:
+        i = self.inputs
+        return 4 if i.grad_dtype == "fp32" else (2 if i.bf16 else 4)
+
+
+def plan(i: PlanInputs, device_bytes: float | None = None) -> MemoryPlan:
+    c = _fit()
+    a = i.arch
+    n = stage_params(a, i.tp, i.pp)
+    pbytes = 2 if i.bf16 else 4
+    gbytes = 4 if i.grad_dtype == "fp32" else pbytes
+    params, grads = n * pbytes, n * gbytes
+    shard = n / (i.dp * i.cp) if i.distributed_optimizer else n
+    adam = i.optimizer == "adam"
+    moments = (_BYTES[i.exp_avg_dtype] + _BYTES[i.exp_avg_sq_dtype]) if (adam and i.precision_aware) else (8 if adam else 0)
+    f = i.offload_fraction if i.cpu_offload else 0.0
+    main = optim = transient = host = 0.0
+    if i.bf16:
+        if i.cpu_offload:
+            if not i.precision_aware:
+                main = 4 * shard  # DistributedOptimizer's fp32 shard stays on the GPU
+                optim = moments * shard * (1 - f)
+            else:
+                main = 4 * shard * (1 - f)  # HybridDeviceOptimizer's fp32 copy of the GPU part
+                optim = moments * shard * (1 - f)
+                if gbytes != 4:
+                    transient = 4 * shard * (1 - f)  # grad.to(fp32) for the GPU part
+            host = shard * f * (4 + (8 if adam else 0) + 4 + (2 if i.precision_aware else 0))  # master, moments, pinned grad (+ the pinned bf16 staging copy, kept by the pinned-memory cache)
+        else:
+            main = 4 * shard
+            optim = moments * shard
+            if gbytes != 4:
+                transient = 4 * shard  # main.grad = shard_grad.float()
+    else:
+        optim = (8 if adam else 0) * n  # fp32 parameters: no copy; Adam's moments
+    # activations, per GPU
+    e = (2 if i.bf16 else 4) / 2  # the calibration is bf16
+    h, kv, ffn = a.hidden_size, a.num_query_groups * a.head_dim, a.ffn_hidden_size
+    tok = i.row_tokens / i.cp
+    split = i.tp if i.sequence_parallel else 1
+    layer = c["saved"] * 2 * e * (5 * h / split + (2 * h + 2 * kv + 3 * ffn) / i.tp) * tok
+    trans = c["transient"] * 2 * e * (h / split + 2 * ffn / i.tp) * tok
+    layers = a.num_layers // i.pp
+    in_flight = min(i.pp, i.microbatches) if i.pp > 1 else 1
+    if i.recompute == "full":
+        k = i.recompute_num_layers
+        saved = (layers / k) * 2 * e * h / split * tok * in_flight + k * layer
+    elif i.activation_offload_layers:
+        kept = layers - i.activation_offload_layers + 1  # + one layer's reload buffer
+        saved = kept * layer * in_flight
+        host += i.activation_offload_layers * layer
+    else:  # selective recompute is planned as none (TE's fused attention saves no score matrix to drop)
+        saved = layers * layer * in_flight
+    seq_extra = c["sequence_nll"] * h * e * i.scored_tokens / i.cp  # whole-sequence NLL's kept statistics
+    acts = saved + trans + seq_extra
+    logp = min(i.logprob_chunk, max(i.scored_tokens, 1)) * a.padded_vocab_size / i.tp * 4 * 2
+    return MemoryPlan(i, params, grads, main, optim, transient, acts, logp, c["workspace_gib"] * GIB, host, device_bytes)
+
+
+KNOBS = (
+    ("model.recompute=full", lambda i: i.recompute != "full" and not i.activation_offload_layers,
+     lambda i: replace(i, recompute="full", recompute_num_layers=1)),
+    ("optim.cpu_offload=true", lambda i: i.bf16 and i.distributed_optimizer and not i.cpu_offload,
+     lambda i: replace(i, cpu_offload=True, offload_fraction=1.0, precision_aware=i.optimizer == "adam",
+                       exp_avg_dtype="fp32", exp_avg_sq_dtype="fp32")),
+    ("optim.offload_fraction=1.0", lambda i: i.cpu_offload and i.offload_fraction < 1, lambda i: replace(i, offload_fraction=1.0)),
+    ("optim.grad_dtype=bf16", lambda i: i.bf16 and i.grad_dtype == "fp32", lambda i: replace(i, grad_dtype="bf16")),
+)
+
+
+def advice(p: MemoryPlan) -> str:
+    """The knobs (cumulative, cheapest first) that bring the predicted peak under the GPU's memory."""
+    if not p.device or p.peak <= p.device:
+        return ""
+    i, turned = p.inputs, []
+    for name, applies, apply in KNOBS:
+        if applies(i):
+            i = apply(i)
+            turned.append(name)
+            q = plan(i, p.device)
+            if q.peak <= 0.95 * p.device:
+                return f"turn {' '.join(turned)} (predicted {q.peak / GIB:.1f} GiB)"
+    q = plan(i, p.device)
+    more = f" even with {' '.join(turned)} ({q.peak / GIB:.1f} GiB)" if turned else ""
+    return (f"does not fit{more}: split the row over more GPUs (parallel.context_parallel, tensor_parallel) or train "
+            f"shorter rows (data.max_tokens)")
+
+
+def host_bytes() -> float | None:
+    import os
+
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def describe(p: MemoryPlan) -> str:
+    tip = advice(p)
+    out = p.table() + (f"\n  to fit: {tip}" if tip else "")
+    ram = host_bytes()
+    if p.host and ram and p.host > 0.85 * ram:
+        out += (f"\n  host: {p.host / GIB:.1f} GiB of this machine's {ram / GIB:.1f} GiB: lower optim.offload_fraction "
+                f"(the rest of the optimizer stays on the GPU)")
+    return out
+
+
+def row_tokens_of_dataset(ds, *, share_prefix: bool, samples_per_microbatch: int, roles, sequence_roles=()) -> tuple[int, int]:
+    """(row tokens, scored positions) of the dataset's longest sample times samples_per_microbatch:
+    each sample's sequences of `roles` summed, less the chosen/rejected shared prefix with
+    share_prefix (an upper bound for multi-turn samples)."""
+    from megatron_longpo.data.prefix_sharing import shared_prefix_length
+
+    best = (0, 0)
+    for k in range(len(ds)):
+        s = ds.sample(k)
+        seqs = {r: s.sequences(r) for r in roles if r in s.roles}
+        n = sum(len(q) for qs in seqs.values() for q in qs)
+        if share_prefix and seqs.get("chosen") and seqs.get("rejected"):
+            n -= shared_prefix_length(seqs["chosen"][0], seqs["rejected"][0])
+        scored = sum(int(q.loss_mask.sum()) if hasattr(q, "loss_mask") else 0 for qs in seqs.values() for q in qs)
+        scored += sum(len(q) for r in sequence_roles for q in seqs.get(r, ()))
+        if n > best[0]:
+            best = (n, scored)
+    return best[0] * samples_per_microbatch, best[1] * samples_per_microbatch
+
+
+class MemoryPlanError(ValueError):
+    """The plan predicts that the run does not fit on the GPU (train.memory_check=refuse)."""
+
+
+def device_bytes() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+
+
+def check_run(cfg, arch, world: int, log=print) -> MemoryPlan | None:
+    """The trainer's plan before the model is built: printed (rank 0 via `log`), and a run predicted
+    not to fit by more than the plan's 10% refused (train.memory_check=refuse; warn: a warning)."""
+    if cfg.train.memory_check == "off" or not cfg.data.path:
+        return None
+    from megatron_longpo.data.format import PairDataset
+    from megatron_longpo.losses import policy_roles, sequence_roles
+    from megatron_longpo import platform
+
+    try:
+        ds = PairDataset(cfg.data.path)
+    except Exception:  # noqa: BLE001 - the data's own error comes from StepData, with its message
+        return None
+    rows, scored = row_tokens_of_dataset(ds, share_prefix=cfg.data.share_prefix,
+                                         samples_per_microbatch=cfg.data.samples_per_microbatch,
+                                         roles=policy_roles(cfg.loss), sequence_roles=sequence_roles(cfg.loss))
+    p = plan(PlanInputs.from_config(cfg, arch, world=world, row_tokens=rows, scored_tokens=scored,
+                                    cuda=platform.cuda_available()), device_bytes())
+    log(describe(p))
+    if p.verdict == "does not fit":
+        msg = (f"the memory plan predicts {p.peak / GIB:.1f} GiB per GPU for rows of {rows:,} tokens, more than the GPU's "
+               f"{p.device / GIB:.1f} GiB; {advice(p)}; train.memory_check=warn runs it anyway")
+        if cfg.train.memory_check == "refuse":
+            raise MemoryPlanError(msg)
+        log(f"WARNING: {msg}")
+    elif p.verdict.startswith("tight"):
+        log(f"WARNING: the memory plan predicts {p.peak / GIB:.1f} of {p.device / GIB:.1f} GiB: it may run out of memory; "
+            f"{advice(p) or 'model.recompute=full or optim.cpu_offload=true leave more room'}")
+    return p
+
+
+H200_GIB = 139.8  # torch's total_memory of one H200 (--plan's default without a GPU)
+
+
+def plan_command(cfg, *, length: int | None = None, response: int = 512, world: int | None = None,
+                 device_gib: float | None = None, hf_config: str | None = None) -> str:
+    """`python -m megatron_longpo.train --plan`: the plan of this configuration without a GPU and
+    without building anything. The model from model.checkpoint (or a Hugging Face config.json); the
+    row from `length` (a LongPO pair of two `length`-token sequences with `response`-token answers:
+    one row of length + response tokens with data.share_prefix, two sequences otherwise), else the
+    dataset's longest sample (data.path)."""
+    import json
+    from pathlib import Path
+
+    from megatron_longpo.losses import sequence_roles
+
+    if hf_config:
+        from megatron_longpo.models.hf_config import arch_from_hf_config
+
+        arch = arch_from_hf_config(json.loads(Path(hf_config).read_text()))
+    else:
+        from megatron_longpo.checkpoint.dist import read_model_json
+
+        arch = read_model_json(cfg.model.checkpoint)[0]
+    p = cfg.parallel
+    world = world or p.tensor_parallel * p.pipeline_parallel * p.context_parallel
+    whole = bool(sequence_roles(cfg.loss))
+    if length:
+        spm = cfg.data.samples_per_microbatch
+        rows = spm * ((length + response) if cfg.data.share_prefix else 2 * length)
+        scored = spm * (2 * response + ((length - response) if whole else 0))
+        where = f"a pair of {length:,}-token sequences"
+    else:
+        from megatron_longpo.data.format import PairDataset
+        from megatron_longpo.losses import policy_roles
+
+        rows, scored = row_tokens_of_dataset(PairDataset(cfg.data.path), share_prefix=cfg.data.share_prefix,
+                                             samples_per_microbatch=cfg.data.samples_per_microbatch,
+                                             roles=policy_roles(cfg.loss), sequence_roles=sequence_roles(cfg.loss))
+        where = f"the longest sample of {cfg.data.path}"
+    dev = device_gib * GIB if device_gib else device_bytes() or H200_GIB * GIB
+    label = f"{dev / GIB:.1f} GiB" + ("" if device_gib or device_bytes() else " (an H200: --device-gib to change)")
+    pl = plan(PlanInputs.from_config(cfg, arch, world=world, row_tokens=rows, scored_tokens=scored, cuda=True), dev)
+    head = (f"{arch.architecture}, {arch.num_layers} layers; {where}: {rows:,} tokens per row"
+            f"{' (prefix-shared)' if cfg.data.share_prefix else ''}; {world} GPU(s) of {label}")
+    return head + "\n" + describe(pl)

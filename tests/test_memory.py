@@ -1,0 +1,259 @@
+"""Memory keys -> megatron-core's config objects, refused combinations, and the memory plan's
+arithmetic against the tensors of a real (tiny, CPU) model and optimizer (docs/training.md "Will it fit")."""
+
+import pytest
+import torch
+
+from megatron_longpo.config import ConfigError, OptimSection, load_config
+from megatron_longpo.training import memory
+from megatron_longpo.training import memory_plan as P
+
+TINY = dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=160,
+            vocab_size=1000, rms_norm_eps=1e-5, rope_theta=1e4, tie_word_embeddings=False, hidden_act="silu",
+            num_hidden_layers=3, max_position_embeddings=4096)
+
+
+def _arch(**kw):
+    from megatron_longpo.models.hf_config import arch_from_hf_config
+
+    return arch_from_hf_config({**TINY, **kw})
+
+
+def test_keys_parse_and_bad_values_name_the_key():
+    cfg = load_config(None, ["optim.cpu_offload=true", "optim.offload_fraction=0.5", "optim.offload_overlap=true",
+                             "optim.grad_dtype=bf16", "model.activation_offload_layers=2", "train.memory_check=warn"])
+    assert (cfg.optim.cpu_offload, cfg.optim.offload_fraction, cfg.optim.offload_overlap, cfg.optim.grad_dtype) == (
+        True, 0.5, True, "bf16")
+    assert cfg.model.activation_offload_layers == 2 and cfg.train.memory_check == "warn"
+    assert memory.precision_aware(cfg.optim) is True  # None: on with cpu_offload
+    for bad, key in (("optim.grad_dtype=fp8", "optim.grad_dtype"), ("optim.offload_fraction=0", "optim.offload_fraction"),
+                     ("optim.exp_avg_dtype=int8", "optim.exp_avg_dtype"), ("train.memory_check=maybe", "train.memory_check"),
+                     ("model.activation_offload_layers=-1", "model.activation_offload_layers")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, [bad])
+
+
+def test_keys_reach_megatron_core_config_objects():
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_longpo.models.build import ModelOptions, build_config
+    from megatron_longpo.parallel import ParallelConfig
+
+    o = OptimSection(cpu_offload=True, offload_fraction=0.75, offload_overlap=True, grad_dtype="bf16")
+    oc = OptimizerConfig(optimizer="adam", lr=1e-5, bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=True,
+                         **memory.optimizer_kwargs(o))
+    assert oc.optimizer_cpu_offload and oc.optimizer_offload_fraction == 0.75 and oc.overlap_cpu_optimizer_d2h_h2d
+    assert oc.use_precision_aware_optimizer and oc.main_grads_dtype == torch.bfloat16
+    assert oc.use_precision_aware_optimizer_no_fp8_or_ds_fp8  # the branch that keeps no fp32 copy on the GPU
+    default = OptimizerConfig(optimizer="adam", lr=1e-5, **memory.optimizer_kwargs(OptimSection()))
+    assert not default.optimizer_cpu_offload and not default.use_precision_aware_optimizer
+    assert default.main_grads_dtype == torch.float32
+    assert DistributedDataParallelConfig(**memory.ddp_kwargs(o)).grad_reduce_in_fp32 is False
+    assert DistributedDataParallelConfig(**memory.ddp_kwargs(OptimSection())).grad_reduce_in_fp32 is True
+    cfg = load_config(None, ["model.activation_offload_layers=2"])
+    tc = build_config(_arch(), ParallelConfig(), ModelOptions(transformer_overrides=memory.transformer_overrides(cfg.model)))
+    assert tc.cpu_offloading and tc.cpu_offloading_num_layers == 2 and tc.cpu_offloading_activations
+    assert not tc.cpu_offloading_weights
+    tc = build_config(_arch(), ParallelConfig(), ModelOptions(recompute="full", recompute_num_layers=3))
+    assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == ("full", "uniform", 3)
+    assert not tc.cpu_offloading
+
+
+@pytest.mark.parametrize("optim, kw, msg", [
+    (OptimSection(cpu_offload=True), dict(cuda=False), "optim.cpu_offload=true needs a GPU"),
+    (OptimSection(cpu_offload=True, distributed_optimizer=False), dict(cuda=True), "needs megatron's distributed optimizer"),
+    (OptimSection(cpu_offload=True, precision_aware=False), dict(cuda=True), "needs the precision-aware optimizer"),
+    (OptimSection(offload_fraction=0.5), dict(cuda=True), "optim.offload_fraction=0.5 has no effect"),
+    (OptimSection(offload_overlap=True), dict(cuda=True), "optim.offload_overlap=true has no effect"),
+    (OptimSection(precision_aware=True), dict(cuda=True, use_te=False), "needs Transformer Engine's FusedAdam"),
+    (OptimSection(precision_aware=True, name="sgd"), dict(cuda=True), "needs optim.name=adam"),
+    (OptimSection(exp_avg_dtype="bf16"), dict(cuda=True), "optim.exp_avg_dtype=bf16 needs optim.precision_aware=true"),
+    (OptimSection(cpu_offload=True, exp_avg_sq_dtype="bf16"), dict(cuda=True), "not honoured with optim.cpu_offload"),
+    (OptimSection(), dict(cuda=False, activation_offload_layers=1), "needs a GPU with Transformer Engine"),
+    (OptimSection(), dict(cuda=True, activation_offload_layers=1, recompute="full"), "cannot be combined with model.recompute"),
+    (OptimSection(), dict(cuda=True, activation_offload_layers=1, pipeline_parallel=2), "does not support pipeline"),
+    (OptimSection(), dict(cuda=True, activation_offload_layers=4, num_layers=4), "must be below the number of layers"),
+])
+def test_impossible_combinations_are_refused_with_one_message(optim, kw, msg):
+    args = dict(cuda=True, use_te=True, distributed_optimizer=optim.distributed_optimizer)
+    args.update(kw)
+    with pytest.raises(memory.MemoryOptionError, match=msg) as e:
+        memory.check(optim, **args)
+    assert "\n" not in str(e.value)
+
+
+def test_possible_combinations_pass():
+    memory.check(OptimSection(), cuda=False, use_te=False, distributed_optimizer=True)
+    memory.check(OptimSection(grad_dtype="bf16"), cuda=False, use_te=False, distributed_optimizer=False)
+    memory.check(OptimSection(cpu_offload=True, offload_fraction=0.5, grad_dtype="bf16"), cuda=True, use_te=True,
+                 distributed_optimizer=True, recompute="full")
+    memory.check(OptimSection(), cuda=True, use_te=True, distributed_optimizer=True, activation_offload_layers=3, num_layers=4)
+
+
+@pytest.fixture(scope="module")
+def cpu_engine():
+    """The real engine (build_engine: model, DDP, megatron optimizer) of a tiny untied Llama on the
+    CPU (fp32, plain optimizer), after one Adam step so that its moments exist."""
+    from megatron_longpo import parallel
+    from megatron_longpo.models.build import ModelOptions
+    from megatron_longpo.training.loop import build_engine
+
+    import os
+
+    arch = _arch()
+    par = parallel.ParallelConfig()
+    saved = dict(os.environ)
+    parallel.setup(par, seed=0, arch=arch)
+    # the in-process group holds MASTER_PORT: tools the other tests start must not inherit it
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if k not in saved:
+            os.environ.pop(k, None)
+    chunks, opt = build_engine(arch, par, ModelOptions(bf16=False, use_te=False), OptimSection(lr=1e-3), None)
+    for c in chunks:
+        c.zero_grad_buffer()
+        for b in c.buffers:
+            b.grad_data.fill_(1e-3)
+    opt.step()
+    return arch, chunks, opt
+
+
+def test_plan_static_memory_equals_the_built_tensors(cpu_engine):
+    arch, chunks, opt = cpu_engine
+    params = {id(p): p for c in chunks for p in c.parameters()}
+    param_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    grad_bytes = sum(b.grad_data.numel() * b.grad_data.element_size() for c in chunks for b in c.buffers)
+    state_bytes = 0
+    for st in opt.state_dict()["optimizer"]["state"].values() if "optimizer" in opt.state_dict() else opt.state_dict()["state"].values():
+        state_bytes += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
+    assert sum(p.numel() for p in params.values()) == P.stage_params(arch)
+    p = P.plan(P.PlanInputs(arch, row_tokens=1024, scored_tokens=64, bf16=False, distributed_optimizer=False))
+    assert p.params == param_bytes
+    assert p.grads == grad_bytes  # the DDP buffer, fp32
+    assert state_bytes > 0 and p.optim_states == state_bytes and p.main_params == 0  # fp32 parameters: Adam's two moments, no copy
+
+
+def test_plan_static_memory_of_the_7b_cases():
+    """The bookkeeping behind docs/training.md's table: a 7B with the distributed optimizer keeps an fp32
+    parameter copy on the GPU even with cpu_offload, unless the precision-aware optimizer is on."""
+    arch = _arch(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                 vocab_size=32000, num_hidden_layers=32)
+    n = P.stage_params(arch)
+    assert n == 7_241_732_096  # Mistral-7B
+    base = dict(row_tokens=1024, scored_tokens=64)
+    plain = P.plan(P.PlanInputs(arch, **base))
+    assert (plain.params, plain.grads, plain.main_params, plain.optim_states) == (2 * n, 4 * n, 4 * n, 8 * n)
+    off = P.plan(P.PlanInputs(arch, **base, cpu_offload=True, offload_fraction=1.0, precision_aware=False))
+    assert (off.main_params, off.optim_states) == (4 * n, 0)  # the ~27 GiB that offloading alone leaves
+    pa = P.plan(P.PlanInputs(arch, **base, cpu_offload=True, offload_fraction=1.0, precision_aware=True, grad_dtype="bf16"))
+    assert (pa.grads, pa.main_params, pa.optim_states) == (2 * n, 0, 0)
+    assert pa.host == n * (4 + 8 + 4 + 2)
+    half = P.plan(P.PlanInputs(arch, **base, cpu_offload=True, offload_fraction=0.5, precision_aware=True))
+    assert (half.main_params, half.optim_states) == (2 * n, 4 * n)
+
+
+def test_plan_reproduces_its_calibration_points():
+    arch = _arch(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                 vocab_size=32000, num_hidden_layers=4)
+    for rec, key in ((None, "none_responses"), ("full", "full_responses")):
+        for rows, gib in zip(P.CALIBRATION["rows"], P.CALIBRATION[key]):
+            got = P.plan(P.PlanInputs(arch, rows, 1024, recompute=rec)).peak / P.GIB
+            assert abs(got - gib) / gib < 0.02, (rec, rows, got, gib)
+    for rows, gib in zip(P.CALIBRATION["rows"], P.CALIBRATION["none_sequence"]):
+        got = P.plan(P.PlanInputs(arch, rows, rows - 1, recompute=None)).peak / P.GIB
+        assert abs(got - gib) / gib < 0.02
+
+
+def test_plan_activations_order_of_magnitude_on_the_cpu(cpu_engine):
+    """Bytes of the tensors autograd saves in a forward of the tiny fp32 model (local spec), leaving out
+    the parameters and the [s, s] attention scores (the plan assumes fused attention, as on GPUs),
+    against the plan's saved activations: same order of magnitude (the constants are bf16/TE ones)."""
+    from megatron_longpo.models.build import unwrap
+
+    arch, chunks, _ = cpu_engine
+    s = 256
+    params = {p.data_ptr() for c in chunks for p in c.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.data_ptr() not in params and not (t.dim() >= 2 and t.shape[-1] == t.shape[-2] == s):
+            seen[(t.data_ptr(), t.dtype)] = max(seen.get((t.data_ptr(), t.dtype), 0), t.numel() * t.element_size())
+        return t
+
+    tokens = torch.randint(0, 1000, (1, s))
+    pos = torch.arange(s).unsqueeze(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        unwrap(chunks[0])(tokens, pos, None)
+    measured = sum(seen.values())
+    c = P._fit()
+    planned = arch.num_layers * c["saved"] * 4 * P._layer_elems(arch.hidden_size, arch.num_query_groups * arch.head_dim,
+                                                                  arch.ffn_hidden_size) * s
+    print(f"saved activations: measured {measured:,} B, planned {planned:,.0f} B")
+    assert planned / 3 < measured < planned * 3, (measured, planned)
+
+
+def test_refusal_names_the_knob():
+    arch = _arch(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+                 vocab_size=32000, num_hidden_layers=32)
+    p = P.plan(P.PlanInputs(arch, 131585, 131584), 139.8 * P.GIB)
+    assert p.verdict == "does not fit"
+    assert P.advice(p).startswith("turn model.recompute=full optim.cpu_offload=true")
+    assert "to fit: turn" in P.describe(p)
+    fits = P.plan(P.PlanInputs(arch, 131585, 131584, recompute="full", cpu_offload=True, precision_aware=True), 139.8 * P.GIB)
+    assert fits.verdict == "fits" and P.advice(fits) == ""
+
+
+def _bench():
+    import importlib.util
+
+    from fixtures import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_train_step", ROOT / "tools/bench_train_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("limit", [5000, 70000, 131072, 200000, 300000])
+def test_until_oom_doubles_then_bisects_one_process_per_probe(limit):
+    bench = _bench()
+    calls = []
+
+    def probe(lengths):  # one "process": runs lengths in order, stops at the first that does not fit
+        calls.append(list(lengths))
+        rows = []
+        for n in lengths:
+            rows.append({"length": n, "status": "ok" if n <= limit else "OOM"})
+            if n > limit:
+                break
+        return rows
+
+    best, rows = bench.until_oom(probe, 32768, 8192, 1 << 20)
+    if limit < 8192:
+        assert best is None
+    else:
+        assert best is not None and limit - 8192 < best <= limit, (best, limit)
+    assert calls[0] == [32768, 65536, 131072, 262144, 524288, 1048576]  # the doubling ladder, one process
+    assert all(len(c) == 1 for c in calls[1:])  # every bisection probe in its own process
+
+
+def test_trainer_plan_refuses_or_warns_before_the_build(tiny_llama_ckpt, tiny_longpo_data, monkeypatch):
+    """check_run (called by build_trainer before the model is built) on a real dataset: its longest
+    sample sets the row; a GPU too small is refused with the knob, or warned about with memory_check=warn."""
+    from megatron_longpo.checkpoint.dist import read_model_json
+
+    arch = read_model_json(tiny_llama_ckpt)[0]
+    base = [f"model.checkpoint={tiny_llama_ckpt}", f"data.path={tiny_longpo_data}"]
+    lines = []
+    monkeypatch.setattr(P, "device_bytes", lambda: None)
+    p = P.check_run(load_config(None, base), arch, 1, lines.append)
+    assert p.verdict == "not checked (no GPU)" and lines[0].startswith("memory plan (per GPU, GiB):")
+    assert p.inputs.row_tokens > 100
+    tiny_gpu = p.peak / 2  # a GPU with half the predicted peak
+    monkeypatch.setattr(P, "device_bytes", lambda: tiny_gpu)
+    with pytest.raises(P.MemoryPlanError, match=r"more than the GPU's .*model.recompute=full.*train.memory_check=warn"):
+        P.check_run(load_config(None, base), arch, 1, lines.append)
+    lines.clear()
+    P.check_run(load_config(None, base + ["train.memory_check=warn"]), arch, 1, lines.append)
+    assert any(x.startswith("WARNING: the memory plan predicts") for x in lines)
+    assert P.check_run(load_config(None, base + ["train.memory_check=off"]), arch, 1, lines.append) is None
