@@ -97,7 +97,7 @@ def cpu_engine():
     CPU (fp32, plain optimizer), after one Adam step so that its moments exist."""
     from megatron_longpo import parallel
     from megatron_longpo.models.build import ModelOptions
-    from megatron_longpo.training.loop import build_engine
+    from megatron_longpo.training.engine import build_engine
 
     import os
 
