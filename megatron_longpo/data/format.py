@@ -392,6 +392,12 @@ def read_manifest(prefix: str | os.PathLike) -> dict:
     return m
 
 
+def longest_sequence(manifest: dict, roles: Iterable[str]) -> int:
+    """The longest sequence of these roles in the dataset, from the manifest's length statistics."""
+    lengths = manifest.get("lengths", {})
+    return max((int(lengths[r]["max"]) for r in roles if lengths.get(r, {}).get("count")), default=0)
+
+
 # ------------------------------------------------------------------------------------------
 class PairDataset:
     """Reader of a preprocessed dataset: `len(ds)`, `ds.sample(i) -> Sample`, `ds.manifest`.

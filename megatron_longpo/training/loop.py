@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron_longpo import parallel, platform
 from megatron_longpo.checkpoint import dist as ckpt
 from megatron_longpo.config import RunConfig, to_dict
+from megatron_longpo.data.format import longest_sequence, read_manifest
 from megatron_longpo.losses import policy_roles, reference_roles, sequence_roles
 from megatron_longpo.models.build import ModelOptions, build_model, unwrap
 from megatron_longpo.models.forward import run_schedule
@@ -129,6 +130,8 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     from megatron_longpo.training.resume import check_save_dir
 
     check_save_dir(cfg.train.save_dir, cfg.model.checkpoint)
+    arch.check_sequence_length(longest_sequence(read_manifest(cfg.data.path), policy_roles(cfg.loss)),
+                               f"the longest sequence of data.path={cfg.data.path}")
     resume_dir = Path(cfg.train.save_dir)
     resuming = (resume_dir / ckpt.LATEST).is_file()
     dp = parallel.setup(par, seed=cfg.train.seed, arch=arch, cpu_cp=cfg.data.share_prefix)
