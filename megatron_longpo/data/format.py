@@ -37,6 +37,10 @@ from typing import Iterable
 
 import numpy as np
 
+from megatron_longpo.roles import (
+    CHOSEN, LONG_CHOSEN, LONG_REJECTED, PAIR, REF_CHOSEN, REF_REJECTED, REJECTED, is_reference, ref, solo_roles,
+)
+
 FORMAT_NAME = "megatron-longpo-pairs"
 FORMAT_VERSION = 1
 KINDS = ("pair", "longpo", "solopo")
@@ -57,32 +61,23 @@ class Seg(IntEnum):
 RESPONSE_SEGMENTS = frozenset({Seg.CHOSEN, Seg.REJECTED})
 
 ROLES: dict[str, tuple[str, ...]] = {
-    "pair": ("chosen", "rejected", "ref_chosen", "ref_rejected"),
-    "longpo": ("chosen", "rejected", "ref_chosen", "ref_rejected"),
-    "solopo": (
-        "chosen",
-        "rejected",
-        "long_chosen",
-        "long_rejected",
-        "ref_chosen",
-        "ref_rejected",
-        "ref_long_chosen",
-        "ref_long_rejected",
-    ),
+    "pair": PAIR + (REF_CHOSEN, REF_REJECTED),
+    "longpo": PAIR + (REF_CHOSEN, REF_REJECTED),
+    "solopo": solo_roles(True) + solo_roles(True, reference=True),
 }
-REF_ROLES: dict[str, tuple[str, ...]] = {k: tuple(r for r in v if r.startswith("ref_")) for k, v in ROLES.items()}
+REF_ROLES: dict[str, tuple[str, ...]] = {k: tuple(r for r in v if is_reference(r)) for k, v in ROLES.items()}
 
 # The roles whose sequences are computed independently at preprocessing time (the others are
 # the same sequences under another name, e.g. pair's ref_chosen = chosen).
 PRIMARY_ROLES: dict[str, tuple[str, ...]] = {
-    "pair": ("chosen", "rejected"),
-    "longpo": ("chosen", "rejected", "ref_chosen", "ref_rejected"),
-    "solopo": ("chosen", "rejected", "long_chosen", "long_rejected"),
+    "pair": PAIR,
+    "longpo": PAIR + (REF_CHOSEN, REF_REJECTED),
+    "solopo": solo_roles(True),
 }
 ALIASES: dict[str, dict[str, str]] = {
-    "pair": {"ref_chosen": "chosen", "ref_rejected": "rejected"},
+    "pair": {REF_CHOSEN: CHOSEN, REF_REJECTED: REJECTED},
     "longpo": {},
-    "solopo": {f"ref_{r}": r for r in ("chosen", "rejected", "long_chosen", "long_rejected")},
+    "solopo": {ref(r): r for r in solo_roles(True)},
 }
 
 
@@ -188,21 +183,21 @@ def assemble(kind: str, segments: list[Segment], role: str, where: str = "sample
     p = _parse(kind, segments, where)
     role = ALIASES[kind].get(role, role)
     if kind == "pair":
-        side = p.chosen if role == "chosen" else p.rejected
+        side = p.chosen if role == CHOSEN else p.rejected
         return [_cat([p.prompt, side[0], p.tail])]
     if kind == "solopo":
-        prompt = p.long_prompt if role.startswith("long_") else p.short_prompts[0]
-        side = p.chosen if role.endswith("chosen") else p.rejected
+        prompt = p.long_prompt if role in (LONG_CHOSEN, LONG_REJECTED) else p.short_prompts[0]
+        side = p.chosen if role in (CHOSEN, LONG_CHOSEN) else p.rejected
         return [_cat([prompt, side[0], p.tail])]
     # longpo
-    if role in ("chosen", "rejected"):
-        side = p.chosen if role == "chosen" else p.rejected
+    if role in PAIR:
+        side = p.chosen if role == CHOSEN else p.rejected
         parts: list[Segment] = [p.long_prompt, side[0]]
         for turn, resp in zip(p.turns, side[1:]):
             parts += [turn, resp]
         parts.append(p.tail)
         return [_cat(parts)]
-    side = p.chosen if role == "ref_chosen" else p.rejected
+    side = p.chosen if role == REF_CHOSEN else p.rejected
     return [_cat([short, resp, p.tail]) for short, resp in zip(p.short_prompts, side)]
 
 
@@ -239,12 +234,12 @@ def layout(kind: str, runs: dict[str, list[list[np.ndarray]]]) -> list[Segment]:
     checks with `assemble` that every role comes back exactly.
     """
     check_kind(kind)
-    c = runs["chosen"][0]
-    r = runs["rejected"][0]
+    c = runs[CHOSEN][0]
+    r = runs[REJECTED][0]
     if kind == "pair":
         return [Segment(Seg.PROMPT, c[0]), Segment(Seg.CHOSEN, c[1]), Segment(Seg.REJECTED, r[1]), Segment(Seg.TAIL, c[2])]
     if kind == "solopo":
-        lc = runs["long_chosen"][0]
+        lc = runs[LONG_CHOSEN][0]
         return [
             Segment(Seg.SHORT_PROMPT, c[0]),
             Segment(Seg.LONG_PROMPT, lc[0]),
@@ -259,7 +254,7 @@ def layout(kind: str, runs: dict[str, list[list[np.ndarray]]]) -> list[Segment]:
             segs.append(Segment(Seg.TURN, c[2 * k]))
         segs += [Segment(Seg.CHOSEN, c[2 * k + 1]), Segment(Seg.REJECTED, r[2 * k + 1])]
     segs.append(Segment(Seg.TAIL, c[-1]))
-    segs += [Segment(Seg.SHORT_PROMPT, ref[0]) for ref in runs["ref_chosen"]]
+    segs += [Segment(Seg.SHORT_PROMPT, short[0]) for short in runs[REF_CHOSEN]]
     return segs
 
 
