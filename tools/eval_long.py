@@ -25,7 +25,7 @@ from megatron_longpo.eval.runner import (build_results, compare_table, evaluate,
                                          render_table, svg_plot)
 from megatron_longpo.generation.backends import (add_backend_args, backend_config_from_args, build_backend,
                                                  tokenizer_path_from_args)
-from megatron_longpo.generation.output import atomic_write_json
+from megatron_longpo.io import atomic_write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -357,14 +357,6 @@ def length_stats(lengths: Iterable[int]) -> dict:
     }
 
 
-def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def read_manifest(prefix: str | os.PathLike) -> dict:
     """The manifest of the dataset at `prefix`, checked for format and version."""
     path = manifest_path(prefix)

@@ -60,7 +60,6 @@ from megatron_longpo.data.format import (
     manifest_path,
     merge_shards,
     token_dtype,
-    write_json_atomic,
 )
 from megatron_longpo.data.inputs import InputFile, RawRow, count_rows, iter_chunks, resolve_inputs
 from megatron_longpo.data.records import (
@@ -73,6 +72,7 @@ from megatron_longpo.data.records import (
     parse_record,
 )
 from megatron_longpo.data.tokenizer import ChatTokenizer, TokenizerError, TokenizerSpec
+from megatron_longpo.io import atomic_write, atomic_write_json
 
 EXIT_OK = 0  # every row kept
 EXIT_ERROR = 1  # nothing written (bad input, template problem, over-length row under `fail`, ...)
@@ -268,7 +268,7 @@ def _prepare_workdir(work: Path, key: dict, fresh: bool) -> None:
             stale.unlink()
         return
     work.mkdir(parents=True)
-    write_json_atomic(run_file, key)
+    atomic_write_json(run_file, key)
 
 
 def _shard_prefix(work: Path, chunk_id: int) -> Path:
@@ -300,7 +300,7 @@ def _write_shard(work: Path, chunk_id: int, results: list[Kept | Drop], rows: in
         "role_tokens": sum(e.role_tokens for e in kept),
         "lengths": lengths,
     }
-    write_json_atomic(_meta_path(work, chunk_id), meta)
+    atomic_write_json(_meta_path(work, chunk_id), meta)
     return meta
 
 
@@ -466,13 +466,12 @@ def _finish(cfg, tok, files, work, metas, resumed, dtype, t0, log) -> Preprocess
     os.replace(tmp_idx, idx_path(prefix))
     report = f"{prefix}.dropped.jsonl"
     if drops:
-        with open(report + ".tmp", "w", encoding="utf-8") as f:
+        with atomic_write(report) as f:
             for d in drops:
                 f.write(json.dumps({"location": d.location, **asdict(d)}, ensure_ascii=False) + "\n")
-        os.replace(report + ".tmp", report)
     elif os.path.exists(report):
         os.remove(report)
-    write_json_atomic(manifest_path(prefix), manifest)
+    atomic_write_json(manifest_path(prefix), manifest)
     shutil.rmtree(work)
     result.written = True
     result.manifest = manifest
