@@ -70,10 +70,6 @@ class PackedBatch:
     def num_sequences(self) -> int:
         return len(self.seq_role)
 
-    def sequence_slice(self, i: int) -> slice:
-        """Where sequence i (with its padding) lies in the row."""
-        return slice(int(self.cu_seqlens_padded[i]), int(self.cu_seqlens_padded[i + 1]))
-
     def to_padded(self) -> PaddedBatch:
         lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
         n, width = self.num_sequences, int(lengths.max())

@@ -161,10 +161,6 @@ def arch_from_hf_config(cfg: dict[str, Any]) -> ModelArch:
     )
 
 
-def read_arch(hf_dir: str | os.PathLike) -> ModelArch:
-    return arch_from_hf_config(load_hf_config(hf_dir))
-
-
 def to_hf_config(arch: ModelArch, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """The Hugging Face config of `arch` (the trained RoPE base and context length included),
     starting from the original config when we have it so that unrelated fields survive."""
