@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_longpo.data.format import Sample, Seg, Segment
+from megatron_longpo.data.schema import Sample, Seg, Segment
 from megatron_longpo.data.packing import pack, pad_multiple_for
 
 PAD = 99

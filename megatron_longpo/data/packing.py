@@ -21,7 +21,7 @@ from typing import Sequence as Seq
 import numpy as np
 import torch
 
-from megatron_longpo.data.format import Sample, Sequence
+from megatron_longpo.data.schema import Sample, Sequence
 
 
 def pad_multiple_for(cp: int, tp: int = 1, sequence_parallel: bool = False) -> int:

@@ -46,14 +46,8 @@ from megatron_longpo.data.encoding import EncodedRecord, RecordEncoder
 from megatron_longpo.data.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
-    REF_ROLES,
-    ROLES,
-    FormatError,
-    Seg,
-    Segment,
     ShardWriter,
     bin_path,
-    check_kind,
     file_info,
     idx_path,
     length_stats,
@@ -71,6 +65,7 @@ from megatron_longpo.data.records import (
     TemplateError,
     parse_record,
 )
+from megatron_longpo.data.schema import REF_ROLES, ROLES, FormatError, Seg, Segment, check_kind
 from megatron_longpo.data.tokenizer import ChatTokenizer, TokenizerError, TokenizerSpec
 from megatron_longpo.io import atomic_write, atomic_write_json
 

@@ -27,7 +27,8 @@ from typing import Sequence as Seq
 import numpy as np
 
 from megatron_longpo import __version__
-from megatron_longpo.data.format import REF_ROLES, read_manifest
+from megatron_longpo.data.format import read_manifest
+from megatron_longpo.data.schema import REF_ROLES
 from megatron_longpo.io import atomic_path
 
 SIDECAR_FORMAT = "megatron-longpo-ref-logps"
