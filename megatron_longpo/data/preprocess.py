@@ -126,8 +126,8 @@ def process_rows(encoder: RecordEncoder, job: _Job, rows: list[RawRow]) -> list[
     return out
 
 
+# Set in each WORKER process by _worker_init (never in the parent): its encoder and job.
 _WORKER: tuple[RecordEncoder, _Job] | None = None
-_WORKER_BUILD: tuple[TokenizerSpec, _Job] | None = None
 
 
 def _die_with_parent() -> None:
@@ -141,7 +141,10 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker_init() -> None:
+def _worker_init(encoder: RecordEncoder | None = None, spec: TokenizerSpec | None = None,
+                 job: _Job | None = None) -> None:
+    """A forked worker gets the parent's `encoder` (inherited, not pickled); a spawned one gets
+    None and builds its own from `spec`. Without a job only the signals are set up."""
     import signal
 
     # A forked worker inherits the parent's Python SIGTERM handler (the CLI turns SIGTERM into
@@ -154,9 +157,11 @@ def _worker_init() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _die_with_parent()
     global _WORKER
-    if _WORKER is None and _WORKER_BUILD is not None:  # spawn start method: build here
-        spec, job = _WORKER_BUILD
-        _WORKER = (RecordEncoder(spec.build(), job.kind, job.context_template, job.verify), job)
+    if job is None:
+        return
+    if encoder is None:  # spawn start method: build here
+        encoder = RecordEncoder(spec.build(), job.kind, job.context_template, job.verify)
+    _WORKER = (encoder, job)
 
 
 def _worker_task(task: tuple[int, int, list[RawRow]]) -> tuple[int, int, list[Kept | Drop]]:
@@ -312,7 +317,6 @@ def _ordered(pool, tasks: Iterator, window: int) -> Iterator:
 
 def run_preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = None) -> PreprocessResult:
     """Preprocess `cfg.inputs` into the dataset at `cfg.output` (see the module docstring)."""
-    global _WORKER, _WORKER_BUILD
     t0 = time.monotonic()
     _check_config(cfg)
     files = resolve_inputs(cfg.inputs, cfg.split)
@@ -365,10 +369,9 @@ def run_preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = No
                     yield chunk.id, k, piece
 
         if cfg.workers > 1:
-            _WORKER, _WORKER_BUILD = (encoder, job), (cfg.tokenizer, job)
-            methods = mp.get_all_start_methods()
-            ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-            pool = ctx.Pool(cfg.workers, initializer=_worker_init)
+            fork = "fork" in mp.get_all_start_methods()
+            ctx = mp.get_context("fork" if fork else "spawn")
+            pool = ctx.Pool(cfg.workers, initializer=_worker_init, initargs=(encoder if fork else None, cfg.tokenizer, job))
             results_iter = _ordered(pool, tasks(), window=2 * cfg.workers)
         else:
             results_iter = ((c, k, process_rows(encoder, job, rows)) for c, k, rows in tasks())
@@ -395,7 +398,6 @@ def run_preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = No
         if pool is not None:
             pool.terminate()
             pool.join()
-        _WORKER = _WORKER_BUILD = None
 
     return _finish(cfg, tok, files, work, metas, resumed, dtype, t0, log)
 
