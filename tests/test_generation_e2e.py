@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from megatron_longpo.generation.longpo import validate_longpo_line
-from megatron_longpo.generation.solopo import extract_final_answer, sub_exact_match, validate_solopo_line
+from megatron_longpo.generation.answers import extract_final_answer, sub_exact_match
+from megatron_longpo.generation.solopo import validate_solopo_line
 from megatron_longpo.generation.text import HFTokenCounter
 
 ROOT = Path(__file__).resolve().parents[1]
