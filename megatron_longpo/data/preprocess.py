@@ -42,7 +42,7 @@ import numpy as np
 
 from megatron_longpo import __version__
 from megatron_longpo.data.conversations import DEFAULT_CONTEXT_TEMPLATE, check_context_template
-from megatron_longpo.data.encoding import EncodedRecord, RecordEncoder
+from megatron_longpo.data.encoding import RecordEncoder
 from megatron_longpo.data.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -56,16 +56,9 @@ from megatron_longpo.data.format import (
     token_dtype,
 )
 from megatron_longpo.data.inputs import InputFile, RawRow, count_rows, iter_chunks, resolve_inputs
-from megatron_longpo.data.records import (
-    MALFORMED_JSON,
-    OVERLENGTH,
-    Drop,
-    PreprocessError,
-    RowError,
-    TemplateError,
-    parse_record,
-)
-from megatron_longpo.data.schema import REF_ROLES, ROLES, FormatError, Seg, Segment, check_kind
+from megatron_longpo.data.preprocess_worker import Job, Kept, process_rows, worker_init, worker_task
+from megatron_longpo.data.records import OVERLENGTH, Drop, PreprocessError
+from megatron_longpo.data.schema import REF_ROLES, ROLES, Seg, Segment, check_kind
 from megatron_longpo.data.tokenizer import ChatTokenizer, TokenizerError, TokenizerSpec
 from megatron_longpo.io import atomic_write, atomic_write_json
 
@@ -73,101 +66,6 @@ EXIT_OK = 0  # every row kept
 EXIT_ERROR = 1  # nothing written (bad input, template problem, over-length row under `fail`, ...)
 EXIT_USAGE = 2  # bad command line
 EXIT_DROPPED = 3  # dataset written, some rows dropped (see the summary / PREFIX.dropped.jsonl)
-
-
-# ------------------------------------------------------------------------------------------
-# the per-row work (runs in the workers)
-@dataclass
-class Kept:
-    encoded: EncodedRecord
-
-
-@dataclass(frozen=True)
-class _Job:
-    kind: str
-    context_template: str
-    verify: bool
-    max_length: int | None
-    displays: tuple[str, ...]
-    unit: tuple[str, ...]  # per file: "line" | "row"
-
-
-def process_rows(encoder: RecordEncoder, job: _Job, rows: list[RawRow]) -> list[Kept | Drop]:
-    out: list[Kept | Drop] = []
-    for row in rows:
-        name, unit = job.displays[row.file], job.unit[row.file]
-
-        def drop(reason: str, detail: str, length: int | None = None) -> Drop:
-            return Drop(name, row.number, unit, reason, detail, length)
-
-        try:
-            if isinstance(row.payload, bytes):
-                try:
-                    obj = json.loads(row.payload)
-                except ValueError as exc:
-                    out.append(drop(MALFORMED_JSON, f"not valid JSON: {exc}"))
-                    continue
-            else:
-                obj = row.payload
-            enc = encoder.encode(parse_record(job.kind, obj))
-        except RowError as exc:
-            out.append(drop(exc.reason, exc.detail))
-            continue
-        except (TemplateError, TokenizerError, FormatError) as exc:
-            raise PreprocessError(f"{name}:{unit} {row.number}: {exc}") from None
-        if job.max_length is not None:
-            role, length = max(((r, max(v)) for r, v in enc.lengths.items()), key=lambda x: x[1])
-            if length > job.max_length:
-                out.append(
-                    drop(OVERLENGTH, f"the {role!r} sequence is {length} tokens, over --max-length {job.max_length}", length)
-                )
-                continue
-        out.append(Kept(enc))
-    return out
-
-
-# Set in each WORKER process by _worker_init (never in the parent): its encoder and job.
-_WORKER: tuple[RecordEncoder, _Job] | None = None
-
-
-def _die_with_parent() -> None:
-    """Linux: the worker gets SIGTERM when the parent dies (even by SIGKILL): no orphans."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _worker_init(encoder: RecordEncoder | None = None, spec: TokenizerSpec | None = None,
-                 job: _Job | None = None) -> None:
-    """A forked worker gets the parent's `encoder` (inherited, not pickled); a spawned one gets
-    None and builds its own from `spec`. Without a job only the signals are set up."""
-    import signal
-
-    # A forked worker inherits the parent's Python SIGTERM handler (the CLI turns SIGTERM into
-    # KeyboardInterrupt). A Python handler only runs between bytecodes, so a SIGTERM from
-    # pool.terminate() that lands just before the worker blocks on the task queue's lock is
-    # never acted on, and terminate() waits forever. The kernel's default action has no such
-    # window. Ctrl-C reaches the whole process group: the parent alone handles it.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _die_with_parent()
-    global _WORKER
-    if job is None:
-        return
-    if encoder is None:  # spawn start method: build here
-        encoder = RecordEncoder(spec.build(), job.kind, job.context_template, job.verify)
-    _WORKER = (encoder, job)
-
-
-def _worker_task(task: tuple[int, int, list[RawRow]]) -> tuple[int, int, list[Kept | Drop]]:
-    chunk_id, part, rows = task
-    encoder, job = _WORKER
-    return chunk_id, part, process_rows(encoder, job, rows)
 
 
 # ------------------------------------------------------------------------------------------
@@ -308,7 +206,7 @@ def _ordered(pool, tasks: Iterator, window: int) -> Iterator:
     """Like pool.imap, but with at most `window` tasks in flight (imap reads its input eagerly)."""
     pending: deque = deque()
     for task in tasks:
-        pending.append(pool.apply_async(_worker_task, (task,)))
+        pending.append(pool.apply_async(worker_task, (task,)))
         if len(pending) >= window:
             yield pending.popleft().get()
     while pending:
@@ -330,7 +228,7 @@ def run_preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = No
     work = Path(prefix + ".work")
     _prepare_workdir(work, _run_key(cfg, files, tok), cfg.fresh)
     dtype = token_dtype(tok.vocab_size)
-    job = _Job(
+    job = Job(
         cfg.kind,
         cfg.context_template,
         cfg.verify,
@@ -371,7 +269,7 @@ def run_preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = No
         if cfg.workers > 1:
             fork = "fork" in mp.get_all_start_methods()
             ctx = mp.get_context("fork" if fork else "spawn")
-            pool = ctx.Pool(cfg.workers, initializer=_worker_init, initargs=(encoder if fork else None, cfg.tokenizer, job))
+            pool = ctx.Pool(cfg.workers, initializer=worker_init, initargs=(encoder if fork else None, cfg.tokenizer, job))
             results_iter = _ordered(pool, tasks(), window=2 * cfg.workers)
         else:
             results_iter = ((c, k, process_rows(encoder, job, rows)) for c, k, rows in tasks())
