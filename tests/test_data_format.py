@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_longpo.data.format import FormatError, PairDataset, Seg, read_manifest
+from megatron_longpo.data.format import PairDataset, read_manifest
+from megatron_longpo.data.schema import FormatError, Seg
 from megatron_longpo.data.preprocess import PreprocessConfig, run_preprocess
 from megatron_longpo.data.tokenizer import TokenizerSpec
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_longpo.data.format import Sample, Seg, Segment
+from megatron_longpo.data.schema import Sample, Seg, Segment
 from megatron_longpo.data.packing import pack, pad_multiple_for
 
 PAD = 99
@@ -66,7 +66,7 @@ def test_pack_offsets_labels_masks_positions():
     assert pos[16:28] == list(range(12))
     # never a label across a sequence boundary; padding carries nothing
     for i in range(b.num_sequences):
-        s = b.sequence_slice(i)
+        s = slice(int(b.cu_seqlens_padded[i]), int(b.cu_seqlens_padded[i + 1]))  # sequence i with its padding
         real_end = int(b.cu_seqlens_padded[i]) + int(b.cu_seqlens[i + 1] - b.cu_seqlens[i])
         assert lab[real_end - 1] == 0 and mask[real_end - 1] == 0
         assert all(t == PAD for t in tok[real_end : s.stop]) and not any(mask[real_end : s.stop])

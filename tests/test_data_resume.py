@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_longpo.data import preprocess
+from megatron_longpo.data import preprocess, preprocess_worker
 from megatron_longpo.data.preprocess import EXIT_OK, PreprocessConfig, run_preprocess
 from megatron_longpo.data.tokenizer import TokenizerSpec
 
@@ -118,7 +118,7 @@ def test_workers_do_not_inherit_the_cli_sigterm_handler():
         pytest.skip("fork start method only")
     previous = signal.signal(signal.SIGTERM, _raise)
     try:
-        with mp.get_context("fork").Pool(1, initializer=preprocess._worker_init) as pool:
+        with mp.get_context("fork").Pool(1, initializer=preprocess_worker.worker_init) as pool:
             assert pool.apply(_signal_dispositions) == (True, True)
     finally:
         signal.signal(signal.SIGTERM, previous)

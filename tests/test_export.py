@@ -19,13 +19,9 @@ import torch
 from mp import torchrun
 
 from megatron_longpo.checkpoint import dist as ckpt
-from megatron_longpo.checkpoint.export import (
-    DistCheckpointReader,
-    StreamingSafetensorsWriter,
-    megatron_shapes,
-    megatron_to_hf_checkpoint,
-    parse_size,
-)
+from megatron_longpo.checkpoint.dist_reader import DistCheckpointReader, megatron_shapes
+from megatron_longpo.checkpoint.export import megatron_to_hf_checkpoint
+from megatron_longpo.checkpoint.safetensors_writer import StreamingSafetensorsWriter, parse_size
 from megatron_longpo.checkpoint.hf import hf_names, hf_to_megatron
 from megatron_longpo.checkpoint.hf_files import HFWeights
 from megatron_longpo.models.hf_config import arch_from_hf_config

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from megatron_longpo.generation.longpo import validate_longpo_line
-from megatron_longpo.generation.solopo import extract_final_answer, sub_exact_match, validate_solopo_line
+from megatron_longpo.generation.answers import extract_final_answer, sub_exact_match
+from megatron_longpo.generation.solopo import validate_solopo_line
 from megatron_longpo.generation.text import HFTokenCounter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +104,8 @@ def test_solopo_end_to_end_with_smollm2(smollm2_dir, tmp_path, capsys):
 
 
 def test_rope_theta_override(smollm2_dir):
-    from megatron_longpo.generation.backends import SamplingParams, TransformersBackend
+    from megatron_longpo.generation.backends import SamplingParams
+    from megatron_longpo.generation.transformers_backend import TransformersBackend
 
     be = TransformersBackend(str(smollm2_dir), rope_theta=1e6, device="cpu", threads=1)
     assert be.model.config.rope_parameters["rope_theta"] == 1e6
@@ -116,7 +118,7 @@ def test_rope_theta_override(smollm2_dir):
 
 
 def test_batches_are_capped_by_the_padded_attention_mask():
-    from megatron_longpo.generation.backends import plan_batches
+    from megatron_longpo.generation.transformers_backend import plan_batches
 
     # shortest first, at most batch_size, and batch x longest^2 <= the budget (a batch of one always goes)
     lengths = [4096, 32768, 1000, 32768, 32768, 32768, 32768, 65536, 4000]
@@ -130,7 +132,8 @@ def test_batches_are_capped_by_the_padded_attention_mask():
 
 
 def test_generate_calls_follow_the_plan(smollm2_dir, monkeypatch):
-    from megatron_longpo.generation.backends import SamplingParams, TransformersBackend
+    from megatron_longpo.generation.backends import SamplingParams
+    from megatron_longpo.generation.transformers_backend import TransformersBackend
 
     be = TransformersBackend(str(smollm2_dir), device="cpu", threads=1, batch_size=8, max_attention_cells=3 * 60**2)
     shapes, real = [], be.model.generate

@@ -5,8 +5,8 @@ from dataclasses import replace
 import pytest
 
 from megatron_longpo.generation.backends import GenerationError, SamplingParams
-from megatron_longpo.generation.longpo import (
-    Document, LongPOBuilder, LongPOConfig, read_documents, text_id, validate_longpo_line)
+from megatron_longpo.generation.documents import Document, read_documents, text_id
+from megatron_longpo.generation.longpo import LongPOBuilder, LongPOConfig, validate_longpo_line
 from megatron_longpo.generation.output import TooManyFailures
 from megatron_longpo.generation.text import WhitespaceTokenCounter
 

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_longpo.generation.solopo import (
-    build_long_context, extract_final_answer, join_passages, normalize_answer, qa_record_from_dict, read_qa_records,
-    sub_exact_match)
+from megatron_longpo.generation.answers import extract_final_answer, normalize_answer, sub_exact_match
+from megatron_longpo.generation.solopo import build_long_context, join_passages, qa_record_from_dict, read_qa_records
 from megatron_longpo.generation.output import RunStats
 from megatron_longpo.generation.text import WhitespaceTokenCounter
 

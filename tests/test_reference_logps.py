@@ -107,3 +107,32 @@ def test_reference_sees_policy_gives_plain_dpo_on_longpo_data(tiny_llama_ckpt, t
     step = summary["steps"][0]
     assert abs(step["loss"] - math.log(2)) < 1e-4, (step["loss"], r.stdout[-1000:])
     assert abs(step["rewards/margin"]) < 1e-4
+
+
+def test_a_sliding_window_shorter_than_the_data_is_refused(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
+    """Full causal attention past a Mistral sliding window computes another model: the trainer and
+    the reference tool refuse before building it, naming the data key and the fix."""
+    import json
+    import shutil
+
+    from megatron_longpo.data.format import PairDataset, longest_sequence, read_manifest
+
+    longest = longest_sequence(read_manifest(tiny_longpo_data), ("chosen", "rejected"))
+    ds = PairDataset(tiny_longpo_data)
+    assert longest == max(len(s.tokens) for i in range(len(ds)) for r in ("chosen", "rejected")
+                          for s in ds.sample(i).sequences(r)) > 0
+    ckpt = tmp_path / "mistral"
+    shutil.copytree(tiny_llama_ckpt, ckpt)
+    meta = json.loads((ckpt / "model.json").read_text())
+    window = min(longest, longest_sequence(ds.manifest, ds.ref_roles)) - 1  # LongPO's reference sees short contexts
+    meta["arch"].update(architecture="mistral", sliding_window=window)
+    (ckpt / "model.json").write_text(json.dumps(meta))
+    r = run_tool(ROOT / "tests/workers/train.py", f"model.checkpoint={ckpt}", f"data.path={tiny_longpo_data}",
+                 "data.global_batch_size=2", f"train.save_dir={tmp_path}/run", "train.steps=1", check=False, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "sliding-window attention (window" in r.stderr and f"data.path={tiny_longpo_data} is {longest} tokens" in r.stderr
+    assert f"--max-length {window}" in r.stderr
+    r = run_tool(ROOT / "tools/precompute_ref_logps.py", "--data", tiny_longpo_data, "--model", ckpt,
+                 "--out", tmp_path / "ref.safetensors", check=False, timeout=300)
+    assert r.returncode != 0 and "sliding-window attention (window" in r.stderr and "--data" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "ref.safetensors").exists()

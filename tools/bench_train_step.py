@@ -57,7 +57,7 @@ class _PairSample:
     """A synthetic LongPO pair: a shared prompt and two responses of `response` tokens."""
 
     def __init__(self, length: int, response: int, seed: int):
-        from megatron_longpo.data.format import Sequence
+        from megatron_longpo.data.schema import Sequence
 
         rng = np.random.default_rng(seed)
         prompt = rng.integers(10, 32000, length - response)

@@ -13,18 +13,20 @@ failures in a row (rerun after fixing the cause).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-from megatron_longpo.generation.backends import (
-    SamplingParams, add_backend_args, backend_config_from_args, build_backend, model_context_window,
-    tokenizer_path_from_args)
+from megatron_longpo.generation.backends import SamplingParams, build_backend, model_context_window
+from megatron_longpo.generation.documents import read_documents
 from megatron_longpo.generation.filters import LEAD_PHRASES, AnswerFilter
-from megatron_longpo.generation.longpo import (
-    DEFAULT_QUESTION_PROMPT, LongPOBuilder, LongPOConfig, read_documents)
+from megatron_longpo.generation.longpo import DEFAULT_QUESTION_PROMPT, LongPOBuilder, LongPOConfig
 from megatron_longpo.generation.output import RunStats, TooManyFailures, finish_run
 from megatron_longpo.generation.text import REFERENCE_MAX_CHUNK, REFERENCE_MIN_CHUNK, HFTokenCounter, chunk_bounds
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _backend_cli import add_backend_args, backend_config_from_args, tokenizer_path_from_args  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -202,9 +202,9 @@ def _run(args, hf_dir, tok, work) -> int:
     if args.json:
         import json
 
-        tmp = Path(args.json + ".tmp")
-        tmp.write_text(json.dumps({"cases": report, "failures": failures, "device": str(dev), "te": use_te}, indent=1))
-        tmp.replace(args.json)
+        from megatron_longpo.io import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"cases": report, "failures": failures, "device": str(dev), "te": use_te}, indent=1))
     return 1 if failures else 0
 
 

@@ -30,7 +30,8 @@ def hf_to_megatron(a: argparse.Namespace) -> None:
 
 
 def megatron_to_hf(a: argparse.Namespace) -> None:
-    from megatron_longpo.checkpoint.export import megatron_to_hf_checkpoint, parse_size
+    from megatron_longpo.checkpoint.export import megatron_to_hf_checkpoint
+    from megatron_longpo.checkpoint.safetensors_writer import parse_size
 
     t0 = time.time()
     r = megatron_to_hf_checkpoint(a.megatron_dir, a.out, iteration=a.iteration, max_shard_bytes=parse_size(a.max_shard_size),

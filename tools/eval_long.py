@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,9 +24,11 @@ from megatron_longpo.eval.ruler import (DEFAULT_DOCUMENTS, DEFAULT_TASKS, chat_p
                                         generate_tasks)
 from megatron_longpo.eval.runner import (build_results, compare_table, evaluate, models_markdown, render_retention,
                                          render_table, svg_plot)
-from megatron_longpo.generation.backends import (add_backend_args, backend_config_from_args, build_backend,
-                                                 tokenizer_path_from_args)
-from megatron_longpo.generation.output import atomic_write_json
+from megatron_longpo.generation.backends import build_backend
+from megatron_longpo.io import atomic_write_json
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _backend_cli import add_backend_args, backend_config_from_args, tokenizer_path_from_args  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
+
+from megatron_longpo.io import atomic_write
 
 SYL = ["ar", "bel", "cor", "dan", "el", "fen", "gar", "hol", "is", "jor", "kel", "lin", "mor", "nes", "or",
        "pel", "quin", "ros", "sal", "tor", "ul", "ven", "wyn", "yar", "zel", "bra", "cal", "dor", "mir", "tal"]
@@ -80,12 +81,10 @@ def main(argv=None) -> int:
     if a.n < 1 or a.words < 50:
         print("error: --n must be >= 1 and --words >= 50", file=sys.stderr)
         return 2
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(a.out) as f:
         for i in range(a.n):
             region, text = document(random.Random(f"{a.seed}:{i}"), a.words)
             f.write(json.dumps({"id": f"gazetteer-{a.seed}-{i}-{region}", "text": text}) + "\n")
-    os.replace(tmp, a.out)
     print(f"wrote {a.n} documents of ~{a.words} words to {a.out}")
     return 0
 

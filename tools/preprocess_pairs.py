@@ -19,7 +19,7 @@ import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_longpo.data.format import KINDS  # noqa: E402
+from megatron_longpo.data.schema import KINDS  # noqa: E402
 from megatron_longpo.data.preprocess import (  # noqa: E402
     DEFAULT_CONTEXT_TEMPLATE,
     EXIT_ERROR,

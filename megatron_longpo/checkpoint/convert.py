@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,13 +11,6 @@ from megatron_longpo.checkpoint import dist as ckpt
 from megatron_longpo.checkpoint.hf import CheckpointMismatchError, hf_to_megatron, to_local_names
 from megatron_longpo.checkpoint.hf_files import HFWeights
 from megatron_longpo.models.hf_config import ModelArch, load_hf_config, arch_from_hf_config
-
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
-    "added_tokens.json",
-)
-
 
 def check_tokenizer(hf_dir: str | os.PathLike, arch: ModelArch) -> int:
     """Refuse a tokenizer with more tokens than the model's embedding has rows. Returns its size."""
@@ -60,18 +51,6 @@ def load_hf_weights_into(model: torch.nn.Module, arch: ModelArch, weights: HFWei
             own[k].copy_(v)
 
 
-def copy_tokenizer(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
-    dst = Path(out_dir) / "tokenizer"
-    dst.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for name in TOKENIZER_FILES:
-        src = Path(hf_dir) / name
-        if src.is_file():
-            shutil.copy2(src, dst / name)
-            copied.append(name)
-    return copied
-
-
 def hf_to_megatron_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1, pp: int = 1,
                               overwrite: bool = False) -> dict:
     """Import a Hugging Face model as a megatron-longpo checkpoint (single process).
@@ -81,7 +60,7 @@ def hf_to_megatron_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathL
     (so that a bad choice fails here, not on the cluster) and recorded in model.json.
     """
     from megatron_longpo import parallel
-    from megatron_longpo.checkpoint.export import check_out_dir, install_dir, mark_output
+    from megatron_longpo.io import atomic_dir, check_out_dir, mark_output
     from megatron_longpo.models.build import ModelOptions, build_model
 
     out = Path(os.path.abspath(out_dir)).resolve()
@@ -96,11 +75,9 @@ def hf_to_megatron_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathL
     [model] = build_model(arch, par, ModelOptions(use_te=False))
     load_hf_weights_into(model, arch, weights)
     # written to a temporary sibling and renamed: an interrupted import leaves no half checkpoint at --out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         ckpt.save(ckpt.model_sharded_state_dict([model]), tmp, iteration=0)
-        copied = copy_tokenizer(hf_dir, tmp)
+        copied = ckpt.copy_tokenizer(hf_dir, tmp / "tokenizer")
         ckpt.write_model_json(tmp, arch, hf_cfg, extra={
             "source": str(Path(hf_dir).resolve()),
             "tokenizer_size": n_tok,
@@ -108,10 +85,6 @@ def hf_to_megatron_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathL
             "intended_layout": {"tensor_parallel": tp, "pipeline_parallel": pp},
         })
         mark_output(tmp, "hf-to-megatron", Path(hf_dir))
-        install_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     it = out / ckpt.iter_name(0)
     n_params = sum(p.numel() for p in model.parameters())
     return {"arch": arch, "iteration_dir": str(it), "parameters": n_params}

@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
+from megatron_longpo.io import atomic_write_text  # noqa: F401 (also ckpt.atomic_write_text for the trainer)
 from megatron_longpo.models.hf_config import ModelArch
 
 MODEL_JSON = "model.json"
@@ -61,15 +61,27 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+#: The Hugging Face tokenizer files a checkpoint keeps in DIR/tokenizer/ (and an export writes back).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "added_tokens.json",
+)
+
+
+def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files (TOKENIZER_FILES) of directory `src` into `dst` (created); the names
+    copied, none if `src` is not a directory."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        return []
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
 
 
 def write_model_json(ckpt_dir: str | os.PathLike, arch: ModelArch, hf_config: dict, extra: dict | None = None) -> None:

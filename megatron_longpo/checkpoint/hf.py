@@ -119,6 +119,8 @@ def hf_layer_names(i: int, arch: ModelArch) -> list[str]:
 
 
 def hf_names(arch: ModelArch) -> list[str]:
+    """Every Hugging Face tensor name of `arch`, spelled independently of the mapping functions
+    (the tests check the mapping against it)."""
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     if not arch.tie_word_embeddings:
         names.append("lm_head.weight")

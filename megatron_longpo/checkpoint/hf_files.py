@@ -1,5 +1,5 @@
 """Reading Hugging Face weight files (safetensors, single or sharded with an index), lazily: one
-tensor at a time, memory-mapped. (Writing is checkpoint/export.py's StreamingSafetensorsWriter.)
+tensor at a time, memory-mapped. (Writing is checkpoint/safetensors_writer.py's StreamingSafetensorsWriter.)
 """
 
 from __future__ import annotations

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from megatron_longpo.checkpoint import dist as ckpt
-from megatron_longpo.checkpoint.export import DistCheckpointReader, check_out_dir, install_dir, mark_output, open_checkpoint
+from megatron_longpo.checkpoint.dist_reader import DistCheckpointReader, open_checkpoint
+from megatron_longpo.io import atomic_dir, check_out_dir, mark_output
 from megatron_longpo.launch import run_torchrun
 
 LEGACY_TRACKER = "latest_checkpointed_iteration.txt"
@@ -63,9 +62,7 @@ def reshard_checkpoint(megatron_dir, out_dir, tp: int, pp: int, fmt: str = "dist
     stored = DistCheckpointReader(it).dtype("embedding.word_embeddings.weight")
     n = int(it.name.removeprefix("iter_"))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         target = [
             "-m", "megatron_longpo.checkpoint.reshard",
             "--ckpt", str(src), "--iter-dir", str(it), "--out", str(tmp), "--tp", str(tp), "--pp", str(pp),
@@ -83,13 +80,8 @@ def reshard_checkpoint(megatron_dir, out_dir, tp: int, pp: int, fmt: str = "dist
             extra["legacy"] = {"iteration": n, "names": names, "tensor_parallel": tp, "pipeline_parallel": pp}
         keep = {k: v for k, v in meta.items() if k not in ("arch", "hf_config", "format_version")}
         ckpt.write_model_json(tmp, arch, meta.get("hf_config") or {}, extra={**keep, **extra})
-        if (src / "tokenizer").is_dir():
-            shutil.copytree(src / "tokenizer", tmp / "tokenizer")
+        ckpt.copy_tokenizer(src / "tokenizer", tmp / "tokenizer")
         mark_output(tmp, "reshard", src)
-        install_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"arch": arch, "iteration_dir": str(it), "out": str(out), "iteration": n}
 
 

@@ -6,6 +6,7 @@ import string
 from dataclasses import dataclass
 
 from megatron_longpo.data.records import Message, PreprocessError, Record
+from megatron_longpo.roles import CHOSEN, LONG_CHOSEN, LONG_REJECTED, REF_CHOSEN, REF_REJECTED, REJECTED
 
 DEFAULT_CONTEXT_TEMPLATE = "{context}\n\n{instruction}"
 
@@ -56,16 +57,16 @@ def build_conversations(kind: str, record: Record, context_template: str) -> dic
     if kind == "pair":
         n = len(record.prompt)
         return {
-            "chosen": [Conversation(record.prompt + (_assistant(record.chosen),), (n,))],
-            "rejected": [Conversation(record.prompt + (_assistant(record.rejected),), (n,))],
+            CHOSEN: [Conversation(record.prompt + (_assistant(record.chosen),), (n,))],
+            REJECTED: [Conversation(record.prompt + (_assistant(record.rejected),), (n,))],
         }
     if kind == "solopo":
         r = record
         return {
-            "chosen": [_single(r.system, ctx(r.short_context, r.instruction), r.chosen)],
-            "rejected": [_single(r.system, ctx(r.short_context, r.instruction), r.rejected)],
-            "long_chosen": [_single(r.system, ctx(r.long_context, r.instruction), r.chosen)],
-            "long_rejected": [_single(r.system, ctx(r.long_context, r.instruction), r.rejected)],
+            CHOSEN: [_single(r.system, ctx(r.short_context, r.instruction), r.chosen)],
+            REJECTED: [_single(r.system, ctx(r.short_context, r.instruction), r.rejected)],
+            LONG_CHOSEN: [_single(r.system, ctx(r.long_context, r.instruction), r.chosen)],
+            LONG_REJECTED: [_single(r.system, ctx(r.long_context, r.instruction), r.rejected)],
         }
     r = record
     head = ({"role": "system", "content": r.system},) if r.system is not None else ()
@@ -80,9 +81,9 @@ def build_conversations(kind: str, record: Record, context_template: str) -> dic
         return Conversation(tuple(msgs), tuple(scored))
 
     return {
-        "chosen": [multi("chosen")],
-        "rejected": [multi("rejected")],
-        "ref_chosen": [_single(r.system, ctx(t.short_context, t.instruction), t.chosen) for t in r.turns],
-        "ref_rejected": [_single(r.system, ctx(t.short_context, t.instruction), t.rejected) for t in r.turns],
+        CHOSEN: [multi("chosen")],
+        REJECTED: [multi("rejected")],
+        REF_CHOSEN: [_single(r.system, ctx(t.short_context, t.instruction), t.chosen) for t in r.turns],
+        REF_REJECTED: [_single(r.system, ctx(t.short_context, t.instruction), t.rejected) for t in r.turns],
     }
 

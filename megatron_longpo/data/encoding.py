@@ -12,7 +12,8 @@ from megatron_longpo.data.conversations import (
     build_conversations,
     check_context_template,
 )
-from megatron_longpo.data.format import ALIASES, PRIMARY_ROLES, ROLES, assemble, check_kind, layout, token_dtype
+from megatron_longpo.data.format import token_dtype
+from megatron_longpo.data.schema import ALIASES, PRIMARY_ROLES, ROLES, assemble, check_kind, layout
 from megatron_longpo.data.records import (
     EMPTY_RESPONSE,
     TEMPLATE_ERROR,

@@ -161,3 +161,20 @@ def count_rows(files: list[InputFile]) -> int | None:
                 total += pa.ipc.open_file(pa.memory_map(f.path)).read_all().num_rows
     return total
 
+
+
+def iter_records(files: list[InputFile], batch_rows: int = 256) -> Iterator[tuple[InputFile, int, dict]]:
+    """Every record of `files`, in order, as (file, row number, record): JSON Lines parsed (1-based
+    line numbers; a line that is not JSON is reported with its number), table rows as dicts
+    (0-based row indices)."""
+    for part in _iter_parts(files, batch_rows):
+        if isinstance(part, RawRow):
+            try:
+                obj = json.loads(part.payload)
+            except ValueError as exc:
+                raise PreprocessError(f"{files[part.file].display}:{part.number}: not valid JSON ({exc})") from None
+            yield files[part.file], part.number, obj
+        else:
+            fi, first, batch = part
+            for k, row in enumerate(batch.to_pylist()):
+                yield files[fi], first + k, row

@@ -21,7 +21,7 @@ from typing import Sequence as Seq
 import numpy as np
 import torch
 
-from megatron_longpo.data.format import Sample, Sequence
+from megatron_longpo.data.schema import Sample, Sequence
 
 
 def pad_multiple_for(cp: int, tp: int = 1, sequence_parallel: bool = False) -> int:
@@ -69,10 +69,6 @@ class PackedBatch:
     @property
     def num_sequences(self) -> int:
         return len(self.seq_role)
-
-    def sequence_slice(self, i: int) -> slice:
-        """Where sequence i (with its padding) lies in the row."""
-        return slice(int(self.cu_seqlens_padded[i]), int(self.cu_seqlens_padded[i + 1]))
 
     def to_padded(self) -> PaddedBatch:
         lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()

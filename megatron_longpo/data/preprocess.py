@@ -42,132 +42,30 @@ import numpy as np
 
 from megatron_longpo import __version__
 from megatron_longpo.data.conversations import DEFAULT_CONTEXT_TEMPLATE, check_context_template
-from megatron_longpo.data.encoding import EncodedRecord, RecordEncoder
+from megatron_longpo.data.encoding import RecordEncoder
 from megatron_longpo.data.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
-    REF_ROLES,
-    ROLES,
-    FormatError,
-    Seg,
-    Segment,
     ShardWriter,
     bin_path,
-    check_kind,
     file_info,
     idx_path,
     length_stats,
     manifest_path,
     merge_shards,
     token_dtype,
-    write_json_atomic,
 )
 from megatron_longpo.data.inputs import InputFile, RawRow, count_rows, iter_chunks, resolve_inputs
-from megatron_longpo.data.records import (
-    MALFORMED_JSON,
-    OVERLENGTH,
-    Drop,
-    PreprocessError,
-    RowError,
-    TemplateError,
-    parse_record,
-)
+from megatron_longpo.data.preprocess_worker import Job, Kept, process_rows, worker_init, worker_task
+from megatron_longpo.data.records import OVERLENGTH, Drop, PreprocessError
+from megatron_longpo.data.schema import REF_ROLES, ROLES, Seg, Segment, check_kind
 from megatron_longpo.data.tokenizer import ChatTokenizer, TokenizerError, TokenizerSpec
+from megatron_longpo.io import atomic_write, atomic_write_json
 
 EXIT_OK = 0  # every row kept
 EXIT_ERROR = 1  # nothing written (bad input, template problem, over-length row under `fail`, ...)
 EXIT_USAGE = 2  # bad command line
 EXIT_DROPPED = 3  # dataset written, some rows dropped (see the summary / PREFIX.dropped.jsonl)
-
-
-# ------------------------------------------------------------------------------------------
-# the per-row work (runs in the workers)
-@dataclass
-class Kept:
-    encoded: EncodedRecord
-
-
-@dataclass(frozen=True)
-class _Job:
-    kind: str
-    context_template: str
-    verify: bool
-    max_length: int | None
-    displays: tuple[str, ...]
-    unit: tuple[str, ...]  # per file: "line" | "row"
-
-
-def process_rows(encoder: RecordEncoder, job: _Job, rows: list[RawRow]) -> list[Kept | Drop]:
-    out: list[Kept | Drop] = []
-    for row in rows:
-        name, unit = job.displays[row.file], job.unit[row.file]
-
-        def drop(reason: str, detail: str, length: int | None = None) -> Drop:
-            return Drop(name, row.number, unit, reason, detail, length)
-
-        try:
-            if isinstance(row.payload, bytes):
-                try:
-                    obj = json.loads(row.payload)
-                except ValueError as exc:
-                    out.append(drop(MALFORMED_JSON, f"not valid JSON: {exc}"))
-                    continue
-            else:
-                obj = row.payload
-            enc = encoder.encode(parse_record(job.kind, obj))
-        except RowError as exc:
-            out.append(drop(exc.reason, exc.detail))
-            continue
-        except (TemplateError, TokenizerError, FormatError) as exc:
-            raise PreprocessError(f"{name}:{unit} {row.number}: {exc}") from None
-        if job.max_length is not None:
-            role, length = max(((r, max(v)) for r, v in enc.lengths.items()), key=lambda x: x[1])
-            if length > job.max_length:
-                out.append(
-                    drop(OVERLENGTH, f"the {role!r} sequence is {length} tokens, over --max-length {job.max_length}", length)
-                )
-                continue
-        out.append(Kept(enc))
-    return out
-
-
-_WORKER: tuple[RecordEncoder, _Job] | None = None
-_WORKER_BUILD: tuple[TokenizerSpec, _Job] | None = None
-
-
-def _die_with_parent() -> None:
-    """Linux: the worker gets SIGTERM when the parent dies (even by SIGKILL): no orphans."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _worker_init() -> None:
-    import signal
-
-    # A forked worker inherits the parent's Python SIGTERM handler (the CLI turns SIGTERM into
-    # KeyboardInterrupt). A Python handler only runs between bytecodes, so a SIGTERM from
-    # pool.terminate() that lands just before the worker blocks on the task queue's lock is
-    # never acted on, and terminate() waits forever. The kernel's default action has no such
-    # window. Ctrl-C reaches the whole process group: the parent alone handles it.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _die_with_parent()
-    global _WORKER
-    if _WORKER is None and _WORKER_BUILD is not None:  # spawn start method: build here
-        spec, job = _WORKER_BUILD
-        _WORKER = (RecordEncoder(spec.build(), job.kind, job.context_template, job.verify), job)
-
-
-def _worker_task(task: tuple[int, int, list[RawRow]]) -> tuple[int, int, list[Kept | Drop]]:
-    chunk_id, part, rows = task
-    encoder, job = _WORKER
-    return chunk_id, part, process_rows(encoder, job, rows)
 
 
 # ------------------------------------------------------------------------------------------
@@ -268,7 +166,7 @@ def _prepare_workdir(work: Path, key: dict, fresh: bool) -> None:
             stale.unlink()
         return
     work.mkdir(parents=True)
-    write_json_atomic(run_file, key)
+    atomic_write_json(run_file, key)
 
 
 def _shard_prefix(work: Path, chunk_id: int) -> Path:
@@ -300,7 +198,7 @@ def _write_shard(work: Path, chunk_id: int, results: list[Kept | Drop], rows: in
         "role_tokens": sum(e.role_tokens for e in kept),
         "lengths": lengths,
     }
-    write_json_atomic(_meta_path(work, chunk_id), meta)
+    atomic_write_json(_meta_path(work, chunk_id), meta)
     return meta
 
 
@@ -308,7 +206,7 @@ def _ordered(pool, tasks: Iterator, window: int) -> Iterator:
     """Like pool.imap, but with at most `window` tasks in flight (imap reads its input eagerly)."""
     pending: deque = deque()
     for task in tasks:
-        pending.append(pool.apply_async(_worker_task, (task,)))
+        pending.append(pool.apply_async(worker_task, (task,)))
         if len(pending) >= window:
             yield pending.popleft().get()
     while pending:
@@ -317,7 +215,6 @@ def _ordered(pool, tasks: Iterator, window: int) -> Iterator:
 
 def run_preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = None) -> PreprocessResult:
     """Preprocess `cfg.inputs` into the dataset at `cfg.output` (see the module docstring)."""
-    global _WORKER, _WORKER_BUILD
     t0 = time.monotonic()
     _check_config(cfg)
     files = resolve_inputs(cfg.inputs, cfg.split)
@@ -331,7 +228,7 @@ def run_preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = No
     work = Path(prefix + ".work")
     _prepare_workdir(work, _run_key(cfg, files, tok), cfg.fresh)
     dtype = token_dtype(tok.vocab_size)
-    job = _Job(
+    job = Job(
         cfg.kind,
         cfg.context_template,
         cfg.verify,
@@ -370,10 +267,9 @@ def run_preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = No
                     yield chunk.id, k, piece
 
         if cfg.workers > 1:
-            _WORKER, _WORKER_BUILD = (encoder, job), (cfg.tokenizer, job)
-            methods = mp.get_all_start_methods()
-            ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-            pool = ctx.Pool(cfg.workers, initializer=_worker_init)
+            fork = "fork" in mp.get_all_start_methods()
+            ctx = mp.get_context("fork" if fork else "spawn")
+            pool = ctx.Pool(cfg.workers, initializer=worker_init, initargs=(encoder if fork else None, cfg.tokenizer, job))
             results_iter = _ordered(pool, tasks(), window=2 * cfg.workers)
         else:
             results_iter = ((c, k, process_rows(encoder, job, rows)) for c, k, rows in tasks())
@@ -400,7 +296,6 @@ def run_preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = No
         if pool is not None:
             pool.terminate()
             pool.join()
-        _WORKER = _WORKER_BUILD = None
 
     return _finish(cfg, tok, files, work, metas, resumed, dtype, t0, log)
 
@@ -466,13 +361,12 @@ def _finish(cfg, tok, files, work, metas, resumed, dtype, t0, log) -> Preprocess
     os.replace(tmp_idx, idx_path(prefix))
     report = f"{prefix}.dropped.jsonl"
     if drops:
-        with open(report + ".tmp", "w", encoding="utf-8") as f:
+        with atomic_write(report) as f:
             for d in drops:
                 f.write(json.dumps({"location": d.location, **asdict(d)}, ensure_ascii=False) + "\n")
-        os.replace(report + ".tmp", report)
     elif os.path.exists(report):
         os.remove(report)
-    write_json_atomic(manifest_path(prefix), manifest)
+    atomic_write_json(manifest_path(prefix), manifest)
     shutil.rmtree(work)
     result.written = True
     result.manifest = manifest

@@ -27,7 +27,9 @@ from typing import Sequence as Seq
 import numpy as np
 
 from megatron_longpo import __version__
-from megatron_longpo.data.format import REF_ROLES, read_manifest
+from megatron_longpo.data.format import read_manifest
+from megatron_longpo.data.schema import REF_ROLES
+from megatron_longpo.io import atomic_path
 
 SIDECAR_FORMAT = "megatron-longpo-ref-logps"
 SIDECAR_VERSION = 1
@@ -159,9 +161,8 @@ class RefLogpWriter:
         from safetensors.numpy import save_file
 
         path = str(path)
-        tmp = path + ".tmp"
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=meta)
         return path
 
 

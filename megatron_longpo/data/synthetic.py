@@ -7,6 +7,8 @@ import json
 import random
 from pathlib import Path
 
+from megatron_longpo.io import atomic_write
+
 WORDS = ("harbour ledger volume archive wool ship manifest fire chairman trade city river bridge mill "
          "engine railway council school market tower clock winter summer north south letter record").split()
 
@@ -54,9 +56,7 @@ RECORDS = {"longpo": longpo_records, "pair": pair_records, "solopo": solopo_reco
 
 def write_jsonl(path: str | Path, kind: str, n: int, seed: int = 0, **kw) -> Path:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         for r in RECORDS[kind](n, seed, **kw):
             f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
     return path

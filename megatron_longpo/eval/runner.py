@@ -3,7 +3,7 @@
 `evaluate` sends each group of samples of one length and one generation budget (tasks with the
 same budget share batches: the four niah tasks do) through `backend.chat` greedily and scores
 every output with the task's metric; `summarize` averages per task and length (x100); the results
-dict is written as JSON atomically (`generation.output.atomic_write_json`), rendered as a rich
+dict is written as JSON atomically (`megatron_longpo.io.atomic_write_json`), rendered as a rich
 table, and plotted as a hand-written SVG (matplotlib is not a dependency). `compare_table` prints
 the difference between two result files (before / after training).
 """

@@ -6,8 +6,8 @@
   back-off and jitter (a `Retry-After` header is honoured); other 4xx answers fail at once with
   the server's message. The server decides the model: to generate with an extended-RoPE
   checkpoint (iterative LongPO rounds), start the server with that checkpoint.
-- `TransformersBackend`: in-process `generate()` on CPU or GPU, batched with left padding,
-  greedy (temperature 0) or sampled, with an optional RoPE base override (`rope_theta`).
+- `TransformersBackend` (transformers_backend.py): in-process `generate()` on CPU or GPU, batched
+  with left padding, greedy (temperature 0) or sampled, with an optional RoPE base override.
 
 `chat(conversations, params)` returns `n` completions per conversation. When some conversations
 fail, it raises `GenerationError` whose `partial` holds the completions that succeeded (None for
@@ -17,7 +17,6 @@ the work that was done.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -274,153 +273,9 @@ class OpenAIChatBackend:
         return [list(r) for r in results]  # type: ignore[misc]
 
 
-# ---------------------------------------------------------------- in-process transformers
-
-
-def set_rope_theta(config, theta: float) -> None:
-    """Override the RoPE base of a Hugging Face config (transformers 5 `rope_parameters`, also per
-    attention type, and the older top-level `rope_theta`)."""
-    found = False
-    params = getattr(config, "rope_parameters", None)
-    if isinstance(params, dict):
-        if "rope_theta" in params:
-            params["rope_theta"] = float(theta)
-            found = True
-        for sub in params.values():
-            if isinstance(sub, dict) and "rope_theta" in sub:
-                sub["rope_theta"] = float(theta)
-                found = True
-    if hasattr(config, "rope_theta"):
-        try:
-            config.rope_theta = float(theta)
-            found = True
-        except AttributeError:
-            pass
-    if not found:
-        raise ValueError(f"{type(config).__name__} has no RoPE base (rope_theta) to override; drop --rope-theta")
-
+# ---------------------------------------------------------------- in-process transformers (transformers_backend.py)
 
 DEFAULT_MAX_ATTENTION_CELLS = 2**32
-
-
-def plan_batches(lengths: Sequence[int], batch_size: int, max_attention_cells: int = DEFAULT_MAX_ATTENTION_CELLS
-                 ) -> list[list[int]]:
-    """Indices of the prompts grouped shortest first: at most `batch_size` a batch, and, unless a batch
-    is one prompt, batch x (longest prompt)^2 <= `max_attention_cells`. With left padding, SDPA is given
-    a [batch, 1, L, L] mask (and makes a float copy of it): at 32K tokens and batch 16 that is a 32 GiB
-    block (measured on an H200), at 128K and batch 8 it cannot fit anywhere."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        cur = batches[-1] if batches else None
-        if cur and len(cur) < batch_size and (len(cur) + 1) * lengths[i] ** 2 <= max_attention_cells:
-            cur.append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
-class TransformersBackend:
-    """In-process generation with `transformers` (batched; CPU or GPU)."""
-
-    def __init__(
-        self,
-        model_path: str,
-        rope_theta: float | None = None,
-        device: str | None = None,
-        dtype: str = "auto",
-        batch_size: int = 8,
-        threads: int | None = None,
-        max_attention_cells: int = DEFAULT_MAX_ATTENTION_CELLS,
-    ) -> None:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        if not os.path.isdir(model_path):
-            raise FileNotFoundError(f"--model {model_path}: not a Hugging Face model directory")
-        self.torch = torch
-        self.model_path = model_path
-        self.rope_theta = rope_theta
-        self.batch_size = max(1, batch_size)
-        self.max_attention_cells = max_attention_cells
-        self.threads = threads
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        config = AutoConfig.from_pretrained(model_path)
-        if rope_theta is not None:
-            set_rope_theta(config, rope_theta)
-        torch_dtype = {
-            "auto": (torch.bfloat16 if self.device.startswith("cuda") else torch.float32),
-            "float32": torch.float32, "fp32": torch.float32,
-            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-            "float16": torch.float16, "fp16": torch.float16,
-        }.get(dtype)
-        if torch_dtype is None:
-            raise ValueError(f"--dtype {dtype}: choose auto, float32, bfloat16 or float16")
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError(f"{model_path}: the tokenizer has no chat template; use an instruction-tuned model")
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, config=config, dtype=torch_dtype)
-        self.model.to(self.device).eval()
-
-    @property
-    def name(self) -> str:
-        extra = f":rope_theta={self.rope_theta:g}" if self.rope_theta else ""
-        return f"transformers:{os.path.basename(os.path.normpath(self.model_path))}{extra}"
-
-    def _prompt_ids(self, conversation: Conversation) -> list[int]:
-        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def chat(self, conversations: Sequence[Conversation], params: SamplingParams) -> list[list[str]]:
-        """Generate; with `threads` set, torch's intra-op thread count is that during the call only."""
-        torch = self.torch
-        if self.threads is None:
-            return self._chat(conversations, params)
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            return self._chat(conversations, params)
-        finally:
-            torch.set_num_threads(before)
-
-    def _chat(self, conversations: Sequence[Conversation], params: SamplingParams) -> list[list[str]]:
-        from transformers import GenerationConfig
-
-        torch = self.torch
-        prompts = [self._prompt_ids(c) for c in conversations]
-        sample = params.temperature > 0
-        gen_kwargs = dict(
-            max_new_tokens=params.max_new_tokens,
-            do_sample=sample,
-            num_return_sequences=params.n,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id,
-        )
-        if sample:
-            gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
-        config = GenerationConfig(**gen_kwargs)
-        out: list[list[str] | None] = [None] * len(prompts)
-        for b, idx in enumerate(plan_batches([len(p) for p in prompts], self.batch_size, self.max_attention_cells)):
-            width = max(len(prompts[i]) for i in idx)
-            pad = self.tokenizer.pad_token_id
-            ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=self.device)
-            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx],
-                                device=self.device)
-            if params.seed is not None:
-                torch.manual_seed(params.seed + b)
-            with torch.no_grad():
-                gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-            new = gen[:, width:].tolist()
-            for j, i in enumerate(idx):
-                texts = [
-                    truncate_at_stop(self.tokenizer.decode(seq, skip_special_tokens=True), params.stop).strip()
-                    for seq in new[j * params.n : (j + 1) * params.n]
-                ]
-                out[i] = texts
-        return out  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- configuration / command line
@@ -446,6 +301,8 @@ class BackendConfig:
 
 def build_backend(cfg: BackendConfig) -> GenerationBackend:
     if cfg.kind == "transformers":
+        from .transformers_backend import TransformersBackend
+
         if not cfg.model:
             raise ValueError("--backend transformers needs --model HF_DIR (a Hugging Face model directory)")
         return TransformersBackend(cfg.model, cfg.rope_theta, cfg.device, cfg.dtype, cfg.batch_size, cfg.threads,
@@ -459,44 +316,6 @@ def build_backend(cfg: BackendConfig) -> GenerationBackend:
         return OpenAIChatBackend(cfg.base_url, cfg.model, cfg.api_key, cfg.concurrency, cfg.timeout,
                                  cfg.max_retries, cfg.backoff_base)
     raise ValueError(f"--backend {cfg.kind}: choose transformers or openai")
-
-
-def add_backend_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation backend")
-    g.add_argument("--backend", choices=("transformers", "openai"), default="transformers")
-    g.add_argument("--model", help="transformers: HF model directory (any round's checkpoint); "
-                                   "openai: the served model name (default: the first the server lists)")
-    g.add_argument("--base-url", help="openai: server address, e.g. http://127.0.0.1:8000/v1")
-    g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="openai: bearer token (default $OPENAI_API_KEY)")
-    g.add_argument("--rope-theta", type=float, help="transformers: override the RoPE base (an extended round's generator)")
-    g.add_argument("--device", help="transformers: cpu, cuda, cuda:1 (default: cuda if available)")
-    g.add_argument("--dtype", default="auto", help="transformers: auto|float32|bfloat16|float16")
-    g.add_argument("--batch-size", type=int, default=8, help="transformers: conversations per generate() call")
-    g.add_argument("--max-attention-cells", type=int, default=DEFAULT_MAX_ATTENTION_CELLS,
-                   help="transformers: fewer conversations per call where batch x longest prompt^2 would pass this "
-                        "(the padded attention mask; default 2^32: batch 4 at 32K tokens, 1 at 64K)")
-    g.add_argument("--threads", type=int, help="transformers on the CPU: torch threads (1 is fastest on a busy machine)")
-    g.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight")
-    g.add_argument("--timeout", type=float, default=600.0, help="openai: seconds per request")
-    g.add_argument("--max-retries", type=int, default=6, help="openai: retries per request (exponential back-off)")
-    g.add_argument("--tokenizer", help="HF tokenizer directory for token counts (default: --model for transformers)")
-
-
-def backend_config_from_args(a: argparse.Namespace) -> BackendConfig:
-    return BackendConfig(kind=a.backend, model=a.model, base_url=a.base_url, api_key=a.api_key,
-                         rope_theta=a.rope_theta, device=a.device, dtype=a.dtype, batch_size=a.batch_size,
-                         max_attention_cells=a.max_attention_cells,
-                         threads=a.threads, concurrency=a.concurrency, timeout=a.timeout, max_retries=a.max_retries)
-
-
-def tokenizer_path_from_args(a: argparse.Namespace) -> str:
-    path = a.tokenizer or (a.model if a.backend == "transformers" else None)
-    if not path:
-        raise ValueError("--backend openai needs --tokenizer HF_DIR (the served model's tokenizer) to count tokens")
-    if path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
-        flag = "--tokenizer" if a.tokenizer else "--model"
-        raise ValueError(f"{flag} {path}: no such directory (give a Hugging Face model or tokenizer directory)")
-    return os.path.expanduser(path)
 
 
 def model_context_window(path: str) -> int | None:

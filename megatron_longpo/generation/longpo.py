@@ -35,16 +35,16 @@ appended as they are made, so a restart skips finished documents (`output.Resuma
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable
 
 from .backends import Conversation, GenerationBackend, GenerationError, SamplingParams
+from .documents import Document
 from .filters import (
     LEAD_PHRASES, LONGPO_CHOSEN_FILTER, LONGPO_REJECTED_FILTER, AnswerFilter, parse_questions, with_lead_phrase)
-from .output import FailureStreak, ResumableJsonl, RunStats, iter_jsonl, meta_id
+from .output import FailureStreak, ResumableJsonl, RunStats, meta_id
 from .text import (
     REFERENCE_MAX_CHUNK, REFERENCE_MIN_CHUNK, Chunk, TokenCounter, chunk_document, select_chunks)
 
@@ -64,13 +64,6 @@ DEFAULT_QUESTION_PROMPT = (
     "Give the questions directly, without explanations, numbered from \"1:\" to \"{n}:\"."
 )
 TEMPLATE_OVERHEAD_TOKENS = 8  # chat-template tokens around one message (role tags, newlines)
-
-
-@dataclass(frozen=True)
-class Document:
-    id: str
-    text: str
-    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,98 +103,6 @@ class LongPOConfig:
                              f"({self.max_chunk_tokens})")
         if any(not p.strip() for p in self.lead_phrases):
             raise ValueError("a lead phrase is empty; pass --no-lead-phrase for none")
-
-
-# ---------------------------------------------------------------- reading documents
-
-
-def text_id(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
-
-
-def _doc(row: dict, text_field: str, id_field: str, source: str) -> Document | None:
-    text = row.get(text_field)
-    if not isinstance(text, str):
-        raise ValueError(f"{source}: the record has no string field {text_field!r} (fields: {sorted(row)}); "
-                         "pass --text-field")
-    if not text.strip():
-        return None
-    rid = row.get(id_field)
-    return Document(str(rid) if rid not in (None, "") else text_id(text), text, source)
-
-
-def read_documents(path: str | Path, text_field: str = "text", id_field: str = "id",
-                   split: str | None = None) -> Iterator[Document]:
-    """Documents from: a JSONL / JSON-lines file, a Parquet file, a plain-text / Markdown file (one
-    document), a directory of such files (recursively, sorted), or a `datasets.save_to_disk`
-    directory. Ids: the record's `id_field` when present, else a hash of the text."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"input {path} does not exist")
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            yield from _read_saved_dataset(path, text_field, id_field, split)
-            return
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _READERS)
-        if not files:
-            raise FileNotFoundError(f"{path}: no .jsonl/.json/.parquet/.txt/.md files in this directory")
-        for f in files:
-            yield from _READERS[f.suffix.lower()](f, text_field, id_field)
-        return
-    reader = _READERS.get(path.suffix.lower())
-    if reader is None:
-        raise ValueError(f"{path}: unknown input type; use .jsonl, .json, .parquet, .txt, .md or a directory")
-    yield from reader(path, text_field, id_field)
-
-
-def _read_jsonl(path: Path, text_field: str, id_field: str) -> Iterator[Document]:
-    for i, row in enumerate(iter_jsonl(path)):
-        d = _doc(row, text_field, id_field, f"{path}:{i + 1}")
-        if d:
-            yield d
-
-
-def _read_parquet(path: Path, text_field: str, id_field: str) -> Iterator[Document]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
-    cols = [c for c in (text_field, id_field) if c in pf.schema_arrow.names]
-    if text_field not in cols:
-        raise ValueError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); pass --text-field")
-    n = 0
-    for batch in pf.iter_batches(columns=cols, batch_size=256):
-        for row in batch.to_pylist():
-            n += 1
-            d = _doc(row, text_field, id_field, f"{path}:row{n}")
-            if d:
-                yield d
-
-
-def _read_text(path: Path, text_field: str, id_field: str) -> Iterator[Document]:
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if text.strip():
-        yield Document(text_id(text), text, str(path))
-
-
-def _read_saved_dataset(path: Path, text_field: str, id_field: str, split: str | None) -> Iterator[Document]:
-    import datasets
-
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if split is None:
-            if len(ds) != 1:
-                raise ValueError(f"{path} holds splits {list(ds)}; pass --split")
-            split = next(iter(ds))
-        ds = ds[split]
-    for i, row in enumerate(ds):
-        d = _doc(row, text_field, id_field, f"{path}[{i}]")
-        if d:
-            yield d
-
-
-_READERS: dict[str, Callable[[Path, str, str], Iterator[Document]]] = {
-    ".jsonl": _read_jsonl, ".json": _read_jsonl, ".parquet": _read_parquet, ".txt": _read_text, ".md": _read_text,
-}
 
 
 # ---------------------------------------------------------------- the pipeline

@@ -1,6 +1,6 @@
 """Pure loss functions on per-sequence log-prob statistics (docs/losses.md).
 
-Entry points: ``LossConfig``, ``policy_roles``, ``sequence_roles``, ``reference_roles``,
+Entry points: ``LossConfig``, ``LOSSES`` (the loss table), ``policy_roles``, ``sequence_roles``, ``reference_roles``,
 ``compute_loss``.
 """
 from .long_context import longpo_loss, solo_dpo_loss, solo_orpo_loss, solo_simpo_loss
@@ -18,6 +18,7 @@ from .preference import (
 from .registry import (
     LONGPO_NLL_MODES,
     LOSS_NAMES,
+    LOSSES,
     LossConfig,
     compute_loss,
     policy_roles,
@@ -25,12 +26,12 @@ from .registry import (
     required_roles,
     sequence_roles,
 )
-from .stats import POLICY_ROLES, REFERENCE_ROLES, LossOutput, SeqStat, check_stats, sequence_role
+from .stats import REFERENCE_ROLES, LossOutput, SeqStat, check_stats, sequence_role
 
 __all__ = [
     "LONGPO_NLL_MODES",
     "LOSS_NAMES",
-    "POLICY_ROLES",
+    "LOSSES",
     "REFERENCE_ROLES",
     "LossConfig",
     "LossOutput",

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from megatron_longpo.roles import CHOSEN, PAIR, REF_CHOSEN, REF_REJECTED, sequence_role, solo_roles
+
 from .preference import (
     dpo_loss,
     dpo_reward,
@@ -45,8 +47,7 @@ def longpo_loss(
     the chosen long sequence) when given, else of the ``chosen`` responses.
     """
     if check:
-        roles = ("chosen", "rejected", "ref_chosen", "ref_rejected")
-        roles += ("chosen_sequence",) if chosen_sequence is not None else ()
+        roles = PAIR + (REF_CHOSEN, REF_REJECTED) + ((sequence_role(CHOSEN),) if chosen_sequence is not None else ())
         check_stats(
             dict(chosen=chosen, rejected=rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected,
                  chosen_sequence=chosen_sequence),
@@ -93,14 +94,6 @@ def _with_solo_ra(
     return LossOutput(po.loss + alpha * ra, metrics)
 
 
-def _solo_roles(both: bool, refs: bool) -> tuple[str, ...]:
-    roles = ("chosen", "rejected", "long_chosen") + (("long_rejected",) if both else ())
-    if refs:
-        roles += ("ref_chosen", "ref_rejected", "ref_long_chosen")
-        roles += ("ref_long_rejected",) if both else ()
-    return roles
-
-
 def solo_dpo_loss(
     chosen: SeqStat,
     rejected: SeqStat,
@@ -127,7 +120,7 @@ def solo_dpo_loss(
             dict(chosen=chosen, rejected=rejected, long_chosen=long_chosen,
                  long_rejected=long_rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected,
                  ref_long_chosen=ref_long_chosen, ref_long_rejected=ref_long_rejected),
-            _solo_roles(both, refs=True),
+            solo_roles(both) + solo_roles(both, reference=True),
             "solo-dpo",
         )
     po = dpo_loss(
@@ -163,7 +156,7 @@ def solo_simpo_loss(
         check_stats(
             dict(chosen=chosen, rejected=rejected, long_chosen=long_chosen,
                  long_rejected=long_rejected),
-            _solo_roles(both, refs=False),
+            solo_roles(both),
             "solo-simpo",
         )
     po = simpo_loss(chosen, rejected, beta=beta, gamma=gamma, check=False)
@@ -193,7 +186,7 @@ def solo_orpo_loss(
         check_stats(
             dict(chosen=chosen, rejected=rejected, long_chosen=long_chosen,
                  long_rejected=long_rejected),
-            _solo_roles(both, refs=False),
+            solo_roles(both),
             "solo-orpo",
         )
     po = orpo_loss(chosen, rejected, lam=lam, check=False)

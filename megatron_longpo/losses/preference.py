@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from megatron_longpo.roles import CHOSEN, PAIR, REF_CHOSEN, REF_REJECTED
+
 from .stats import LossOutput, SeqStat, check_stats
 
 _LN2 = math.log(2.0)
@@ -105,7 +107,7 @@ def dpo_loss(
     if check:
         check_stats(
             dict(chosen=chosen, rejected=rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected),
-            ("chosen", "rejected", "ref_chosen", "ref_rejected"),
+            PAIR + (REF_CHOSEN, REF_REJECTED),
             "dpo",
         )
     r_w = dpo_reward(chosen, ref_chosen, beta)
@@ -129,7 +131,7 @@ def ipo_loss(
     if check:
         check_stats(
             dict(chosen=chosen, rejected=rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected),
-            ("chosen", "rejected", "ref_chosen", "ref_rejected"),
+            PAIR + (REF_CHOSEN, REF_REJECTED),
             "ipo",
         )
     ratio_w = chosen.mean - ref_chosen.mean.detach()
@@ -150,7 +152,7 @@ def simpo_loss(
 ) -> LossOutput:
     """SimPO: -log σ(r_w - r_l - γ), r = (β/|y|) log π_θ(y|x); γ is the margin in reward units."""
     if check:
-        check_stats(dict(chosen=chosen, rejected=rejected), ("chosen", "rejected"), "simpo")
+        check_stats(dict(chosen=chosen, rejected=rejected), PAIR, "simpo")
     r_w = simpo_reward(chosen, beta)
     r_l = simpo_reward(rejected, beta)
     loss = -F.logsigmoid(r_w - r_l - gamma)
@@ -168,7 +170,7 @@ def orpo_loss(
 ) -> LossOutput:
     """ORPO: NLL(y_w|x) - λ log σ(log odds(y_w|x) - log odds(y_l|x)). Rewards: the log odds."""
     if check:
-        check_stats(dict(chosen=chosen, rejected=rejected), ("chosen", "rejected"), "orpo")
+        check_stats(dict(chosen=chosen, rejected=rejected), PAIR, "orpo")
     lo_w = orpo_log_odds(chosen)
     lo_l = orpo_log_odds(rejected)
     or_loss = -F.logsigmoid(lo_w - lo_l)
@@ -183,6 +185,6 @@ def orpo_loss(
 def nll_loss(chosen: SeqStat, *, check: bool = True) -> LossOutput:
     """SFT: mean token NLL of the chosen response."""
     if check:
-        check_stats(dict(chosen=chosen), ("chosen",), "sft")
+        check_stats(dict(chosen=chosen), (CHOSEN,), "sft")
     loss = nll(chosen)
     return LossOutput(loss, {"logps/chosen": chosen.mean.detach(), "loss/nll": loss.detach()})

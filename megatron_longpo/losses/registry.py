@@ -1,20 +1,29 @@
-"""The loss config, which statistics each loss needs, and the one dispatch entry point."""
+"""The loss config and the loss table: one entry per loss says which function computes it, which
+statistics (roles) it reads and which hyper-parameters; adding a loss is adding one entry."""
 from __future__ import annotations
 
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
+
+from megatron_longpo.roles import (
+    CHOSEN,
+    LONG_CHOSEN,
+    LONG_REJECTED,
+    PAIR,
+    REF_CHOSEN,
+    REF_LONG_CHOSEN,
+    REF_LONG_REJECTED,
+    REF_REJECTED,
+    REJECTED,
+    solo_roles,
+)
 
 from .long_context import longpo_loss, solo_dpo_loss, solo_orpo_loss, solo_simpo_loss
 from .preference import dpo_loss, ipo_loss, nll_loss, orpo_loss, simpo_loss
 from .stats import LossOutput, SeqStat, check_stats, sequence_role
 
-LOSS_NAMES = (
-    "dpo", "ipo", "simpo", "orpo", "sft", "longpo", "solo-dpo", "solo-simpo", "solo-orpo",
-)
-_SOLO = ("solo-dpo", "solo-simpo", "solo-orpo")
-_WITH_LABEL_SMOOTHING = ("dpo", "longpo", "solo-dpo")
 LONGPO_NLL_MODES = ("sequence", "responses")
 
 
@@ -71,10 +80,10 @@ class LossConfig:
             raise ValueError(
                 f"loss config: label_smoothing must be in [0, 0.5), got {self.label_smoothing}"
             )
-        if self.label_smoothing and self.name not in _WITH_LABEL_SMOOTHING:
+        if self.label_smoothing and not LOSSES[self.name].smooths:
             raise ValueError(
                 f"loss config: label_smoothing={self.label_smoothing} has no effect on loss "
-                f"'{self.name}' (only {', '.join(_WITH_LABEL_SMOOTHING)} use it); set it to 0"
+                f"'{self.name}' (only {', '.join(n for n, e in LOSSES.items() if e.smooths)} use it); set it to 0"
             )
         if self.longpo_nll not in LONGPO_NLL_MODES:
             raise ValueError(
@@ -84,28 +93,100 @@ class LossConfig:
             )
         if not isinstance(self.solopo_both, bool):
             raise ValueError(f"loss config: solopo_both must be true or false, got {self.solopo_both!r}")
-        if self.solopo_both and self.name not in _SOLO:
+        if self.solopo_both and not LOSSES[self.name].solo:
             raise ValueError(
-                f"loss config: solopo_both=True only applies to {', '.join(_SOLO)}, "
+                f"loss config: solopo_both=True only applies to {', '.join(n for n, e in LOSSES.items() if e.solo)}, "
                 f"not to loss '{self.name}'; set it to false"
             )
 
 
+Stats = Mapping[str, SeqStat]
+
+
+@dataclass(frozen=True)
+class LossEntry:
+    """One loss of the table.
+
+    compute:   (cfg, stats) -> LossOutput; stats hold every role the entry names (checked once).
+    policy:    the policy statistics it reads, in a fixed order.
+    reference: the frozen-reference statistics it reads (from the offline sidecar).
+    params:    the LossConfig fields it reads. ``label_smoothing`` among them: it supports label
+               smoothing; ``solopo_both``: a SoLoPO loss, whose both-responses form adds
+               long_rejected (and its reference, where it reads references).
+    sequence:  policy roles whose WHOLE-SEQUENCE statistic it reads when cfg.longpo_nll is
+               "sequence" (LongPO's paper NLL).
+    """
+
+    compute: Callable[[LossConfig, Stats], LossOutput]
+    policy: tuple[str, ...]
+    reference: tuple[str, ...] = ()
+    params: tuple[str, ...] = ()
+    sequence: tuple[str, ...] = ()
+
+    @property
+    def smooths(self) -> bool:
+        return "label_smoothing" in self.params
+
+    @property
+    def solo(self) -> bool:
+        return "solopo_both" in self.params
+
+
+def _long_rejected(cfg: LossConfig, s: Stats, role: str = LONG_REJECTED) -> SeqStat | None:
+    return s[role] if cfg.solopo_both else None
+
+
+LOSSES: dict[str, LossEntry] = {
+    "dpo": LossEntry(
+        lambda c, s: dpo_loss(s[CHOSEN], s[REJECTED], s[REF_CHOSEN], s[REF_REJECTED],
+                              beta=c.beta, label_smoothing=c.label_smoothing, check=False),
+        PAIR, (REF_CHOSEN, REF_REJECTED), ("beta", "label_smoothing")),
+    "ipo": LossEntry(
+        lambda c, s: ipo_loss(s[CHOSEN], s[REJECTED], s[REF_CHOSEN], s[REF_REJECTED], beta=c.beta, check=False),
+        PAIR, (REF_CHOSEN, REF_REJECTED), ("beta",)),
+    "simpo": LossEntry(
+        lambda c, s: simpo_loss(s[CHOSEN], s[REJECTED], beta=c.beta, gamma=c.simpo_gamma, check=False),
+        PAIR, (), ("beta", "simpo_gamma")),
+    "orpo": LossEntry(
+        lambda c, s: orpo_loss(s[CHOSEN], s[REJECTED], lam=c.orpo_lambda, check=False),
+        PAIR, (), ("orpo_lambda",)),
+    "sft": LossEntry(lambda c, s: nll_loss(s[CHOSEN], check=False), (CHOSEN,)),
+    "longpo": LossEntry(
+        lambda c, s: longpo_loss(
+            s[CHOSEN], s[REJECTED], s[REF_CHOSEN], s[REF_REJECTED], beta=c.beta, lam=c.longpo_lambda,
+            label_smoothing=c.label_smoothing,
+            chosen_sequence=s[sequence_role(CHOSEN)] if c.longpo_nll == "sequence" else None, check=False),
+        PAIR, (REF_CHOSEN, REF_REJECTED), ("beta", "longpo_lambda", "label_smoothing", "longpo_nll"), (CHOSEN,)),
+    "solo-dpo": LossEntry(
+        lambda c, s: solo_dpo_loss(
+            s[CHOSEN], s[REJECTED], s[LONG_CHOSEN], s[REF_CHOSEN], s[REF_REJECTED], s[REF_LONG_CHOSEN],
+            beta=c.beta, alpha=c.solopo_alpha, label_smoothing=c.label_smoothing,
+            long_rejected=_long_rejected(c, s), ref_long_rejected=_long_rejected(c, s, REF_LONG_REJECTED),
+            check=False),
+        solo_roles(False), solo_roles(False, reference=True),
+        ("beta", "solopo_alpha", "label_smoothing", "solopo_both")),
+    "solo-simpo": LossEntry(
+        lambda c, s: solo_simpo_loss(s[CHOSEN], s[REJECTED], s[LONG_CHOSEN], beta=c.beta, gamma=c.simpo_gamma,
+                                     alpha=c.solopo_alpha, long_rejected=_long_rejected(c, s), check=False),
+        solo_roles(False), (), ("beta", "simpo_gamma", "solopo_alpha", "solopo_both")),
+    "solo-orpo": LossEntry(
+        lambda c, s: solo_orpo_loss(s[CHOSEN], s[REJECTED], s[LONG_CHOSEN], lam=c.orpo_lambda,
+                                    alpha=c.solopo_alpha, long_rejected=_long_rejected(c, s), check=False),
+        solo_roles(False), (), ("orpo_lambda", "solopo_alpha", "solopo_both")),
+}
+LOSS_NAMES = tuple(LOSSES)
+
+
 def policy_roles(cfg: LossConfig) -> tuple[str, ...]:
     """The policy statistics ``cfg``'s loss needs, in a fixed order."""
-    if cfg.name == "sft":
-        return ("chosen",)
-    if cfg.name in _SOLO:
-        return ("chosen", "rejected", "long_chosen") + (("long_rejected",) if cfg.solopo_both else ())
-    return ("chosen", "rejected")
+    e = LOSSES[cfg.name]
+    return e.policy + ((LONG_REJECTED,) if e.solo and cfg.solopo_both else ())
 
 
 def sequence_roles(cfg: LossConfig) -> tuple[str, ...]:
     """The policy roles whose WHOLE-SEQUENCE statistic (every predicted token, not only the
     responses; named ``sequence_role(role)``) ``cfg``'s loss needs besides the response sums."""
-    if cfg.name == "longpo" and cfg.longpo_nll == "sequence":
-        return ("chosen",)
-    return ()
+    return LOSSES[cfg.name].sequence if cfg.longpo_nll == "sequence" else ()
 
 
 def required_roles(cfg: LossConfig) -> tuple[str, ...]:
@@ -115,55 +196,11 @@ def required_roles(cfg: LossConfig) -> tuple[str, ...]:
 
 def reference_roles(cfg: LossConfig) -> tuple[str, ...]:
     """The frozen-reference statistics (from the offline sidecar) ``cfg``'s loss needs."""
-    if cfg.name in ("dpo", "ipo", "longpo"):
-        return ("ref_chosen", "ref_rejected")
-    if cfg.name == "solo-dpo":
-        return ("ref_chosen", "ref_rejected", "ref_long_chosen") + (
-            ("ref_long_rejected",) if cfg.solopo_both else ()
-        )
-    return ()
+    e = LOSSES[cfg.name]
+    return e.reference + ((REF_LONG_REJECTED,) if e.solo and e.reference and cfg.solopo_both else ())
 
 
-def compute_loss(cfg: LossConfig, stats: Mapping[str, SeqStat]) -> LossOutput:
+def compute_loss(cfg: LossConfig, stats: Stats) -> LossOutput:
     """Check ``stats`` once, then compute ``cfg``'s loss: [B] per-sample loss + metrics."""
     check_stats(stats, required_roles(cfg), cfg.name)
-    s = stats
-    n = cfg.name
-    if n == "dpo":
-        return dpo_loss(s["chosen"], s["rejected"], s["ref_chosen"], s["ref_rejected"],
-                        beta=cfg.beta, label_smoothing=cfg.label_smoothing, check=False)
-    if n == "ipo":
-        return ipo_loss(s["chosen"], s["rejected"], s["ref_chosen"], s["ref_rejected"],
-                        beta=cfg.beta, check=False)
-    if n == "simpo":
-        return simpo_loss(s["chosen"], s["rejected"], beta=cfg.beta, gamma=cfg.simpo_gamma,
-                          check=False)
-    if n == "orpo":
-        return orpo_loss(s["chosen"], s["rejected"], lam=cfg.orpo_lambda, check=False)
-    if n == "sft":
-        return nll_loss(s["chosen"], check=False)
-    if n == "longpo":
-        return longpo_loss(s["chosen"], s["rejected"], s["ref_chosen"], s["ref_rejected"],
-                           beta=cfg.beta, lam=cfg.longpo_lambda,
-                           label_smoothing=cfg.label_smoothing,
-                           chosen_sequence=s["chosen_sequence"] if cfg.longpo_nll == "sequence" else None,
-                           check=False)
-    long_rejected = s["long_rejected"] if cfg.solopo_both else None
-    if n == "solo-dpo":
-        return solo_dpo_loss(
-            s["chosen"], s["rejected"], s["long_chosen"],
-            s["ref_chosen"], s["ref_rejected"], s["ref_long_chosen"],
-            beta=cfg.beta, alpha=cfg.solopo_alpha, label_smoothing=cfg.label_smoothing,
-            long_rejected=long_rejected,
-            ref_long_rejected=s["ref_long_rejected"] if cfg.solopo_both else None,
-            check=False,
-        )
-    if n == "solo-simpo":
-        return solo_simpo_loss(s["chosen"], s["rejected"], s["long_chosen"],
-                               beta=cfg.beta, gamma=cfg.simpo_gamma, alpha=cfg.solopo_alpha,
-                               long_rejected=long_rejected, check=False)
-    if n == "solo-orpo":
-        return solo_orpo_loss(s["chosen"], s["rejected"], s["long_chosen"],
-                              lam=cfg.orpo_lambda, alpha=cfg.solopo_alpha,
-                              long_rejected=long_rejected, check=False)
-    raise AssertionError(f"unhandled loss name {n!r}")  # LossConfig validated the name
+    return LOSSES[cfg.name].compute(cfg, stats)

@@ -13,19 +13,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-#: Roles computed by the policy being trained.
-POLICY_ROLES = ("chosen", "rejected", "long_chosen", "long_rejected")
-#: Suffix of a WHOLE-SEQUENCE statistic: ``"chosen_sequence"`` is the sum of the log-probs of
-#: every predicted token of the chosen sequence (document, instructions, chat template and
-#: responses; padding excluded) and their count, where ``"chosen"`` has the responses only.
-SEQUENCE_SUFFIX = "_sequence"
-
-
-def sequence_role(role: str) -> str:
-    """The name of `role`'s whole-sequence statistic ("chosen" -> "chosen_sequence")."""
-    return role + SEQUENCE_SUFFIX
-#: Roles computed by the frozen reference (precomputed offline into the reference sidecar).
-REFERENCE_ROLES = ("ref_chosen", "ref_rejected", "ref_long_chosen", "ref_long_rejected")
+from megatron_longpo.roles import REFERENCE_ROLES, SEQUENCE_SUFFIX, sequence_role  # noqa: F401 (re-exported)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

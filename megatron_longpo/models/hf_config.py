@@ -58,14 +58,16 @@ class ModelArch:
         """The same network recorded for another context length (what a context extension trained for)."""
         return dataclasses.replace(self, max_position_embeddings=int(n))
 
-    def check_sequence_length(self, seq_length: int) -> None:
-        """Refuse a sliding-window model trained beyond its window (we use full causal attention)."""
+    def check_sequence_length(self, seq_length: int, source: str = "the sequence") -> None:
+        """Refuse a sliding-window model run past its window (we use full causal attention).
+        `source` names where the length comes from, e.g. "the longest sequence of data.path=X"."""
         if self.sliding_window is not None and seq_length > self.sliding_window:
             raise UnsupportedModelError(
                 f"{self.architecture} uses sliding-window attention (window {self.sliding_window}) and "
-                f"the sequence length {seq_length} exceeds it; this project implements full causal "
-                f"attention only. Use a model without a sliding window (e.g. Mistral-7B-Instruct-v0.2, "
-                f"whose config has sliding_window=null) or sequences of at most {self.sliding_window} tokens."
+                f"{source} is {seq_length} tokens, past it; this project implements full causal "
+                f"attention only, so it would silently compute another model. Use a model without a sliding "
+                f"window (e.g. Mistral-7B-Instruct-v0.2, whose config has sliding_window=null) or sequences of "
+                f"at most {self.sliding_window} tokens (tools/preprocess_pairs.py --max-length {self.sliding_window})."
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,10 +159,6 @@ def arch_from_hf_config(cfg: dict[str, Any]) -> ModelArch:
         rope_scaling_factor=factor,
         sliding_window=int(sliding) if sliding else None,
     )
-
-
-def read_arch(hf_dir: str | os.PathLike) -> ModelArch:
-    return arch_from_hf_config(load_hf_config(hf_dir))
 
 
 def to_hf_config(arch: ModelArch, base: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from megatron_longpo import parallel, platform
 from megatron_longpo.checkpoint import dist as ckpt
 from megatron_longpo.config import RunConfig
+from megatron_longpo.data.format import longest_sequence, read_manifest
 from megatron_longpo.losses import policy_roles, reference_roles, sequence_roles
 from megatron_longpo.models.build import ModelOptions, build_model, unwrap
 from megatron_longpo.models.forward import run_schedule
@@ -181,6 +182,8 @@ def build_trainer(cfg: RunConfig) -> Trainer:
 
     check_run(cfg, arch, layout.world_size, log)  # printed before the build; a run that cannot fit stops here (train.memory_check)
     check_save_dir(cfg.train.save_dir, cfg.model.checkpoint)
+    arch.check_sequence_length(longest_sequence(read_manifest(cfg.data.path), policy_roles(cfg.loss)),
+                               f"the longest sequence of data.path={cfg.data.path}")
     resume_dir = Path(cfg.train.save_dir)
     resuming = (resume_dir / ckpt.LATEST).is_file()
 

@@ -49,7 +49,7 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
 
     from megatron_longpo import parallel, platform
     from megatron_longpo.checkpoint import dist as ckpt
-    from megatron_longpo.data.format import PairDataset
+    from megatron_longpo.data.format import PairDataset, longest_sequence
     from megatron_longpo.data.reference import RefLogpWriter, merge_parts, part_path, sidecar_path
     from megatron_longpo.models.build import ModelOptions
 
@@ -68,6 +68,8 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
             if os.environ.get("RANK", "0") == "0":
                 print(f"note: {note}", flush=True)
     roles = tuple(roles or ds.ref_roles)
+    ckpt.read_model_json(model_dir)[0].check_sequence_length(  # a sliding window is refused before the build
+        longest_sequence(ds.manifest, [r[4:] if policy_sequences else r for r in roles]), f"the longest sequence of --data {dataset_prefix}")
     opts = ModelOptions(bf16=platform.resolve_bf16(bf16))
     chunks, arch = ckpt.open_model(model_dir, par, opts)
     layout = parallel.current_layout()  # open_model set the parallel state up

@@ -32,15 +32,14 @@ def save_training_state(t) -> Path:
     if rank0():
         # a training run's directory is itself a checkpoint directory: model.json and tokenizer travel
         import json
-        import shutil
 
         src = Path(t.cfg.model.checkpoint)
         meta = json.loads((src / ckpt.MODEL_JSON).read_text())
         meta["arch"] = t.arch.to_dict()
         meta["trained_from"] = str(src.resolve())
         ckpt.atomic_write_text(d / ckpt.MODEL_JSON, json.dumps(meta, indent=2, sort_keys=True))
-        if (src / "tokenizer").is_dir() and not (d / "tokenizer").is_dir():
-            shutil.copytree(src / "tokenizer", d / "tokenizer")
+        if not (d / "tokenizer").is_dir():
+            ckpt.copy_tokenizer(src / "tokenizer", d / "tokenizer")
     return it
 
 

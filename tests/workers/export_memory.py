@@ -42,7 +42,7 @@ def dir_bytes(d: Path) -> int:
 
 def largest_read(iter_dir: Path) -> int:
     """Bytes of the largest tensor the exporter reads at once (a whole global or one layer slice)."""
-    from megatron_longpo.checkpoint.export import DistCheckpointReader
+    from megatron_longpo.checkpoint.dist_reader import DistCheckpointReader
 
     r = DistCheckpointReader(iter_dir)
     best = 0
