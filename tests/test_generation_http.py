@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from megatron_longpo.generation.backends import (
-    BackendConfig, GenerationError, OpenAIChatBackend, RequestError, SamplingParams, build_backend)
+from megatron_longpo.generation.backends import GenerationError, OpenAIChatBackend, RequestError, SamplingParams
+from megatron_longpo.generation.factory import BackendConfig, build_backend
 
 
 class Scripted:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from megatron_longpo.generation.backends import DEFAULT_MAX_ATTENTION_CELLS, BackendConfig
+from megatron_longpo.generation.backends import DEFAULT_MAX_ATTENTION_CELLS
+from megatron_longpo.generation.factory import BackendConfig
 
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_longpo.generation.backends import SamplingParams, build_backend, model_context_window
+from megatron_longpo.generation.backends import SamplingParams
+from megatron_longpo.generation.factory import build_backend, model_context_window
 from megatron_longpo.generation.documents import read_documents
 from megatron_longpo.generation.filters import LEAD_PHRASES, AnswerFilter
 from megatron_longpo.generation.longpo import DEFAULT_QUESTION_PROMPT, LongPOBuilder, LongPOConfig

@@ -17,7 +17,8 @@ import os
 import sys
 import time
 
-from megatron_longpo.generation.backends import SamplingParams, build_backend
+from megatron_longpo.generation.backends import SamplingParams
+from megatron_longpo.generation.factory import build_backend
 from megatron_longpo.generation.output import RunStats, TooManyFailures, finish_run
 from megatron_longpo.generation.solopo import (
     DEFAULT_INSTRUCTION, SHORT_ANSWER_INSTRUCTION, SoLoPOBuilder, SoLoPOConfig, read_qa_records)

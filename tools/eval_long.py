@@ -24,7 +24,7 @@ from megatron_longpo.eval.ruler import (DEFAULT_DOCUMENTS, DEFAULT_TASKS, chat_p
                                         generate_tasks)
 from megatron_longpo.eval.runner import (build_results, compare_table, evaluate, models_markdown, render_retention,
                                          render_table, svg_plot)
-from megatron_longpo.generation.backends import build_backend
+from megatron_longpo.generation.factory import build_backend
 from megatron_longpo.io import atomic_write_json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
