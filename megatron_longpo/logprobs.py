@@ -144,12 +144,14 @@ def sequence_sums(logp: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tenso
     """Sum of masked log-probs and count of masked tokens per sequence.
 
     logp, mask, seq_index: [b, s] (seq_index = which packed sequence a token belongs to, -1 for
-    padding). Returns (sums [n] fp32 with grad, counts [n] fp32)."""
+    padding). Returns (sums [n] fp64 with grad, counts [n] fp64). Summed in float64: an fp32 sum
+    of 256 log-probs (~-800) is off by ~2e-4, which DPO's difference of sums turns into a 1e-5
+    loss error (LongPO on SmolLM2: 9x transformers' fp32 distance to float64; docs/logprobs.md)."""
     m = mask.bool() & (seq_index >= 0)
     idx = seq_index[m].long()
-    sums = torch.zeros(num_sequences, dtype=torch.float32, device=logp.device).index_add(0, idx, logp[m].float())
-    counts = torch.zeros(num_sequences, dtype=torch.float32, device=logp.device).index_add(
-        0, idx, torch.ones_like(idx, dtype=torch.float32)
+    sums = torch.zeros(num_sequences, dtype=torch.float64, device=logp.device).index_add(0, idx, logp[m].double())
+    counts = torch.zeros(num_sequences, dtype=torch.float64, device=logp.device).index_add(
+        0, idx, torch.ones_like(idx, dtype=torch.float64)
     )
     return sums, counts
 

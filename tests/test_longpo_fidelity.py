@@ -211,7 +211,7 @@ def test_step_statistics_and_the_responses_mode_bit_for_bit(tiny_longpo_data):
         i = packed.seq_role.index("chosen") + 2 * b
         n = len(sample.sequences("chosen")[0])
         assert s_new["chosen_sequence"].tokens[b] == n - 1
-        torch.testing.assert_close(s_new["chosen_sequence"].logps[b], logp[i, :n - 1].double().sum().float())
+        torch.testing.assert_close(s_new["chosen_sequence"].logps[b], logp[i, :n - 1].double().sum())
     cfg = LossConfig("longpo", beta=0.5, longpo_lambda=0.3, longpo_nll="responses")
     loss, count, _ = loss_from_token_logprobs(logp, old, cfg)
     dpo = dpo_loss(s_old["chosen"], s_old["rejected"], ref["ref_chosen"], ref["ref_rejected"], beta=0.5)

@@ -11,7 +11,8 @@ Two implementations of one step:
   * an independent one: transformers' model, its logits, log_softmax and the loss formula of
     METHODS.md written out here (NLL = mean token NLL of the chosen response; LongPO = NLL +
     λ·DPO, DPO = -log σ(β[(log π(y_w) - ref_w) - (log π(y_l) - ref_l)]) with summed log-probs and
-    the reference log-probs as constants), no project code on its path.
+    the reference log-probs as constants), no project code on its path; this loss head runs in
+    float64 on the model's logits (HEAD_DTYPE), so the reference's error is its model's.
 Gradients are compared per tensor under Hugging Face names (checkpoint/hf.py maps them).
 """
 
@@ -148,9 +149,19 @@ def hf_model(hf_dir, dtype: torch.dtype, rope_theta: float | None = None, device
     return model
 
 
-def hf_sequence_logps(model, s: Seq, device="cpu", whole: bool = False) -> torch.Tensor:
-    """Summed log-prob of the scored tokens of `s` (fp32, differentiable); whole=True: of every
-    predicted token (all but the first), LongPO's NLL over the whole chosen sequence."""
+# The reference's loss head (log_softmax of transformers' logits, gather, sums) runs in float64
+# whatever the model's dtype: it is exact given the logits, so the reference's error is its model's.
+# In fp32 it would not be on the CPU: torch's fp32 log_softmax/softmax kernels there are biased by
+# ~1e-6 per element (rows of 49K logits, 2-core CPU dev machine: mean +9.0e-7, max 9.5e-6, against
+# 4e-9 / 2.1e-6 for exp-sum-log written out), which made transformers fp32 (and the old "fp64"
+# reference, whose logits were cast back to fp32) 1e-4 off an fp64 gradient (docs/logprobs.md).
+HEAD_DTYPE = torch.float64
+
+
+def hf_sequence_logps(model, s: Seq, device="cpu", whole: bool = False, head_dtype: torch.dtype = HEAD_DTYPE
+                      ) -> torch.Tensor:
+    """Summed log-prob of the scored tokens of `s` (in `head_dtype`, differentiable); whole=True:
+    of every predicted token (all but the first), LongPO's NLL over the whole chosen sequence."""
     if whole:
         every = np.ones(len(s), dtype=bool)
         every[0] = False
@@ -159,21 +170,21 @@ def hf_sequence_logps(model, s: Seq, device="cpu", whole: bool = False) -> torch
     mask = torch.as_tensor(s.loss_mask, device=device)
     first = int(np.argmax(s.loss_mask))  # the first scored token; logits from position first-1 on
     keep = len(s) - first + 1
-    logits = model(tokens, logits_to_keep=keep).logits[0, :-1].float()  # predicts tokens first..L-1
+    logits = model(tokens, logits_to_keep=keep).logits[0, :-1].to(head_dtype)  # predicts tokens first..L-1
     logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[0, first:].unsqueeze(-1)).squeeze(-1)
-    return (logp * mask[first:].float()).sum()
+    return (logp * mask[first:].to(head_dtype)).sum()
 
 
-def hf_loss(model, batch: CheckBatch, device="cpu") -> torch.Tensor:
-    """METHODS.md's loss from transformers' logits (one sample)."""
-    pc = hf_sequence_logps(model, batch.roles["chosen"], device)
+def hf_loss(model, batch: CheckBatch, device="cpu", head_dtype: torch.dtype = HEAD_DTYPE) -> torch.Tensor:
+    """METHODS.md's loss from transformers' logits (one sample; the loss head in `head_dtype`)."""
+    pc = hf_sequence_logps(model, batch.roles["chosen"], device, head_dtype=head_dtype)
     if batch.loss == "sft":
         return -pc / float(batch.roles["chosen"].loss_mask.sum())
     # LongPO (METHODS.md §2, the default loss.longpo_nll=sequence): the NLL over every predicted token
     # of the chosen long sequence
     chosen = batch.roles["chosen"]
-    nll = -hf_sequence_logps(model, chosen, device, whole=True) / float(len(chosen) - 1)
-    pr = hf_sequence_logps(model, batch.roles["rejected"], device)
+    nll = -hf_sequence_logps(model, chosen, device, whole=True, head_dtype=head_dtype) / float(len(chosen) - 1)
+    pr = hf_sequence_logps(model, batch.roles["rejected"], device, head_dtype=head_dtype)
     z = batch.beta * ((pc - batch.ref_logps["ref_chosen"]) - (pr - batch.ref_logps["ref_rejected"]))
     return nll + batch.lam * -torch.nn.functional.logsigmoid(z)
 
@@ -195,10 +206,11 @@ def fill_reference(model, batch: CheckBatch, short_prompt: int = 256, device="cp
         batch.ref_logps["ref_" + role] = float(hf_sequence_logps(model, Seq(s.tokens[cut:], s.loss_mask[cut:]), device))
 
 
-def hf_step(model, batch: CheckBatch, device="cpu") -> tuple[float, dict[str, torch.Tensor]]:
+def hf_step(model, batch: CheckBatch, device="cpu", head_dtype: torch.dtype = HEAD_DTYPE
+            ) -> tuple[float, dict[str, torch.Tensor]]:
     """(loss, gradients by HF name, fp64 on the CPU)."""
     model.zero_grad(set_to_none=True)
-    loss = hf_loss(model, batch, device)
+    loss = hf_loss(model, batch, device, head_dtype)
     loss.backward()
     grads = {n: p.grad.detach().double().cpu() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
