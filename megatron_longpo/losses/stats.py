@@ -85,7 +85,7 @@ def check_stats(stats: Mapping[str, SeqStat], roles: tuple[str, ...], method: st
         if any(r.endswith(SEQUENCE_SUFFIX) for r in missing):
             hints.append(
                 "whole-sequence roles are computed by the trainer from the data's sequences: pass "
-                "the loss's sequence_roles to the batch preparation (training/step.py)"
+                "the loss's sequence_roles to the batch preparation (training/batch.py)"
             )
         if any(r not in REFERENCE_ROLES and not r.endswith(SEQUENCE_SUFFIX) for r in missing):
             hints.append(
