@@ -203,15 +203,19 @@ def test_refusal_names_the_knob():
     assert fits.verdict == "fits" and P.advice(fits) == ""
 
 
-def _bench():
+def _tool(name):
     import importlib.util
 
     from fixtures import ROOT
 
-    spec = importlib.util.spec_from_file_location("bench_train_step", ROOT / "tools/bench_train_step.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"tools/{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _bench():
+    return _tool("bench_train_step")
 
 
 @pytest.mark.parametrize("limit", [5000, 70000, 131072, 200000, 300000])
@@ -257,3 +261,28 @@ def test_trainer_plan_refuses_or_warns_before_the_build(tiny_llama_ckpt, tiny_lo
     P.check_run(load_config(None, base + ["train.memory_check=warn"]), arch, 1, lines.append)
     assert any(x.startswith("WARNING: the memory plan predicts") for x in lines)
     assert P.check_run(load_config(None, base + ["train.memory_check=off"]), arch, 1, lines.append) is None
+
+
+
+@pytest.mark.parametrize("gpus, offload", [(1, False), (1, True), (2, False), (8, True)])
+def test_longest_pair_projection_is_the_plans_boundary(gpus, offload):
+    """tools/plan_longest.py (issue #23's projection): the length it reports fits by the plan and one
+    granule more does not; more GPUs (CP) never give a shorter pair."""
+    from megatron_longpo.models.hf_config import arch_from_hf_config
+
+    tool = _tool("plan_longest")
+
+    arch = arch_from_hf_config(tool.MISTRAL_7B)
+    device = P.H200_GIB * P.GIB
+
+    def base(cp):
+        return P.PlanInputs(arch, row_tokens=0, scored_tokens=0, cp=cp, recompute="full", grad_dtype="bf16",
+                            cpu_offload=offload, offload_fraction=0.75 if offload else 1.0, precision_aware=offload)
+
+    length, pl = tool.longest(base(gpus), device)
+    assert length > 0 and length % 8192 == 0
+    assert pl.peak <= device
+    assert P.plan(tool.pair_inputs(base(gpus), length, 512), device).peak == pl.peak
+    assert P.plan(tool.pair_inputs(base(gpus), length + 8192, 512), device).peak > device
+    if gpus > 1:
+        assert length > tool.longest(base(gpus // 2), device)[0]
