@@ -74,8 +74,10 @@ def compare_with_transformers(hf_dir: Path, chunks, arch, max_new_tokens: int) -
     our_logits = full_logits(chunks, ids.to(default_device()))[0, -1, : arch.vocab_size].float().cpu()
     return {
         "prompt": PROMPT,
-        "transformers": tok.decode(ref_out, skip_special_tokens=True),
-        "megatron": tok.decode(ours, skip_special_tokens=True),
+        # clean_up_tokenization_spaces=False: WordPiece's cleanup, which transformers 5 skips for BPE
+        # tokenizers anyway, with a warning ("Ignoring clean_up_tokenization_spaces=True for BPE")
+        "transformers": tok.decode(ref_out, skip_special_tokens=True, clean_up_tokenization_spaces=False),
+        "megatron": tok.decode(ours, skip_special_tokens=True, clean_up_tokenization_spaces=False),
         "same_tokens": ours.tolist() == ref_out.tolist(),
         "same_next_token": bool(our_logits.argmax() == ref_logits.argmax()),
         "max_logit_diff": (our_logits - ref_logits.float()).abs().max().item(),

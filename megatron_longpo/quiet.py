@@ -88,6 +88,12 @@ KNOWN: tuple[Known, ...] = (
           "megatron-core dist_checkpointing/strategies/torch.py: its synchronous save() calls "
           "async_save(async_strategy='mcore') itself",
           "megatron-longpo saves synchronously; the deprecated path is megatron's internal one."),
+    Known(r"DistributedDataParallel: full_param_layout not provided with use_distributed_optimizer=True",
+          "logging", "megatron.core.distributed.distributed_data_parallel",
+          "megatron-core distributed/distributed_data_parallel.py, when DDP is built for the distributed "
+          "optimizer (GPU runs) without a precomputed parameter layout",
+          "megatron then computes the same layout itself (DistributedOptimizer.compute_full_param_layout); "
+          "nothing differs for the run."),
     Known(r"No CUDA runtime is found, using CUDA_HOME=", "logging", "torch.utils.cpp_extension",
           "torch utils/cpp_extension.py, at import (megatron imports it), when CUDA_HOME exists but no GPU does",
           "megatron-longpo compiles no extension; a CPU machine with a CUDA toolkit installed is fine."),

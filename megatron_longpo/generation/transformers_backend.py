@@ -145,7 +145,7 @@ class TransformersBackend:
             new = gen[:, width:].tolist()
             for j, i in enumerate(idx):
                 texts = [
-                    truncate_at_stop(self.tokenizer.decode(seq, skip_special_tokens=True), params.stop).strip()
+                    truncate_at_stop(self.tokenizer.decode(seq, skip_special_tokens=True, clean_up_tokenization_spaces=False), params.stop).strip()
                     for seq in new[j * params.n : (j + 1) * params.n]
                 ]
                 out[i] = texts
