@@ -12,7 +12,7 @@ vs. the prefix-shared row, at several lengths. Prints a table; --json writes it.
   python tools/bench_train_step.py --gpus 1 --layers 32 --layouts shared --recompute full \
       --offload 0.75 --grad-dtype bf16 --lengths 32768,65536,131072 --warmup 1 --iters 1
   python tools/bench_train_step.py --gpus 1 --layers 32 --layouts shared --recompute full \
-      --offload 0.75 --grad-dtype bf16 --lengths 131072 --until-oom --warmup 0 --iters 1
+      --offload 0.75 --grad-dtype bf16 --lengths 131072 --until-oom --warmup 1 --iters 1
 
 Lengths are tokens per sequence (prompt + response); every pair has a response of --response
 tokens on each side. Model FLOPs are those of the layout that runs (metrics.model_flops_per_token:
@@ -412,7 +412,8 @@ def main(argv=None) -> int:
     p.add_argument("--longpo-nll", default="sequence",
                    help="comma-separated loss.longpo_nll modes to run (sequence: the NLL over the whole chosen sequence, "
                         "the paper's; responses: the chosen responses only), e.g. sequence,responses for both side by side")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1,
+                   help="unmeasured steps first (default 1; 0 measures the first step, whose backward runs before Adam's moments exist: torch creates them in the first optimizer step, so its peak is low)")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing each length, profile one more step and print its N most costly GPU kernels")

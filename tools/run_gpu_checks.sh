@@ -165,7 +165,7 @@ from bench_train_step import MISTRAL_7B as m; print(json.dumps({**m,'num_hidden_
       | grep -v "Warn\|warn\|USDT" | tail -30 > $OUT/fit7b_A.log
   else
     CUDA_VISIBLE_DEVICES=0 python3 tools/bench_train_step.py $common --until-oom --lengths ${PROBE_FROM:-163840} \
-      --max-length ${PROBE_MAX:-196608} --granularity 16384 --warmup 0 --iters 1 --deadline ${B_DEADLINE:-240} \
+      --max-length ${PROBE_MAX:-196608} --granularity 16384 --warmup 1 --iters 1 --deadline ${B_DEADLINE:-240} \
       --timeout ${B_SECONDS:-300} --jsonl $OUT/fit7b.jsonl 2>&1 | grep -v "Warn\|warn\|USDT" | tail -30 > $OUT/fit7b_B.log
   fi
   python3 tools/bench_train_step.py --table $OUT/fit7b.jsonl > $OUT/fit7b_table.md
