@@ -45,10 +45,11 @@ def test_longpo_end_to_end_with_smollm2(smollm2_dir, tmp_path, capsys):
     assert summary["failures"] == {}
     assert rows and summary["counts"]["documents_written"] == len(rows)
     docs = {p.read_text() for p in (EXAMPLES / "documents").glob("*.md")}
-    preprocess = pytest.importorskip("megatron_longpo.data.preprocess")
+    from megatron_longpo.data.records import parse_record
+
     for row in rows:
         validate_longpo_line(row)
-        preprocess.parse_record("longpo", row)  # what tools/preprocess_pairs.py reads
+        parse_record("longpo", row)  # what tools/preprocess_pairs.py reads
         assert row["long_context"] in docs
         assert row["meta"]["generator"] == "transformers:SmolLM2-135M-Instruct"
         for t in row["turns"]:
@@ -84,10 +85,11 @@ def test_solopo_end_to_end_with_smollm2(smollm2_dir, tmp_path, capsys):
     assert rows, "SmolLM2 answered no question right: the sampling or the scoring is broken"
     qa = {json.loads(l)["id"]: json.loads(l) for l in (EXAMPLES / "qa.jsonl").read_text().splitlines()}
     counter = HFTokenCounter.from_pretrained(str(smollm2_dir))
-    preprocess = pytest.importorskip("megatron_longpo.data.preprocess")
+    from megatron_longpo.data.records import parse_record
+
     for row in rows:
         validate_solopo_line(row)
-        preprocess.parse_record("solopo", row)  # what tools/preprocess_pairs.py reads
+        parse_record("solopo", row)  # what tools/preprocess_pairs.py reads
         rec = qa[row["meta"]["id"]]
         # sub-EM on the final answers of the chain-of-thought responses
         chosen, rejected = extract_final_answer(row["chosen"]), extract_final_answer(row["rejected"])
