@@ -137,7 +137,8 @@ def test_generate_calls_follow_the_plan(smollm2_dir, monkeypatch):
     from megatron_longpo.generation.backends import SamplingParams
     from megatron_longpo.generation.transformers_backend import TransformersBackend
 
-    be = TransformersBackend(str(smollm2_dir), device="cpu", threads=1, batch_size=8, max_attention_cells=3 * 60**2)
+    be = TransformersBackend(str(smollm2_dir), device="cpu", threads=1, batch_size=8, max_attention_cells=3 * 60**2,
+                            decode="generate")
     shapes, real = [], be.model.generate
 
     def spy(**kw):

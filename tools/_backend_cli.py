@@ -20,10 +20,14 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rope-theta", type=float, help="transformers: override the RoPE base (an extended round's generator)")
     g.add_argument("--device", help="transformers: cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument("--dtype", default="auto", help="transformers: auto|float32|bfloat16|float16")
-    g.add_argument("--batch-size", type=int, default=8, help="transformers: conversations per generate() call")
+    g.add_argument("--batch-size", type=int, default=8, help="transformers: conversations decoded together")
+    g.add_argument("--decode", choices=("auto", "prefill", "generate"), default="auto",
+                   help="transformers: prefill = each prompt prefilled alone (a shared prefix once), then batched "
+                        "decoding (default where the model allows: no sliding window); generate = model.generate() "
+                        "over a left-padded batch")
     g.add_argument("--max-attention-cells", type=int, default=DEFAULT_MAX_ATTENTION_CELLS,
-                   help="transformers: fewer conversations per call where batch x longest prompt^2 would pass this "
-                        "(the padded attention mask; default 2^32: batch 4 at 32K tokens, 1 at 64K)")
+                   help="transformers --decode generate: fewer conversations per call where batch x longest prompt^2 "
+                        "would pass this (the padded attention mask; default 2^32: batch 4 at 32K tokens, 1 at 64K)")
     g.add_argument("--threads", type=int, help="transformers on the CPU: torch threads (1 is fastest on a busy machine)")
     g.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight")
     g.add_argument("--timeout", type=float, default=600.0, help="openai: seconds per request")
@@ -34,7 +38,7 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
 def backend_config_from_args(a: argparse.Namespace) -> BackendConfig:
     return BackendConfig(kind=a.backend, model=a.model, base_url=a.base_url, api_key=a.api_key,
                          rope_theta=a.rope_theta, device=a.device, dtype=a.dtype, batch_size=a.batch_size,
-                         max_attention_cells=a.max_attention_cells,
+                         max_attention_cells=a.max_attention_cells, decode=a.decode,
                          threads=a.threads, concurrency=a.concurrency, timeout=a.timeout, max_retries=a.max_retries)
 
 

@@ -24,6 +24,7 @@ class BackendConfig:
     batch_size: int = 8
     threads: int | None = None
     max_attention_cells: int = DEFAULT_MAX_ATTENTION_CELLS
+    decode: str = "auto"  # transformers: "prefill" (kv_decode.py) where the model allows, else "generate"
     concurrency: int = 8
     timeout: float = 600.0
     max_retries: int = 6
@@ -37,7 +38,7 @@ def build_backend(cfg: BackendConfig) -> GenerationBackend:
         if not cfg.model:
             raise ValueError("--backend transformers needs --model HF_DIR (a Hugging Face model directory)")
         return TransformersBackend(cfg.model, cfg.rope_theta, cfg.device, cfg.dtype, cfg.batch_size, cfg.threads,
-                                   cfg.max_attention_cells)
+                                   cfg.max_attention_cells, cfg.decode)
     if cfg.kind == "openai":
         if not cfg.base_url:
             raise ValueError("--backend openai needs --base-url, e.g. http://127.0.0.1:8000/v1")

@@ -205,6 +205,14 @@ def finish_run(tool: str, title: str, output: str, stats: "RunStats", backend, s
     summary = {"tool": tool, "output": output, **stats.to_dict(), "http": http.to_dict() if http else None}
     atomic_write_json(output + ".summary.json", summary)
     print(stats.render(title))
+    secs, docs = stats.counts.get("seconds"), stats.counts.get("documents_written") or stats.counts.get("pairs_written")
+    if secs and docs:
+        print(f"rate: {docs / secs:.2f} records/s ({docs} in {secs:.0f} s)")
+    prefill = getattr(backend, "prefill_stats", None)
+    if prefill is not None and prefill.prompt_tokens:
+        print(f"prefill: {prefill.prompts} prompts, {prefill.prompt_tokens:,} prompt tokens, "
+              f"{prefill.prefilled_tokens:,} run ({1 - prefill.prefilled_tokens / prefill.prompt_tokens:.0%} "
+              f"from shared prefixes)")
     if http:
         print(f"http: {http.to_dict()}")
     if status == 0 and retry_hint:

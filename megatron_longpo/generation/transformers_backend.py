@@ -1,11 +1,21 @@
-"""`TransformersBackend`: in-process `generate()` with transformers on CPU or GPU, batched with
-left padding, greedy (temperature 0) or sampled, with an optional RoPE base override."""
+"""`TransformersBackend`: in-process generation with transformers on CPU or GPU, greedy (temperature 0)
+or sampled, with an optional RoPE base override.
+
+Two decoders (`decode=`):
+- `prefill` (the default where the model allows it): kv_decode.py; each prompt prefilled alone (a
+  shared token prefix, e.g. one document asked several questions, is prefilled once), then the batch
+  decodes together over a preallocated cache. Batches are as large as `batch_size` and the key/value
+  budget allow; no [batch, 1, L, L] mask exists.
+- `generate`: `model.generate()` over a left-padded batch (`plan_batches` caps batch x L^2); used
+  for models kv_decode does not support (a sliding window).
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Sequence
 
+from . import kv_decode
 from .backends import DEFAULT_MAX_ATTENTION_CELLS, Conversation, SamplingParams, truncate_at_stop
 
 
@@ -49,6 +59,22 @@ def plan_batches(lengths: Sequence[int], batch_size: int, max_attention_cells: i
     return batches
 
 
+def plan_decode_batches(lengths: Sequence[int], batch_size: int, token_budget: int | None,
+                        max_new_tokens: int) -> list[list[int]]:
+    """Indices grouped shortest first for kv_decode: at most `batch_size` a batch and, unless a batch is
+    one prompt, batch x (longest prompt + max_new_tokens) <= `token_budget` (None: no budget)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        cur = batches[-1] if batches else None
+        fits = token_budget is None or (len(cur or []) + 1) * (lengths[i] + max_new_tokens) <= token_budget
+        if cur and len(cur) < batch_size and fits:
+            cur.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 class TransformersBackend:
     """In-process generation with `transformers` (batched; CPU or GPU)."""
 
@@ -61,6 +87,8 @@ class TransformersBackend:
         batch_size: int = 8,
         threads: int | None = None,
         max_attention_cells: int = DEFAULT_MAX_ATTENTION_CELLS,
+        decode: str = "auto",
+        kv_memory_fraction: float = 0.5,
     ) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -93,6 +121,14 @@ class TransformersBackend:
             raise ValueError(f"{model_path}: the tokenizer has no chat template; use an instruction-tuned model")
         self.model = AutoModelForCausalLM.from_pretrained(model_path, config=config, dtype=torch_dtype)
         self.model.to(self.device).eval()
+        if decode not in ("auto", "prefill", "generate"):
+            raise ValueError(f"decode={decode!r}: choose auto, prefill or generate")
+        why_not = kv_decode.supported(self.model)
+        if decode == "prefill" and why_not:
+            raise ValueError(f"decode=prefill: {why_not}; use decode=generate")
+        self.decode = "generate" if decode == "generate" or why_not else "prefill"
+        self.kv_memory_fraction = kv_memory_fraction
+        self.prefill_stats = kv_decode.PrefillStats()
 
     @property
     def name(self) -> str:
@@ -115,7 +151,55 @@ class TransformersBackend:
         finally:
             torch.set_num_threads(before)
 
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    def _text(self, ids: list[int], params: SamplingParams) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return truncate_at_stop(text, params.stop).strip()
+
+    def kv_bytes_per_token(self) -> int:
+        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return 2 * cfg.num_hidden_layers * kv * head_dim * self.model.dtype.itemsize
+
+    def _token_budget(self) -> int | None:
+        """Key/value positions a decode batch may hold (batch x (prompt + new tokens)); None: no limit (CPU)."""
+        if not self.device.startswith("cuda"):
+            return None
+        free, _ = self.torch.cuda.mem_get_info(self.torch.device(self.device))
+        return max(1, int(free * self.kv_memory_fraction) // self.kv_bytes_per_token())
+
     def _chat(self, conversations: Sequence[Conversation], params: SamplingParams) -> list[list[str]]:
+        if self.decode == "prefill":
+            return self._chat_prefill(conversations, params)
+        return self._chat_generate(conversations, params)
+
+    def _chat_prefill(self, conversations: Sequence[Conversation], params: SamplingParams) -> list[list[str]]:
+        prompts = [self._prompt_ids(c) for c in conversations]
+        rows = [i for i in range(len(prompts)) for _ in range(params.n)]  # n completions: n rows, prefix shared
+        batches = plan_decode_batches([len(prompts[i]) for i in rows], self.batch_size,
+                                      self._token_budget(), params.max_new_tokens)
+        prefiller = kv_decode.Prefiller(self.model, self.prefill_stats)
+        texts: list[list[str]] = [[] for _ in prompts]
+        got: dict[int, list[int]] = {}
+        for b, idx in enumerate(batches):
+            idx = sorted(idx, key=lambda r: prompts[rows[r]])  # a shared prefix only helps its neighbour
+            seed = None if params.seed is None else params.seed + b
+            new = kv_decode.decode_batch(self.model, [prompts[rows[r]] for r in idx], params.max_new_tokens,
+                                         self._eos_ids(), self.tokenizer.pad_token_id, params.temperature,
+                                         params.top_p, prefiller, seed)
+            got.update(zip(idx, new))
+        for r in range(len(rows)):
+            texts[rows[r]].append(self._text(got[r], params))
+        return texts
+
+    def _chat_generate(self, conversations: Sequence[Conversation], params: SamplingParams) -> list[list[str]]:
         from transformers import GenerationConfig
 
         torch = self.torch
@@ -144,9 +228,5 @@ class TransformersBackend:
                 gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             new = gen[:, width:].tolist()
             for j, i in enumerate(idx):
-                texts = [
-                    truncate_at_stop(self.tokenizer.decode(seq, skip_special_tokens=True, clean_up_tokenization_spaces=False), params.stop).strip()
-                    for seq in new[j * params.n : (j + 1) * params.n]
-                ]
-                out[i] = texts
+                out[i] = [self._text(seq, params) for seq in new[j * params.n : (j + 1) * params.n]]
         return out  # type: ignore[return-value]

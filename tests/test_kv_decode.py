@@ -1,0 +1,80 @@
+"""kv_decode (the transformers backend's default decoder) against `model.generate()` on the trained
+SmolLM2: the same greedy tokens, prefix sharing that skips work without changing them, and the
+sampling filter."""
+
+import torch
+
+from megatron_longpo.generation.backends import SamplingParams
+
+DOC = ("The harbour of Corran Point was dredged in 1871, and its lighthouse stands 41 metres tall. "
+       "The ferry keeper, Mara Velin, kept the tide tables for thirty years. ") * 6
+
+
+def _convs():
+    qs = ["How tall is the lighthouse?", "Who kept the tide tables?", "When was the harbour dredged?"]
+    convs = [[{"role": "user", "content": f"{DOC}\n\n{q}"}] for q in qs]  # one document, three questions
+    convs += [[{"role": "user", "content": "Name three colours."}], [{"role": "user", "content": "Count to five."}]]
+    return convs
+
+
+def test_greedy_tokens_equal_generate_and_the_prefix_is_prefilled_once(smollm2_dir):
+    from megatron_longpo.generation.transformers_backend import TransformersBackend
+
+    fast = TransformersBackend(str(smollm2_dir), device="cpu", dtype="float32", threads=2, batch_size=8)
+    assert fast.decode == "prefill"
+    slow = TransformersBackend(str(smollm2_dir), device="cpu", dtype="float32", threads=2, batch_size=8,
+                               decode="generate")
+    params = SamplingParams(max_new_tokens=24)
+    convs = _convs()
+    a, b = fast.chat(convs, params), slow.chat(convs, params)
+    assert a == b, (a, b)
+    assert all(len(x[0]) > 0 for x in a)
+    st = fast.prefill_stats
+    lengths = [len(fast._prompt_ids(c)) for c in convs]
+    assert st.prompts == 5 and st.prompt_tokens == sum(lengths)
+    # the three document prompts share ~all of the document: two of them prefill only their question
+    doc_len = min(lengths[:3])
+    assert st.prefilled_tokens < sum(lengths) - 2 * (doc_len - 20), (st, lengths)
+
+
+def test_rows_decode_as_if_alone(smollm2_dir):
+    """A batch of prompts of very different lengths (left padding of hundreds of positions) gives each
+    row the tokens it gets in a batch of one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_longpo.generation import kv_decode
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+    prompts = [tok(t).input_ids for t in (DOC * 2, "Hello", DOC[:200])]
+    eos = [tok.eos_token_id]
+    together = kv_decode.decode_batch(model, prompts, 16, eos, tok.pad_token_id or 0)
+    alone = [kv_decode.decode_batch(model, [p], 16, eos, tok.pad_token_id or 0)[0] for p in prompts]
+    assert together == alone
+    ref = model.generate(input_ids=torch.tensor([prompts[0]]), max_new_tokens=16, do_sample=False,
+                         eos_token_id=eos, pad_token_id=tok.pad_token_id)[0, len(prompts[0]):].tolist()
+    assert alone[0] == [t for t in ref if t not in eos][: len(alone[0])] and len(alone[0]) == len(
+        [t for t in ref if t not in eos])
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    from megatron_longpo.generation.kv_decode import _sample
+
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(20000, 1)
+    draws = _sample(logits, temperature=1.0, top_p=0.6)
+    counts = torch.bincount(draws, minlength=4).double() / draws.numel()
+    assert counts[2] == 0 and counts[3] == 0  # 0.5 < 0.6 needs the second token; 0.8 >= 0.6 stops there
+    assert abs(counts[0].item() - 0.5 / 0.8) < 0.02
+    assert torch.equal(_sample(logits[:3], 0.0, 1.0), torch.zeros(3, dtype=torch.long))
+
+
+def test_decode_batches_respect_the_key_value_budget():
+    from megatron_longpo.generation.transformers_backend import plan_decode_batches
+
+    lengths = [1000, 16000, 16000, 3000, 16000, 100]
+    plan = plan_decode_batches(lengths, batch_size=4, token_budget=40000, max_new_tokens=256)
+    assert sorted(i for b in plan for i in b) == list(range(6))
+    assert all(len(b) == 1 or len(b) * (max(lengths[i] for i in b) + 256) <= 40000 for b in plan)
+    assert [[lengths[i] for i in b] for b in plan] == [[100, 1000, 3000], [16000, 16000], [16000]]
+    assert plan_decode_batches([5] * 5, batch_size=2, token_budget=None, max_new_tokens=1) == [[0, 1], [2, 3], [4]]
