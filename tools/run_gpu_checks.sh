@@ -171,3 +171,47 @@ from bench_train_step import MISTRAL_7B as m; print(json.dumps({**m,'num_hidden_
   python3 tools/bench_train_step.py --table $OUT/fit7b.jsonl > $OUT/fit7b_table.md
   free -g > $OUT/fit7b_host.txt
 fi
+if [ "$what" = memextra ]; then
+  # issue #19's other memory keys on 4 Mistral-7B layers, one process per configuration:
+  # model.activation_offload_layers (megatron-core refuses it with recompute, so none here) against
+  # the same run without it, and optim.offload_overlap against offload without overlap (host peak
+  # in the rows' "host GiB")
+  for a in 0 ${ACT_LAYERS:-3}; do
+    CUDA_VISIBLE_DEVICES=0 timeout -k 5 150 python3 tools/bench_train_step.py --gpus 1 --layers 4 --layouts shared \
+      --lengths ${ACT_LENGTHS:-32768} --activation-offload $a --warmup 1 --iters 2 --jsonl $OUT/memextra.jsonl 2>&1 \
+      | grep -v "Warn\|warn\|USDT" | tail -12 >> $OUT/memextra.log
+  done
+  for o in "" --offload-overlap; do
+    CUDA_VISIBLE_DEVICES=0 timeout -k 5 150 python3 tools/bench_train_step.py --gpus 1 --layers 4 --layouts shared \
+      --lengths 32768 --recompute full --offload 1.0 --grad-dtype bf16 $o --warmup 1 --iters 2 \
+      --jsonl $OUT/memextra.jsonl 2>&1 | grep -v "Warn\|warn\|USDT" | tail -12 >> $OUT/memextra.log
+  done
+  python3 tools/bench_train_step.py --table $OUT/memextra.jsonl | tee $OUT/memextra_table.md
+fi
+if [ "$what" = gen20 ]; then
+  # issue #20: self-generated LongPO pairs from SmolLM2 with ~15K-token documents, kv_decode (the
+  # transformers backend's default). AB=N first times N documents with both decoders (records/s).
+  # Resumable: a rerun continues $W/pairs.jsonl. The pairs come back gzipped in $OUT.
+  W=/tmp/gen20; mkdir -p $W
+  HF=$(python3 -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")
+  [ -f $W/docs.jsonl ] || python3 tools/make_long_documents.py --n ${DOCS:-512} --words ${WORDS:-9300} --seed 0 --out $W/docs.jsonl
+  gen() { local in=$1 out=$2 secs=$3; shift 3
+    timeout -s INT $secs python3 tools/build_longpo_pairs.py $in -o $out --backend transformers --model "$HF" \
+      --chunk-tokens 3000 --max-chunks 4 --questions-per-chunk 1 --max-pair-tokens 15872 --max-new-tokens 256 \
+      --question-max-new-tokens 128 --no-progress --dtype bfloat16 "$@"; }
+  if [ "${AB:-0}" -gt 0 ] && [ ! -f $OUT/gen20_ab.log ]; then
+    head -n $AB $W/docs.jsonl > $W/ab.jsonl
+    for d in generate prefill; do
+      echo "== --decode $d, $AB documents" >> $OUT/gen20_ab.log
+      start=$SECONDS; gen $W/ab.jsonl $W/ab_$d.jsonl ${AB_SECONDS:-150} --decode $d --batch-size ${AB_BS:-16} \
+        --docs-per-batch $AB 2>&1 | grep -v -i warn >> $OUT/gen20_ab.log
+      echo "wall $((SECONDS - start)) s" >> $OUT/gen20_ab.log
+    done
+  fi
+  start=$SECONDS
+  gen $W/docs.jsonl $W/pairs.jsonl ${GEN_SECONDS:-420} --batch-size ${BS:-128} --docs-per-batch ${DPB:-64} 2>&1 \
+    | grep -v -i warn | tee -a $OUT/gen20.log
+  echo "wall $((SECONDS - start)) s; $(wc -l < $W/pairs.jsonl) records in $W/pairs.jsonl" | tee -a $OUT/gen20.log
+  gzip -c $W/pairs.jsonl > $OUT/pairs.jsonl.gz; cp $W/pairs.jsonl.summary.json $OUT/ 2>/dev/null
+  ls -la $OUT/pairs.jsonl.gz
+fi
