@@ -90,9 +90,9 @@ if [ ! -f "$W/data.json" ] && [ ! -f "$W/pairs.unpacked" ]; then
   fi
   { [ $rc = 124 ] || [ $rc = 130 ]; } && { log "deadline: generation stopped; rerun to resume"; exit 0; }
   [ $rc = 0 ] || [ $rc = 3 ] || { echo "error: generation failed (status $rc)" >&2; exit $rc; }
-  log "packing the pairs (commit $W/pairs.compact.jsonl.gz as $COMPACT to keep them)"
+  log "packing the pairs (commit $W/pairs.compact.jsonl.gz as ${COMPACT:-examples/longpo_smollm2/pairs.compact.jsonl.gz} to keep them)"
   $PY tools/pack_pairs.py pack "$W/pairs.jsonl" -o "$W/pairs.compact.jsonl.gz" --docs-n "$DOCS" --docs-words "$WORDS" \
-    --docs-seed 0 --setting "generator=$HF" --setting "chunk_tokens=$CHUNK" --setting "max_chunks=4" \
+    --docs-seed 0 --setting "generator=$(basename "$HF")" --setting "chunk_tokens=$CHUNK" --setting "max_chunks=4" \
     --setting "questions_per_chunk=1" --setting "max_pair_tokens=$((CTX - CTX / 32))" \
     --setting "max_new_tokens=$GEN_TOKENS" --setting "question_max_new_tokens=128" --setting "extra=$GEN_EXTRA" \
     --setting "status=$rc"
