@@ -9,7 +9,7 @@
 #
 # The pairs: when COMPACT (default examples/longpo_smollm2/pairs.compact.jsonl.gz, the committed
 # pairs of a GPU run) exists and W has no pairs.jsonl, they are unpacked from it (tools/pack_pairs.py:
-# identical records, the documents rebuilt) instead of generated; GENERATE=1 generates them anyway.
+# identical records, the documents rebuilt) instead of generated; GENERATE=1 (in a fresh W) generates them.
 # A generation writes W/pairs.compact.jsonl.gz beside them (copy it to COMPACT to keep it).
 #
 # METHODS (default all five, each a model trained from the base on the same documents):
