@@ -34,7 +34,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ "${TINY:-0}" = 1 ]; then
   : "${W:=runs/longpo_smollm2_tiny}" "${CTX:=2048}" "${DOCS:=2}" "${WORDS:=800}" "${CHUNK:=320}" "${GEN_TOKENS:=24}"
   : "${EVAL_LENGTHS:=512 1024}" "${EVAL_SAMPLES:=1}" "${EVAL_TASKS:=niah_single vt}"
-  : "${GBS:=2}" "${EPOCHS:=1}" "${NGPU:=1}" "${GEN_EXTRA:=--device cpu --dtype float32 --threads 2}" "${COMPACT:=}"
+  : "${GBS:=1}" "${EPOCHS:=1}" "${NGPU:=1}" "${GEN_EXTRA:=--device cpu --dtype float32 --threads 2}" "${COMPACT:=}"
 fi
 : "${W:=runs/longpo_smollm2}" "${CTX:=16384}" "${DOCS:=64}" "${WORDS:=7500}" "${CHUNK:=3000}" "${GEN_TOKENS:=256}"
 : "${ROPE:=1000000}" "${LR:=1e-5}" "${GBS:=4}" "${EPOCHS:=2}" "${EVAL_LENGTHS:=4096 8192 16384}"
