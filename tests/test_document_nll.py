@@ -11,6 +11,7 @@ from fixtures import ROOT, run_tool
 from megatron_longpo.generation.gazetteer import gazetteer
 
 
+@pytest.mark.slow
 def test_docnll_loss_is_the_document_mean_nll(smollm2_dir, tmp_path):
     from transformers import AutoTokenizer
 
