@@ -101,8 +101,8 @@ def compact_record(rec: dict, docs: Gazetteers, where: str) -> dict:
     spans = meta.get("chunk_spans") if isinstance(meta.get("chunk_spans"), list) else []
     out_turns = []
     for i, t in enumerate(turns):
-        if not isinstance(t, dict) or tuple(t) != TURN_KEYS:
-            raise CompactError(f"{where}: turns[{i}] must have exactly the keys {list(TURN_KEYS)} in that order")
+        if not isinstance(t, dict) or set(t) != set(TURN_KEYS):
+            raise CompactError(f"{where}: turns[{i}] must have exactly the keys {list(TURN_KEYS)}")
         span = _span(text, t["short_context"], spans[i] if i < len(spans) else None)
         if span is None:
             raise CompactError(f"{where}: turns[{i}].short_context is not a slice of the document")
@@ -198,8 +198,8 @@ def unpack(path: str, out: str, docs_out: str | None = None) -> dict:
                                    "mismatch): the file was edited or the gazetteer generator changed")
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             n += 1
-    if n != header.get("records"):
-        raise CompactError(f"{path}: {n} records, the header says {header.get('records')}: the file is truncated")
+        if n != header.get("records"):  # inside the block: nothing is written
+            raise CompactError(f"{path}: {n} records, the header says {header.get('records')}: the file is truncated")
     if docs_out:
         with atomic_write(docs_out) as f:
             for i in range(docs.n):
