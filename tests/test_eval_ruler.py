@@ -1,5 +1,6 @@
 """RULER-style tasks (megatron_longpo/eval/ruler.py), the runner and tools/eval_long.py."""
 import json
+import os
 import re
 from collections import Counter
 
@@ -169,3 +170,40 @@ def test_eval_long_end_to_end(smollm2_dir, tmp_path):
     avg = res["average"]
     assert rows[0].split(" | ")[1:3] == [f"{avg['256']:.1f}", f"{avg['512']:.1f}"]
     assert rows[0].split(" | ")[1:] == rows[1].split(" | ")[1:]
+
+
+def test_standard_errors_by_hand():
+    """Per cell: sd (n - 1) / sqrt(n) of the per-sample scores (x100); the average: propagated,
+    sqrt(sum SE_t^2) / T; printed as `mean ± se`; old result files get them from their samples."""
+    from megatron_longpo.eval.runner import models_markdown, render_table, standard_error
+
+    def rec(task, length, score):
+        return {"task": task, "length": length, "n_tokens": length, "metric": "all", "score": score}
+
+    recs = [rec("a", 256, x) for x in (1, 0, 1, 1)] + [rec("b", 256, x) for x in (0.2, 0.4, 0.6)] + [rec("a", 512, 1)]
+    res = build_results(recs, "fake", {}, 0.0, retention={
+        "qa": {"accuracy": 50.0, "n": 2, "records": [{"score": 1.0}, {"score": 0.0}]}, "perplexity": None})
+    # a: mean 0.75, sd^2 = (3 * 0.0625 + 0.5625) / 3 = 0.25, SE = 0.5 / 2 = 0.25 -> 25.0
+    assert res["summary"]["a"]["256"]["score"] == pytest.approx(75.0)
+    assert res["summary"]["a"]["256"]["se"] == pytest.approx(25.0)
+    # b: mean 0.4, sd^2 = (0.04 + 0 + 0.04) / 2 = 0.04, SE = 0.2 / sqrt(3) -> 11.547
+    assert res["summary"]["b"]["256"]["se"] == pytest.approx(20.0 / 3 ** 0.5)
+    assert res["summary"]["a"]["512"]["se"] is None and standard_error([]) is None  # one sample: no SE
+    assert res["average"]["256"] == pytest.approx(57.5)
+    assert res["average_se"]["256"] == pytest.approx((25.0 ** 2 + 400.0 / 3) ** 0.5 / 2)  # 13.844
+    assert res["average_se"]["512"] is None
+    md = models_markdown([("m", res)])
+    row = next(x for x in md.splitlines() if x.startswith("| m "))
+    assert row == "| m | 57.5 ± 13.8 | 100.0 | 50.0 ± 50.0 | - |"
+    assert "7-1 scored samples" not in md and "1-7 scored samples per model and length" in md
+    # a results file from before the standard errors: recomputed from its samples
+    old = dict(res, summary={t: {n: {k: v for k, v in c.items() if k != "se"} for n, c in cells.items()}
+                             for t, cells in res["summary"].items()})
+    del old["average_se"]
+    assert models_markdown([("m", old)]) == md
+    from rich.console import Console
+
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))
+    console.print(render_table(res))
+    text = console.export_text()
+    assert "75.0 ± 25.0" in text and "40.0 ± 11.5" in text and "57.5 ± 13.8" in text

@@ -135,9 +135,11 @@ if [ "$what" = train_tp2 ]; then
   done
 fi
 if [ "$what" = longpo_run ]; then
-  # issue #9's run: examples/longpo_smollm2/run.sh (knobs through the environment)
+  # issues #9/#20's run: examples/longpo_smollm2/run.sh (knobs through the environment); the packed
+  # pairs come back too (commit pairs.compact.jsonl.gz as examples/longpo_smollm2/pairs.compact.jsonl.gz)
   W=${W:-/tmp/longpo_smollm2} bash examples/longpo_smollm2/run.sh 2>&1 | grep -v "Warn\|warn\|it/s\]" | tail -80 > "$OUT/longpo_run.log"
-  cp ${W:-/tmp/longpo_smollm2}/table.md ${W:-/tmp/longpo_smollm2}/eval_*.json "$OUT/" 2>/dev/null
+  cp ${W:-/tmp/longpo_smollm2}/table.md ${W:-/tmp/longpo_smollm2}/eval_*.json ${W:-/tmp/longpo_smollm2}/pairs.compact.jsonl.gz \
+    ${W:-/tmp/longpo_smollm2}/pairs.jsonl.summary.json "$OUT/" 2>/dev/null
 fi
 if [ "$what" = maxlen ]; then
   timeout -k 5 450 python3 tools/bench_train_step.py --gpus 2 --layers 32 --cp 2 \

@@ -1,16 +1,31 @@
 #!/usr/bin/env bash
 # One LongPO round on the embedded SmolLM2-135M-Instruct (8K native context) to CTX tokens with
-# data it generates itself, and the baselines on the same data (SFT on the chosen answers; plain
-# DPO whose reference sees the long context), then the long-context evaluation of all four.
-# Issue #9's run; docs/evaluation.md. Every step skips itself when its output exists (rerun to resume).
+# data it generates itself, and the baselines on the same data, then the long-context evaluation of
+# all of them. Issues #9 and #20; docs/evaluation.md. Every step skips itself when its output exists
+# (rerun to resume).
 #
 #   bash examples/longpo_smollm2/run.sh                  # GPU defaults: 64 documents, 16K tokens
 #   TINY=1 bash examples/longpo_smollm2/run.sh           # a few minutes on the CPU: the script itself
 #
-# Knobs (environment): W (work dir), CTX, DOCS, WORDS, CHUNK, ROPE, LR, GBS, EPOCHS, EVAL_LENGTHS, EVAL_SAMPLES,
-# NGPU (DP ranks; CP is left at 1: docs/logprobs.md), EVAL_PER_GPU (evaluations side by side on one GPU),
-# METHODS, DEADLINE (epoch seconds: no stage starts when less than its usual time is left and the
-# generation is interrupted at it; rerun to resume).
+# The pairs: when COMPACT (default examples/longpo_smollm2/pairs.compact.jsonl.gz, the committed
+# pairs of a GPU run) exists and W has no pairs.jsonl, they are unpacked from it (tools/pack_pairs.py:
+# identical records, the documents rebuilt) instead of generated; GENERATE=1 (in a fresh W) generates them.
+# A generation writes W/pairs.compact.jsonl.gz beside them (copy it to COMPACT to keep it).
+#
+# METHODS (default all five, each a model trained from the base on the same documents):
+#   longpo       LongPO, the paper's loss: NLL over the whole chosen long sequence + λ·DPO (loss.longpo_nll=sequence)
+#   longpo_resp  the ablation: the NLL over the chosen responses only (loss.longpo_nll=responses)
+#   sft          SFT on the chosen answers, given the long document
+#   dpo          plain DPO on the long context (its reference sees the long context too)
+#   docnll       control: next-token NLL on the documents alone, no questions or answers
+#                (tools/document_nll_data.py + loss.name=sft: what continued training on the same
+#                documents recovers)
+#
+# Knobs (environment): W (work dir), CTX, DOCS, WORDS, CHUNK, ROPE, LR, GBS, EPOCHS, EVAL_LENGTHS,
+# EVAL_SAMPLES (per task and length; default: enough for EVAL_MIN_SAMPLES=50 per model and length over
+# the EVAL_TASKS), NGPU (DP ranks; CP is left at 1: docs/logprobs.md), EVAL_PER_GPU (evaluations side by
+# side on one GPU), METHODS, COMPACT, GENERATE, DEADLINE (epoch seconds: no stage starts when less than
+# its usual time is left and the generation is interrupted at it; rerun to resume).
 # With several GPUs the generation and the evaluations run one shard / one model per GPU.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,11 +34,19 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ "${TINY:-0}" = 1 ]; then
   : "${W:=runs/longpo_smollm2_tiny}" "${CTX:=2048}" "${DOCS:=2}" "${WORDS:=800}" "${CHUNK:=320}" "${GEN_TOKENS:=24}"
   : "${EVAL_LENGTHS:=512 1024}" "${EVAL_SAMPLES:=1}" "${EVAL_TASKS:=niah_single vt}"
-  : "${GBS:=2}" "${EPOCHS:=1}" "${NGPU:=1}" "${GEN_EXTRA:=--device cpu --dtype float32 --threads 2}"
+  : "${GBS:=1}" "${EPOCHS:=1}" "${NGPU:=1}" "${GEN_EXTRA:=--device cpu --dtype float32 --threads 2}" "${COMPACT:=}"
 fi
 : "${W:=runs/longpo_smollm2}" "${CTX:=16384}" "${DOCS:=64}" "${WORDS:=7500}" "${CHUNK:=3000}" "${GEN_TOKENS:=256}"
-: "${ROPE:=1000000}" "${LR:=1e-5}" "${GBS:=4}" "${EPOCHS:=2}" "${EVAL_LENGTHS:=4096 8192 16384 32768}" "${EVAL_SAMPLES:=10}"
-: "${EVAL_TASKS:=}" "${EVAL_EXTRA:=--batch-size 16}" "${GEN_EXTRA:=--dtype bfloat16 --batch-size 48}" "${METHODS:=longpo sft dpo}"
+: "${ROPE:=1000000}" "${LR:=1e-5}" "${GBS:=4}" "${EPOCHS:=2}" "${EVAL_LENGTHS:=4096 8192 16384}"
+: "${EVAL_TASKS:=}" "${EVAL_EXTRA:=--batch-size 16}" "${GEN_EXTRA:=--dtype bfloat16 --batch-size 48}"
+: "${METHODS:=longpo longpo_resp sft dpo docnll}" "${COMPACT=examples/longpo_smollm2/pairs.compact.jsonl.gz}"
+for m in $METHODS; do
+  case $m in longpo|longpo_resp|sft|dpo|docnll) ;; *) echo "error: unknown method $m in METHODS (longpo longpo_resp sft dpo docnll)" >&2; exit 2;; esac
+done
+if [ -z "${EVAL_SAMPLES:-}" ]; then  # the standard error of a (model, length) average wants >= 50 samples
+  ntasks=$(if [ -n "$EVAL_TASKS" ]; then echo $EVAL_TASKS | wc -w; else $PY -c "from megatron_longpo.eval.ruler import DEFAULT_TASKS as t; print(len(t))"; fi)
+  EVAL_SAMPLES=$(( (${EVAL_MIN_SAMPLES:-50} + ntasks - 1) / ntasks ))
+fi
 : "${NGPU:=$(nvidia-smi -L 2>/dev/null | wc -l | awk '{print ($1 > 0) ? $1 : 1}')}"
 mkdir -p "$W"
 log() { echo "== $(date +%H:%M:%S) $*"; }
@@ -36,6 +59,11 @@ trun() { $PY -m torch.distributed.run --nproc-per-node "$NGPU" --master-port=$((
 HF=$($PY -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")
 [ -f "$W/base/latest" ] || { log "import SmolLM2"; $PY tools/convert_checkpoint.py hf-to-megatron --hf-dir "$HF" --out "$W/base"; }
 
+if [ ! -f "$W/data.json" ] && [ ! -f "$W/pairs.jsonl" ] && [ "${GENERATE:-0}" != 1 ] && [ -n "$COMPACT" ] && [ -f "$COMPACT" ]; then
+  log "pairs unpacked from $COMPACT (GENERATE=1 generates them instead)"
+  $PY tools/pack_pairs.py unpack "$COMPACT" -o "$W/pairs.jsonl" --docs-out "$W/docs.jsonl"
+  touch "$W/pairs.unpacked"
+fi
 [ -f "$W/docs.jsonl" ] || { log "documents"; $PY tools/make_long_documents.py --n "$DOCS" --words "$WORDS" --seed 0 --out "$W/docs.jsonl"; }
 
 # the generator's length budget counts the chat template approximately: keep a margin under CTX
@@ -46,7 +74,7 @@ generate() {  # generate DOCS PAIRS [GPU]: resumes; status 0, 3 (some documents 
     --model "$HF" --chunk-tokens "$CHUNK" --max-chunks 4 --questions-per-chunk 1 --max-pair-tokens $((CTX - CTX / 32)) \
     --max-new-tokens "$GEN_TOKENS" --question-max-new-tokens 128 --no-progress $GEN_EXTRA
 }
-if [ ! -f "$W/data.json" ]; then
+if [ ! -f "$W/data.json" ] && [ ! -f "$W/pairs.unpacked" ]; then
   before generation 60
   log "self-generated LongPO pairs (SmolLM2: questions and chosen answers on ${CHUNK}-token chunks, rejected on the document)"
   rc=0
@@ -62,6 +90,12 @@ if [ ! -f "$W/data.json" ]; then
   fi
   { [ $rc = 124 ] || [ $rc = 130 ]; } && { log "deadline: generation stopped; rerun to resume"; exit 0; }
   [ $rc = 0 ] || [ $rc = 3 ] || { echo "error: generation failed (status $rc)" >&2; exit $rc; }
+  log "packing the pairs (commit $W/pairs.compact.jsonl.gz as ${COMPACT:-examples/longpo_smollm2/pairs.compact.jsonl.gz} to keep them)"
+  $PY tools/pack_pairs.py pack "$W/pairs.jsonl" -o "$W/pairs.compact.jsonl.gz" --docs-n "$DOCS" --docs-words "$WORDS" \
+    --docs-seed 0 --setting "generator=$(basename "$HF")" --setting "chunk_tokens=$CHUNK" --setting "max_chunks=4" \
+    --setting "questions_per_chunk=1" --setting "max_pair_tokens=$((CTX - CTX / 32))" \
+    --setting "max_new_tokens=$GEN_TOKENS" --setting "question_max_new_tokens=128" --setting "extra=$GEN_EXTRA" \
+    --setting "status=$rc"
 fi
 
 before preprocessing 90
@@ -70,15 +104,27 @@ before preprocessing 90
 [ -f "$W/data.ref.safetensors" ] || { log "reference on the short contexts (LongPO)"; trun tools/precompute_ref_logps.py --data "$W/data" --model "$W/base"; }
 [ -f "$W/data.longref.safetensors" ] || { log "reference on the long contexts (plain DPO)"
   trun tools/precompute_ref_logps.py --data "$W/data" --model "$W/base" --reference-sees-policy --out "$W/data.longref.safetensors"; }
+if [[ " $METHODS " == *" docnll "* ]] && [ ! -f "$W/docnll_data.json" ]; then  # the control's data: the same documents alone
+  log "preprocess the document-NLL control"
+  $PY tools/document_nll_data.py "$W/pairs.jsonl" -o "$W/docnll.jsonl"
+  $PY tools/preprocess_pairs.py --input "$W/docnll.jsonl" --kind pair --tokenizer "$HF" --output "$W/docnll_data" \
+    --max-length "$CTX" --no-progress
+fi
 
 for m in $METHODS; do
-  extra=""
-  [ "$m" = dpo ] && extra="data.reference=$W/data.longref.safetensors"
+  data="$W/data"
+  case $m in
+    longpo) extra="loss.name=longpo loss.longpo_nll=sequence";;
+    longpo_resp) extra="loss.name=longpo loss.longpo_nll=responses";;
+    sft) extra="loss.name=sft";;
+    dpo) extra="loss.name=dpo data.reference=$W/data.longref.safetensors";;
+    docnll) extra="loss.name=sft" data="$W/docnll_data";;
+  esac
   if [ ! -f "$W/$m/summary.json" ]; then
     before "training $m" "${TRAIN_SECONDS:-150}"
     log "train $m"
     trun -m megatron_longpo.train --config examples/longpo_smollm2/train.yaml model.checkpoint="$W/base" \
-      data.path="$W/data" data.global_batch_size="$GBS" loss.name="$m" model.rope_theta="$ROPE" optim.lr="$LR" \
+      data.path="$data" data.global_batch_size="$GBS" model.rope_theta="$ROPE" optim.lr="$LR" \
       model.max_position_embeddings="$CTX" train.epochs="$EPOCHS" train.save_dir="$W/$m" $extra
   fi
   [ -f "$W/hf_$m/config.json" ] || $PY tools/convert_checkpoint.py megatron-to-hf --megatron-dir "$W/$m" --out "$W/hf_$m"

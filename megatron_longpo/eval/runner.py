@@ -2,7 +2,11 @@
 
 `evaluate` sends each group of samples of one length and one generation budget (tasks with the
 same budget share batches: the four niah tasks do) through `backend.chat` greedily and scores
-every output with the task's metric; `summarize` averages per task and length (x100); the results
+every output with the task's metric; `summarize` averages per task and length (x100), with the
+standard error of each mean (`standard_error`: sample standard deviation / sqrt(n) of the per-sample
+scores); `averages` is RULER's per-length mean over tasks and `average_errors` its standard error,
+propagated from the tasks' (sqrt(sum of SE_t^2) / T: the samples of different tasks are
+independent, and the task set is fixed, so its spread between tasks is not noise); the results
 dict is written as JSON atomically (`megatron_longpo.io.atomic_write_json`), rendered as a rich
 table, and plotted as a hand-written SVG (matplotlib is not a dependency). `compare_table` prints
 the difference between two result files (before / after training).
@@ -11,6 +15,7 @@ the difference between two result files (before / after training).
 from __future__ import annotations
 
 import html
+import math
 import time
 from collections import defaultdict
 from typing import Callable, Sequence
@@ -55,8 +60,20 @@ def evaluate(backend: GenerationBackend, samples: Sequence[Sample], batch_size: 
     return records
 
 
+def standard_error(scores: Sequence[float]) -> float | None:
+    """Standard error (x100) of the mean of per-sample scores in [0, 1]: the sample standard
+    deviation (n - 1) over sqrt(n); None for fewer than two samples."""
+    n = len(scores)
+    if n < 2:
+        return None
+    mean = sum(scores) / n
+    var = sum((x - mean) ** 2 for x in scores) / (n - 1)
+    return 100.0 * math.sqrt(var / n)
+
+
 def summarize(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
-    """{task: {str(length): {score (x100, mean over scored samples), n, failed, mean_tokens}}}."""
+    """{task: {str(length): {score (x100, mean over scored samples), se (its standard error, x100;
+    None under two samples), n, failed, mean_tokens}}}."""
     acc: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         acc[r["task"]][r["length"]].append(r)
@@ -68,6 +85,7 @@ def summarize(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
             scored = [r["score"] for r in rs if r["score"] is not None]
             out[task][str(length)] = {
                 "score": 100.0 * sum(scored) / len(scored) if scored else None,
+                "se": standard_error(scored),
                 "n": len(scored), "failed": len(rs) - len(scored),
                 "mean_tokens": sum(r["n_tokens"] for r in rs) / len(rs),
                 "metric": rs[0]["metric"],
@@ -85,6 +103,40 @@ def averages(summary: dict[str, dict[str, dict]]) -> dict[str, float | None]:
     return {k: sum(v) / len(v) for k, v in sorted(by_len.items(), key=lambda kv: int(kv[0]))}
 
 
+def average_errors(summary: dict[str, dict[str, dict]]) -> dict[str, float | None]:
+    """Standard error of `averages` at each length, propagated from the tasks' standard errors:
+    sqrt(sum_t SE_t^2) / T over the T tasks with a score there; None when one of them has no SE."""
+    by_len: dict[str, list[float | None]] = defaultdict(list)
+    for task in summary.values():
+        for length, cell in task.items():
+            if cell["score"] is not None:
+                by_len[length].append(cell.get("se"))
+    return {k: (None if any(e is None for e in v) else math.sqrt(sum(e * e for e in v)) / len(v))
+            for k, v in sorted(by_len.items(), key=lambda kv: int(kv[0]))}
+
+
+def with_errors(results: dict) -> tuple[dict, dict, dict]:
+    """(summary, average, average SE) of a results dict; files written before the standard errors
+    existed get them from their per-sample records."""
+    summary = results["summary"]
+    if results.get("samples") and any("se" not in c for t in summary.values() for c in t.values()):
+        summary = summarize(results["samples"])
+    return summary, results.get("average") or averages(summary), results.get("average_se") or average_errors(summary)
+
+
+def mean_se(value: float | None, se: float | None, digits: int = 1) -> str:
+    """`44.0 ± 3.1`; `-` for no value; the value alone without a standard error."""
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
+
+
+def qa_error(qa: dict) -> float | None:
+    """Standard error (x100) of the retention QA accuracy, from its per-question records."""
+    recs = qa.get("records") or []
+    return standard_error([r["score"] for r in recs]) if recs else None
+
+
 def _lengths(summary: dict) -> list[str]:
     return sorted({length for task in summary.values() for length in task}, key=int)
 
@@ -92,9 +144,9 @@ def _lengths(summary: dict) -> list[str]:
 def render_table(results: dict, title: str | None = None):
     from rich.table import Table
 
-    summary = results["summary"]
+    summary, avg, avg_se = with_errors(results)
     lengths = _lengths(summary)
-    table = Table(title=title or f"RULER-style scores (x100) -- {results.get('backend', '')}")
+    table = Table(title=title or f"RULER-style scores (x100 ± standard error) -- {results.get('backend', '')}")
     table.add_column("task")
     table.add_column("metric")
     for n in lengths:
@@ -103,11 +155,9 @@ def render_table(results: dict, title: str | None = None):
         row = [task, next(iter(cells.values()))["metric"]]
         for n in lengths:
             c = cells.get(n)
-            row.append("-" if c is None or c["score"] is None else f"{c['score']:.1f}")
+            row.append("-" if c is None else mean_se(c["score"], c.get("se")))
         table.add_row(*row)
-    avg = results.get("average") or averages(summary)
-    table.add_row("average", "", *[f"{avg[n]:.1f}" if avg.get(n) is not None else "-" for n in lengths],
-                  style="bold")
+    table.add_row("average", "", *[mean_se(avg.get(n), avg_se.get(n)) for n in lengths], style="bold")
     return table
 
 
@@ -119,7 +169,7 @@ def render_retention(retention: dict):
     t.add_column("value", justify="right")
     qa = retention.get("qa")
     if qa:
-        t.add_row(f"QA accuracy ({qa['n']} questions, part-match)", f"{qa['accuracy']:.1f}")
+        t.add_row(f"QA accuracy ({qa['n']} questions, part-match)", mean_se(qa["accuracy"], qa_error(qa)))
     ppl = retention.get("perplexity")
     t.add_row("held-out perplexity" + (f" ({ppl['tokens']} tokens)" if ppl else ""),
               f"{ppl['perplexity']:.3f}" if ppl else "skipped")
@@ -158,17 +208,24 @@ def compare_table(before: dict, after: dict):
 
 def models_markdown(named: list[tuple[str, dict]]) -> str:
     """The LongPO paper's kind of table, one row per model: the task-average score at each length,
-    then the short-context retention measures. `named`: (row name, results JSON) pairs."""
-    lengths = sorted({n for _, r in named for n in (r.get("average") or averages(r["summary"]))}, key=int)
+    then the short-context retention measures, each score with its standard error (`44.0 ± 3.1`;
+    the average's propagated from its tasks': `average_errors`). `named`: (row name, results JSON)
+    pairs."""
+    stats = [(name, r, *with_errors(r)) for name, r in named]
+    lengths = sorted({n for *_, avg, _ in stats for n in avg}, key=int)
     head = ["model", *[f"{int(n) // 1024}K" if int(n) % 1024 == 0 else n for n in lengths], "QA acc.", "perplexity"]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
-    for name, r in named:
-        avg = r.get("average") or averages(r["summary"])
+    for name, r, _, avg, avg_se in stats:
         ret = r.get("retention") or {}
         qa, ppl = ret.get("qa"), ret.get("perplexity")
-        cells = [f"{avg[n]:.1f}" if avg.get(n) is not None else "-" for n in lengths]
-        cells += [f"{qa['accuracy']:.1f}" if qa else "-", f"{ppl['perplexity']:.2f}" if ppl else "-"]
+        cells = [mean_se(avg.get(n), avg_se.get(n)) for n in lengths]
+        cells += [mean_se(qa["accuracy"], qa_error(qa)) if qa else "-", f"{ppl['perplexity']:.2f}" if ppl else "-"]
         lines.append("| " + " | ".join([name, *cells]) + " |")
+    counts = sorted({sum(c["n"] for t in summary.values() for k, c in t.items() if k == n)
+                     for _, _, summary, _, _ in stats for n in lengths})
+    span = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    lines += ["", f"Scores x100 ± one standard error (a task: sd/sqrt(n) of its samples' scores; the average: "
+                  f"propagated from its tasks'); {span} scored samples per model and length."]
     return "\n".join(lines)
 
 
@@ -225,5 +282,5 @@ def build_results(records: Sequence[dict], backend_name: str, config: dict, seco
                   retention: dict | None = None) -> dict:
     summary = summarize(records)
     return {"version": RESULTS_VERSION, "backend": backend_name, "config": config, "summary": summary,
-            "average": averages(summary), "retention": retention, "seconds": round(seconds, 2),
+            "average": averages(summary), "average_se": average_errors(summary), "retention": retention, "seconds": round(seconds, 2),
             "samples": list(records)}
