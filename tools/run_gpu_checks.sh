@@ -153,8 +153,8 @@ if [ "$what" = fit7b ] || [ "$what" = fit7b_longest ]; then
   # buffer. Every configuration / probe is its own process (bench_train_step.py); rows go to
   # $OUT/fit7b.jsonl as they finish.
   #   fit7b (~6.5 min): the plan, then s/pair, tokens/s, peak vs plan at 32K, 64K, 128K
-  #   fit7b_longest (~5-7 min): the longest pair: PROBE_FROM and PROBE_MAX in one process, then
-  #   bisecting at 16K while the deadline allows
+  #   fit7b_longest (~4-7 min): the longest pair: PROBE_FROM (144K) up to PROBE_MAX (160K: out of memory
+  #   on 2026-11-29 after a warm-up step), bisecting at 16K while the deadline allows
   F=${FRACTION:-0.75}
   common="--gpus 1 --layers 32 --layouts shared --longpo-nll sequence --recompute full --offload $F --grad-dtype bf16"
   if [ "$what" = fit7b ]; then
@@ -166,8 +166,8 @@ from bench_train_step import MISTRAL_7B as m; print(json.dumps({**m,'num_hidden_
       --warmup 1 --iters 1 --timeout ${A_SECONDS:-390} --jsonl $OUT/fit7b.jsonl 2>&1 \
       | grep -v "Warn\|warn\|USDT" | tail -30 > $OUT/fit7b_A.log
   else
-    CUDA_VISIBLE_DEVICES=0 python3 tools/bench_train_step.py $common --until-oom --lengths ${PROBE_FROM:-163840} \
-      --max-length ${PROBE_MAX:-196608} --granularity 16384 --warmup 1 --iters 1 --deadline ${B_DEADLINE:-240} \
+    CUDA_VISIBLE_DEVICES=0 python3 tools/bench_train_step.py $common --until-oom --lengths ${PROBE_FROM:-147456} \
+      --max-length ${PROBE_MAX:-163840} --granularity 16384 --warmup 1 --iters 1 --deadline ${B_DEADLINE:-240} \
       --timeout ${B_SECONDS:-300} --jsonl $OUT/fit7b.jsonl 2>&1 | grep -v "Warn\|warn\|USDT" | tail -30 > $OUT/fit7b_B.log
   fi
   python3 tools/bench_train_step.py --table $OUT/fit7b.jsonl > $OUT/fit7b_table.md
