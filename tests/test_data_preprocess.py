@@ -117,6 +117,23 @@ def test_exit_codes_clean_and_all_dropped(tmp_path, tok_dir, capsys):
     assert "{context} and {instruction}" in capsys.readouterr().err
 
 
+def test_replacing_a_dataset_is_said(tmp_path, tok_dir, capsys):
+    """Preprocessing into the prefix of an existing dataset replaces it, and says so (its reference
+    sidecars no longer match); the same data again replaces nothing a sidecar depends on."""
+    out = str(tmp_path / "ds")
+    args = ["--kind", "pair", "--tokenizer", tok_dir, "--output", out, "--workers", "1", "--no-progress"]
+    assert cli.main(["--input", _write_jsonl(tmp_path / "a.jsonl", _pair_rows(3)), *args]) == EXIT_OK
+    first = json.load(open(f"{out}.json"))["dataset_hash"]
+    assert "replaced" not in capsys.readouterr().err
+    assert cli.main(["--input", str(tmp_path / "a.jsonl"), *args]) == EXIT_OK
+    assert "replaced" not in capsys.readouterr().err  # same rows, same hash
+    assert cli.main(["--input", _write_jsonl(tmp_path / "b.jsonl", _pair_rows(4)), *args]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert f"replaced the dataset that was at {out} (dataset hash {first})" in err
+    assert f"precompute_ref_logps.py --data {out}" in err
+    assert len(PairDataset(out)) == 4
+
+
 def test_parquet_and_datasets_dir_inputs_match_jsonl(tmp_path, tok_dir):
     import datasets
     import pyarrow as pa

@@ -124,6 +124,10 @@ def print_summary(res: PreprocessResult, console) -> None:
     if res.written:
         console.print(f"wrote {res.prefix}.bin, .idx, .json (dataset hash {res.manifest['dataset_hash']})",
                       markup=False, highlight=False)
+        if res.replaced_hash is not None and res.replaced_hash != res.manifest["dataset_hash"]:
+            console.print(f"note: this replaced the dataset that was at {res.prefix} (dataset hash {res.replaced_hash}); "
+                          f"reference sidecars computed for it no longer match: recompute them with "
+                          f"tools/precompute_ref_logps.py --data {res.prefix}", markup=False, highlight=False)
 
 
 def _raise_interrupt(signum, frame):

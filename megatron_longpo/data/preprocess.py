@@ -53,6 +53,7 @@ from megatron_longpo.data.format import (
     length_stats,
     manifest_path,
     merge_shards,
+    read_manifest,
     token_dtype,
 )
 from megatron_longpo.data.inputs import InputFile, RawRow, count_rows, iter_chunks, resolve_inputs
@@ -104,6 +105,7 @@ class PreprocessResult:
     chunks_resumed: int
     elapsed_s: float
     warnings: list[str] = field(default_factory=list)
+    replaced_hash: str | None = None  # the dataset hash of a dataset this run replaced at the same prefix
 
     @property
     def exit_code(self) -> int:
@@ -356,6 +358,10 @@ def _finish(cfg, tok, files, work, metas, resumed, dtype, t0, log) -> Preprocess
     }
     # publish: the manifest goes last, so a dataset with a manifest is always complete
     if os.path.exists(manifest_path(prefix)):
+        try:
+            result.replaced_hash = str(read_manifest(prefix).get("dataset_hash"))
+        except Exception:  # an unreadable old manifest is replaced all the same
+            result.replaced_hash = "unreadable"
         os.remove(manifest_path(prefix))
     os.replace(tmp_bin, bin_path(prefix))
     os.replace(tmp_idx, idx_path(prefix))
