@@ -96,8 +96,10 @@ def test_reference_sees_policy_gives_plain_dpo_on_longpo_data(tiny_llama_ckpt, t
 
     out = tmp_path / "longref.safetensors"
     run_tool(ROOT / "tools/precompute_ref_logps.py", "--data", tiny_longpo_data, "--model", tiny_llama_ckpt, "--out", out,
-             "--reference-sees-policy")
+             "--reference-sees-policy", "--dtype", "bf16")
     short, long = load_ref_logps(tiny_longpo_data), load_ref_logps(tiny_longpo_data, path=out)
+    # bf16 was asked for; on the CPU it scores in fp32, and the sidecar says what ran
+    assert long.computation["bf16"] is (torch.cuda.is_available())
     assert (long.num_tokens["ref_chosen"] == short.num_tokens["ref_chosen"]).all()  # the same answers are scored
     assert (long.logp_sum["ref_chosen"] != short.logp_sum["ref_chosen"]).any()  # in another context
     r = run_tool(ROOT / "tests/workers/train.py", f"model.checkpoint={tiny_llama_ckpt}", f"data.path={tiny_longpo_data}",

@@ -70,7 +70,8 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
     roles = tuple(roles or ds.ref_roles)
     ckpt.read_model_json(model_dir)[0].check_sequence_length(  # a sliding window is refused before the build
         longest_sequence(ds.manifest, [r[4:] if policy_sequences else r for r in roles]), f"the longest sequence of --data {dataset_prefix}")
-    opts = ModelOptions(bf16=platform.resolve_bf16(bf16))
+    bf16 = platform.resolve_bf16(bf16)  # what runs (fp32 on the CPU whatever was asked), and what the sidecar records
+    opts = ModelOptions(bf16=bf16)
     chunks, arch = ckpt.open_model(model_dir, par, opts)
     layout = parallel.current_layout()  # open_model set the parallel state up
     dp, dp_rank = layout.dp_size, layout.dp_rank
