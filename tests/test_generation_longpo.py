@@ -426,3 +426,20 @@ def test_long_context_failures_stay_rejected_and_chosen_ones_go(tmp_path):
                        config(rejected_filter=AnswerFilter(0.95, drop_refusals=True))).run(
         [doc], tmp_path / "strict.jsonl", progress=False)
     assert st.dropped["rejected_refusal"] == 2 and read(tmp_path / "strict.jsonl") == []
+
+
+def test_a_missing_input_is_named_before_anything_else(tmp_path, capsys):
+    """A wrong input path is reported as such, even with --backend openai and no --tokenizer (which
+    would otherwise be the first complaint)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "build_longpo_pairs.py"
+    spec = importlib.util.spec_from_file_location("build_longpo_pairs_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    missing = tmp_path / "nope.jsonl"
+    code = cli.main([str(missing), "-o", str(tmp_path / "out.jsonl"), "--backend", "openai",
+                     "--base-url", "http://127.0.0.1:9/v1"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"input {missing} does not exist" in err and "--tokenizer" not in err

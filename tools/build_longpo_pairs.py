@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     t0 = time.time()
     try:
+        if not Path(a.input).exists():  # first: a wrong path is the likeliest mistake, and says nothing else is wrong
+            raise FileNotFoundError(f"input {a.input} does not exist")
         prompt = a.question_prompt
         if prompt.startswith("@"):
             with open(prompt[1:], encoding="utf-8") as fh:
@@ -136,8 +138,6 @@ def main(argv=None) -> int:
                                          max_ngram_repetition=a.max_ngram_repetition),
         )
         print(f"chunks of {lo}-{hi} tokens, up to {a.max_chunks} per document", file=sys.stderr)
-        if not Path(a.input).exists():
-            raise FileNotFoundError(f"input {a.input} does not exist")
         counter = HFTokenCounter.from_pretrained(tokenizer_path_from_args(a))
         backend = build_backend(backend_config_from_args(a))
         docs = read_documents(a.input, a.text_field, a.id_field, a.split)
