@@ -207,3 +207,17 @@ def test_standard_errors_by_hand():
     console.print(render_table(res))
     text = console.export_text()
     assert "75.0 ± 25.0" in text and "40.0 ± 11.5" in text and "57.5 ± 13.8" in text
+
+
+def test_a_directory_without_a_model_is_named(tmp_path):
+    """An empty or Megatron-only directory passed as --model gets one message naming it and the fix
+    (it was a transformers tokenizer-conversion error about sentencepiece and tiktoken)."""
+    from fixtures import ROOT, run_tool
+
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    r = run_tool(ROOT / "tools/eval_long.py", "--model", empty, "--lengths", "256", "--samples", "1",
+                 "--out", tmp_path / "r.json", check=False, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"--model {empty}: no tokenizer in it" in r.stderr and "megatron-to-hf" in r.stderr
+    assert "sentencepiece" not in r.stderr and "Traceback" not in r.stderr

@@ -46,7 +46,16 @@ def tokenizer_path_from_args(a: argparse.Namespace) -> str:
     path = a.tokenizer or (a.model if a.backend == "transformers" else None)
     if not path:
         raise ValueError("--backend openai needs --tokenizer HF_DIR (the served model's tokenizer) to count tokens")
+    flag = "--tokenizer" if a.tokenizer else "--model"
     if path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
-        flag = "--tokenizer" if a.tokenizer else "--model"
         raise ValueError(f"{flag} {path}: no such directory (give a Hugging Face model or tokenizer directory)")
+    found = os.path.isdir(os.path.expanduser(path)) and any(
+        os.path.exists(os.path.join(os.path.expanduser(path), f)) for f in TOKENIZER_FILES)
+    if os.path.isdir(os.path.expanduser(path)) and not found:
+        raise ValueError(f"{flag} {path}: no tokenizer in it (none of {', '.join(TOKENIZER_FILES)}); give a Hugging Face "
+                         f"model directory (a Megatron checkpoint exports to one with tools/convert_checkpoint.py "
+                         f"megatron-to-hf)")
     return os.path.expanduser(path)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")

@@ -93,8 +93,9 @@ class TransformersBackend:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        if not os.path.isdir(model_path):
-            raise FileNotFoundError(f"--model {model_path}: not a Hugging Face model directory")
+        if not os.path.isdir(model_path) or not os.path.isfile(os.path.join(model_path, "config.json")):
+            raise FileNotFoundError(f"--model {model_path}: not a Hugging Face model directory (no config.json); a "
+                                    f"Megatron checkpoint exports to one with tools/convert_checkpoint.py megatron-to-hf")
         self.torch = torch
         self.model_path = model_path
         self.rope_theta = rope_theta
