@@ -173,7 +173,9 @@ class TransformersBackend:
         """Key/value positions a decode batch may hold (batch x (prompt + new tokens)); None: no limit (CPU)."""
         if not self.device.startswith("cuda"):
             return None
-        free, _ = self.torch.cuda.mem_get_info(self.torch.device(self.device))
+        dev = self.torch.device(self.device)
+        free, _ = self.torch.cuda.mem_get_info(dev)
+        free += self.torch.cuda.memory_reserved(dev) - self.torch.cuda.memory_allocated(dev)  # torch's cache is ours
         return max(1, int(free * self.kv_memory_fraction) // self.kv_bytes_per_token())
 
     def _chat(self, conversations: Sequence[Conversation], params: SamplingParams) -> list[list[str]]:
