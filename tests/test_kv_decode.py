@@ -78,3 +78,18 @@ def test_decode_batches_respect_the_key_value_budget():
     assert all(len(b) == 1 or len(b) * (max(lengths[i] for i in b) + 256) <= 40000 for b in plan)
     assert [[lengths[i] for i in b] for b in plan] == [[100, 1000, 3000], [16000, 16000], [16000]]
     assert plan_decode_batches([5] * 5, batch_size=2, token_budget=None, max_new_tokens=1) == [[0, 1], [2, 3], [4]]
+
+
+def test_a_sliding_window_model_falls_back_to_generate():
+    """kv_decode lays whole caches side by side: a model with an active sliding window (Mistral
+    v0.1's 4096) is not its kind, so `supported` names why (and the backend uses generate())."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from megatron_longpo.generation.kv_decode import supported
+
+    assert "sliding window (4096)" in supported(SimpleNamespace(config=MistralConfig(sliding_window=4096)))
+    assert supported(SimpleNamespace(config=MistralConfig(sliding_window=None))) is None
+    assert supported(SimpleNamespace(config=Qwen2Config(sliding_window=4096, use_sliding_window=False))) is None
+    assert supported(SimpleNamespace(config=LlamaConfig())) is None
