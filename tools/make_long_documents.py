@@ -14,11 +14,9 @@ Writes JSONL lines {"id": ..., "text": ...} (atomically). Deterministic for a se
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from megatron_longpo.generation.gazetteer import gazetteers
-from megatron_longpo.io import atomic_write
+from megatron_longpo.generation.gazetteer import write_gazetteers
 
 
 def main(argv=None) -> int:
@@ -31,9 +29,7 @@ def main(argv=None) -> int:
     if a.n < 1 or a.words < 50:
         print("error: --n must be >= 1 and --words >= 50", file=sys.stderr)
         return 2
-    with atomic_write(a.out) as f:
-        for doc_id, text in gazetteers(a.n, a.words, a.seed):
-            f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+    write_gazetteers(a.out, a.n, a.words, a.seed)
     print(f"wrote {a.n} documents of ~{a.words} words to {a.out}")
     return 0
 

@@ -10,9 +10,12 @@ function of (s, i, words): tools/make_long_documents.py writes them and the comp
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from typing import Iterator
+
+from megatron_longpo.io import atomic_write
 
 SYL = ["ar", "bel", "cor", "dan", "el", "fen", "gar", "hol", "is", "jor", "kel", "lin", "mor", "nes", "or",
        "pel", "quin", "ros", "sal", "tor", "ul", "ven", "wyn", "yar", "zel", "bra", "cal", "dor", "mir", "tal"]
@@ -88,3 +91,10 @@ def gazetteers(n: int, words: int, seed: int) -> Iterator[tuple[str, str]]:
     """The `n` documents of `seed`, in order: (id, text)."""
     for i in range(n):
         yield gazetteer(seed, i, words)
+
+
+def write_gazetteers(path: str, n: int, words: int, seed: int) -> None:
+    """The documents JSONL ({"id", "text"} lines) tools/make_long_documents.py writes, atomically."""
+    with atomic_write(path) as f:
+        for doc_id, text in gazetteers(n, words, seed):
+            f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
