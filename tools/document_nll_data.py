@@ -17,6 +17,7 @@ import json
 import sys
 
 from megatron_longpo.data.document_nll import document_nll_records
+from megatron_longpo.generation.output import iter_jsonl
 from megatron_longpo.io import atomic_write
 
 
@@ -27,18 +28,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     def contexts():
-        with open(a.pairs, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{a.pairs}:{lineno}: not valid JSON ({e.msg})") from None
-                text = row.get("long_context") if isinstance(row, dict) else None
-                if not isinstance(text, str) or not text.strip():
-                    raise ValueError(f"{a.pairs}:{lineno}: no long_context string (is this a LongPO pairs file?)")
-                yield text
+        for lineno, row in iter_jsonl(a.pairs):
+            text = row.get("long_context") if isinstance(row, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{a.pairs}:{lineno}: no long_context string (is this a LongPO pairs file?)")
+            yield text
 
     try:
         n = 0

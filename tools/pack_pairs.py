@@ -62,7 +62,7 @@ def main(argv=None) -> int:
             h = unpack(a.compact, a.out, a.docs_out)
             print(f"unpacked {h['records']} records into {a.out}" + (f" and the documents into {a.docs_out}"
                                                                      if a.docs_out else ""))
-    except (CompactError, OSError) as e:
+    except (ValueError, OSError) as e:  # CompactError is one; a pairs line that is not JSON another
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -30,7 +30,8 @@ from typing import Iterator
 
 from megatron_longpo.io import atomic_write
 
-from .gazetteer import gazetteer, parse_gazetteer_id
+from .gazetteer import gazetteer, parse_gazetteer_id, write_gazetteers
+from .output import iter_jsonl
 
 FORMAT = "megatron-longpo/compact-longpo-pairs"
 VERSION = 1
@@ -126,20 +127,11 @@ def expand_record(line: dict, docs: Gazetteers) -> dict:
     return rec
 
 
-def _pairs_lines(path: str) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            if raw.strip():
-                try:
-                    yield lineno, json.loads(raw)
-                except json.JSONDecodeError as e:
-                    raise CompactError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-
-
 def pack(pairs: str, out: str, docs: Gazetteers, generation: dict | None = None) -> dict:
     """Write the compact form of the pairs JSONL `pairs` to `out` (gzip, reproducible bytes); returns
-    the header."""
-    lines = [compact_record(rec, docs, f"{pairs}:{lineno}") for lineno, rec in _pairs_lines(pairs)]
+    the header. CompactError for a record that cannot be packed, ValueError for a line that is not
+    JSON (both name the line)."""
+    lines = [compact_record(rec, docs, f"{pairs}:{lineno}") for lineno, rec in iter_jsonl(pairs)]
     header = {"format": FORMAT, "version": VERSION,
               "documents": {"generator": "gazetteer", "n": docs.n, "words": docs.words, "seed": docs.seed},
               "generation": generation or {}, "records": len(lines)}
@@ -201,8 +193,5 @@ def unpack(path: str, out: str, docs_out: str | None = None) -> dict:
         if n != header.get("records"):  # inside the block: nothing is written
             raise CompactError(f"{path}: {n} records, the header says {header.get('records')}: the file is truncated")
     if docs_out:
-        with atomic_write(docs_out) as f:
-            for i in range(docs.n):
-                doc_id, text = docs.text(i)
-                f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+        write_gazetteers(docs_out, docs.n, docs.words, docs.seed)
     return header

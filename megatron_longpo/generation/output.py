@@ -161,12 +161,13 @@ class RunStats:
         return "\n".join(lines)
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterable[dict]:
+def iter_jsonl(path: str | os.PathLike) -> Iterable[tuple[int, dict]]:
+    """(line number, parsed line) for every non-blank line of a JSONL file; ValueError naming the line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    yield lineno, json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
 

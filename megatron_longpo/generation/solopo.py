@@ -126,14 +126,14 @@ def read_qa_records(path: str | Path, stats: RunStats | None = None) -> list[QAR
     files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
     out: list[QARecord] = []
     for f in files:
-        for i, row in enumerate(iter_jsonl(f)):
+        for lineno, row in iter_jsonl(f):
             try:
-                out.append(qa_record_from_dict(row, f"{f}:{i + 1}"))
+                out.append(qa_record_from_dict(row, f"{f}:{lineno}"))
             except ValueError as e:
                 if stats is None:
                     raise
                 stats.drop("record_malformed")
-                stats.fail("malformed", f"{f}:{i + 1}", e)
+                stats.fail("malformed", f"{f}:{lineno}", e)
     return out
 
 
