@@ -47,15 +47,14 @@ def tokenizer_path_from_args(a: argparse.Namespace) -> str:
     if not path:
         raise ValueError("--backend openai needs --tokenizer HF_DIR (the served model's tokenizer) to count tokens")
     flag = "--tokenizer" if a.tokenizer else "--model"
-    if path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
+    local = os.path.expanduser(path)
+    if path.startswith(("/", ".", "~")) and not os.path.isdir(local):
         raise ValueError(f"{flag} {path}: no such directory (give a Hugging Face model or tokenizer directory)")
-    found = os.path.isdir(os.path.expanduser(path)) and any(
-        os.path.exists(os.path.join(os.path.expanduser(path), f)) for f in TOKENIZER_FILES)
-    if os.path.isdir(os.path.expanduser(path)) and not found:
+    if os.path.isdir(local) and not any(os.path.exists(os.path.join(local, f)) for f in TOKENIZER_FILES):
         raise ValueError(f"{flag} {path}: no tokenizer in it (none of {', '.join(TOKENIZER_FILES)}); give a Hugging Face "
                          f"model directory (a Megatron checkpoint exports to one with tools/convert_checkpoint.py "
                          f"megatron-to-hf)")
-    return os.path.expanduser(path)
+    return local
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")

@@ -19,6 +19,7 @@ the same distribution (temperature, then top-p), not the same random stream.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -40,6 +41,7 @@ def supported(model) -> str | None:
     return None
 
 
+@lru_cache(maxsize=None)
 def _slot_layer_class():
     from transformers.cache_utils import DynamicLayer
 
@@ -116,7 +118,7 @@ class Prefiller:
         self.stats = stats or PrefillStats()
         self._ids: list[int] | None = None
         self._cache = None
-        self._cache_kw, self._kw = _forward_names(model)
+        self.cache_kw, self._kw = _forward_names(model)
 
     def __call__(self, ids: list[int]):
         """(last-position logits [vocab], cache) for `ids`; the cache is only valid until the next call."""
@@ -133,7 +135,7 @@ class Prefiller:
             shared, cache = 0, DynamicCache()
         rest = torch.tensor([ids[shared:]], device=dev)
         pos = torch.arange(shared, len(ids), device=dev)[None]
-        out = self.model(input_ids=rest, position_ids=pos, use_cache=True, **{self._cache_kw: cache}, **self._kw)
+        out = self.model(input_ids=rest, position_ids=pos, use_cache=True, **{self.cache_kw: cache}, **self._kw)
         self._ids, self._cache = list(ids), cache
         self.stats.prompts += 1
         self.stats.prompt_tokens += len(ids)
@@ -194,7 +196,6 @@ def decode_batch(model, prompts: Sequence[list[int]], max_new_tokens: int, eos_i
         tok = _sample(torch.stack(first), temperature, top_p)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         steps = []
-        cache_kw = _forward_names(model)[0]
         for t in range(max_new_tokens):
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             steps.append(tok)
@@ -203,7 +204,7 @@ def decode_batch(model, prompts: Sequence[list[int]], max_new_tokens: int, eos_i
                 break
             mask[:, W + t] = 1
             out = model(input_ids=tok[:, None], attention_mask=mask[:, :W + t + 1], position_ids=(pos + t)[:, None],
-                        use_cache=True, **{cache_kw: batch_cache})
+                        use_cache=True, **{prefiller.cache_kw: batch_cache})
             tok = _sample(out.logits[:, -1], temperature, top_p)
         del batch_cache, bufs
     cols = torch.stack(steps, dim=1).tolist()
