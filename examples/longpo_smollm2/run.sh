@@ -4,8 +4,8 @@
 # all of them. Issues #9 and #20; docs/evaluation.md. Every step skips itself when its output exists
 # (rerun to resume).
 #
-#   bash examples/longpo_smollm2/run.sh                  # GPU defaults: 512 documents (~15K tokens), 16K context
-#   CONTINUE=1 bash examples/longpo_smollm2/run.sh       # unpack the committed pairs, then generate on (resumes)
+#   bash examples/longpo_smollm2/run.sh                  # GPU defaults: 1,024 documents (~15K tokens), 16K context
+#   CONTINUE=1 DOCS=1536 bash examples/longpo_smollm2/run.sh  # unpack the committed pairs, then generate on
 #   TINY=1 bash examples/longpo_smollm2/run.sh           # a few minutes on the CPU: the script itself
 #
 # The pairs: when COMPACT (default examples/longpo_smollm2/pairs.compact.jsonl.gz, the committed
@@ -37,7 +37,7 @@ if [ "${TINY:-0}" = 1 ]; then
   : "${EVAL_LENGTHS:=512 1024}" "${EVAL_SAMPLES:=1}" "${EVAL_TASKS:=niah_single vt}"
   : "${GBS:=1}" "${EPOCHS:=1}" "${NGPU:=1}" "${GEN_EXTRA:=--device cpu --dtype float32 --threads 2}" "${COMPACT:=}"
 fi
-: "${W:=runs/longpo_smollm2}" "${CTX:=16384}" "${DOCS:=512}" "${WORDS:=9300}" "${CHUNK:=3000}" "${GEN_TOKENS:=256}"
+: "${W:=runs/longpo_smollm2}" "${CTX:=16384}" "${DOCS:=1024}" "${WORDS:=9300}" "${CHUNK:=3000}" "${GEN_TOKENS:=256}"
 : "${ROPE:=1000000}" "${LR:=1e-5}" "${GBS:=4}" "${EPOCHS:=2}" "${EVAL_LENGTHS:=4096 8192 16384}"
 : "${EVAL_TASKS:=}" "${EVAL_EXTRA:=--batch-size 16}" "${GEN_EXTRA:=--dtype bfloat16 --batch-size 128 --docs-per-batch 64}"
 : "${METHODS:=longpo longpo_resp sft dpo docnll}" "${COMPACT=examples/longpo_smollm2/pairs.compact.jsonl.gz}"
@@ -63,7 +63,9 @@ HF=$($PY -c "from megatron_longpo.models.embedded import materialize_default_mod
 if [ ! -f "$W/data.json" ] && [ ! -f "$W/pairs.jsonl" ] && [ "${GENERATE:-0}" != 1 ] && [ -n "$COMPACT" ] && [ -f "$COMPACT" ]; then
   log "pairs unpacked from $COMPACT (GENERATE=1 generates them instead)"
   $PY tools/pack_pairs.py unpack "$COMPACT" -o "$W/pairs.jsonl" --docs-out "$W/docs.jsonl"
-  [ "${CONTINUE:-0}" = 1 ] || touch "$W/pairs.unpacked"  # CONTINUE=1: generate on, past the unpacked records
+  # CONTINUE=1: generate on over DOCS documents (more than the compact header's n to reach new ones);
+  # the documents tried before and dropped are not recorded in the compact form: they are tried again
+  if [ "${CONTINUE:-0}" = 1 ]; then rm -f "$W/docs.jsonl"; else touch "$W/pairs.unpacked"; fi
 fi
 [ -f "$W/docs.jsonl" ] || { log "documents"; $PY tools/make_long_documents.py --n "$DOCS" --words "$WORDS" --seed 0 --out "$W/docs.jsonl"; }
 
