@@ -77,6 +77,11 @@ KNOWN: tuple[Known, ...] = (
     Known(r"Please use DTensor instead and we are deprecating ShardedTensor\.", "warnings", "FutureWarning",
           "torch distributed/_shard (ShardedTensor), used by megatron-core's dist_checkpointing",
           "megatron-core's checkpoint format is built on ShardedTensor; nothing to change on our side."),
+    Known(r"Could not determine rank from torch\.distributed, RANK, or SLURM_PROCID\. Defaulting to rank 0\.",
+          "warnings", "UserWarning",
+          "megatron-core _rank_utils.py (safe_get_rank), called by log_single_rank when a one-process tool "
+          "opens an IndexedDataset (tools/preprocess_pairs.py merging its shards)",
+          "the tool runs in one process, where rank 0 is right; under torchrun RANK is set and it never shows."),
     Known(r"invalid escape sequence ", "warnings", "SyntaxWarning",
           "megatron-core's own source (inference/contexts/kv_block_allocator.py: '\\-' in a docstring), when "
           "Python compiles it on first import (`make demo` installs with pip --no-compile)",

@@ -29,6 +29,8 @@ SEEN_BEFORE = [
     "W1129 04:28:38.574000 12198 /x/torch/utils/cpp_extension.py:183] No CUDA runtime is found, using CUDA_HOME='/usr/local'",
     # on a GPU (one H200, 2026-11-29): DDP for the distributed optimizer
     "DistributedDataParallel: full_param_layout not provided with use_distributed_optimizer=True. Auto-computing layout inside DDP. Callers should pre-compute layouts via DistributedOptimizer.compute_full_param_layout() and pass them in.",
+    # tools/preprocess_pairs.py merging its shards (one process, no RANK; 2-core CPU dev machine, 2026-11-29)
+    "/x/megatron/core/_rank_utils.py:39: UserWarning: Could not determine rank from torch.distributed, RANK, or SLURM_PROCID. Defaulting to rank 0.",
     # after `pip install --no-compile`: Python compiles megatron on first import
     "/x/megatron/core/inference/contexts/kv_block_allocator.py:426: SyntaxWarning: invalid escape sequence '\\-'",
 ]
