@@ -38,7 +38,7 @@ if [ "${TINY:-0}" = 1 ]; then
   : "${GBS:=1}" "${EPOCHS:=1}" "${NGPU:=1}" "${GEN_EXTRA:=--device cpu --dtype float32 --threads 2}" "${COMPACT:=}"
 fi
 : "${W:=runs/longpo_smollm2}" "${CTX:=16384}" "${DOCS:=1024}" "${WORDS:=9300}" "${CHUNK:=3000}" "${GEN_TOKENS:=256}"
-: "${ROPE:=1000000}" "${LR:=1e-5}" "${GBS:=4}" "${EPOCHS:=2}" "${EVAL_LENGTHS:=4096 8192 16384}"
+: "${ROPE:=1000000}" "${LR:=1e-5}" "${GBS:=4}" "${EPOCHS:=1}" "${EVAL_LENGTHS:=4096 8192 16384}"
 : "${EVAL_TASKS:=}" "${EVAL_EXTRA:=--batch-size 16}" "${GEN_EXTRA:=--dtype bfloat16 --batch-size 128 --docs-per-batch 64}"
 : "${METHODS:=longpo longpo_resp sft dpo docnll}" "${COMPACT=examples/longpo_smollm2/pairs.compact.jsonl.gz}"
 for m in $METHODS; do
