@@ -196,7 +196,8 @@ if [ "$what" = gen20 ]; then
   # Resumable: a rerun continues $W/pairs.jsonl. The pairs come back gzipped in $OUT.
   W=/tmp/gen20; mkdir -p $W
   HF=$(python3 -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")
-  # FROM=K: only documents K.. of the DOCS (the first K were generated on before: a compact file's "n")
+  # FROM=K: only documents K.. of the DOCS (the first K were generated on in an earlier lease; the
+  # committed compact file's header says which: "documents_generated_on")
   [ -f $W/docs.jsonl ] || { python3 tools/make_long_documents.py --n ${DOCS:-512} --words ${WORDS:-9300} --seed 0 --out $W/all.jsonl \
     && tail -n +$((${FROM:-0} + 1)) $W/all.jsonl > $W/docs.jsonl; }
   gen() { local in=$1 out=$2 secs=$3; shift 3

@@ -62,10 +62,14 @@ HF=$($PY -c "from megatron_longpo.models.embedded import materialize_default_mod
 
 if [ ! -f "$W/data.json" ] && [ ! -f "$W/pairs.jsonl" ] && [ "${GENERATE:-0}" != 1 ] && [ -n "$COMPACT" ] && [ -f "$COMPACT" ]; then
   log "pairs unpacked from $COMPACT (GENERATE=1 generates them instead)"
-  $PY tools/pack_pairs.py unpack "$COMPACT" -o "$W/pairs.jsonl" --docs-out "$W/docs.jsonl"
-  # CONTINUE=1: generate on over DOCS documents (more than the compact header's n to reach new ones);
-  # the documents tried before and dropped are not recorded in the compact form: they are tried again
-  if [ "${CONTINUE:-0}" = 1 ]; then rm -f "$W/docs.jsonl"; else touch "$W/pairs.unpacked"; fi
+  # CONTINUE=1: generate on over DOCS documents (more than the compact header's n to reach new ones),
+  # written below; the documents tried before and dropped are not recorded in the compact form: they
+  # are tried again
+  if [ "${CONTINUE:-0}" = 1 ]; then
+    $PY tools/pack_pairs.py unpack "$COMPACT" -o "$W/pairs.jsonl"
+  else
+    $PY tools/pack_pairs.py unpack "$COMPACT" -o "$W/pairs.jsonl" --docs-out "$W/docs.jsonl" && touch "$W/pairs.unpacked"
+  fi
 fi
 [ -f "$W/docs.jsonl" ] || { log "documents"; $PY tools/make_long_documents.py --n "$DOCS" --words "$WORDS" --seed 0 --out "$W/docs.jsonl"; }
 
