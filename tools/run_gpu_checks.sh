@@ -2,6 +2,7 @@
 # GPU checks and measurements, run on a GPU machine after Transformer Engine and megatron-core are
 # installed (see docs/foundation.md, "GPU"). Every number quoted in docs/ for a GPU comes from here.
 #   bash tools/run_gpu_checks.sh tests|bench|train(=train16)|all|diag|attn|cpgrads|prefix|bench_step|train_tp2|longpo_run|maxlen|demo|numerics|fit7b
+#   bash tools/run_gpu_checks.sh detach STAGE... ; bash tools/run_gpu_checks.sh poll SECONDS
 # Logs go to $OUT (default /tmp/gpu-out).
 set -uo pipefail
 what=${1:-all}
@@ -16,6 +17,36 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.
 NGPU=$(nvidia-smi -L | wc -l)
 trun() { torchrun --master-port=$((20000 + RANDOM % 20000)) "$@"; }
 
+# detach STAGE [STAGE...]: run each stage in its own process session (it outlives this device call; the
+# machine keeps it while calls follow back to back), its $OUT in /tmp/keep/STAGE, the environment this
+# script had. Then poll.
+# poll SECONDS: wait until every detached stage has ended or SECONDS have passed, printing what they
+# print; then pack /tmp/keep and the #20 run's results into $OUT/keep.tgz (the device returns 8 files at most).
+if [ "$what" = detach ]; then
+  shift
+  python3 -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())"  # once, before the stages
+  for st in "$@"; do
+    mkdir -p /tmp/keep/$st
+    rm -f /tmp/keep/$st.rc
+    ST=$st setsid nohup bash -c 'OUT=/tmp/keep/$ST bash tools/run_gpu_checks.sh $ST; echo $? > /tmp/keep/$ST.rc' \
+      > /tmp/keep/$st.console 2>&1 < /dev/null &
+    echo "$st" > /tmp/keep/$st.stage; echo "detached $st"
+  done
+  exit 0
+fi
+if [ "$what" = poll ]; then
+  end=$((SECONDS + ${2:-300}))
+  # a stage has ended when its .rc file exists (its exit status; a process id could be a zombie's)
+  running() { for f in /tmp/keep/*.stage; do [ -f "$f" ] && [ ! -f "${f%.stage}.rc" ] && basename "$f" .stage; done; true; }
+  while [ -n "$(running)" ] && [ $SECONDS -lt $end ]; do sleep 10; done
+  echo "== $(date +%H:%M:%S) still running: $(running | tr '\n' ' ')"
+  for f in /tmp/keep/*.console; do echo "== $f"; grep -v "Warn\|warn\|it/s\]" "$f" | tail -${TAIL:-25}; done
+  LW=${W:-/tmp/longpo_smollm2}
+  ( cd / && tar czf $OUT/keep.tgz --ignore-failed-read tmp/keep $(cd / && ls -d ${LW#/}/table.md ${LW#/}/eval_*.json \
+    ${LW#/}/*.log ${LW#/}/*/summary.json 2>/dev/null) 2>/dev/null ); ls -la $OUT/keep.tgz
+  nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader
+  exit 0
+fi
 if [ "$what" = demo ]; then
   # the README's GPU quick start on GPU 0 (bf16, TE spec), with Python's warnings NOT silenced here:
   # demo_gpu_warnings.txt counts the warning lines a user would see (megatron_longpo/quiet.py)
@@ -137,14 +168,23 @@ fi
 if [ "$what" = longpo_run ]; then
   # issues #9/#20's run: examples/longpo_smollm2/run.sh (knobs through the environment); the packed
   # pairs come back too (commit pairs.compact.jsonl.gz as examples/longpo_smollm2/pairs.compact.jsonl.gz)
-  W=${W:-/tmp/longpo_smollm2} bash examples/longpo_smollm2/run.sh 2>&1 | grep -v "Warn\|warn\|it/s\]" | tail -80 > "$OUT/longpo_run.log"
+  W=${W:-/tmp/longpo_smollm2} bash examples/longpo_smollm2/run.sh 2>&1 | grep --line-buffered -v "Warn\|warn\|it/s\]" | tee "$OUT/longpo_run.log"
   cp ${W:-/tmp/longpo_smollm2}/table.md ${W:-/tmp/longpo_smollm2}/eval_*.json ${W:-/tmp/longpo_smollm2}/pairs.compact.jsonl.gz \
     ${W:-/tmp/longpo_smollm2}/pairs.jsonl.summary.json "$OUT/" 2>/dev/null
 fi
 if [ "$what" = maxlen ]; then
-  timeout -k 5 450 python3 tools/bench_train_step.py --gpus 2 --layers 32 --cp 2 \
-    --layouts shared --recompute full --iters 1 --lengths ${LENGTHS:-65536,131072,196608,262144} \
-    --json $OUT/maxlen.json 2>&1 | grep -v "Warn\|warn" | tail -40 > "$OUT/maxlen.log"
+  # issue #23 on NGPU GPUs (CP=NGPU): the full 32-layer Mistral-7B shape (random weights), one prefix-shared
+  # LongPO pair, the paper's NLL, full recompute, Adam on the CPU for FRACTION of the parameters, bf16
+  # gradient buffer (the memory settings of fit7b, which found the longest pair on ONE H200); every
+  # length its own process (bench_train_step.py), rows to $OUT/maxlen.jsonl as they finish
+  F=${FRACTION:-0.75}
+  for n in ${LENGTHS:-262144}; do
+    timeout -k 5 ${PROBE_SECONDS:-420} python3 tools/bench_train_step.py --gpus $NGPU --cp $NGPU --layers 32 --layouts shared \
+      --longpo-nll sequence --recompute full --offload $F --grad-dtype bf16 --lengths $n --warmup 1 --iters 1 \
+      --jsonl $OUT/maxlen.jsonl 2>&1 | grep -v "Warn\|warn\|USDT" | tail -30 >> "$OUT/maxlen.log"
+  done
+  python3 tools/bench_train_step.py --table $OUT/maxlen.jsonl | tee $OUT/maxlen_table.md
+  free -g > $OUT/maxlen_host.txt
 fi
 if [ "$what" = fit7b ] || [ "$what" = fit7b_longest ]; then
   # issue #19 on ONE H200: the full 32-layer Mistral-7B shape (random weights), one prefix-shared

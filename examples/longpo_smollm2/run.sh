@@ -24,10 +24,13 @@
 #
 # Knobs (environment): W (work dir), CTX, DOCS, WORDS, CHUNK, ROPE, LR, GBS, EPOCHS, EVAL_LENGTHS,
 # EVAL_SAMPLES (per task and length; default: enough for EVAL_MIN_SAMPLES=50 per model and length over
-# the EVAL_TASKS), NGPU (DP ranks; CP is left at 1: docs/logprobs.md), EVAL_PER_GPU (evaluations side by
-# side on one GPU), METHODS, COMPACT, GENERATE, DEADLINE (epoch seconds: no stage starts when less than
-# its usual time is left and the generation is interrupted at it; rerun to resume).
-# With several GPUs the generation and the evaluations run one shard / one model per GPU.
+# the EVAL_TASKS), NGPU (GPUs used; CP is left at 1: docs/logprobs.md), TRAIN_GPUS (GPUs per training,
+# data parallel; default 1), JOBS_PER_GPU (with TRAIN_GPUS < NGPU: models trained/evaluated side by side
+# on one GPU; default 1), METHODS, VARIANTS (methods trained with overrides: below), COMPACT, GENERATE,
+# DEADLINE (epoch seconds: no stage starts when less than its usual time is left and the generation is
+# interrupted at it; rerun to resume).
+# With several GPUs the generation runs one shard per GPU, the two references one per GPU, and each model
+# is a job (train, export, evaluate) on its own GPU(s), NGPU / TRAIN_GPUS x JOBS_PER_GPU jobs at a time.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
@@ -54,7 +57,7 @@ log() { echo "== $(date +%H:%M:%S) $*"; }
 before() {  # before NAME SECONDS: stop here (status 0) when fewer than SECONDS are left before DEADLINE
   [ -z "${DEADLINE:-}" ] || [ $((DEADLINE - $(date +%s))) -ge "$2" ] || { log "deadline: stopping before $1; rerun to resume"; wait; exit 0; }
 }
-if nvidia-smi -L >/dev/null 2>&1; then slots=$NGPU eval_slots=$((NGPU * ${EVAL_PER_GPU:-1})); else slots=1 eval_slots=1; fi
+if nvidia-smi -L >/dev/null 2>&1; then slots=$NGPU; else slots=1; fi
 trun() { $PY -m torch.distributed.run --nproc-per-node "$NGPU" --master-port=$((20000 + RANDOM % 20000)) "$@"; }
 
 HF=$($PY -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")
@@ -71,7 +74,6 @@ if [ ! -f "$W/data.json" ] && [ ! -f "$W/pairs.jsonl" ] && [ "${GENERATE:-0}" !=
     $PY tools/pack_pairs.py unpack "$COMPACT" -o "$W/pairs.jsonl" --docs-out "$W/docs.jsonl" && touch "$W/pairs.unpacked"
   fi
 fi
-[ -f "$W/docs.jsonl" ] || { log "documents"; $PY tools/make_long_documents.py --n "$DOCS" --words "$WORDS" --seed 0 --out "$W/docs.jsonl"; }
 
 # the generator's length budget counts the chat template approximately: keep a margin under CTX
 generate() {  # generate DOCS PAIRS [GPU]: resumes; status 0, 3 (some documents failed), 124/130 (stopped at DEADLINE)
@@ -83,6 +85,7 @@ generate() {  # generate DOCS PAIRS [GPU]: resumes; status 0, 3 (some documents 
 }
 if [ ! -f "$W/data.json" ] && [ ! -f "$W/pairs.unpacked" ]; then
   before generation 60
+  [ -f "$W/docs.jsonl" ] || { log "documents"; $PY tools/make_long_documents.py --n "$DOCS" --words "$WORDS" --seed 0 --out "$W/docs.jsonl"; }
   log "self-generated LongPO pairs (SmolLM2: questions and chosen answers on ${CHUNK}-token chunks, rejected on the document)"
   rc=0
   if [ "$slots" = 1 ]; then
@@ -108,56 +111,125 @@ fi
 before preprocessing 90
 [ -f "$W/data.json" ] || { log "preprocess"; $PY tools/preprocess_pairs.py --input "$W/pairs.jsonl" --kind longpo \
   --tokenizer "$HF" --output "$W/data" --max-length "$CTX" --no-progress; }
-[ -f "$W/data.ref.safetensors" ] || { log "reference on the short contexts (LongPO)"; trun tools/precompute_ref_logps.py --data "$W/data" --model "$W/base"; }
-[ -f "$W/data.longref.safetensors" ] || { log "reference on the long contexts (plain DPO)"
-  trun tools/precompute_ref_logps.py --data "$W/data" --model "$W/base" --reference-sees-policy --out "$W/data.longref.safetensors"; }
-if [[ " $METHODS " == *" docnll "* ]] && [ ! -f "$W/docnll_data.json" ]; then  # the control's data: the same documents alone
+# the two reference sidecars (and the control's data, on the CPU) side by side; with several GPUs each
+# reference takes one GPU
+refs=() ref_pids=()
+[ -f "$W/data.ref.safetensors" ] || refs+=("short")
+[ -f "$W/data.longref.safetensors" ] || refs+=("long")
+if [ ${#refs[@]} -gt 0 ]; then
+  before references 60
+  r=0
+  for which in "${refs[@]}"; do
+    flags=$([ "$which" = long ] && echo "--reference-sees-policy --out $W/data.longref.safetensors" || echo "")
+    log "reference on the $which contexts ($([ "$which" = long ] && echo "plain DPO" || echo "LongPO"))"
+    if [ "$slots" -gt 1 ]; then
+      CUDA_VISIBLE_DEVICES=$r $PY -m torch.distributed.run --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) \
+        tools/precompute_ref_logps.py --data "$W/data" --model "$W/base" $flags > "$W/ref_$which.log" 2>&1 & ref_pids+=($!)
+      r=$(( (r + 1) % slots ))
+    else
+      trun tools/precompute_ref_logps.py --data "$W/data" --model "$W/base" $flags
+    fi
+  done
+fi
+if [[ " $METHODS ${VARIANTS:-}" == *"docnll"* ]] && [ ! -f "$W/docnll_data.json" ]; then  # the control's data: the same documents alone
   log "preprocess the document-NLL control"
   $PY tools/document_nll_data.py "$W/pairs.jsonl" -o "$W/docnll.jsonl"
   $PY tools/preprocess_pairs.py --input "$W/docnll.jsonl" --kind pair --tokenizer "$HF" --output "$W/docnll_data" \
     --max-length "$CTX" --no-progress
 fi
+for p in "${ref_pids[@]}"; do wait "$p" || { echo "error: a reference computation failed:" >&2; tail -n 20 "$W"/ref_*.log >&2; exit 1; }; done
+for f in "$W/data.ref.safetensors" "$W/data.longref.safetensors"; do
+  [ -f "$f" ] || { echo "error: no $f; see $W/ref_*.log" >&2; exit 1; }
+done
 
-for m in $METHODS; do
-  data="$W/data"
-  case $m in
-    longpo) extra="loss.name=longpo loss.longpo_nll=sequence";;
-    longpo_resp) extra="loss.name=longpo loss.longpo_nll=responses";;
-    sft) extra="loss.name=sft";;
-    dpo) extra="loss.name=dpo data.reference=$W/data.longref.safetensors";;
-    docnll) extra="loss.name=sft" data="$W/docnll_data";;
-  esac
-  if [ ! -f "$W/$m/summary.json" ]; then
-    before "training $m" "${TRAIN_SECONDS:-150}"
-    log "train $m"
-    trun -m megatron_longpo.train --config examples/longpo_smollm2/train.yaml model.checkpoint="$W/base" \
-      data.path="$data" data.global_batch_size="$GBS" model.rope_theta="$ROPE" optim.lr="$LR" \
-      model.max_position_embeddings="$CTX" train.epochs="$EPOCHS" train.save_dir="$W/$m" $extra
+# The models: base (untrained), base_rope (the base model with the enlarged RoPE base and no training:
+# what the base change alone does), one per METHODS, and one per VARIANTS entry.
+# VARIANTS: space-separated NAME:METHOD[:KEY=VALUE,...], a method trained with overrides, e.g.
+#   VARIANTS="longpo_lr5e-5:longpo:optim.lr=5e-5 longpo_lam0.1:longpo:loss.longpo_lambda=0.1 longpo_s30:longpo:train.steps=30"
+# evaluated at VARIANT_EVAL_LENGTHS (default EVAL_LENGTHS).
+declare -A method_of overrides_of
+models=(base base_rope)
+for m in $METHODS; do models+=("$m"); method_of[$m]=$m; overrides_of[$m]=""; done
+for v in ${VARIANTS:-}; do
+  IFS=: read -r name method ovr <<< "$v"
+  [[ "$name" =~ ^[A-Za-z0-9_.-]+$ ]] && [ -z "${method_of[$name]:-}" ] && [ "$name" != base ] && [ "$name" != base_rope ] \
+    || { echo "error: VARIANTS entry '$v': NAME must be new and of letters, digits, '_', '.', '-' (NAME:METHOD[:KEY=VALUE,...])" >&2; exit 2; }
+  case $method in longpo|longpo_resp|sft|dpo|docnll) ;; *) echo "error: VARIANTS entry '$v': unknown method '$method' (longpo longpo_resp sft dpo docnll)" >&2; exit 2;; esac
+  models+=("$name"); method_of[$name]=$method; overrides_of[$name]=${ovr//,/ }
+done
+
+# job NAME GPUS: train NAME (when it is a trained one and not trained yet), export it, evaluate it, on the
+# GPUs GPUS (comma-separated; empty: all). Skips what exists; stops before a stage DEADLINE leaves no time for.
+job() {
+  local name=$1 gpus=$2 method=${method_of[$1]:-} n data extra dir rope lengths
+  n=$(echo "$gpus" | awk -F, '{print NF}'); [ -n "$gpus" ] || n=$NGPU
+  if [ -n "$method" ]; then
+    data="$W/data"
+    case $method in
+      longpo) extra="loss.name=longpo loss.longpo_nll=sequence";;
+      longpo_resp) extra="loss.name=longpo loss.longpo_nll=responses";;
+      sft) extra="loss.name=sft";;
+      dpo) extra="loss.name=dpo data.reference=$W/data.longref.safetensors";;
+      docnll) extra="loss.name=sft" data="$W/docnll_data";;
+    esac
+    if [ ! -f "$W/$name/summary.json" ]; then
+      before "training $name" "${TRAIN_SECONDS:-150}"
+      log "train $name${gpus:+ on GPU $gpus}"
+      env ${gpus:+CUDA_VISIBLE_DEVICES=$gpus} $PY -m torch.distributed.run --nproc-per-node "$n" \
+        --master-port=$((20000 + RANDOM % 20000)) -m megatron_longpo.train --config examples/longpo_smollm2/train.yaml \
+        model.checkpoint="$W/base" data.path="$data" data.global_batch_size="$GBS" model.rope_theta="$ROPE" optim.lr="$LR" \
+        model.max_position_embeddings="$CTX" train.epochs="$EPOCHS" train.save_dir="$W/$name" $extra ${overrides_of[$name]} \
+        > "$W/train_$name.log" 2>&1 || { echo "training $name failed; the end of $W/train_$name.log:"; tail -20 "$W/train_$name.log"; return 1; }
+      grep "^done" "$W/train_$name.log" | tail -1 || true
+    fi
+    [ -f "$W/hf_$name/config.json" ] || $PY tools/convert_checkpoint.py megatron-to-hf --megatron-dir "$W/$name" --out "$W/hf_$name" \
+      > "$W/export_$name.log" 2>&1 || { echo "export of $name failed; see $W/export_$name.log"; return 1; }
+    dir="$W/hf_$name"
+  else
+    dir=$HF
   fi
-  [ -f "$W/hf_$m/config.json" ] || $PY tools/convert_checkpoint.py megatron-to-hf --megatron-dir "$W/$m" --out "$W/hf_$m"
-done
+  [ -f "$W/eval_$name.json" ] && return 0
+  before "evaluating $name" "${EVAL_SECONDS:-200}"
+  rope=$([ "$name" = base_rope ] && echo "--rope-theta $ROPE" || echo "")
+  lengths=$EVAL_LENGTHS; [ -z "${overrides_of[$name]:-}" ] || lengths=${VARIANT_EVAL_LENGTHS:-$EVAL_LENGTHS}
+  log "evaluate $name${gpus:+ on GPU ${gpus%%,*}}"
+  env ${gpus:+CUDA_VISIBLE_DEVICES=${gpus%%,*}} $PY tools/eval_long.py --model "$dir" $rope --lengths $lengths \
+    ${EVAL_TASKS:+--tasks $EVAL_TASKS} --samples "$EVAL_SAMPLES" --seed 0 --retention --no-progress --out "$W/eval_$name.json" \
+    $EVAL_EXTRA > "$W/eval_$name.log" 2>&1 || [ $? = 3 ] || { echo "evaluation of $name failed; the end of $W/eval_$name.log:"; tail -20 "$W/eval_$name.log"; return 1; }
+  log "evaluated $name"
+}
 
-# base_rope: the base model with the enlarged RoPE base and no training (what the base change alone does).
-# With several GPUs the models are evaluated side by side, EVAL_PER_GPU per GPU (logs: $W/eval_NAME.log).
-table=()
-i=0
-for m in base base_rope $METHODS; do
-  dir=$(case $m in base|base_rope) echo "$HF";; *) echo "$W/hf_$m";; esac)
-  rope=$([ "$m" = base_rope ] && echo "--rope-theta $ROPE" || echo "")
-  table+=("$m=$W/eval_$m.json")
-  [ -f "$W/eval_$m.json" ] && continue
-  before "evaluating $m" "${EVAL_SECONDS:-200}"
-  log "evaluate $m"
-  gpu=$([ "$slots" -gt 1 ] && echo "CUDA_VISIBLE_DEVICES=$((i % slots))" || echo "")
-  i=$((i + 1))
-  ( env $gpu $PY tools/eval_long.py --model "$dir" $rope --lengths $EVAL_LENGTHS ${EVAL_TASKS:+--tasks $EVAL_TASKS} \
-      --samples "$EVAL_SAMPLES" --seed 0 --retention --no-progress --out "$W/eval_$m.json" $EVAL_EXTRA > "$W/eval_$m.log" 2>&1 \
-      || [ $? = 3 ] || { echo "evaluation of $m failed; the end of $W/eval_$m.log:"; tail -20 "$W/eval_$m.log"; } ) &
-  while [ "$(jobs -rp | wc -l)" -ge "$eval_slots" ]; do wait -n || true; done
+# METHODS first (their evaluations follow), then the untrained models, then the VARIANTS. With one GPU group (the
+# default: TRAIN_GPUS=NGPU, data parallel over all GPUs) the jobs run one after another; with
+# TRAIN_GPUS=1 on NGPU GPUs, JOBS_PER_GPU jobs run on each GPU side by side (a free slot takes the next job).
+order=($METHODS base base_rope); for m in "${models[@]}"; do [ -z "${overrides_of[$m]+x}" ] || [[ " $METHODS " == *" $m "* ]] || order+=("$m"); done
+TRAIN_GPUS=${TRAIN_GPUS:-1}
+groups=$(( slots / TRAIN_GPUS )); [ "$groups" -ge 1 ] || groups=1
+per=$([ "$groups" -gt 1 ] && echo "${JOBS_PER_GPU:-1}" || echo 1)
+declare -A slot_pid
+failed=0
+for m in "${order[@]}"; do
+  while :; do  # a free slot
+    free=""
+    for ((s = 0; s < groups * per; s++)); do
+      p=${slot_pid[$s]:-}; if [ -z "$p" ] || ! kill -0 "$p" 2>/dev/null; then free=$s; break; fi
+    done
+    [ -n "$free" ] && break
+    wait -n || failed=1
+  done
+  g=$(( free % groups ))
+  gpus=$([ "$groups" -gt 1 ] && seq -s, $((g * TRAIN_GPUS)) $(((g + 1) * TRAIN_GPUS - 1)) || echo "")
+  if [ "$groups" -gt 1 ] || [ "$per" -gt 1 ]; then job "$m" "$gpus" & slot_pid[$free]=$!; else job "$m" "" || failed=1; fi
 done
-wait
-for m in base base_rope $METHODS; do
-  [ -f "$W/eval_$m.json" ] || { echo "error: no $W/eval_$m.json (see $W/eval_$m.log); rerun to retry" >&2; exit 1; }
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done
+[ "$failed" = 0 ] || echo "some jobs failed (above); rerun to retry them" >&2
+table=()
+for m in "${models[@]}"; do
+  if [ ! -f "$W/eval_$m.json" ]; then
+    [ "$failed" = 1 ] || [ -z "${DEADLINE:-}" ] || { log "deadline: not every model was evaluated; rerun to resume"; exit 0; }
+    echo "error: no $W/eval_$m.json (see $W/train_$m.log, $W/eval_$m.log); rerun to retry" >&2; exit 1
+  fi
+  table+=("$m=$W/eval_$m.json")
 done
 log "table"
 $PY tools/eval_long.py --table "${table[@]}" | tee "$W/table.md"
