@@ -111,6 +111,42 @@ def test_reference_sees_policy_gives_plain_dpo_on_longpo_data(tiny_llama_ckpt, t
     assert abs(step["rewards/margin"]) < 1e-4
 
 
+def test_reference_at_the_policys_rope_base_starts_dpo_at_log2(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
+    """--rope-theta scores at another RoPE base than the checkpoint's: plain DPO whose reference is
+    the initial policy at the enlarged base starts at loss log 2 with zero margin, and the reference
+    at the checkpoint's own base scores other log-probs (so the override is what makes them equal)."""
+    import json
+    import math
+
+    import numpy as np
+
+    from megatron_longpo.checkpoint import dist as ckpt
+    from megatron_longpo.data.reference import load_ref_logps
+
+    theta = 1e6
+    assert ckpt.read_model_json(tiny_llama_ckpt)[0].rope_theta != theta
+    steps = {}
+    for name, extra in (("policy_base", ["--rope-theta", str(theta)]), ("checkpoint_base", [])):
+        out = tmp_path / f"{name}.safetensors"
+        run_tool(ROOT / "tools/precompute_ref_logps.py", "--data", tiny_longpo_data, "--model", tiny_llama_ckpt,
+                 "--out", out, "--reference-sees-policy", *extra)
+        got = load_ref_logps(tiny_longpo_data, path=out).computation["rope_theta"]
+        assert got == (theta if extra else ckpt.read_model_json(tiny_llama_ckpt)[0].rope_theta), got
+        run_tool(ROOT / "tests/workers/train.py", f"model.checkpoint={tiny_llama_ckpt}", f"data.path={tiny_longpo_data}",
+                 f"data.reference={out}", "loss.name=dpo", "data.global_batch_size=2", "train.steps=1",
+                 f"model.rope_theta={theta}", "train.tensorboard=false", f"train.save_dir={tmp_path}/{name}", timeout=300)
+        steps[name] = json.loads((tmp_path / name / "summary.json").read_text())["steps"][0]
+    assert abs(steps["policy_base"]["loss"] - math.log(2)) < 1e-4, steps
+    assert abs(steps["policy_base"]["rewards/margin"]) < 1e-4, steps
+    # the two references differ by the RoPE base alone (the tiny data's short distances keep it small)
+    a, b = (load_ref_logps(tiny_longpo_data, path=tmp_path / f"{n}.safetensors") for n in ("policy_base", "checkpoint_base"))
+    diff = max(float(np.abs(a.logp_sum[r] - b.logp_sum[r]).max()) for r in a.roles)
+    assert diff > 1e-2, diff
+    r = run_tool(ROOT / "tools/precompute_ref_logps.py", "--data", tiny_longpo_data, "--model", tiny_llama_ckpt,
+                 "--rope-theta", "0", check=False)
+    assert r.returncode == 2 and "--rope-theta must be positive" in r.stderr, r.stderr[-500:]
+
+
 def test_a_sliding_window_shorter_than_the_data_is_refused(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
     """Full causal attention past a Mistral sliding window computes another model: the trainer and
     the reference tool refuse before building it, naming the data key and the fix."""

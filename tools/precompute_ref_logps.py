@@ -8,7 +8,8 @@ the long context; pair kinds: the policy's own sequences (--reference-sees-polic
 kind, e.g. plain DPO on LongPO data). Writes PREFIX.ref.safetensors, tied to the dataset's hash
 (the trainer refuses a sidecar of another dataset). The reference runs at the RoPE base its
 checkpoint records (model.json; an imported model's config.json): the original base for pi_S, the
-enlarged one for a later round's reference (docs/iterative.md); the sidecar records it.
+enlarged one for a later round's reference (docs/iterative.md); --rope-theta overrides it; the
+sidecar records the base that ran.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def main(argv=None) -> int:
     p.add_argument("--reference-sees-policy", action="store_true",
                    help="score the policy's own sequence X for each ref role ref_X: plain DPO on a LongPO dataset "
                         "(the reference on the long context); write it to another --out and train with data.reference=")
+    p.add_argument("--rope-theta", type=float, default=None,
+                   help="score at this RoPE base instead of the checkpoint's: with --reference-sees-policy, plain DPO "
+                        "whose reference is the initial policy at the enlarged base (train with the same model.rope_theta)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
@@ -38,6 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-tokenizer-check", action="store_true",
                    help="score a dataset even when its tokenizer (manifest) is not the model's (docs/reliability.md)")
     a = p.parse_args(argv)
+    if a.rope_theta is not None and not a.rope_theta > 0:
+        print(f"error: --rope-theta must be positive, got {a.rope_theta:g}", file=sys.stderr)
+        return 2
     for flag in ("tp", "pp", "cp", "samples_per_microbatch", "chunk_size"):
         if getattr(a, flag) < 1:
             print(f"error: --{flag.replace('_', '-')} must be at least 1, got {getattr(a, flag)}", file=sys.stderr)
@@ -49,11 +56,13 @@ def main(argv=None) -> int:
         r = precompute(a.data, a.model, parallel.ParallelConfig(a.tp, a.pp, None, a.cp), roles=a.roles,
                        samples_per_microbatch=a.samples_per_microbatch, chunk_size=a.chunk_size, out_path=a.out,
                        bf16={'auto': None, 'bf16': True, 'fp32': False}[a.dtype],
-                       policy_sequences=a.reference_sees_policy, check_tokenizer=not a.no_tokenizer_check)
+                       policy_sequences=a.reference_sees_policy, check_tokenizer=not a.no_tokenizer_check,
+                       rope_theta=a.rope_theta)
         import torch.distributed as dist
 
         if dist.get_rank() == 0:
-            print(f"reference log-probs of {r['samples']} samples ({', '.join(r['roles'])}) at the checkpoint's RoPE base "
+            base = "the RoPE base asked for" if a.rope_theta is not None else "the checkpoint's RoPE base"
+            print(f"reference log-probs of {r['samples']} samples ({', '.join(r['roles'])}) at {base} "
                   f"{r['arch'].rope_theta:g} -> {r['path']} in {r['seconds']:.1f} s")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

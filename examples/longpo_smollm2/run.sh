@@ -17,7 +17,10 @@
 #   longpo       LongPO, the paper's loss: NLL over the whole chosen long sequence + λ·DPO (loss.longpo_nll=sequence)
 #   longpo_resp  the ablation: the NLL over the chosen responses only (loss.longpo_nll=responses)
 #   sft          SFT on the chosen answers, given the long document
-#   dpo          plain DPO on the long context (its reference sees the long context too)
+#   dpo          plain DPO on the long context (its reference, the base model, sees the long context too, at
+#                its own RoPE base: past its window there)
+#   dpo_policy   not in the default list: plain DPO whose reference is the initial policy (the base model at
+#                the enlarged RoPE base ROPE) on the long context
 #   docnll       control: next-token NLL on the documents alone, no questions or answers
 #                (tools/document_nll_data.py + loss.name=sft: what continued training on the same
 #                documents recovers)
@@ -45,7 +48,7 @@ fi
 : "${EVAL_TASKS:=}" "${EVAL_EXTRA:=--batch-size 16}" "${GEN_EXTRA:=--dtype bfloat16 --batch-size 128 --docs-per-batch 64}"
 : "${METHODS:=longpo longpo_resp sft dpo docnll}" "${COMPACT=examples/longpo_smollm2/pairs.compact.jsonl.gz}"
 for m in $METHODS; do
-  case $m in longpo|longpo_resp|sft|dpo|docnll) ;; *) echo "error: unknown method $m in METHODS (longpo longpo_resp sft dpo docnll)" >&2; exit 2;; esac
+  case $m in longpo|longpo_resp|sft|dpo|dpo_policy|docnll) ;; *) echo "error: unknown method $m in METHODS (longpo longpo_resp sft dpo dpo_policy docnll)" >&2; exit 2;; esac
 done
 if [ -z "${EVAL_SAMPLES:-}" ]; then  # the standard error of a (model, length) average wants >= 50 samples
   ntasks=$(if [ -n "$EVAL_TASKS" ]; then echo $EVAL_TASKS | wc -w; else $PY -c "from megatron_longpo.eval.ruler import DEFAULT_TASKS as t; print(len(t))"; fi)
@@ -111,17 +114,25 @@ fi
 before preprocessing 90
 [ -f "$W/data.json" ] || { log "preprocess"; $PY tools/preprocess_pairs.py --input "$W/pairs.jsonl" --kind longpo \
   --tokenizer "$HF" --output "$W/data" --max-length "$CTX" --no-progress; }
-# the two reference sidecars (and the control's data, on the CPU) side by side; with several GPUs each
-# reference takes one GPU
+# The reference sidecars the methods need (and the control's data, on the CPU), side by side; with several
+# GPUs each reference takes one GPU: short (LongPO: the base model on the short contexts), long (dpo: the
+# base model on the long sequences at its own RoPE base), long_policy (dpo_policy: the same at ROPE, i.e.
+# the initial policy)
+ref_file() { case $1 in short) echo "$W/data.ref.safetensors";; long) echo "$W/data.longref.safetensors";;
+  long_policy) echo "$W/data.longref_policy.safetensors";; esac; }
+ref_flags() { case $1 in short) ;; long) echo "--reference-sees-policy";; long_policy) echo "--reference-sees-policy --rope-theta $ROPE";; esac; }
+all_methods=" $METHODS $(for v in ${VARIANTS:-}; do echo "$v" | cut -d: -f2; done) "
+needed=(short)
+[[ "$all_methods" != *" dpo "* ]] || needed+=(long)
+[[ "$all_methods" != *" dpo_policy "* ]] || needed+=(long_policy)
 refs=() ref_pids=()
-[ -f "$W/data.ref.safetensors" ] || refs+=("short")
-[ -f "$W/data.longref.safetensors" ] || refs+=("long")
+for which in "${needed[@]}"; do [ -f "$(ref_file $which)" ] || refs+=("$which"); done
 if [ ${#refs[@]} -gt 0 ]; then
   before references 60
   r=0
   for which in "${refs[@]}"; do
-    flags=$([ "$which" = long ] && echo "--reference-sees-policy --out $W/data.longref.safetensors" || echo "")
-    log "reference on the $which contexts ($([ "$which" = long ] && echo "plain DPO" || echo "LongPO"))"
+    flags="$(ref_flags $which) --out $(ref_file $which)"
+    log "reference: $which"
     if [ "$slots" -gt 1 ]; then
       CUDA_VISIBLE_DEVICES=$r $PY -m torch.distributed.run --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) \
         tools/precompute_ref_logps.py --data "$W/data" --model "$W/base" $flags > "$W/ref_$which.log" 2>&1 & ref_pids+=($!)
@@ -138,8 +149,8 @@ if [[ " $METHODS ${VARIANTS:-}" == *"docnll"* ]] && [ ! -f "$W/docnll_data.json"
     --max-length "$CTX" --no-progress
 fi
 for p in "${ref_pids[@]}"; do wait "$p" || { echo "error: a reference computation failed:" >&2; tail -n 20 "$W"/ref_*.log >&2; exit 1; }; done
-for f in "$W/data.ref.safetensors" "$W/data.longref.safetensors"; do
-  [ -f "$f" ] || { echo "error: no $f; see $W/ref_*.log" >&2; exit 1; }
+for which in "${needed[@]}"; do
+  [ -f "$(ref_file $which)" ] || { echo "error: no $(ref_file $which); see $W/ref_$which.log" >&2; exit 1; }
 done
 
 # The models: base (untrained), base_rope (the base model with the enlarged RoPE base and no training:
@@ -154,7 +165,7 @@ for v in ${VARIANTS:-}; do
   IFS=: read -r name method ovr <<< "$v"
   [[ "$name" =~ ^[A-Za-z0-9_.-]+$ ]] && [ -z "${method_of[$name]:-}" ] && [ "$name" != base ] && [ "$name" != base_rope ] \
     || { echo "error: VARIANTS entry '$v': NAME must be new and of letters, digits, '_', '.', '-' (NAME:METHOD[:KEY=VALUE,...])" >&2; exit 2; }
-  case $method in longpo|longpo_resp|sft|dpo|docnll) ;; *) echo "error: VARIANTS entry '$v': unknown method '$method' (longpo longpo_resp sft dpo docnll)" >&2; exit 2;; esac
+  case $method in longpo|longpo_resp|sft|dpo|dpo_policy|docnll) ;; *) echo "error: VARIANTS entry '$v': unknown method '$method' (longpo longpo_resp sft dpo dpo_policy docnll)" >&2; exit 2;; esac
   models+=("$name"); method_of[$name]=$method; overrides_of[$name]=${ovr//,/ }
 done
 
@@ -169,7 +180,8 @@ job() {
       longpo) extra="loss.name=longpo loss.longpo_nll=sequence";;
       longpo_resp) extra="loss.name=longpo loss.longpo_nll=responses";;
       sft) extra="loss.name=sft";;
-      dpo) extra="loss.name=dpo data.reference=$W/data.longref.safetensors";;
+      dpo) extra="loss.name=dpo data.reference=$(ref_file long)";;
+      dpo_policy) extra="loss.name=dpo data.reference=$(ref_file long_policy)";;
       docnll) extra="loss.name=sft" data="$W/docnll_data";;
     esac
     if [ ! -f "$W/$name/summary.json" ]; then

@@ -37,11 +37,12 @@ def score(chunks, batches: list[StepBatch], chunk_size: int, layout) -> list[dic
 
 def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_per_microbatch: int = 1,
                chunk_size: int = 2048, out_path: str | None = None, bf16: bool | None = None, progress: bool = True,
-               policy_sequences: bool = False, check_tokenizer: bool = True) -> dict:
+               policy_sequences: bool = False, check_tokenizer: bool = True, rope_theta: float | None = None) -> dict:
     """Score every sample of the dataset with the reference checkpoint and write the sidecar.
     Collective over all ranks (any TP/PP/CP/DP). Returns a summary on every rank.
     policy_sequences: each ref role ref_X gets the reference's log-probs of the policy's own
-    sequence X (plain DPO on a LongPO dataset: the reference sees the long context)."""
+    sequence X (plain DPO on a LongPO dataset: the reference sees the long context).
+    rope_theta: score at this RoPE base instead of the checkpoint's (recorded in the sidecar)."""
     import os
     import time
 
@@ -72,7 +73,7 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
         longest_sequence(ds.manifest, [r[4:] if policy_sequences else r for r in roles]), f"the longest sequence of --data {dataset_prefix}")
     bf16 = platform.resolve_bf16(bf16)  # what runs (fp32 on the CPU whatever was asked), and what the sidecar records
     opts = ModelOptions(bf16=bf16)
-    chunks, arch = ckpt.open_model(model_dir, par, opts)
+    chunks, arch = ckpt.open_model(model_dir, par, opts, rope_theta=rope_theta)
     layout = parallel.current_layout()  # open_model set the parallel state up
     dp, dp_rank = layout.dp_size, layout.dp_rank
     mine = list(range(dp_rank, len(ds), dp))
