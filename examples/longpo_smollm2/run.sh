@@ -32,7 +32,7 @@
 # on one GPU; default 1), METHODS, VARIANTS (methods trained with overrides: below), COMPACT, GENERATE,
 # DEADLINE (epoch seconds: no stage starts when less than its usual time is left and the generation is
 # interrupted at it; rerun to resume).
-# With several GPUs the generation runs one shard per GPU, the two references one per GPU, and each model
+# With several GPUs the generation runs one shard per GPU, the references one per GPU, and each model
 # is a job (train, export, evaluate) on its own GPU(s), NGPU / TRAIN_GPUS x JOBS_PER_GPU jobs at a time.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -47,8 +47,25 @@ fi
 : "${ROPE:=1000000}" "${LR:=1e-5}" "${GBS:=4}" "${EPOCHS:=1}" "${EVAL_LENGTHS:=4096 8192 16384}"
 : "${EVAL_TASKS:=}" "${EVAL_EXTRA:=--batch-size 16}" "${GEN_EXTRA:=--dtype bfloat16 --batch-size 128 --docs-per-batch 64}"
 : "${METHODS:=longpo longpo_resp sft dpo docnll}" "${COMPACT=examples/longpo_smollm2/pairs.compact.jsonl.gz}"
+known_methods="longpo longpo_resp sft dpo dpo_policy docnll"
+known_method() { [[ " $known_methods " == *" $1 "* ]]; }
 for m in $METHODS; do
-  case $m in longpo|longpo_resp|sft|dpo|dpo_policy|docnll) ;; *) echo "error: unknown method $m in METHODS (longpo longpo_resp sft dpo dpo_policy docnll)" >&2; exit 2;; esac
+  known_method "$m" || { echo "error: unknown method $m in METHODS ($known_methods)" >&2; exit 2; }
+done
+# The models: base (untrained), base_rope (the base model with the enlarged RoPE base and no training:
+# what the base change alone does), one per METHODS, and one per VARIANTS entry.
+# VARIANTS: space-separated NAME:METHOD[:KEY=VALUE,...], a method trained with overrides, e.g.
+#   VARIANTS="longpo_lr5e-5:longpo:optim.lr=5e-5 longpo_lam0.1:longpo:loss.longpo_lambda=0.1 longpo_s30:longpo:train.steps=30"
+# evaluated at VARIANT_EVAL_LENGTHS (default EVAL_LENGTHS).
+declare -A method_of overrides_of
+models=(base base_rope) variants=()
+for m in $METHODS; do models+=("$m"); method_of[$m]=$m; overrides_of[$m]=""; done
+for v in ${VARIANTS:-}; do
+  IFS=: read -r name method ovr <<< "$v"
+  [[ "$name" =~ ^[A-Za-z0-9_.-]+$ ]] && [ -z "${method_of[$name]:-}" ] && [ "$name" != base ] && [ "$name" != base_rope ] \
+    || { echo "error: VARIANTS entry '$v': NAME must be new and of letters, digits, '_', '.', '-' (NAME:METHOD[:KEY=VALUE,...])" >&2; exit 2; }
+  known_method "$method" || { echo "error: VARIANTS entry '$v': unknown method '$method' ($known_methods)" >&2; exit 2; }
+  models+=("$name"); variants+=("$name"); method_of[$name]=$method; overrides_of[$name]=${ovr//,/ }
 done
 if [ -z "${EVAL_SAMPLES:-}" ]; then  # the standard error of a (model, length) average wants >= 50 samples
   ntasks=$(if [ -n "$EVAL_TASKS" ]; then echo $EVAL_TASKS | wc -w; else $PY -c "from megatron_longpo.eval.ruler import DEFAULT_TASKS as t; print(len(t))"; fi)
@@ -121,7 +138,7 @@ before preprocessing 90
 ref_file() { case $1 in short) echo "$W/data.ref.safetensors";; long) echo "$W/data.longref.safetensors";;
   long_policy) echo "$W/data.longref_policy.safetensors";; esac; }
 ref_flags() { case $1 in short) ;; long) echo "--reference-sees-policy";; long_policy) echo "--reference-sees-policy --rope-theta $ROPE";; esac; }
-all_methods=" $METHODS $(for v in ${VARIANTS:-}; do echo "$v" | cut -d: -f2; done) "
+all_methods=" ${method_of[*]} "
 needed=(short)
 [[ "$all_methods" != *" dpo "* ]] || needed+=(long)
 [[ "$all_methods" != *" dpo_policy "* ]] || needed+=(long_policy)
@@ -142,7 +159,7 @@ if [ ${#refs[@]} -gt 0 ]; then
     fi
   done
 fi
-if [[ " $METHODS ${VARIANTS:-}" == *"docnll"* ]] && [ ! -f "$W/docnll_data.json" ]; then  # the control's data: the same documents alone
+if [[ "$all_methods" == *" docnll "* ]] && [ ! -f "$W/docnll_data.json" ]; then  # the control's data: the same documents alone
   log "preprocess the document-NLL control"
   $PY tools/document_nll_data.py "$W/pairs.jsonl" -o "$W/docnll.jsonl"
   $PY tools/preprocess_pairs.py --input "$W/docnll.jsonl" --kind pair --tokenizer "$HF" --output "$W/docnll_data" \
@@ -151,22 +168,6 @@ fi
 for p in "${ref_pids[@]}"; do wait "$p" || { echo "error: a reference computation failed:" >&2; tail -n 20 "$W"/ref_*.log >&2; exit 1; }; done
 for which in "${needed[@]}"; do
   [ -f "$(ref_file $which)" ] || { echo "error: no $(ref_file $which); see $W/ref_$which.log" >&2; exit 1; }
-done
-
-# The models: base (untrained), base_rope (the base model with the enlarged RoPE base and no training:
-# what the base change alone does), one per METHODS, and one per VARIANTS entry.
-# VARIANTS: space-separated NAME:METHOD[:KEY=VALUE,...], a method trained with overrides, e.g.
-#   VARIANTS="longpo_lr5e-5:longpo:optim.lr=5e-5 longpo_lam0.1:longpo:loss.longpo_lambda=0.1 longpo_s30:longpo:train.steps=30"
-# evaluated at VARIANT_EVAL_LENGTHS (default EVAL_LENGTHS).
-declare -A method_of overrides_of
-models=(base base_rope)
-for m in $METHODS; do models+=("$m"); method_of[$m]=$m; overrides_of[$m]=""; done
-for v in ${VARIANTS:-}; do
-  IFS=: read -r name method ovr <<< "$v"
-  [[ "$name" =~ ^[A-Za-z0-9_.-]+$ ]] && [ -z "${method_of[$name]:-}" ] && [ "$name" != base ] && [ "$name" != base_rope ] \
-    || { echo "error: VARIANTS entry '$v': NAME must be new and of letters, digits, '_', '.', '-' (NAME:METHOD[:KEY=VALUE,...])" >&2; exit 2; }
-  case $method in longpo|longpo_resp|sft|dpo|dpo_policy|docnll) ;; *) echo "error: VARIANTS entry '$v': unknown method '$method' (longpo longpo_resp sft dpo dpo_policy docnll)" >&2; exit 2;; esac
-  models+=("$name"); method_of[$name]=$method; overrides_of[$name]=${ovr//,/ }
 done
 
 # job NAME GPUS: train NAME (when it is a trained one and not trained yet), export it, evaluate it, on the
@@ -203,7 +204,7 @@ job() {
   [ -f "$W/eval_$name.json" ] && return 0
   before "evaluating $name" "${EVAL_SECONDS:-200}"
   rope=$([ "$name" = base_rope ] && echo "--rope-theta $ROPE" || echo "")
-  lengths=$EVAL_LENGTHS; [ -z "${overrides_of[$name]:-}" ] || lengths=${VARIANT_EVAL_LENGTHS:-$EVAL_LENGTHS}
+  lengths=$EVAL_LENGTHS; [[ " ${variants[*]} " != *" $name "* ]] || lengths=${VARIANT_EVAL_LENGTHS:-$EVAL_LENGTHS}
   log "evaluate $name${gpus:+ on GPU ${gpus%%,*}}"
   env ${gpus:+CUDA_VISIBLE_DEVICES=${gpus%%,*}} $PY tools/eval_long.py --model "$dir" $rope --lengths $lengths \
     ${EVAL_TASKS:+--tasks $EVAL_TASKS} --samples "$EVAL_SAMPLES" --seed 0 --retention --no-progress --out "$W/eval_$name.json" \
@@ -211,10 +212,11 @@ job() {
   log "evaluated $name"
 }
 
-# METHODS first (their evaluations follow), then the untrained models, then the VARIANTS. With one GPU group (the
-# default: TRAIN_GPUS=NGPU, data parallel over all GPUs) the jobs run one after another; with
-# TRAIN_GPUS=1 on NGPU GPUs, JOBS_PER_GPU jobs run on each GPU side by side (a free slot takes the next job).
-order=($METHODS base base_rope); for m in "${models[@]}"; do [ -z "${overrides_of[$m]+x}" ] || [[ " $METHODS " == *" $m "* ]] || order+=("$m"); done
+# METHODS first (their evaluations follow), then the untrained models, then the VARIANTS. With one GPU
+# group (one GPU, or TRAIN_GPUS=NGPU: data parallel over all GPUs) the jobs run one after another; with
+# TRAIN_GPUS=1 (the default) on NGPU GPUs, JOBS_PER_GPU jobs run on each GPU side by side (a free slot
+# takes the next job).
+order=($METHODS base base_rope "${variants[@]}")
 TRAIN_GPUS=${TRAIN_GPUS:-1}
 groups=$(( slots / TRAIN_GPUS )); [ "$groups" -ge 1 ] || groups=1
 per=$([ "$groups" -gt 1 ] && echo "${JOBS_PER_GPU:-1}" || echo 1)
