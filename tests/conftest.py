@@ -1,5 +1,6 @@
 """Shared fixtures. Markers: `gpu` (needs CUDA; skipped without it), `slow` (minutes on the CPU)."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -25,6 +26,17 @@ def smollm2_dir():
     from megatron_longpo.models.embedded import materialize_default_model
 
     return materialize_default_model(os.environ.get("MEGATRON_LONGPO_CACHE"))
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """A directory for one test module's fixtures (checkpoints: up to a GB), removed when the module
+    ends unless a test failed meanwhile (then it stays for debugging, like a failed tmp_path)."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    failed = request.session.testsfailed
+    yield path
+    if request.session.testsfailed == failed:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 import sys as _sys

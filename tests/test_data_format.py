@@ -111,8 +111,8 @@ def hf(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory, smollm2_dir):
-    tmp = tmp_path_factory.mktemp("fmt")
+def datasets(module_tmp, smollm2_dir):
+    tmp = module_tmp
     spec = TokenizerSpec(hf_dir=str(smollm2_dir))
     pairs = _write_jsonl(tmp / "pairs.jsonl", _rows(EXAMPLES / "pairs.jsonl") + TRICKY_PAIRS)
     out = {}

@@ -270,9 +270,9 @@ def tiny_hf_model(root, smollm2_dir, name):
 
 
 @pytest.fixture(scope="module")
-def imported(smollm2_dir, tmp_path_factory):
+def imported(smollm2_dir, module_tmp):
     """The tiny models and SmolLM2 imported by one process (one megatron import for all)."""
-    root = tmp_path_factory.mktemp("tiny")
+    root = module_tmp
     pairs = {name: (tiny_hf_model(root, smollm2_dir, name), root / f"{name}-ckpt") for name in TINY}
     pairs["smollm2"] = (Path(smollm2_dir), root / "smollm2-ckpt")
     out = subprocess.run([sys.executable, str(WORKERS / "convert_many.py"), *[str(p) for pair in pairs.values() for p in pair]],

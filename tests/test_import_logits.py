@@ -35,7 +35,7 @@ def hf_logits(hf_dir, tokens):
 
 
 @pytest.fixture(scope="module")
-def tokens(smollm2_dir, tmp_path_factory):
+def tokens(smollm2_dir, module_tmp):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -43,7 +43,7 @@ def tokens(smollm2_dir, tmp_path_factory):
     rows = [tok(x, add_special_tokens=False)["input_ids"] for x in texts]
     n = min(len(r) for r in rows)
     t = torch.tensor([r[-n:] for r in rows])  # same length, no padding: compare every position
-    path = tmp_path_factory.mktemp("tok") / "tokens.pt"
+    path = module_tmp / "tokens.pt"
     torch.save(t, path)
     return t, path
 
@@ -71,8 +71,8 @@ def test_smollm2_matches_transformers(smollm2_dir, tokens, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpts(smollm2_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tiny")
+def tiny_ckpts(smollm2_dir, module_tmp):
+    tmp = module_tmp
     out = {}
     for name, mt, tied, over in [("llama", "llama", False, {}), ("qwen2", "qwen2", True, {})]:
         hf = tiny_hf_model(tmp / f"{mt}-hf", smollm2_dir, mt, tied, **over)

@@ -11,17 +11,17 @@ from megatron_longpo.data.prefix_sharing import build_shared_row, rank_view, sha
 
 
 @pytest.fixture(scope="module")
-def pair_data(smollm2_dir, tmp_path_factory):
+def pair_data(smollm2_dir, module_tmp):
     from fixtures import build_dataset
 
-    return build_dataset(tmp_path_factory.mktemp("pair_data"), "pair", 4, smollm2_dir, None)
+    return build_dataset(module_tmp, "pair", 4, smollm2_dir, None)
 
 
 @pytest.fixture(scope="module")
-def solopo_data(smollm2_dir, tmp_path_factory):
+def solopo_data(smollm2_dir, module_tmp):
     from fixtures import build_dataset
 
-    return build_dataset(tmp_path_factory.mktemp("solopo_data"), "solopo", 3, smollm2_dir, None)
+    return build_dataset(module_tmp, "solopo", 3, smollm2_dir, None)
 
 
 def test_layout_keeps_every_token_and_label(tiny_longpo_data):

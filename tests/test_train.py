@@ -34,8 +34,8 @@ def train(nproc, ckpt, data, save_dir, timeout=300, **kw):
 
 
 @pytest.fixture(scope="module")
-def one_process_step(tiny_llama_ckpt, tiny_longpo_data, tmp_path_factory):
-    d = tmp_path_factory.mktemp("tp1")
+def one_process_step(tiny_llama_ckpt, tiny_longpo_data, module_tmp):
+    d = module_tmp
     s = train(1, tiny_llama_ckpt, tiny_longpo_data, d)
     return s, read_model_tensors(d / "iter_0000001"), d
 
