@@ -131,9 +131,9 @@ def test_checkpoint_without_checksums_still_exports(tmp_path, capsys):
 # ---------------------------------------------------------------- tokenizer identity
 
 
-def _variant_tokenizer(smollm2_dir: Path, out: Path, *, swap=False, add_token=False, template=None) -> Path:
+def _variant_tokenizer(smollm2_dir: Path, out: Path, *, swap=False, add_token=False, template=None, edit=None) -> Path:
     """A copy of the SmolLM2 tokenizer: two vocabulary entries swapped (same size, other ids), one
-    added token (other size), or another chat template."""
+    added token (other size), another chat template, or `edit(tokenizer_json)` applied."""
     out.mkdir(parents=True)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         if (smollm2_dir / f).is_file():
@@ -147,6 +147,8 @@ def _variant_tokenizer(smollm2_dir: Path, out: Path, *, swap=False, add_token=Fa
     if add_token:
         tj["added_tokens"].append({"id": len(tj["model"]["vocab"]), "content": "<|extra|>", "single_word": False,
                                    "lstrip": False, "rstrip": False, "normalized": False, "special": True})
+    if edit is not None:
+        edit(tj)
     (out / "tokenizer.json").write_text(json.dumps(tj))
     if template is not None:
         (out / "chat_template.jinja").write_text(template)
@@ -169,7 +171,7 @@ def test_dataset_tokenizer_is_checked_against_the_models(smollm2_dir, tmp_path):
     same = _manifest(smollm2_dir)
     assert check(same, smollm2_dir) == []
     swapped = _variant_tokenizer(smollm2_dir, tmp_path / "swapped", swap=True)
-    with pytest.raises(TokenizerMismatch, match="both have 49152 tokens, but the vocabularies differ"):
+    with pytest.raises(TokenizerMismatch, match=r"both have 49152 tokens, but the tokenizers differ \(in vocabulary; the same: merges,"):
         check(same, swapped)
     with pytest.raises(TokenizerMismatch, match="data.check_tokenizer=false skips this check"):
         check(_manifest(swapped), smollm2_dir)
@@ -188,6 +190,44 @@ def test_dataset_tokenizer_is_checked_against_the_models(smollm2_dir, tmp_path):
         check(old, bigger, vocab=49216)
     # a checkpoint without a tokenizer copy: only the size
     assert "keeps no tokenizer copy" in check(same, tmp_path / "none")[0]
+
+
+def _as_transformers_5_17_converts_the_gguf(tj):
+    """What transformers 5.17 writes for SmolLM2's GGUF file where 5.24 writes the form the embedded
+    model has here (seen on the GPU machine: the same vocabulary, merges and added tokens)."""
+    tj["model"].update(byte_fallback=True, fuse_unk=True, unk_token="<|endoftext|>")
+    tj["normalizer"] = {"type": "Sequence", "normalizers": []}
+    tj["pre_tokenizer"]["trim_offsets"] = False
+    tj["decoder"] = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"},
+                                                       {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                                                       tj["decoder"]]}
+
+
+def test_tokenizer_mismatch_names_the_parts_that_differ(smollm2_dir, tmp_path):
+    """Another converter's form of the same vocabulary is still refused (with byte_fallback and an
+    unk token, six control bytes become <|endoftext|> instead of nothing: other ids), and the
+    message says what differs; a difference in decoding alone does not change the ids and is a note."""
+    from tokenizers import Tokenizer
+
+    from megatron_longpo.data.tokenizer import TokenizerMismatch, check_dataset_tokenizer
+
+    def check(manifest, model_tok):
+        return check_dataset_tokenizer(manifest, "DATA", 49152, "MODEL", model_tok, skip_key="skip")
+
+    same = _manifest(smollm2_dir)
+    other = _variant_tokenizer(smollm2_dir, tmp_path / "v517", edit=_as_transformers_5_17_converts_the_gguf)
+    a, b = (Tokenizer.from_file(str(d / "tokenizer.json")) for d in (smollm2_dir, other))
+    assert a.encode("a\x04b").ids != b.encode("a\x04b").ids and a.encode("plain text").ids == b.encode("plain text").ids
+    with pytest.raises(TokenizerMismatch, match=r"differ \(in decoder, model options, normalizer, pre_tokenizer; the same: "
+                                                r"vocabulary, merges, added tokens, post_processor; the same vocabulary "
+                                                r"converted differently"):
+        check(same, other)
+    no_parts = {**same, "tokenizer": {k: v for k, v in same["tokenizer"].items() if k != "hash_parts"}}  # older manifest
+    with pytest.raises(TokenizerMismatch, match=r"differ \(tokens, merges, normaliser or special tokens; hash"):
+        check(no_parts, other)
+    decoder_only = _variant_tokenizer(smollm2_dir, tmp_path / "dec", edit=lambda tj: tj.update(decoder=None))
+    notes = check(same, decoder_only)
+    assert len(notes) == 1 and "differ only in decoder" in notes[0], notes
 
 
 def test_tokenizer_directory_that_does_not_exist(tmp_path):
@@ -360,9 +400,9 @@ def test_dataset_of_another_tokenizer_is_refused_by_trainer_and_reference_tool(t
     code, out, timed_out = run_torchrun(1, [ROOT / "tools/precompute_ref_logps.py", "--data", data, "--model", tiny_llama_ckpt],
                                         timeout=300, env={"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
     line = worker_failed(code, out)
-    assert "vocabularies differ" in line and str(data) in line and str(tiny_llama_ckpt) in line and "--no-tokenizer-check" in line
+    assert "tokenizers differ" in line and str(data) in line and str(tiny_llama_ckpt) in line and "--no-tokenizer-check" in line
     assert not Path(f"{data}.ref.safetensors").exists()
     code, out, _ = train(tiny_llama_ckpt, data, tmp_path / "run", **{"train.steps": 1, "loss.name": "sft"})
     line = worker_failed(code, out)
-    assert "vocabularies differ" in line and "data.check_tokenizer=false" in line, line
+    assert "tokenizers differ" in line and "data.check_tokenizer=false" in line, line
     assert not (tmp_path / "run" / "latest").exists()

@@ -64,7 +64,22 @@ class ChatTokenizer(ABC):
     def _fingerprint_material(self) -> bytes:
         """Everything that determines the token ids (vocabulary, merges, normaliser, ...)."""
 
+    def _fingerprint_parts(self) -> dict[str, bytes]:
+        """The definition cut into named parts, so that a hash mismatch can say what differs
+        (implementations with more structure than one blob override this)."""
+        return {"definition": self._fingerprint_material()}
+
+    # Parts that do not change the ids preprocessing stores (decoding, special tokens that only
+    # `add_special_tokens=True` adds): a mismatch confined to them is a note, not an error.
+    IDS_NEUTRAL_PARTS = frozenset({"decoder", "post_processor"})
+
     # -- shared ---------------------------------------------------------------------------
+    def fingerprint_parts(self) -> dict[str, str]:
+        """sha256 (16 hex digits) of each part of the definition, the chat template among them."""
+        parts = dict(self._fingerprint_parts())
+        parts["chat_template"] = self.chat_template.encode("utf-8")
+        return {k: hashlib.sha256(v).hexdigest()[:16] for k, v in parts.items()}
+
     def fingerprint(self) -> str:
         """sha256 over the tokenizer's definition and its chat template."""
         if getattr(self, "_fingerprint", None) is None:
@@ -80,6 +95,7 @@ class ChatTokenizer(ABC):
             "family": self.family,
             "name": self.name,
             "hash": self.fingerprint(),
+            "hash_parts": self.fingerprint_parts(),
             "vocab_size": self.vocab_size,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,

@@ -100,6 +100,14 @@ class HFChatTokenizer(ChatTokenizer):
     def _fingerprint_material(self) -> bytes:
         return self.backend.to_str().encode("utf-8")
 
+    def _fingerprint_parts(self) -> dict[str, bytes]:
+        d = json.loads(self.backend.to_str())
+        model = dict(d.get("model") or {})
+        parts = {"vocabulary": model.pop("vocab", None), "merges": model.pop("merges", None), "model options": model,
+                 "added tokens": d.get("added_tokens")}
+        parts.update({k: d.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor", "decoder")})
+        return {k: json.dumps(v, sort_keys=True, ensure_ascii=False).encode("utf-8") for k, v in parts.items()}
+
 
 # ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -189,11 +197,24 @@ def check_dataset_tokenizer(manifest: dict, data_where: str, model_vocab_size: i
         notes.append(f"{data_where} was tokenized with a {t.get('family')} tokenizer; only its vocabulary size "
                      f"({dv}) was checked against the model's Hugging Face tokenizer")
     elif model_tok.fingerprint() != t["hash"]:
-        raise TokenizerMismatch(
-            f"the dataset {data_where} was tokenized with {name!r} and the model {model_where} uses {model_tok.name!r}: "
-            f"both have {dv} tokens, but the vocabularies differ (tokens, merges, normaliser or special tokens; "
-            f"hash {t['hash'][:19]}... vs {model_tok.fingerprint()[:19]}...); {fix}"
-        )
+        theirs, ours = t.get("hash_parts"), model_tok.fingerprint_parts()
+        differ = sorted(k for k in ours if k != "chat_template" and theirs.get(k) != ours[k]) if isinstance(theirs, dict) else None
+        if differ and set(differ) <= HFChatTokenizer.IDS_NEUTRAL_PARTS:
+            notes.append(f"{data_where}: the tokenizer definitions differ only in {', '.join(differ)}, which do not "
+                         "change the token ids preprocessing stores; accepted")
+        else:
+            if differ is None:  # an older manifest: one hash, no parts
+                what = "tokens, merges, normaliser or special tokens"
+            else:
+                what = f"in {', '.join(differ)}; the same: {', '.join(k for k in ours if k not in differ and k != 'chat_template')}"
+                if not {"vocabulary", "merges", "added tokens"} & set(differ):
+                    what += ("; the same vocabulary converted differently, as two transformers versions do with "
+                             "one GGUF file")
+            raise TokenizerMismatch(
+                f"the dataset {data_where} was tokenized with {name!r} and the model {model_where} uses {model_tok.name!r}: "
+                f"both have {dv} tokens, but the tokenizers differ ({what}; "
+                f"hash {t['hash'][:19]}... vs {model_tok.fingerprint()[:19]}...); {fix}"
+            )
     model_template = model_tok.hf.chat_template
     if isinstance(template, str) and isinstance(model_template, str) and model_template != template:
         raise TokenizerMismatch(

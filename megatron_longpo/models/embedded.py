@@ -47,14 +47,46 @@ def gguf_path() -> Path:
     return path
 
 
+# The special tokens as the GGUF file states them. transformers' GGUF conversion is not stable
+# across versions: 5.17 made <|im_start|> (id 1) the eos token of this file, 5.24 <|im_end|> (id 2,
+# what the file says); the file is the authority.
+GGUF_SPECIAL_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+                     "unk": "tokenizer.ggml.unknown_token_id", "pad": "tokenizer.ggml.padding_token_id"}
+
+
+def gguf_special_token_ids(path: str | os.PathLike) -> dict[str, int]:
+    """{"bos": id, "eos": id, ...}: the special token ids the GGUF file's metadata names."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    out = {}
+    for name, key in GGUF_SPECIAL_KEYS.items():
+        f = fields.get(key)
+        if f is not None and f.data:
+            out[name] = int(f.parts[f.data[0]][0])
+    return out
+
+
+def _cached_specials_agree(out: Path, specials: dict[str, int]) -> bool:
+    import json
+
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all(config.get(f"{name}_token_id") == tid for name, tid in specials.items())
+
+
 def materialize_default_model(cache_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
-    """Write SmolLM2-135M-Instruct as a Hugging Face directory and return its path (cached)."""
+    """Write SmolLM2-135M-Instruct as a Hugging Face directory and return its path (cached; a
+    cached copy whose special token ids are not the GGUF file's is written again)."""
     out = Path(cache_dir or default_cache_dir()) / MODEL_NAME
-    if (out / "config.json").is_file() and not force:
+    src = gguf_path()
+    specials = gguf_special_token_ids(src)
+    if (out / "config.json").is_file() and not force and _cached_specials_agree(out, specials):
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
     # The GGUF file is Q4_1: transformers dequantises it to fp32. The result is an ordinary
@@ -63,8 +95,10 @@ def materialize_default_model(cache_dir: str | os.PathLike | None = None, force:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.name_or_path = MODEL_NAME
-    if tokenizer.eos_token_id is not None:
-        config.eos_token_id = tokenizer.eos_token_id
+    for name, tid in specials.items():
+        setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(tid))
+        tokenizer.init_kwargs.pop(f"{name}_token_id", None)  # stale ids some versions keep beside the tokens
+        setattr(config, f"{name}_token_id", tid)
     plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(model.state_dict())
 
