@@ -69,24 +69,22 @@ def gguf_special_token_ids(path: str | os.PathLike) -> dict[str, int]:
 
 
 # Written into the materialised directory by this version of the materialiser: its special
-# tokens are known to be the GGUF file's (older copies are checked against the file once).
+# tokens are known to be the GGUF file's. An older copy without it is checked against the file
+# (reading the file's metadata takes seconds) and stamped when it agrees.
 STAMP = "materialized.json"
 
 
-def _cached_copy_is_good(out: Path, src: Path) -> bool:
-    """True for a cached copy whose special token ids are the GGUF file's. Reading the file's
-    metadata takes seconds, so it is done once per older copy, which then gets the stamp."""
-    if (out / STAMP).is_file():
-        return True
+def _stamp(out: Path, src: Path, specials: dict[str, int]) -> None:
+    atomic_write_json(out / STAMP, {"gguf": src.name, "special_token_ids": specials})
+
+
+def _config_has(out: Path, specials: dict[str, int]) -> bool:
+    """Whether `out` holds a config.json whose special token ids are `specials`."""
     try:
         config = json.loads((out / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    specials = gguf_special_token_ids(src)
-    if any(config.get(f"{name}_token_id") != tid for name, tid in specials.items()):
-        return False
-    atomic_write_json(out / STAMP, {"gguf": src.name, "special_token_ids": specials})
-    return True
+    return all(config.get(f"{name}_token_id") == tid for name, tid in specials.items())
 
 
 def materialize_default_model(cache_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
@@ -94,7 +92,11 @@ def materialize_default_model(cache_dir: str | os.PathLike | None = None, force:
     cached copy whose special token ids are not the GGUF file's is written again)."""
     out = Path(cache_dir or default_cache_dir()) / MODEL_NAME
     src = gguf_path()
-    if (out / "config.json").is_file() and not force and _cached_copy_is_good(out, src):
+    if (out / STAMP).is_file() and not force:
+        return out
+    specials = gguf_special_token_ids(src)
+    if _config_has(out, specials) and not force:
+        _stamp(out, src, specials)
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,7 +108,6 @@ def materialize_default_model(cache_dir: str | os.PathLike | None = None, force:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.name_or_path = MODEL_NAME
-    specials = gguf_special_token_ids(src)
     for name, tid in specials.items():
         setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(tid))
         tokenizer.init_kwargs.pop(f"{name}_token_id", None)  # stale ids some versions keep beside the tokens
@@ -117,5 +118,5 @@ def materialize_default_model(cache_dir: str | os.PathLike | None = None, force:
     with atomic_dir(out, prefix=f".{MODEL_NAME}.") as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / STAMP, {"gguf": src.name, "special_token_ids": specials})
+        _stamp(tmp, src, specials)
     return out
