@@ -78,7 +78,7 @@ before() {  # before NAME SECONDS: stop here (status 0) when fewer than SECONDS 
   [ -z "${DEADLINE:-}" ] || [ $((DEADLINE - $(date +%s))) -ge "$2" ] || { log "deadline: stopping before $1; rerun to resume"; wait; exit 0; }
 }
 if nvidia-smi -L >/dev/null 2>&1; then slots=$NGPU; else slots=1; fi
-trun() { $PY -m torch.distributed.run --nproc-per-node "$NGPU" --master-port=$((20000 + RANDOM % 20000)) "$@"; }
+trun() { $PY -m torch.distributed.run --nproc-per-node "${NPROC:-$NGPU}" --master-port=$((20000 + RANDOM % 20000)) "$@"; }  # NPROC: processes (default NGPU)
 
 HF=$($PY -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")
 [ -f "$W/base/latest" ] || { log "import SmolLM2"; $PY tools/convert_checkpoint.py hf-to-megatron --hf-dir "$HF" --out "$W/base"; }
@@ -151,8 +151,8 @@ if [ ${#refs[@]} -gt 0 ]; then
     flags="$(ref_flags $which) --out $(ref_file $which)"
     log "reference: $which"
     if [ "$slots" -gt 1 ]; then
-      CUDA_VISIBLE_DEVICES=$r $PY -m torch.distributed.run --nproc-per-node 1 --master-port=$((20000 + RANDOM % 20000)) \
-        tools/precompute_ref_logps.py --data "$W/data" --model "$W/base" $flags > "$W/ref_$which.log" 2>&1 & ref_pids+=($!)
+      CUDA_VISIBLE_DEVICES=$r NPROC=1 trun tools/precompute_ref_logps.py --data "$W/data" --model "$W/base" $flags \
+        > "$W/ref_$which.log" 2>&1 & ref_pids+=($!)
       r=$(( (r + 1) % slots ))
     else
       trun tools/precompute_ref_logps.py --data "$W/data" --model "$W/base" $flags
@@ -188,11 +188,11 @@ job() {
     if [ ! -f "$W/$name/summary.json" ]; then
       before "training $name" "${TRAIN_SECONDS:-150}"
       log "train $name${gpus:+ on GPU $gpus}"
-      env ${gpus:+CUDA_VISIBLE_DEVICES=$gpus} $PY -m torch.distributed.run --nproc-per-node "$n" \
-        --master-port=$((20000 + RANDOM % 20000)) -m megatron_longpo.train --config examples/longpo_smollm2/train.yaml \
-        model.checkpoint="$W/base" data.path="$data" data.global_batch_size="$GBS" model.rope_theta="$ROPE" optim.lr="$LR" \
-        model.max_position_embeddings="$CTX" train.epochs="$EPOCHS" train.save_dir="$W/$name" $extra ${overrides_of[$name]} \
-        > "$W/train_$name.log" 2>&1 || { echo "training $name failed; the end of $W/train_$name.log:"; tail -20 "$W/train_$name.log"; return 1; }
+      ( [ -z "$gpus" ] || export CUDA_VISIBLE_DEVICES=$gpus
+        NPROC=$n trun -m megatron_longpo.train --config examples/longpo_smollm2/train.yaml \
+          model.checkpoint="$W/base" data.path="$data" data.global_batch_size="$GBS" model.rope_theta="$ROPE" optim.lr="$LR" \
+          model.max_position_embeddings="$CTX" train.epochs="$EPOCHS" train.save_dir="$W/$name" $extra ${overrides_of[$name]} \
+      ) > "$W/train_$name.log" 2>&1 || { echo "training $name failed; the end of $W/train_$name.log:"; tail -20 "$W/train_$name.log"; return 1; }
       grep "^done" "$W/train_$name.log" | tail -1 || true
     fi
     [ -f "$W/hf_$name/config.json" ] || $PY tools/convert_checkpoint.py megatron-to-hf --megatron-dir "$W/$name" --out "$W/hf_$name" \
