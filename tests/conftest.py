@@ -1,14 +1,54 @@
-"""Shared fixtures. Markers: `gpu` (needs CUDA; skipped without it), `slow` (minutes on the CPU)."""
+"""Shared fixtures. Markers: `gpu` (needs CUDA; skipped without it), `slow` (more than a few seconds
+on the CPU), `budget(seconds, reason=...)` (a test allowed more than TEST_BUDGET_S, with the reason).
+
+Every test's wall time (setup + call) is held to TEST_BUDGET_S (120 s on the 2-core CI
+machine; `MEGATRON_LONGPO_TEST_BUDGET_S` changes it, e.g. on a loaded machine, 0 turns it off): one
+slow test must be a decision with a reason, not something that creeps in and pushes CI past its limit."""
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+
+TEST_BUDGET_S = float(os.environ.get("MEGATRON_LONGPO_TEST_BUDGET_S", 120))
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped where none is found)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on a 2-core CPU")
+    config.addinivalue_line("markers", "budget(seconds, reason): allowed more than the default per-test budget")
+
+
+def budget_of(item) -> tuple[float, str | None]:
+    """(the wall-time budget of `item`, the reason it has more than the default)."""
+    mark = item.get_closest_marker("budget")
+    if mark is None:
+        return TEST_BUDGET_S, None
+    reason = mark.kwargs.get("reason")
+    if not reason:
+        raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.budget needs reason=...")
+    return float(mark.args[0]), reason
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Fail a passing test whose setup + call took longer than its budget (the setup includes the
+    module and session fixtures the test is the first to need)."""
+    outcome = yield
+    rep = outcome.get_result()
+    spent = item.stash.get(_SPENT, 0.0) + call.duration
+    item.stash[_SPENT] = spent
+    if rep.when != "call" or TEST_BUDGET_S <= 0 or not rep.passed:
+        return
+    budget, _ = budget_of(item)
+    if spent > budget:
+        rep.outcome = "failed"
+        rep.longrepr = (f"{item.nodeid} took {spent:.0f} s, over its budget of {budget:.0f} s: make it cheaper, or mark "
+                        f"it @pytest.mark.budget(seconds, reason=...) (MEGATRON_LONGPO_TEST_BUDGET_S=0 turns the check off)")
+
+
+_SPENT = pytest.StashKey[float]()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -23,9 +63,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The embedded SmolLM2-135M-Instruct as a Hugging Face directory (materialised once, cached)."""
-    from megatron_longpo.models.embedded import materialize_default_model
+    import fcntl
 
-    return materialize_default_model(os.environ.get("MEGATRON_LONGPO_CACHE"))
+    from megatron_longpo.models.embedded import default_cache_dir, materialize_default_model
+
+    cache = os.environ.get("MEGATRON_LONGPO_CACHE")
+    root = Path(cache) if cache else default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    # pytest-xdist workers: one materialises, the others wait and find its copy (two writers would
+    # swap the directory under a reader)
+    with open(root / ".tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return materialize_default_model(cache)
 
 
 @pytest.fixture(scope="module")
@@ -70,5 +119,6 @@ def smollm2_ckpt(smollm2_dir, tmp_path_factory):
     from fixtures import ROOT, run_tool
 
     out = tmp_path_factory.mktemp("smol") / "ckpt"
-    run_tool(ROOT / "tools/convert_checkpoint.py", "hf-to-megatron", "--hf-dir", smollm2_dir, "--out", out)
+    r = run_tool(ROOT / "tools/convert_checkpoint.py", "hf-to-megatron", "--hf-dir", smollm2_dir, "--out", out)
+    (out.parent / "convert.log").write_text(r.stdout)  # the converter's report, for the tests that read it
     return out

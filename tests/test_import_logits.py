@@ -48,19 +48,40 @@ def tokens(smollm2_dir, module_tmp):
     return t, path
 
 
-def megatron_logits(ckpt, tp, pp, tokens_path, tmp, *save):
-    out = tmp / f"logits_tp{tp}_pp{pp}.pt"
-    torchrun(tp * pp, "logits.py", ckpt, tp, pp, tokens_path, out, *save)
-    return torch.load(out)
+LAYOUTS = [(1, 1), (2, 1), (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def megatron_logits(smollm2_ckpt, tiny_ckpts, tokens, module_tmp):
+    """The logits of every (model, TP, PP) below, all from ONE 2-rank launch (tests/workers/
+    logits_many.py): {(name, tp, pp): logits}; ("llama-resaved", 1, 1) is the llama checkpoint
+    re-saved at TP=2 by that launch and loaded back at TP=1 after it (in the same process group)."""
+    _, path = tokens
+    jobs, keys = [], []
+
+    def job(key, ckpt, tp, pp, **extra):
+        out = module_tmp / f"logits_{key[0]}_tp{tp}_pp{pp}.pt"
+        jobs.append({"ckpt": str(ckpt), "tp": tp, "pp": pp, "tokens": str(path), "out": str(out),
+                     **{k: str(v) for k, v in extra.items()}})
+        keys.append((key, out))
+
+    job(("smollm2", 1, 1), smollm2_ckpt, 1, 1)
+    for name, (_, ckpt) in tiny_ckpts.items():
+        for tp, pp in LAYOUTS:
+            extra = dict(save=module_tmp / "tp2-ckpt", meta_from=ckpt) if (name, tp, pp) == ("llama", 2, 1) else {}
+            job((name, tp, pp), ckpt, tp, pp, **extra)
+    job(("llama-resaved", 1, 1), module_tmp / "tp2-ckpt", 1, 1)
+    spec = module_tmp / "jobs.json"
+    spec.write_text(json.dumps(jobs))
+    torchrun(2, "logits_many.py", spec, timeout=600)
+    return {key: torch.load(out) for key, out in keys}
 
 
 @pytest.mark.slow
-def test_smollm2_matches_transformers(smollm2_dir, tokens, tmp_path):
+def test_smollm2_matches_transformers(smollm2_dir, smollm2_ckpt, megatron_logits, tokens):
     t, path = tokens
-    r = convert(smollm2_dir, tmp_path / "ckpt")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "imported llama (30 layers" in r.stdout
-    ours = megatron_logits(tmp_path / "ckpt", 1, 1, path, tmp_path)
+    assert "imported llama (30 layers" in (smollm2_ckpt.parent / "convert.log").read_text()
+    ours = megatron_logits[("smollm2", 1, 1)]
     ref = hf_logits(smollm2_dir, t)
     next_token = (ours[:, -1] - ref[:, -1]).abs().max().item()
     every = (ours - ref).abs().max().item()
@@ -84,24 +105,19 @@ def tiny_ckpts(smollm2_dir, module_tmp):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
-@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2)])
-def test_tiny_models_match_transformers_at_each_layout(name, tp, pp, tiny_ckpts, tokens, tmp_path):
-    hf, ckpt = tiny_ckpts[name]
-    t, path = tokens
-    diff = (megatron_logits(ckpt, tp, pp, path, tmp_path) - hf_logits(hf, t)).abs().max().item()
+@pytest.mark.parametrize("tp, pp", LAYOUTS)
+def test_tiny_models_match_transformers_at_each_layout(name, tp, pp, tiny_ckpts, megatron_logits, tokens):
+    hf, _ = tiny_ckpts[name]
+    t, _ = tokens
+    diff = (megatron_logits[(name, tp, pp)] - hf_logits(hf, t)).abs().max().item()
     assert diff <= 1e-4, f"{name} TP={tp} PP={pp}: max diff {diff}"
 
 
 @pytest.mark.slow
-def test_checkpoint_written_at_tp2_loads_at_tp1(tiny_ckpts, tokens, tmp_path):
-    _, ckpt = tiny_ckpts["llama"]
-    _, path = tokens
-    resaved = tmp_path / "tp2-ckpt"
-    at_tp2 = megatron_logits(ckpt, 2, 1, path, tmp_path, resaved)
-    shutil.copy(ckpt / "model.json", resaved / "model.json")
-    meta = json.loads((resaved / "model.json").read_text())
+def test_checkpoint_written_at_tp2_loads_at_tp1(megatron_logits, module_tmp):
+    meta = json.loads((module_tmp / "tp2-ckpt" / "model.json").read_text())
     assert meta["arch"]["architecture"] == "llama"
-    at_tp1 = megatron_logits(resaved, 1, 1, path, tmp_path)
+    at_tp2, at_tp1 = megatron_logits[("llama", 2, 1)], megatron_logits[("llama-resaved", 1, 1)]
     assert torch.equal(at_tp1, at_tp2) or (at_tp1 - at_tp2).abs().max() < 1e-5
 
 

@@ -16,12 +16,12 @@ per rank, and CP=2 (prefix-shared: the only CPU path with CP). The random 4-laye
 layouts, SmolLM2-135M-Instruct (a trained model) the one-process one.
 """
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fixtures import ROOT, run_tool
 from mp import torchrun
 
 BETA, LAM, LR = 0.5, 1.0, 100.0  # λ = 1 so that the DPO term is not lost in the NLL's rounding
@@ -82,17 +82,30 @@ def _global_batch(data, gbs):
     return sorted(i for mb in sampler.next_global_batch() for i in mb)
 
 
-def train_one_step(ckpt, data, out, nproc=1, lr=LR, **kw):
-    """One SGD step of the trainer; (first loss, exported HF weights)."""
-    base = {"model.checkpoint": ckpt, "data.path": data, "train.save_dir": out / "run", "train.tensorboard": "false",
+def one_step_overrides(ckpt, data, save_dir, lr=LR, **kw) -> list[str]:
+    """One plain-SGD step of the trainer (no clipping)."""
+    base = {"model.checkpoint": ckpt, "data.path": data, "train.save_dir": save_dir, "train.tensorboard": "false",
             "data.global_batch_size": 4, "data.samples_per_microbatch": 1, "train.steps": 1, "optim.name": "sgd",
             "optim.lr": lr, "optim.warmup_fraction": 0, "optim.clip_grad": 0.0, "loss.name": "longpo",
             "loss.longpo_lambda": LAM, "loss.beta": BETA, **kw}
-    torchrun(nproc, "train.py", *[f"{k}={v}" for k, v in base.items()], timeout=600)
-    summary = json.loads((out / "run" / "summary.json").read_text())
-    run_tool(ROOT / "tools/convert_checkpoint.py", "megatron-to-hf", "--megatron-dir", out / "run", "--out", out / "hf",
-             "--dtype", "fp32")
-    return summary["first_loss"], _hf_weights(out / "hf")
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def train_steps(nproc, runs: dict, tmp) -> dict:
+    """{name: overrides} trained one after another in ONE launch of `nproc` ranks (tests/workers/
+    train_many.py), each exported to Hugging Face in fp32: {name: (first loss, exported weights)}."""
+    from megatron_longpo.checkpoint.export import megatron_to_hf_checkpoint
+
+    spec = tmp / f"runs{nproc}.json"
+    spec.write_text(json.dumps(list(runs.values())))
+    torchrun(nproc, "train_many.py", spec, timeout=600)
+    out = {}
+    for name, overrides in runs.items():
+        save = next(o.split("=", 1)[1] for o in overrides if o.startswith("train.save_dir="))
+        summary = json.loads((tmp / save / "summary.json").read_text())
+        megatron_to_hf_checkpoint(save, f"{save}-hf", dtype="fp32")
+        out[name] = summary["first_loss"], _hf_weights(Path(f"{save}-hf"))
+    return out
 
 
 def _hf_weights(d):
@@ -150,38 +163,50 @@ LAYOUTS = {
 }
 
 
+SMOLLM2_LR = 1e6  # the update dominates the weights, so fp32 rounding cannot hide in it
+
+
+@pytest.fixture(scope="module")
+def steps(tiny_llama_ckpt, tiny_longpo_data, smollm2_ckpt, module_tmp):
+    """Every trainer step the tests below check, from two launches (the one-process runs; the
+    2-rank layouts): {name: (first loss, exported HF weights)}."""
+    one, two = {}, {}
+    for name, (nproc, kw) in LAYOUTS.items():
+        (one if nproc == 1 else two)[name] = one_step_overrides(tiny_llama_ckpt, tiny_longpo_data, module_tmp / name, **kw)
+    # longpo_nll=responses: the NLL over the chosen responses only (prefix-shared, so the trunk skip is on again)
+    one["responses"] = one_step_overrides(tiny_llama_ckpt, tiny_longpo_data, module_tmp / "responses",
+                                          **{"loss.longpo_nll": "responses", "data.share_prefix": "true"})
+    one["smollm2"] = one_step_overrides(smollm2_ckpt, tiny_longpo_data, module_tmp / "smollm2", lr=SMOLLM2_LR,
+                                        **{"data.samples_per_microbatch": 2})
+    return {**train_steps(1, one, module_tmp), **train_steps(2, two, module_tmp)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_longpo_step_equals_the_reference_formula(layout, tiny_llama_ckpt, tiny_hf, tiny_longpo_data, tiny_reference,
-                                                  tmp_path):
-    nproc, kw = LAYOUTS[layout]
-    loss, after = train_one_step(tiny_llama_ckpt, tiny_longpo_data, tmp_path, nproc, **kw)
+def test_longpo_step_equals_the_reference_formula(layout, steps, tiny_hf, tiny_reference):
+    loss, after = steps[layout]
     check_step(loss, after, _hf_weights(tiny_hf), *tiny_reference["sequence"])
 
 
 @pytest.mark.slow
-def test_responses_ablation_equals_its_formula(tiny_llama_ckpt, tiny_hf, tiny_longpo_data, tiny_reference, tmp_path):
+def test_responses_ablation_equals_its_formula(steps, tiny_hf, tiny_reference):
     """longpo_nll=responses: the NLL over the chosen responses only (prefix-shared, so the trunk
     skip is on again)."""
-    loss, after = train_one_step(tiny_llama_ckpt, tiny_longpo_data, tmp_path, 1,
-                                 **{"loss.longpo_nll": "responses", "data.share_prefix": "true"})
+    loss, after = steps["responses"]
     check_step(loss, after, _hf_weights(tiny_hf), *tiny_reference["responses"])
 
 
 @pytest.mark.slow
-def test_smollm2_step_equals_the_reference_formula(smollm2_ckpt, smollm2_dir, tiny_llama_ckpt, tiny_longpo_data,
-                                                   tmp_path):
+def test_smollm2_step_equals_the_reference_formula(steps, smollm2_dir, tiny_llama_ckpt, tiny_longpo_data):
     """A trained model (SmolLM2-135M-Instruct, tied embeddings, pad_token_id = <|im_end|>) as the
     policy; the data's reference statistics came from the tiny Llama, which is the reference model
     here too. The embedding's gradient holds both uses of the tied weight and the input gradient of
     <|im_end|> (see _hf)."""
     idx = _global_batch(tiny_longpo_data, 4)
     ref_loss, ref_grads = reference_loss_and_grads(smollm2_dir, tiny_llama_ckpt.parent / "hf", tiny_longpo_data, idx)
-    # lr 1e6: the update dominates the weights, so fp32 rounding cannot hide in it
-    lr = 1e6
-    loss, after = train_one_step(smollm2_ckpt, tiny_longpo_data, tmp_path, 1, lr=lr, **{"data.samples_per_microbatch": 2})
+    loss, after = steps["smollm2"]
     assert "lm_head.weight" not in ref_grads and "model.embed_tokens.weight" in after  # the tied weight is compared
-    check_step(loss, after, _hf_weights(smollm2_dir), ref_loss, ref_grads, lr=lr)
+    check_step(loss, after, _hf_weights(smollm2_dir), ref_loss, ref_grads, lr=SMOLLM2_LR)
 
 
 def test_step_statistics_and_the_responses_mode_bit_for_bit(tiny_longpo_data):

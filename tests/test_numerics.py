@@ -16,13 +16,24 @@ def check(tmp_path, smollm2_dir, *args) -> dict:
     return json.loads(out.read_text())
 
 
+LOSSES = ["sft", "longpo"]
+
+
+@pytest.fixture(scope="module")
+def fp32_cases(smollm2_dir, module_tmp):
+    """Both losses' fp32 cases from one run of the tool (one model load and import for both)."""
+    cases = check(module_tmp, smollm2_dir, "--losses", *LOSSES, "--prompt-tokens", "1024", "--fp32-only", "--fp64")["cases"]
+    assert sorted(c["loss"] for c in cases) == sorted(LOSSES), [c["loss"] for c in cases]
+    return {c["loss"]: c for c in cases}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["sft", "longpo"])
-def test_fp32_gradient_equals_transformers(loss, smollm2_dir, tmp_path):
+@pytest.mark.parametrize("loss", LOSSES)
+def test_fp32_gradient_equals_transformers(loss, fp32_cases):
     """fp32: the project's step (engine, packed batch, chunked log-probs, loss, DDP buffer) has
     transformers' gradient of METHODS.md's loss, whole and tensor by tensor; and it is as close to
     exact arithmetic (transformers in float64, loss head too) as transformers' fp32 gradient is."""
-    [case] = check(tmp_path, smollm2_dir, "--losses", loss, "--prompt-tokens", "1024", "--fp32-only", "--fp64")["cases"]
+    case = fp32_cases[loss]
     row = case["rows"]["project fp32 local"]
     # measured (2-core CPU dev machine, 2026-11-29, the reference's loss head in float64): SFT loss
     # 4.3e-7, gradient 2.7e-6, worst tensor 7.3e-6. With the head in fp32 (torch's CPU log_softmax,

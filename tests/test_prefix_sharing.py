@@ -72,11 +72,18 @@ def test_unshareable_pairs_fall_back_to_separate_sequences(tiny_longpo_data):
     assert row.real_tokens == row.unshared_tokens
 
 
-def _run(tmp_path, name, nproc, ckpt, data, roles, samples, share, sequence_roles=()):
-    out = tmp_path / f"{name}.pt"
-    torchrun(nproc, "prefix_sharing.py", str(ckpt), str(data), ",".join(roles), samples, "1" if share else "0", str(out),
-             "auto", ",".join(sequence_roles))
-    return torch.load(out)
+def _job(tmp, name, ckpt, data, roles, samples, share, sequence_roles=()):
+    return [str(ckpt), str(data), ",".join(roles), samples, "1" if share else "0", str(tmp / f"{name}.pt"), "auto",
+            ",".join(sequence_roles)]
+
+
+def _run_many(tmp, nproc, jobs: dict) -> dict:
+    """{name: worker arguments} run one after another in ONE launch of `nproc` ranks (CP = nproc):
+    {name: the worker's saved result}."""
+    spec = tmp / f"jobs{nproc}.json"
+    spec.write_text(__import__("json").dumps(list(jobs.values())))
+    torchrun(nproc, "prefix_sharing.py", "--many", str(spec), timeout=600)
+    return {name: torch.load(job[5]) for name, job in jobs.items()}
 
 
 def _assert_same(a, b, tol=1e-5):
@@ -96,21 +103,39 @@ CASES = {
 }
 
 
+SEQ = ("chosen",)  # LongPO's whole-sequence NLL over the chosen long sequence
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama_ckpt, tiny_longpo_data, pair_data, solopo_data, module_tmp):
+    """Every worker result the tests below compare, from two launches (one process; two ranks at
+    CP=2): {name: result}. "two/CASE" is the two-sequence layout, "shared/CASE" prefix-shared."""
+    data = {"longpo": tiny_longpo_data, "pair": pair_data, "solopo": solopo_data}
+    one, two = {}, {}
+    for case, (kind, roles, samples) in CASES.items():
+        one[f"two/{case}"] = _job(module_tmp, f"two-{case}", tiny_llama_ckpt, data[kind], roles, samples, False)
+        one[f"shared/{case}"] = _job(module_tmp, f"shared-{case}", tiny_llama_ckpt, data[kind], roles, samples, True)
+    roles = ("chosen", "rejected")
+    one["two/seq"] = _job(module_tmp, "two-seq", tiny_llama_ckpt, tiny_longpo_data, roles, "0,1,2", False, SEQ)
+    one["shared/seq/1"] = _job(module_tmp, "shared-seq-1", tiny_llama_ckpt, tiny_longpo_data, roles, "0,1,2", True, SEQ)
+    two["cp2"] = _job(module_tmp, "cp2", tiny_llama_ckpt, tiny_longpo_data, roles, "0,1,2", True)
+    two["shared/seq/2"] = _job(module_tmp, "shared-seq-2", tiny_llama_ckpt, tiny_longpo_data, roles, "0,1,2", True, SEQ)
+    return {**_run_many(module_tmp, 1, one), **_run_many(module_tmp, 2, two)}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_shared_equals_two_sequences(case, tiny_llama_ckpt, tiny_longpo_data, pair_data, solopo_data, tmp_path):
-    kind, roles, samples = CASES[case]
-    data = {"longpo": tiny_longpo_data, "pair": pair_data, "solopo": solopo_data}[kind]
-    ref = _run(tmp_path, "two", 1, tiny_llama_ckpt, data, roles, samples, False)
-    shared = _run(tmp_path, "shared", 1, tiny_llama_ckpt, data, roles, samples, True)
+def test_shared_equals_two_sequences(case, runs):
+    _, roles, _ = CASES[case]
+    ref, shared = runs[f"two/{case}"], runs[f"shared/{case}"]
     _assert_same(ref, shared)
     # the last layer skips the trunk queries exactly when no trunk token is scored (SoLoPO's long_chosen is)
     assert shared["last_trunk_skipped"] == ("long_chosen" not in roles)
 
 
-def test_shared_at_cp2_equals_two_sequences(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
-    roles = ("chosen", "rejected")
-    ref = _run(tmp_path, "two", 1, tiny_llama_ckpt, tiny_longpo_data, roles, "0,1,2", False)
-    cp2 = _run(tmp_path, "cp2", 2, tiny_llama_ckpt, tiny_longpo_data, roles, "0,1,2", True)
+def test_shared_at_cp2_equals_two_sequences(runs):
+    # the two-sequence reference on one process is the longpo_2turn_3pairs case's (the same samples and roles)
+    assert CASES["longpo_2turn_3pairs"] == ("longpo", ("chosen", "rejected"), "0,1,2")
+    ref, cp2 = runs["two/longpo_2turn_3pairs"], runs["cp2"]
     _assert_same(ref, cp2)
     assert cp2["last_trunk_skipped"]
 
@@ -179,13 +204,11 @@ def test_whole_sequence_index_of_plain_packing(tiny_longpo_data, thd, cp):
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_whole_sequence_statistic_shared_equals_two_sequences(nproc, tiny_llama_ckpt, tiny_longpo_data, tmp_path):
+def test_whole_sequence_statistic_shared_equals_two_sequences(nproc, runs):
     """LongPO's NLL over the chosen long sequence (chosen_sequence): the prefix-shared row at CP=1
     and CP=2 gives the statistics and gradients of the two-sequence layout, and its last layer
     computes the (now scored) trunk."""
-    roles, seq = ("chosen", "rejected"), ("chosen",)
-    ref = _run(tmp_path, "two", 1, tiny_llama_ckpt, tiny_longpo_data, roles, "0,1,2", False, seq)
-    shared = _run(tmp_path, "shared", nproc, tiny_llama_ckpt, tiny_longpo_data, roles, "0,1,2", True, seq)
+    ref, shared = runs["two/seq"], runs[f"shared/seq/{nproc}"]
     assert set(ref["stats"]) == {"chosen", "rejected", "chosen_sequence"}
     _assert_same(ref, shared)
     assert shared["last_trunk_skipped"] is False

@@ -1,6 +1,9 @@
 """tools/precompute_ref_logps.py on the CPU with SmolLM2 = log-probs computed with transformers
 (fp32, per sequence), for every reference role of a LongPO and a SoLoPO dataset; the trainer
 refuses a sidecar of another dataset."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -70,17 +73,30 @@ def test_trainer_refuses_a_sidecar_of_another_dataset(smollm2_dir, tmp_path, tin
     assert "was computed for dataset" in r.stderr and "precompute_ref_logps" in r.stderr
 
 
-@pytest.mark.parametrize("layout", [("--tp", "2"), ("--pp", "2"), ()], ids=["tp2", "pp2", "dp2"])
-def test_sidecar_is_the_same_at_every_layout(layout, tiny_llama_ckpt, tiny_longpo_data, tmp_path):
+LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "dp2": (1, 1)}
+
+
+@pytest.fixture(scope="module")
+def sidecars_at_layouts(tiny_llama_ckpt, tiny_longpo_data, module_tmp):
+    """The sidecar scored at each layout by 2 gloo ranks, all in one launch: {layout: path}."""
+    from mp import torchrun
+
+    jobs = {name: {"data": str(tiny_longpo_data), "model": str(tiny_llama_ckpt), "out": str(module_tmp / f"ref-{name}.safetensors"),
+                   "tp": tp, "pp": pp} for name, (tp, pp) in LAYOUTS.items()}
+    spec = module_tmp / "jobs.json"
+    spec.write_text(json.dumps(list(jobs.values())))
+    torchrun(2, "precompute.py", "--many", spec, timeout=300)
+    return {name: Path(job["out"]) for name, job in jobs.items()}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sidecar_is_the_same_at_every_layout(layout, sidecars_at_layouts, tiny_longpo_data):
     """The fixture's sidecar was computed by one process; TP=2, PP=2 and DP=2 (2 gloo ranks) agree."""
     import numpy as np
 
     from megatron_longpo.data.reference import load_ref_logps
-    from mp import torchrun
 
-    out = tmp_path / "ref.safetensors"
-    torchrun(2, "precompute.py", "--data", tiny_longpo_data, "--model", tiny_llama_ckpt, "--out", out, *layout, timeout=300)
-    a, b = load_ref_logps(tiny_longpo_data), load_ref_logps(tiny_longpo_data, path=out)
+    a, b = load_ref_logps(tiny_longpo_data), load_ref_logps(tiny_longpo_data, path=sidecars_at_layouts[layout])
     for role in a.roles:
         assert np.array_equal(a.num_tokens[role], b.num_tokens[role])
         assert np.allclose(a.logp_sum[role], b.logp_sum[role], rtol=1e-5, atol=1e-4), role

@@ -33,6 +33,19 @@ def train(nproc, ckpt, data, save_dir, timeout=300, **kw):
     return json.loads((save_dir / "summary.json").read_text())
 
 
+def train_many(nproc, runs: dict, tmp, timeout=600) -> dict:
+    """{name: (ckpt, data, save_dir, overrides)} trained one after another in ONE torchrun launch of
+    `nproc` ranks (tests/workers/train_many.py); {name: summary, or the error text}."""
+    spec = tmp / "runs.json"
+    spec.write_text(json.dumps([overrides(c, d, s, **kw) for c, d, s, kw in runs.values()]))
+    torchrun(nproc, "train_many.py", spec, timeout=timeout)
+    out = {}
+    for name, (_, _, save, _) in runs.items():
+        err = save / "error.txt"
+        out[name] = err.read_text() if err.exists() else json.loads((save / "summary.json").read_text())
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_process_step(tiny_llama_ckpt, tiny_longpo_data, module_tmp):
     d = module_tmp
@@ -40,16 +53,32 @@ def one_process_step(tiny_llama_ckpt, tiny_longpo_data, module_tmp):
     return s, read_model_tensors(d / "iter_0000001"), d
 
 
-@pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", "dp=2",
-                                    "data.share_prefix=true", "data.share_prefix=true parallel.context_parallel=2",
-                                    "data.share_prefix=true parallel.tensor_parallel=2",
-                                    "data.share_prefix=true parallel.pipeline_parallel=2"])
-def test_one_step_same_loss_and_weights_as_one_process(layout, one_process_step, tiny_llama_ckpt, tiny_longpo_data, tmp_path):
+LAYOUTS = ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2", "dp=2", "data.share_prefix=true",
+           "data.share_prefix=true parallel.context_parallel=2", "data.share_prefix=true parallel.tensor_parallel=2",
+           "data.share_prefix=true parallel.pipeline_parallel=2"]
+BAD_LAYOUTS = {"pp3": {"parallel.pipeline_parallel": 3},
+               "vpp_without_pp": {"parallel.tensor_parallel": 2, "parallel.virtual_pipeline_parallel": 2}}
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tiny_llama_ckpt, tiny_longpo_data, module_tmp):
+    """One step at every 2-rank layout, and the bad layouts, in one 2-rank process group:
+    {name: (summary or error text, save dir)}."""
+    runs = {name: (tiny_llama_ckpt, tiny_longpo_data, module_tmp / f"two_{i}",
+                   {} if name == "dp=2" else dict(x.split("=") for x in name.split()))
+            for i, name in enumerate(LAYOUTS)}
+    runs.update({name: (tiny_llama_ckpt, tiny_longpo_data, module_tmp / name, kw) for name, kw in BAD_LAYOUTS.items()})
+    out = train_many(2, runs, module_tmp)
+    return {name: (out[name], runs[name][2]) for name in runs}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_step_same_loss_and_weights_as_one_process(layout, one_process_step, two_rank_runs, tiny_llama_ckpt):
     ref_summary, ref_weights, _ = one_process_step
-    kw = {} if layout == "dp=2" else dict(x.split("=") for x in layout.split())
-    s = train(2, tiny_llama_ckpt, tiny_longpo_data, tmp_path, **kw)
+    s, save = two_rank_runs[layout]
+    assert isinstance(s, dict), s
     assert abs(s["first_loss"] - ref_summary["first_loss"]) <= 1e-5 * abs(ref_summary["first_loss"]), (s["first_loss"], ref_summary["first_loss"])
-    w = read_model_tensors(tmp_path / "iter_0000001")
+    w = read_model_tensors(save / "iter_0000001")
     before = read_model_tensors(tiny_llama_ckpt / "iter_0000000")
     assert w.keys() == ref_weights.keys()
     diff2 = ref2 = 0.0
@@ -67,10 +96,14 @@ def test_one_step_same_loss_and_weights_as_one_process(layout, one_process_step,
 
 
 def test_stop_and_resume_equals_uninterrupted(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
+    """The uninterrupted run and the first part in one process; the resume in a fresh one, as a
+    requeued job would (nothing carried over in memory)."""
     kw = dict(**{"train.steps": 6, "data.global_batch_size": 2, "optim.name": "adam", "optim.lr": 1e-3,
                  "optim.warmup_fraction": 0.34, "train.save_interval": 2, "data.seed": 7})
-    full = train(1, tiny_llama_ckpt, tiny_longpo_data, tmp_path / "full", **kw)
-    part1 = train(1, tiny_llama_ckpt, tiny_longpo_data, tmp_path / "split", **kw, **{"train.exit_after": 3})
+    first = train_many(1, {"full": (tiny_llama_ckpt, tiny_longpo_data, tmp_path / "full", kw),
+                           "part1": (tiny_llama_ckpt, tiny_longpo_data, tmp_path / "split", {**kw, "train.exit_after": 3})},
+                       tmp_path)
+    full, part1 = first["full"], first["part1"]
     part2 = train(1, tiny_llama_ckpt, tiny_longpo_data, tmp_path / "split", **kw)
     assert part1["iteration"] == 3 and part2["iteration"] == 6 and part2["steps_run"] == 3
     assert part1["losses"] + part2["losses"] == full["losses"], (part1["losses"], part2["losses"], full["losses"])
@@ -112,18 +145,22 @@ def test_sigterm_saves_a_loadable_checkpoint(tiny_llama_ckpt, tiny_longpo_data, 
     assert s["steps_run"] == 1
 
 
-def test_bad_layout_fails_before_any_work(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
+def test_bad_layout_fails_before_any_work(two_rank_runs, tiny_llama_ckpt, tiny_longpo_data, tmp_path):
+    # in the shared 2-rank process group: the refusal, and nothing written
+    err, save = two_rank_runs["pp3"]
+    assert "world size 2 is not divisible by TP*PP*CP = 1*3*1 = 3" in err
+    assert not (save / "latest").exists()
+    err, save = two_rank_runs["vpp_without_pp"]
+    assert "virtual_pipeline_parallel needs pipeline_parallel > 1" in err or "not divisible by PP*VPP" in err
+    assert not (save / "latest").exists()
+    # and as a user meets it: a torchrun launch that exits non-zero with the same line
     with pytest.raises(AssertionError) as e:
         torchrun(2, "train.py", *overrides(tiny_llama_ckpt, tiny_longpo_data, tmp_path, **{"parallel.pipeline_parallel": 3}), timeout=120)
     assert "world size 2 is not divisible by TP*PP*CP = 1*3*1 = 3" in str(e.value)
-    with pytest.raises(AssertionError) as e:
-        torchrun(2, "train.py", *overrides(tiny_llama_ckpt, tiny_longpo_data, tmp_path, **{"parallel.tensor_parallel": 2,
-                 "parallel.pipeline_parallel": 1, "model.checkpoint": tiny_llama_ckpt, "parallel.virtual_pipeline_parallel": 2}), timeout=120)
-    assert "virtual_pipeline_parallel needs pipeline_parallel > 1" in str(e.value) or "not divisible by PP*VPP" in str(e.value)
     assert not (tmp_path / "latest").exists()
 
 
-def test_two_node_rendezvous_equals_one_node(one_process_step, tiny_llama_ckpt, tiny_longpo_data, tmp_path):
+def test_two_node_rendezvous_equals_one_node(two_rank_runs, tiny_llama_ckpt, tiny_longpo_data, tmp_path):
     """Two torchrun launchers (one rank each) joined by a c10d rendezvous = one launcher with two ranks."""
     port = free_port()
     save = tmp_path / "2nodes"
@@ -143,10 +180,10 @@ def test_two_node_rendezvous_equals_one_node(one_process_step, tiny_llama_ckpt, 
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
-    one_node = train(2, tiny_llama_ckpt, tiny_longpo_data, tmp_path / "1node")
+    one_node, one_node_dir = two_rank_runs["dp=2"]  # one launcher, two ranks, the same overrides
     two = json.loads((save / "summary.json").read_text())
     assert two["first_loss"] == one_node["first_loss"]
-    a, b = read_model_tensors(save / "iter_0000001"), read_model_tensors(tmp_path / "1node/iter_0000001")
+    a, b = read_model_tensors(save / "iter_0000001"), read_model_tensors(one_node_dir / "iter_0000001")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -3,6 +3,8 @@ parameter gradients of one micro-batch, two-sequence layout or prefix-shared, at
 CPU: gloo, fp32, local spec. GPU: NCCL, bf16, Transformer Engine spec (THD rows).
 
   prefix_sharing.py CKPT DATA ROLES SAMPLES SHARE OUT.pt [fp32|auto] [SEQUENCE_ROLES]
+  prefix_sharing.py --many JOBS.json    (a list of such argument lists, run one after another in
+                                         this one process group)
 
 fp32 (GPU, two-sequence layout, one process): the local spec in fp32, a reference for the bf16 runs.
 SEQUENCE_ROLES (comma-separated, e.g. "chosen"): also the whole-sequence statistics of these roles
@@ -14,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 
-def main(ckpt, data, roles, samples, share, out, precision="auto", sequence_roles=""):
+def main(ckpt, data, roles, samples, share, out, precision="auto", sequence_roles="", last_job=True):
     from megatron.core import parallel_state as ps
 
     from megatron_longpo import parallel, platform
@@ -83,8 +85,18 @@ def main(ckpt, data, roles, samples, share, out, precision="auto", sequence_role
     if dist.get_rank() == 0:
         torch.save({"stats": {r: (stats[r].logps.detach().cpu(), stats[r].tokens.cpu()) for r in roles},
                     "grads": {n: g.cpu() for n, g in grads.items()}, "last_trunk_skipped": last.get("trunk_zero")}, out)
-    parallel.teardown()
+    if last_job:
+        parallel.teardown()
+    else:  # the next job sets its own layout up (parallel.setup) in the same process group
+        dist.barrier()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:9])
+    if sys.argv[1] == "--many":
+        import json
+
+        jobs = json.loads(open(sys.argv[2]).read())
+        for i, job in enumerate(jobs):
+            main(*job, last_job=i == len(jobs) - 1)
+    else:
+        main(*sys.argv[1:9])

@@ -1,9 +1,10 @@
-"""The HTTP backend and the builders against a REAL OpenAI-compatible server: llama-cpp-python's
-server with the embedded SmolLM2 GGUF, on 127.0.0.1, one CPU thread. Includes killing the server
-in the middle of a run (restarted while the client retries; or left down until the run stops and
-then rerun): the output ends complete, with no duplicate.
-
-Needs `pip install 'llama-cpp-python[server]'` (CI installs it; docs/generation.md)."""
+"""The HTTP backend and the builders against a REAL OpenAI-compatible server on 127.0.0.1 serving
+the embedded SmolLM2: `transformers serve` (transformers' `serving` extra, installed from wheels by
+`make test`), and llama-cpp-python's server with the GGUF file where it is installed (an optional
+backend; docs/generation.md says how to install it). Includes killing the server in the middle of a
+run (restarted while the client retries; or left down until the run stops and then rerun): the
+output ends complete, with no duplicate."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,43 +15,63 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install 'llama-cpp-python[server]'")
-pytest.importorskip("uvicorn", reason="llama-cpp-python's server extra is missing: pip install 'llama-cpp-python[server]'")
+from megatron_longpo.generation.backends import OpenAIChatBackend, SamplingParams
+from megatron_longpo.launch import free_port
+from megatron_longpo.models.embedded import gguf_path
 
-from megatron_longpo.generation.backends import OpenAIChatBackend, SamplingParams  # noqa: E402
-from megatron_longpo.launch import free_port  # noqa: E402
-from megatron_longpo.models.embedded import gguf_path  # noqa: E402
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 QA = ROOT / "examples" / "generation" / "qa.jsonl"
 QA_IDS = {json.loads(l)["id"] for l in QA.read_text().splitlines() if l.strip()}
 
 
-class LlamaServer:
-    """`python -m llama_cpp.server` on 127.0.0.1:port; start() waits until /v1/models answers."""
+def _installed(*modules: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in modules)
 
-    def __init__(self, port: int, log: Path) -> None:
-        self.port, self.log, self.proc = port, log, None
+
+def transformers_serve_cmd(port: int, model_dir: Path) -> list[str]:
+    """`transformers serve` with the model preloaded, on the CPU, one thread (OMP_NUM_THREADS)."""
+    return [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve", str(model_dir),
+            "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--log-level", "warning"]
+
+
+def llama_cpp_cmd(port: int, model_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--host", "127.0.0.1",
+            "--port", str(port), "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1", "--verbose", "False"]
+
+
+SERVERS = {
+    "transformers": (transformers_serve_cmd, ("fastapi", "uvicorn", "openai"),
+                     "transformers' serving extra is missing: pip install 'transformers[serving]'"),
+    "llama_cpp": (llama_cpp_cmd, ("llama_cpp", "uvicorn"),
+                  "llama-cpp-python is not installed (optional): pip install 'llama-cpp-python[server]'"),
+}
+
+
+class Server:
+    """An OpenAI-compatible server process on 127.0.0.1:port; start() waits until /v1/models answers
+    (polling is the only readiness signal these servers give)."""
+
+    def __init__(self, cmd: list[str], port: int, log: Path) -> None:
+        self.cmd, self.port, self.log, self.proc = cmd, port, log, None
         self.url = f"http://127.0.0.1:{port}/v1"
 
-    def start(self, timeout: float = 120.0) -> "LlamaServer":
-        env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--host", "127.0.0.1",
-             "--port", str(self.port), "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1",
-             "--verbose", "False"],
-            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    def start(self, timeout: float = 180.0) -> "Server":
+        env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
+        self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+                raise RuntimeError(f"the server exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
             try:
                 urllib.request.urlopen(self.url + "/models", timeout=2).read()
                 return self
             except OSError:
                 time.sleep(0.25)
         self.stop()
-        raise RuntimeError(f"llama_cpp.server did not answer within {timeout} s: {self.log.read_text()[-2000:]}")
+        raise RuntimeError(f"the server did not answer within {timeout} s: {self.log.read_text()[-2000:]}")
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
@@ -68,14 +89,21 @@ class LlamaServer:
                 self.proc.wait(timeout=30)
 
 
-@pytest.fixture
-def llama_server(tmp_path):
-    servers: list[LlamaServer] = []
+@pytest.fixture(params=list(SERVERS))
+def server(request, smollm2_dir, tmp_path):
+    """A factory of started servers of one kind; all are stopped at the test's end."""
+    cmd, modules, why = SERVERS[request.param]
+    if not _installed(*modules):
+        pytest.skip(why)
+    servers: list[Server] = []
 
-    def make(port: int | None = None) -> LlamaServer:
-        s = LlamaServer(port or free_port(), tmp_path / "server.log")
+    def make() -> Server:
+        port = free_port()
+        s = Server(cmd(port, smollm2_dir), port, tmp_path / "server.log")
         servers.append(s)
         return s.start()
+
+    make.kind = request.param
 
     try:
         yield make
@@ -84,14 +112,14 @@ def llama_server(tmp_path):
             s.stop()
 
 
-def test_chat_against_llama_cpp_server(llama_server):
-    srv = llama_server()
+def test_chat_against_a_real_server(server):
+    srv = server()
     be = OpenAIChatBackend(srv.url, concurrency=2, timeout=120, max_retries=2)
     convs = [[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
              [{"role": "user", "content": "Name a colour of the sky."}]]
     out = be.chat(convs, SamplingParams(max_new_tokens=24, temperature=0.0))
     assert "Paris" in out[0][0]
-    assert be.model and be.model.endswith(".gguf")  # found through /v1/models
+    assert be.model and be.model.endswith(".gguf" if server.kind == "llama_cpp" else "SmolLM2-135M-Instruct")  # /v1/models
     sampled = be.chat(convs[:1], SamplingParams(max_new_tokens=16, temperature=1.0, n=3, seed=5))
     assert len(sampled[0]) == 3 and all(isinstance(s, str) and s for s in sampled[0])
     # requests / s on this machine: 8 short requests, 2 in flight (printed for docs/generation.md)
@@ -101,7 +129,7 @@ def test_chat_against_llama_cpp_server(llama_server):
              SamplingParams(max_new_tokens=16, temperature=0.0))
     dt = time.monotonic() - t0
     assert be2.stats.failed == 0 and be2.stats.completion_tokens <= 8 * 16
-    print(f"\nllama.cpp server: 8 requests (<=16 new tokens) in {dt:.1f} s = {8 / dt:.2f} req/s, "
+    print(f"\n{server.kind} server: 8 requests (<=16 new tokens) in {dt:.1f} s = {8 / dt:.2f} req/s, "
           f"{be2.stats.completion_tokens / dt:.1f} generated tok/s")
 
 
@@ -143,8 +171,8 @@ def assert_complete(out: Path) -> None:
         assert set(row) == {"short_context", "long_context", "instruction", "chosen", "rejected", "meta"}
 
 
-def test_server_killed_and_restarted_mid_run(llama_server, smollm2_dir, tmp_path):
-    srv = llama_server()
+def test_server_killed_and_restarted_mid_run(server, smollm2_dir, tmp_path):
+    srv = server()
     out = tmp_path / "solopo.jsonl"
     proc = run_tool("build_solopo_pairs.py", solopo_args(srv.url, out, smollm2_dir, retries=10))
     try:
@@ -163,8 +191,8 @@ def test_server_killed_and_restarted_mid_run(llama_server, smollm2_dir, tmp_path
     assert summary["counts"]["records_seen"] == 10
 
 
-def test_server_down_then_rerun_resumes(llama_server, smollm2_dir, tmp_path):
-    srv = llama_server()
+def test_server_down_then_rerun_resumes(server, smollm2_dir, tmp_path):
+    srv = server()
     out = tmp_path / "solopo.jsonl"
     args = solopo_args(srv.url, out, smollm2_dir, retries=1)
     proc = run_tool("build_solopo_pairs.py", args)
@@ -193,9 +221,9 @@ def test_server_down_then_rerun_resumes(llama_server, smollm2_dir, tmp_path):
     assert_complete(out)
 
 
-def test_longpo_through_llama_server(llama_server, smollm2_dir, tmp_path):
+def test_longpo_through_a_server(server, smollm2_dir, tmp_path):
     """The LongPO tool over HTTP, with multi-turn rejected conversations (assistant turns)."""
-    srv = llama_server()
+    srv = server()
     doc = (ROOT / "examples" / "generation" / "documents" / "sourdough.md").read_text()
     src = tmp_path / "docs.jsonl"
     src.write_text(json.dumps({"id": "sourdough", "text": doc}) + "\n")
