@@ -4,9 +4,10 @@
 weight 1). `Blend` lays out one blend epoch of `size` draws (default: the datasets' total
 size): draw i goes to the dataset whose share is furthest behind its weight (Megatron's greedy
 rule: argmax of weight·(i+1) − drawn so far, lowest index on ties), so after any n draws each
-dataset has its weight's share within one sample. Within a dataset, its k-th draw is sample
-`perm_e[k mod n]` of that dataset's permutation for pass e = k // n (`SeedSequence([seed, d, e])`):
-a dataset with more weight than samples is repeated pass after pass, one with less is subsampled.
+dataset has its weight's share within one sample. Within a dataset, its k-th draw (counted
+over all blend epochs) is sample `perm_p[k mod n]` of that dataset's permutation for pass p = k // n
+(`SeedSequence([seed, d, p])`): a dataset with more weight than samples is repeated pass after
+pass, one with less is subsampled, and the next blend epoch goes on where this one stopped.
 Everything follows from (sizes, weights, size, seed): the mapping is rebuilt identically on
 resume, and the sampler (data/sampler.py) shuffles and shards the draws like any dataset.
 """
@@ -58,7 +59,7 @@ def greedy_assignment(weights: np.ndarray, size: int) -> np.ndarray:
 
 
 class Blend:
-    """Draw i of the blend -> (dataset index, sample index within that dataset).
+    """Draw i of blend epoch e -> (dataset index, sample index within that dataset).
 
     `pools[d]`: the samples dataset d may draw (default: all of `range(sizes[d])`; a held-out
     evaluation split removes some)."""
@@ -75,23 +76,36 @@ class Blend:
         self.size = int(size if size is not None else sum(len(p) for p in self.pools))
         self.seed = int(seed)
         self.dataset = greedy_assignment(self.weights, self.size)
-        self.sample = np.empty(self.size, dtype=np.int64)
-        for d, pool in enumerate(self.pools):
+        self.per_epoch = np.bincount(self.dataset, minlength=len(self.weights))
+        self.rank = np.empty(self.size, dtype=np.int64)  # draw i is the rank[i]-th draw of its dataset in an epoch
+        for d in range(len(self.weights)):
             where = np.nonzero(self.dataset == d)[0]
-            k = np.arange(len(where))
-            n = len(pool)
-            passes = int(k[-1] // n) + 1 if len(k) else 0
-            order = np.concatenate([
-                pool[np.random.default_rng(np.random.SeedSequence([self.seed, d, e])).permutation(n)]
-                for e in range(passes)
-            ]) if passes else np.zeros(0, np.int64)
-            self.sample[where] = order[k]
+            self.rank[where] = np.arange(len(where))
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def _perm(self, d: int, p: int) -> np.ndarray:
+        key = (d, p)
+        if key not in self._perms:
+            if len(self._perms) > 64:
+                self._perms.clear()
+            pool = self.pools[d]
+            self._perms[key] = pool[np.random.default_rng(np.random.SeedSequence([self.seed, d, p])).permutation(len(pool))]
+        return self._perms[key]
 
     def __len__(self) -> int:
         return self.size
 
+    def draw(self, i: int, epoch: int = 0) -> tuple[int, int]:
+        """Dataset d's k-th draw overall (k = epoch·per_epoch[d] + rank[i]) is sample
+        perm_{d,p}[k mod n] of its pass p = k // n: every sample once per pass, the passes
+        continuing across blend epochs."""
+        d = int(self.dataset[i])
+        k = epoch * int(self.per_epoch[d]) + int(self.rank[i])
+        n = len(self.pools[d])
+        return d, int(self._perm(d, k // n)[k % n])
+
     def __getitem__(self, i: int) -> tuple[int, int]:
-        return int(self.dataset[i]), int(self.sample[i])
+        return self.draw(i, 0)
 
     def counts(self) -> np.ndarray:
-        return np.bincount(self.dataset, minlength=len(self.weights))
+        return self.per_epoch.copy()

@@ -144,20 +144,21 @@ class StepData:
     def total_steps(self, steps: int | None, epochs: int) -> int:
         return steps if steps else epochs * self.sampler.steps_per_epoch
 
-    def draw(self, i: int) -> tuple[int, int]:
-        return self.blend[i] if self.blend is not None else (0, int(i))
+    def draw(self, i: int, epoch: int | None = None) -> tuple[int, int]:
+        """(dataset, sample) of draw i of the sampler's epoch (default: the current one)."""
+        if self.blend is None:
+            return 0, int(i)
+        return self.blend.draw(i, self.sampler.epoch if epoch is None else epoch)
 
-    def reference_stats(self, indices: list[int]) -> dict[str, SeqStat]:
-        return self.src.reference_stats([self.draw(i) for i in indices])
-
-    def micro_batch(self, indices: list[int]) -> StepBatch:
-        draws = [self.draw(i) for i in indices]
+    def micro_batch(self, indices: list[int], epoch: int | None = None) -> StepBatch:
+        draws = [self.draw(i, epoch) for i in indices]
         where = indices if self.blend is None else [f"{self.src.prefixes[d]}[{j}]" for d, j in draws]
         return micro_batch(self.src.samples(draws), self.spec, self.src.reference_stats(draws), where)
 
     def next_step(self) -> list[StepBatch]:
         """This rank's micro-batches of the next optimizer step (each carries its FLOP spans)."""
-        return [self.micro_batch(m) for m in self.sampler.next_global_batch()]
+        epoch = self.sampler.epoch  # a global batch never spans two epochs
+        return [self.micro_batch(m, epoch) for m in self.sampler.next_global_batch()]
 
     @property
     def epoch(self) -> float:
