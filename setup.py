@@ -32,6 +32,8 @@ setup(
         # `make test` (not `make demo`): pytest, and the real OpenAI-compatible server that the
         # llama.cpp generation tests start (llama-cpp-python is built from source: about 5-10 minutes
         # on 2 cores the first time). Nothing in the package imports either.
-        "dev": ["pytest>=8", "pytest-timeout", "llama-cpp-python[server]==0.3.36"],
+        # Weights & Biases logging (train.wandb_project); works offline (WANDB_MODE=offline).
+        "wandb": ["wandb"],
+        "dev": ["pytest>=8", "pytest-timeout", "llama-cpp-python[server]==0.3.36", "wandb"],
     },
 )
