@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from megatron_longpo.data.encoding import RecordEncoder
-from megatron_longpo.data.records import BAD_MESSAGES, MISSING_FIELD, RowError, parse_record
+from megatron_longpo.data.records import (
+    BAD_MESSAGES,
+    MISSING_FIELD,
+    RowError,
+    parse_record,
+)
 from megatron_longpo.data.row_formats import parse_columns
 from megatron_longpo.data.tokenizer import TokenizerSpec
 

@@ -9,7 +9,6 @@ import shutil
 import struct
 
 import pytest
-
 from mp import torchrun
 
 pytestmark = pytest.mark.slow
@@ -53,7 +52,8 @@ def _wandb_history(run_dir):
 
     files = glob.glob(str(run_dir / "wandb" / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1, files
-    data = open(files[0], "rb").read()
+    with open(files[0], "rb") as fh:
+        data = fh.read()
     assert data[:4] == b":W&B"
     pos, block, recs, buf = 7, 32768, [], b""
     while pos + 7 <= len(data):
@@ -84,7 +84,7 @@ def _wandb_history(run_dir):
 
 
 def test_wandb_offline_run_holds_trl_named_scalars(runs):
-    out, summary, d = runs[1]
+    _, summary, d = runs[1]
     rows = _wandb_history(d)
     keys = set().union(*rows)
     assert TRL_TRAIN <= keys, TRL_TRAIN - keys
@@ -119,7 +119,7 @@ def test_step_lines_config_yaml_and_consumed_samples(runs):
     assert len(lines) == 3, out[-3000:]
     for k, ln in enumerate(lines, start=1):
         assert re.match(rf"^\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d step {k}/3 \| samples {4 * k} \| loss ", ln), ln
-    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d eval at step 2 \| samples 8 \| loss ", out, re.M), out[-3000:]
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d eval at step 2 \| samples 8 \| loss ", out, re.MULTILINE), out[-3000:]
     assert [s["consumed_samples"] for s in summary["steps"]] == [4, 8, 12]
     cfg = load_config(str(d / "config.yaml"))
     assert cfg.data.path.split()[0] == "0.25" and cfg.train.eval_interval == 2 and cfg.optim.lr == 0.5

@@ -24,7 +24,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_longpo.data.records import BAD_MESSAGES, MISSING_FIELD, WRONG_TYPE, PreprocessError, RowError, _json_type
+from megatron_longpo.data.records import (
+    BAD_MESSAGES,
+    MISSING_FIELD,
+    WRONG_TYPE,
+    PreprocessError,
+    RowError,
+    _json_type,
+)
 
 NATIVE_FIELDS = ("prompt", "messages", "chosen", "rejected", "completion", "system",
                  "long_context", "short_context", "instruction", "turns")

@@ -14,7 +14,12 @@ from megatron_longpo.data.format import PairDataset
 from megatron_longpo.data.reference import load_ref_logps, sidecar_path
 from megatron_longpo.data.sampler import PairSampler
 from megatron_longpo.losses import SeqStat
-from megatron_longpo.training.batch import BatchSpec, DataConfigError, StepBatch, micro_batch
+from megatron_longpo.training.batch import (
+    BatchSpec,
+    DataConfigError,
+    StepBatch,
+    micro_batch,
+)
 
 __all__ = ["DataConfigError", "EvalData", "StepData"]
 
@@ -92,7 +97,7 @@ class _Sources:
 def held_out(n: int, fraction: float, seed: int, d: int) -> np.ndarray:
     """The samples of dataset `d` (of n) held out for evaluation: round(fraction*n) (at least 1),
     from a seeded permutation; sorted."""
-    k = max(1, int(round(fraction * n)))
+    k = max(1, round(fraction * n))
     if k >= n:
         raise DataConfigError(f"data.eval_fraction={fraction} holds out all {n} samples of a dataset; lower it")
     perm = np.random.default_rng(np.random.SeedSequence([seed, d, 0xE7A1])).permutation(n)

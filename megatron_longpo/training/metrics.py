@@ -185,7 +185,9 @@ class Writers:
 
             os.makedirs(wandb_dir, exist_ok=True)
             id_file = os.path.join(wandb_dir, "run_id")  # a resumed training continues its W&B run
-            run_id = open(id_file).read().strip() if os.path.isfile(id_file) else uuid.uuid4().hex[:8]
+            with open(id_file, "a+") as f:
+                f.seek(0)
+                run_id = f.read().strip() or uuid.uuid4().hex[:8]
             with open(id_file, "w") as f:
                 f.write(run_id)
             self.wandb = wandb.init(project=wandb_project, name=run_name, dir=wandb_dir, config=config or {},
