@@ -119,3 +119,36 @@ def test_eval_fraction_is_held_out_of_training(two_datasets):
         _data(a, eval_fraction=0.1)  # 1 held-out sample < a global batch of 4
     with pytest.raises(DataConfigError, match="data.path"):
         _data(f"0.5 {a} 0.5")
+
+
+def test_reference_sidecar_per_prefix(two_datasets, tmp_path):
+    """Each prefix of a blend reads its own sidecar; a prefix without one is named."""
+    import shutil
+
+    from megatron_longpo.data.format import PairDataset
+    from megatron_longpo.data.reference import RefLogpWriter, sidecar_path
+
+    a, b = two_datasets
+    refs = ("ref_chosen", "ref_rejected")
+    c = str(tmp_path / "c")  # a copy of b without a sidecar
+    for ext in (".bin", ".idx", ".json"):
+        shutil.copy(b + ext, c + ext)
+    for d, prefix in enumerate((a, b)):
+        w = RefLogpWriter.for_dataset(prefix, reference_model="fake", roles=refs, computation={})
+        n = len(PairDataset(prefix))
+        for k, role in enumerate(refs):
+            w.add(list(range(n)), role, [-(1000.0 * d + 10.0 * j + k) for j in range(n)], [5 + d] * n)
+        w.save(sidecar_path(prefix))
+    layout = SimpleNamespace(dp_size=1, dp_rank=0, pad_multiple=1, cp_size=1, cp_rank=0, cp_group=None)
+    dcfg = DataSection(path=f"0.5 {a} 0.5 {b}", global_batch_size=4, seed=3)
+    data = StepData(dcfg, roles=("chosen", "rejected"), ref_roles=refs, layout=layout, thd=True, device="cpu")
+    for _ in range(5):
+        epoch = data.sampler.epoch
+        draws = [data.draw(i, epoch) for m in data.sampler.micro_batches(epoch, data.sampler.step) for i in m]
+        batches = data.next_step()
+        for (d, j), mb in zip(draws, batches):
+            assert mb.reference["ref_rejected"].logps.tolist() == [-(1000.0 * d + 10.0 * j + 1)]
+            assert mb.reference["ref_chosen"].tokens.tolist() == [5 + d]
+    with pytest.raises(DataConfigError, match=f"{c}.ref.safetensors does not exist.*--data {c} "):
+        StepData(DataSection(path=f"0.5 {a} 0.5 {c}", global_batch_size=4), roles=("chosen", "rejected"),
+                 ref_roles=refs, layout=layout, thd=True, device="cpu")
