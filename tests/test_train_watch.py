@@ -135,3 +135,16 @@ def test_eval_metrics_at_dp2_equal_dp1(runs):
         for k in ("loss", "rewards/margins", "rewards/accuracies", "nll_loss", "logps/chosen"):
             assert e2[k] == pytest.approx(e1[k], rel=1e-5, abs=1e-7), (k, e1[k], e2[k])
     assert s2["first_loss"] == pytest.approx(s1["first_loss"], rel=1e-5)
+
+
+def test_wandb_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    """No API key and not offline: a ValueError (the trainer's exit 2) naming both fixes."""
+    from megatron_longpo.training.metrics import Writers
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "cfg"))
+    with pytest.raises(ValueError, match=r"train.wandb_project=p but W&B did not start \(.*\); run `wandb login`, "
+                                         r"or set WANDB_MODE=offline"):
+        Writers(None, "p", str(tmp_path / "w"))

@@ -178,8 +178,8 @@ class Writers:
             try:
                 import wandb
             except ImportError:
-                raise RuntimeError("train.wandb_project is set but wandb is not installed: pip install "
-                                   "'megatron-longpo[wandb]' (or unset train.wandb_project)") from None
+                raise ValueError("train.wandb_project is set but wandb is not installed: pip install "
+                                 "'megatron-longpo[wandb]' (or unset train.wandb_project)") from None
             import os
             import uuid
 
@@ -190,8 +190,13 @@ class Writers:
                 run_id = f.read().strip() or uuid.uuid4().hex[:8]
             with open(id_file, "w") as f:
                 f.write(run_id)
-            self.wandb = wandb.init(project=wandb_project, name=run_name, dir=wandb_dir, config=config or {},
-                                    id=run_id, resume="allow")
+            try:
+                self.wandb = wandb.init(project=wandb_project, name=run_name, dir=wandb_dir, config=config or {},
+                                        id=run_id, resume="allow")
+            except Exception as exc:  # noqa: BLE001 - no API key, no network, ...: the user's to fix, in one line
+                raise ValueError(f"train.wandb_project={wandb_project} but W&B did not start ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); run `wandb login`, or set "
+                                 f"WANDB_MODE=offline to write the run locally") from None
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         if self.tb is not None:
