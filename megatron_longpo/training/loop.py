@@ -133,6 +133,7 @@ def train(cfg: RunConfig) -> dict:
                     sys.stdout.flush()
                 tb.log(rec.scalars(world), rec.step)
             if cfg.train.eval_interval and rec.step % cfg.train.eval_interval == 0:
+                watch()
                 run_eval()
             if t.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
                 raise TrainingStopped(
@@ -150,8 +151,9 @@ def train(cfg: RunConfig) -> dict:
             if cfg.train.save_interval and t.iteration % cfg.train.save_interval == 0 and t.iteration < t.total_steps:
                 watch()
                 save_training_state(t)
-        if cfg.train.eval_interval and records and records[-1].step % cfg.train.eval_interval:
-            run_eval()  # the final model is always scored
+        if cfg.train.eval_interval and records and t.iteration >= t.total_steps and t.iteration % cfg.train.eval_interval:
+            watch()
+            run_eval()  # the final model is always scored (not on a stop: that saves at once)
         watch()
         path = save_training_state(t)
     finally:
