@@ -29,9 +29,12 @@ setup(
     extras_require={
         # Transformer Engine builds against the CUDA toolkit: install on GPU machines only.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
-        # `make test` (not `make demo`): pytest, and a real OpenAI-compatible server for the HTTP
-        # generation tests (`transformers serve`, from wheels). Nothing in the package imports either.
-        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist", "transformers[serving]>=5"],
+        # Weights & Biases logging (train.wandb_project); works offline (WANDB_MODE=offline).
+        "wandb": ["wandb"],
+        # `make test` (not `make demo`): pytest, a real OpenAI-compatible server for the HTTP
+        # generation tests (`transformers serve`, from wheels) and wandb for the offline-run test.
+        # Nothing in the package imports them.
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist", "transformers[serving]>=5", "wandb"],
         # Optional second server for the HTTP generation tests and for generating data with a GGUF
         # model: llama.cpp compiles from source (5-10 minutes on 2 cores); its tests run where it is installed.
         "llama-server": ["llama-cpp-python[server]==0.3.36"],

@@ -160,7 +160,9 @@ def validate_layout(par: ParallelConfig, world_size: int | None = None, arch=Non
 
 @dataclass(frozen=True)
 class DataSection:
-    path: str = ""  # dataset prefix (tools/preprocess_pairs.py --output)
+    path: str = ""  # dataset prefix (tools/preprocess_pairs.py --output), or a weighted blend "0.3 PREFIX_A 0.7 PREFIX_B" (docs/data.md)
+    eval_path: str | None = None  # held-out dataset prefix(es) scored every train.eval_interval steps
+    eval_fraction: float = 0.0  # or: hold out this fraction of data.path's samples (per prefix) for evaluation
     reference: str | None = None  # reference sidecar; None: <path>.ref.* if present, else online reference
     samples_per_microbatch: int = 1
     global_batch_size: int = 8  # samples (pairs) per optimizer step, over all data-parallel ranks
@@ -171,7 +173,9 @@ class DataSection:
 
     def __post_init__(self):
         _require("data", self, samples_per_microbatch=POSITIVE, global_batch_size=POSITIVE, seed=NON_NEGATIVE,
-                 max_tokens=POSITIVE)
+                 max_tokens=POSITIVE, eval_fraction=(lambda v: 0 <= v < 1, "in [0, 1)"))
+        if self.eval_path and self.eval_fraction:
+            raise ValueError("set data.eval_path or data.eval_fraction, not both")
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,9 @@ class TrainSection:
     keep_last: int = 2
     log_interval: int = 1
     tensorboard: bool = True
+    wandb_project: str | None = None  # log to Weights & Biases too (pip install 'megatron-longpo[wandb]'; WANDB_MODE=offline works)
+    wandb_run_name: str | None = None  # W&B run name (default: W&B's)
+    eval_interval: int = 0  # score data.eval_path / data.eval_fraction every this many steps (and at the end); 0: off
     max_nonfinite_in_a_row: int = 3
     exit_after: int | None = None  # stop (and save) after this many steps of THIS run: job time limits
     stall_seconds: float = 1800.0  # a step (or save) taking longer prints every thread's stack on each rank; 0: off
@@ -234,7 +241,7 @@ class TrainSection:
                  epochs=POSITIVE, save_interval=(_nonneg, ">= 0 (0: save only at the end)"),
                  keep_last=(_nonneg, ">= 0 (0: keep every checkpoint)"), log_interval=POSITIVE,
                  max_nonfinite_in_a_row=POSITIVE, exit_after=POSITIVE, stall_seconds=(_nonneg, ">= 0 (0: off)"),
-                 seed=NON_NEGATIVE, peak_tflops=POSITIVE)
+                 seed=NON_NEGATIVE, peak_tflops=POSITIVE, eval_interval=NON_NEGATIVE)
         if self.memory_check in ("False", "false", "no"):  # YAML reads `off` as false
             object.__setattr__(self, "memory_check", "off")
         if self.memory_check not in ("refuse", "warn", "off"):
@@ -349,3 +356,10 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
 
 def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The effective configuration (defaults filled in) as YAML that load_config reads back."""
+    import json
+
+    return yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False)

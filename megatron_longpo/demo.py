@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [
         f"model.checkpoint={mdir}", f"model.rope_theta={theta}", f"data.path={prefix}", f"data.global_batch_size={res.kept}",
-        f"train.steps={a.steps}", f"train.save_dir={run_dir}", "train.tensorboard=false", "optim.lr=1e-5",
+        f"train.steps={a.steps}", f"train.save_dir={run_dir}", "optim.lr=1e-5",
         "optim.warmup_fraction=0", "loss.name=longpo", "loss.beta=0.1", "loss.longpo_lambda=0.01",
     ]
     if not gpu:  # what the CPU cannot do, said once here instead of three notes from the trainer

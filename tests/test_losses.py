@@ -151,7 +151,7 @@ def check_against_reference(cfg: LossConfig, rows, rel=1e-12, abs_=1e-12):
         if "rw" in want:
             assert out.metrics["rewards/chosen"][i].item() == pytest.approx(want["rw"], rel=rel, abs=abs_)
             assert out.metrics["rewards/rejected"][i].item() == pytest.approx(want["rl"], rel=rel, abs=abs_)
-            assert out.metrics["rewards/accuracy"][i].item() == float(want["rw"] > want["rl"])
+            assert out.metrics["rewards/accuracies"][i].item() == float(want["rw"] > want["rl"])
     return out
 
 
@@ -208,8 +208,8 @@ def test_dpo_equal_logps_is_log2_exactly():
     for cfg in (LossConfig("dpo"), LossConfig("dpo", label_smoothing=0.3)):
         out = compute_loss(cfg, make_stats(rows))
         assert torch.all((out.loss - math.log(2.0)).abs() <= 1e-15)
-        assert torch.all(out.metrics["rewards/margin"] == 0)
-        assert torch.all(out.metrics["rewards/accuracy"] == 0)  # 1[r_w > r_l], ties are 0
+        assert torch.all(out.metrics["rewards/margins"] == 0)
+        assert torch.all(out.metrics["rewards/accuracies"] == 0)  # 1[r_w > r_l], ties are 0
 
 
 def test_ipo_uses_average_logprobs():
@@ -233,7 +233,7 @@ def test_longpo_is_nll_plus_lambda_dpo():
         nll = -stats["chosen"].logps / stats["chosen"].tokens
         torch.testing.assert_close(out.loss, nll + lam * dpo.loss, rtol=1e-14, atol=1e-14)
         torch.testing.assert_close(out.metrics["loss/dpo"], dpo.loss)
-        torch.testing.assert_close(out.metrics["loss/nll"], nll.detach())
+        torch.testing.assert_close(out.metrics["nll_loss"], nll.detach())
 
 
 def test_longpo_sequence_nll_is_over_the_whole_chosen_sequence():
@@ -245,7 +245,7 @@ def test_longpo_sequence_nll_is_over_the_whole_chosen_sequence():
     seq = compute_loss(LossConfig("longpo", beta=0.1, longpo_lambda=0.3), stats)
     nll = -stats["chosen_sequence"].logps / stats["chosen_sequence"].tokens
     torch.testing.assert_close(seq.loss, nll + 0.3 * dpo.loss, rtol=1e-14, atol=1e-14)
-    torch.testing.assert_close(seq.metrics["loss/nll"], nll)
+    torch.testing.assert_close(seq.metrics["nll_loss"], nll)
     torch.testing.assert_close(seq.metrics["logps/chosen_sequence"], -nll)
     torch.testing.assert_close(seq.metrics["loss/dpo"], dpo.loss)
     # responses: exactly the expression the loss had before longpo_nll existed
@@ -398,13 +398,13 @@ EXPECTED_METRICS = {
     "dpo": {"loss/dpo"},
     "ipo": {"loss/ipo"},
     "simpo": {"loss/simpo"},
-    "orpo": {"loss/nll", "loss/or"},
-    "longpo": {"loss/nll", "loss/dpo"},
+    "orpo": {"nll_loss", "loss/or"},
+    "longpo": {"nll_loss", "loss/dpo"},
     "solo-dpo": {"loss/dpo"},
     "solo-simpo": {"loss/simpo"},
-    "solo-orpo": {"loss/nll", "loss/or"},
+    "solo-orpo": {"nll_loss", "loss/or"},
 }
-PAIR = {"rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
+PAIR = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
         "logps/chosen", "logps/rejected"}
 SOLO = {"loss/po", "loss/solo_ra", "loss/solo_ra_chosen", "rewards/long_chosen", "logps/long_chosen"}
 SOLO_BOTH = {"loss/solo_ra_rejected", "rewards/long_rejected", "logps/long_rejected"}
@@ -416,7 +416,7 @@ def test_metric_names_shapes_detached_and_microbatch_invariance(cfg):
     stats = make_stats(rows, requires_grad=True)
     out = compute_loss(cfg, stats)
     if cfg.name == "sft":
-        want = {"logps/chosen", "loss/nll"}
+        want = {"logps/chosen", "nll_loss"}
     else:
         want = PAIR | EXPECTED_METRICS[cfg.name]
         if cfg.name == "longpo" and cfg.longpo_nll == "sequence":

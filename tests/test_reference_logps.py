@@ -124,7 +124,7 @@ def test_reference_sees_policy_gives_plain_dpo_on_longpo_data(tiny_llama_ckpt, t
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     step = summary["steps"][0]
     assert abs(step["loss"] - math.log(2)) < 1e-4, (step["loss"], r.stdout[-1000:])
-    assert abs(step["rewards/margin"]) < 1e-4
+    assert abs(step["rewards/margins"]) < 1e-4
 
 
 def test_reference_at_the_policys_rope_base_starts_dpo_at_log2(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
@@ -153,7 +153,7 @@ def test_reference_at_the_policys_rope_base_starts_dpo_at_log2(tiny_llama_ckpt, 
                  f"model.rope_theta={theta}", "train.tensorboard=false", f"train.save_dir={tmp_path}/{name}", timeout=300)
         steps[name] = json.loads((tmp_path / name / "summary.json").read_text())["steps"][0]
     assert abs(steps["policy_base"]["loss"] - math.log(2)) < 1e-4, steps
-    assert abs(steps["policy_base"]["rewards/margin"]) < 1e-4, steps
+    assert abs(steps["policy_base"]["rewards/margins"]) < 1e-4, steps
     # the two references differ by the RoPE base alone (the tiny data's short distances keep it small)
     a, b = (load_ref_logps(tiny_longpo_data, path=tmp_path / f"{n}.safetensors") for n in ("policy_base", "checkpoint_base"))
     diff = max(float(np.abs(a.logp_sum[r] - b.logp_sum[r]).max()) for r in a.roles)

@@ -123,7 +123,7 @@ def test_sigterm_saves_a_loadable_checkpoint(tiny_llama_ckpt, tiny_longpo_data, 
     try:
         for line in p.stdout:
             lines.append(line)
-            if line.startswith("step 2/1000") or time.time() > deadline:
+            if " step 2/1000 " in line or time.time() > deadline:  # lines start with a UTC timestamp
                 break
         # what a scheduler's preemption does to the training processes (torchrun itself turns a
         # SIGTERM of its own into a non-zero exit, so the workers get it here)

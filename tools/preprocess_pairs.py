@@ -28,6 +28,7 @@ from megatron_longpo.data.preprocess import (  # noqa: E402
     PreprocessResult,
     run_preprocess,
 )
+from megatron_longpo.data.row_formats import parse_columns  # noqa: E402
 from megatron_longpo.data.tokenizer import TokenizerSpec  # noqa: E402
 
 MAX_LISTED = 10  # dropped rows listed per reason in the summary
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail: stop at the first over-length row; skip: drop and report it")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--chunk-size", type=int, default=256, help="rows per shard, the unit of resumption")
+    p.add_argument("--columns", help="the inputs' column names for the native fields, e.g. "
+                                     "prompt=question,chosen=good,rejected=bad (docs/data.md)")
     p.add_argument("--split", help="split to read from a datasets DatasetDict directory (default: train)")
     p.add_argument("--tokenization", choices=("spans", "whole"), default="spans",
                    help="spans: tokenize the text between special tokens once per record (fast, exact, "
@@ -85,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         workers=args.workers,
         chunk_size=args.chunk_size,
         split=args.split,
+        columns=parse_columns(args.columns),
         verify=args.verify,
         fresh=args.fresh,
         progress=not args.no_progress,
@@ -146,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM: clean up the worker pool and keep the finished shards, like Ctrl-C
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
     try:
-        res = run_preprocess(config_from_args(args), log=lambda m: console.print(m, markup=False))
+        cfg = config_from_args(args)
+    except PreprocessError as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False)
+        return 2
+    try:
+        res = run_preprocess(cfg, log=lambda m: console.print(m, markup=False))
     except PreprocessError as exc:
         console.print(f"error: {exc}", markup=False, highlight=False)
         return EXIT_ERROR

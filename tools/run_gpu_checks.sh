@@ -162,7 +162,7 @@ if [ "$what" = train_tp2 ]; then
     timeout -k 5 240 torchrun --nproc-per-node $n --master-port=$((20000 + RANDOM % 20000)) -m megatron_longpo.train \
       model.checkpoint=$T/ckpt data.path=$D model.bf16=true loss.name=longpo data.global_batch_size=2 train.steps=4 \
       optim.lr=1e-4 optim.warmup_fraction=0 train.save_dir=$T/run_$RANDOM train.tensorboard=false train.stall_seconds=40 "$@" 2>&1 \
-      | grep "^step\|^done\|rror" | tail -8 >> "$OUT/train_tp2.log"
+      | grep " step [0-9]\|^done\|rror" | tail -8 >> "$OUT/train_tp2.log"
   done
 fi
 if [ "$what" = longpo_run ]; then

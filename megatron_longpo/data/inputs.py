@@ -1,4 +1,4 @@
-"""Input files (JSONL, Parquet, Arrow, `datasets` directories) -> numbered raw rows in chunks."""
+"""Input files (JSONL, Parquet, Arrow, `datasets` directories, Hub datasets) -> numbered raw rows in chunks."""
 
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ _EXT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "pa
 
 
 def resolve_inputs(paths: list[str], split: str | None = None) -> list[InputFile]:
-    """The data files behind `paths` (files, `datasets` directories, directories of data files)."""
+    """The data files behind `paths`: files, `datasets.save_to_disk` directories (read with
+    `datasets.load_from_disk`), directories of data files, or a Hugging Face Hub dataset name
+    (`datasets.load_dataset`, where the network allows): both datasets paths give the Arrow files
+    of the dataset's cache, streamed like any .arrow file."""
     files: list[InputFile] = []
     for p in paths:
         path = Path(p)
@@ -33,6 +36,8 @@ def resolve_inputs(paths: list[str], split: str | None = None) -> list[InputFile
             files.append(InputFile(str(path), fmt, str(p)))
         elif path.is_dir():
             files += _resolve_dir(path, split, str(p))
+        elif _looks_like_hub_name(p):
+            files += _hub_dataset(p, split)
         else:
             raise PreprocessError(f"input {p} does not exist")
     if not files:
@@ -40,19 +45,72 @@ def resolve_inputs(paths: list[str], split: str | None = None) -> list[InputFile
     return files
 
 
+def _looks_like_hub_name(p: str) -> bool:
+    """owner/name or name: no file extension, no path beyond one slash, not absolute."""
+    return (not p.startswith((".", "/", "~")) and p.count("/") <= 1 and Path(p).suffix.lower() not in _EXT
+            and all(part and all(c.isalnum() or c in "-_." for c in part) for part in p.split("/")))
+
+
+HUB_HOST = ("huggingface.co", 443)
+
+
+def hub_reachable(timeout: float = 5.0) -> str | None:
+    """None when the Hub answers; else why not (offline mode set, or the connection error)."""
+    import os
+    import socket
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
+            return f"{var}={os.environ[var]}"
+    try:
+        socket.create_connection(HUB_HOST, timeout=timeout).close()
+    except OSError as exc:
+        return f"{HUB_HOST[0]} cannot be reached: {exc.strerror or exc}"
+    return None
+
+
+def _arrow_files(ds, display: str) -> list[InputFile]:
+    names = [f["filename"] for f in ds.cache_files]
+    if not names:
+        raise PreprocessError(f"{display} is held in memory, not in Arrow files; save it with save_to_disk and pass that directory")
+    return [InputFile(n, "arrow", f"{display}/{Path(n).name}") for n in names]
+
+
+def _pick_split(dd, split: str | None, display: str):
+    splits = list(dd.keys())
+    chosen = split or ("train" if "train" in splits else (splits[0] if len(splits) == 1 else None))
+    if chosen not in splits:
+        raise PreprocessError(f"{display} holds splits {splits}; name one with --split")
+    return dd[chosen], f"{display}/{chosen}"
+
+
+def _hub_dataset(name: str, split: str | None) -> list[InputFile]:
+    why = hub_reachable()
+    if why is not None:
+        raise PreprocessError(
+            f"{name} is not a local file or directory, and the Hugging Face Hub cannot be reached to load it ({why}); "
+            f"where there is a network run `datasets.load_dataset({name!r}).save_to_disk(DIR)` and pass --input DIR"
+        )
+    import datasets
+
+    try:
+        dd = datasets.load_dataset(name)
+    except Exception as exc:  # noqa: BLE001 - any loading problem is the user's to fix: say it in one line
+        raise PreprocessError(f"datasets.load_dataset({name!r}) failed: {type(exc).__name__}: {exc}") from None
+    ds, display = _pick_split(dd, split, name) if isinstance(dd, datasets.DatasetDict) else (dd, name)
+    return _arrow_files(ds, display)
+
+
 def _resolve_dir(path: Path, split: str | None, display: str) -> list[InputFile]:
-    if (path / "dataset_dict.json").is_file():
-        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-        chosen = split or ("train" if "train" in splits else (splits[0] if len(splits) == 1 else None))
-        if chosen not in splits:
-            raise PreprocessError(f"{display} holds splits {splits}; name one with --split")
-        return _resolve_dir(path / chosen, None, f"{display}/{chosen}")
-    if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
-        state = json.loads((path / "state.json").read_text())
-        names = [f["filename"] for f in state.get("_data_files", [])]
-        if not names:
-            raise PreprocessError(f"{display}/state.json lists no data files; is it a datasets.save_to_disk directory?")
-        return [InputFile(str(path / n), "arrow", f"{display}/{n}") for n in names]
+    if (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()):
+        import datasets
+
+        try:
+            dd = datasets.load_from_disk(str(path))
+        except Exception as exc:  # noqa: BLE001
+            raise PreprocessError(f"datasets.load_from_disk({display!r}) failed: {type(exc).__name__}: {exc}") from None
+        ds, shown = _pick_split(dd, split, display) if isinstance(dd, datasets.DatasetDict) else (dd, display)
+        return _arrow_files(ds, shown)
     found = sorted(q for q in path.rglob("*") if q.is_file() and q.suffix.lower() in _EXT)
     return [InputFile(str(q), _EXT[q.suffix.lower()], f"{display}/{q.relative_to(path)}") for q in found]
 

@@ -83,6 +83,7 @@ class PreprocessConfig:
     workers: int = 1
     chunk_size: int = 256  # rows per shard (the unit of resumption)
     split: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)  # native field -> the inputs' column (data/row_formats.py)
     verify: bool = False
     fresh: bool = False
     progress: bool = True
@@ -146,6 +147,7 @@ def _run_key(cfg: PreprocessConfig, files: list[InputFile], tok: ChatTokenizer) 
         "max_length": cfg.max_length,
         "on_overlength": cfg.on_overlength,
         "chunk_size": cfg.chunk_size,
+        **({"columns": sorted(cfg.columns.items())} if cfg.columns else {}),
     }
 
 
@@ -237,6 +239,7 @@ def run_preprocess(cfg: PreprocessConfig, log: Callable[[str], None] | None = No
         cfg.max_length,
         tuple(f.display for f in files),
         tuple("line" if f.fmt == "jsonl" else "row" for f in files),
+        tuple(sorted(cfg.columns.items())),
     )
     encoder = RecordEncoder(tok, cfg.kind, cfg.context_template, cfg.verify)
 

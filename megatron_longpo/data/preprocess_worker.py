@@ -30,6 +30,7 @@ class Job:
     max_length: int | None
     displays: tuple[str, ...]
     unit: tuple[str, ...]  # per file: "line" | "row"
+    columns: tuple[tuple[str, str], ...] = ()  # native field -> the row's column (--columns)
 
 
 def process_rows(encoder: RecordEncoder, job: Job, rows: list[RawRow]) -> list[Kept | Drop]:
@@ -49,7 +50,7 @@ def process_rows(encoder: RecordEncoder, job: Job, rows: list[RawRow]) -> list[K
                     continue
             else:
                 obj = row.payload
-            enc = encoder.encode(parse_record(job.kind, obj))
+            enc = encoder.encode(parse_record(job.kind, obj, dict(job.columns)))
         except RowError as exc:
             out.append(drop(exc.reason, exc.detail))
             continue

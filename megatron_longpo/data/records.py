@@ -157,10 +157,17 @@ def _parse_messages(obj: dict, system: str | None) -> tuple[Message, ...]:
     return tuple(out)
 
 
-def parse_record(kind: str, obj: Any) -> Record:
-    """Validate one row of `kind`; raises RowError naming the field and the problem."""
+def parse_record(kind: str, obj: Any, columns: dict[str, str] | None = None) -> Record:
+    """Validate one row of `kind`; raises RowError naming the field and the problem. `columns`
+    maps native field names to the row's own column names (data/row_formats.py); a `pair` row may
+    be in any of TRL's preference or SFT formats."""
     if not isinstance(obj, dict):
         raise RowError(NOT_AN_OBJECT, f"a row must be a JSON object, got {_json_type(obj)}")
+    from megatron_longpo.data.row_formats import pair_fields, rename_columns
+
+    obj = rename_columns(obj, columns or {})
+    if kind == "pair":
+        obj = pair_fields(obj)
     system = _opt_str(obj, "system")
     if kind == "pair":
         has_prompt = obj.get("prompt") is not None

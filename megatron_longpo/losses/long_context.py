@@ -60,7 +60,7 @@ def longpo_loss(
     )
     nll_w = nll(chosen if chosen_sequence is None else chosen_sequence)
     metrics = dict(po.metrics)
-    metrics["loss/nll"] = nll_w.detach()
+    metrics["nll_loss"] = nll_w.detach()
     if chosen_sequence is not None:
         metrics["logps/chosen_sequence"] = chosen_sequence.mean.detach()
     return LossOutput(nll_w + lam * po.loss, metrics)

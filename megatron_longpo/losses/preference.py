@@ -75,8 +75,8 @@ def pair_metrics(chosen: SeqStat, rejected: SeqStat, r_w: Tensor, r_l: Tensor) -
     return {
         "rewards/chosen": r_w,
         "rewards/rejected": r_l,
-        "rewards/margin": r_w - r_l,
-        "rewards/accuracy": _accuracy(r_w, r_l),
+        "rewards/margins": r_w - r_l,
+        "rewards/accuracies": _accuracy(r_w, r_l),
         "logps/chosen": chosen.mean.detach(),
         "logps/rejected": rejected.mean.detach(),
     }
@@ -177,7 +177,7 @@ def orpo_loss(
     nll_w = nll(chosen)
     loss = nll_w + lam * or_loss
     metrics = pair_metrics(chosen, rejected, lo_w, lo_l)
-    metrics["loss/nll"] = nll_w.detach()
+    metrics["nll_loss"] = nll_w.detach()
     metrics["loss/or"] = or_loss.detach()
     return LossOutput(loss, metrics)
 
@@ -187,4 +187,4 @@ def nll_loss(chosen: SeqStat, *, check: bool = True) -> LossOutput:
     if check:
         check_stats(dict(chosen=chosen), (CHOSEN,), "sft")
     loss = nll(chosen)
-    return LossOutput(loss, {"logps/chosen": chosen.mean.detach(), "loss/nll": loss.detach()})
+    return LossOutput(loss, {"logps/chosen": chosen.mean.detach(), "nll_loss": loss.detach()})

@@ -167,6 +167,27 @@ def forward_backward(t: Trainer, batches) -> dict[str, float]:
     return _reduce_metrics(collected, t)
 
 
+def evaluate(t: Trainer) -> dict[str, float] | None:
+    """Forward-only pass over the evaluation split (training/data.EvalData): the loss and its
+    metrics averaged over all its samples, reduced over DP like the training metrics (the same
+    number whatever the DP size). None without an evaluation split."""
+    ev = t.data.eval
+    if ev is None:
+        return None
+    for c in t.chunks:
+        c.eval()
+    collected: list[dict] = []
+    try:
+        with torch.no_grad():
+            for batches in ev.steps():
+                collected += run_schedule(t.chunks, batches, make_forward_step(t.cfg.loss, t.cfg.model.logprob_chunk_size,
+                                                                               t.layout), forward_only=True)
+    finally:
+        for c in t.chunks:
+            c.train()
+    return _reduce_metrics(collected, t)
+
+
 def build_trainer(cfg: RunConfig) -> Trainer:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -182,8 +203,11 @@ def build_trainer(cfg: RunConfig) -> Trainer:
 
     check_run(cfg, arch, layout.world_size, log)  # printed before the build; a run that cannot fit stops here (train.memory_check)
     check_save_dir(cfg.train.save_dir, cfg.model.checkpoint)
-    arch.check_sequence_length(longest_sequence(read_manifest(cfg.data.path), policy_roles(cfg.loss)),
-                               f"the longest sequence of data.path={cfg.data.path}")
+    from megatron_longpo.data.blend import parse_blend
+
+    for _, prefix in parse_blend(cfg.data.path) if cfg.data.path.strip() else []:  # each prefix of a blend
+        arch.check_sequence_length(longest_sequence(read_manifest(prefix), policy_roles(cfg.loss)),
+                                   f"the longest sequence of {prefix} (data.path)")
     resume_dir = Path(cfg.train.save_dir)
     resuming = (resume_dir / ckpt.LATEST).is_file()
 
@@ -201,9 +225,11 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     if cfg.data.check_tokenizer:
         from megatron_longpo.data.tokenizer import check_dataset_tokenizer
 
-        for note in check_dataset_tokenizer(data.ds.manifest, cfg.data.path, arch.vocab_size, cfg.model.checkpoint,
-                                            Path(cfg.model.checkpoint) / "tokenizer", skip_key="data.check_tokenizer=false"):
-            log(f"note: {note}")
+        evals = data.eval.src if data.eval is not None and data.eval.src is not data.src else None
+        for prefix, ds in [*zip(data.src.prefixes, data.src.datasets), *(zip(evals.prefixes, evals.datasets) if evals else [])]:
+            for note in check_dataset_tokenizer(ds.manifest, prefix, arch.vocab_size, cfg.model.checkpoint,
+                                                Path(cfg.model.checkpoint) / "tokenizer", skip_key="data.check_tokenizer=false"):
+                log(f"note: {note}")
     total = data.total_steps(cfg.train.steps, cfg.train.epochs)
     warmup = int(round(cfg.optim.warmup_fraction * total))
     scheduler = OptimizerParamScheduler(

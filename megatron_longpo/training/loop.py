@@ -16,9 +16,9 @@ import torch.distributed as dist
 
 from megatron_longpo import platform
 from megatron_longpo.checkpoint import dist as ckpt
-from megatron_longpo.config import RunConfig
+from megatron_longpo.config import RunConfig, to_dict
 from megatron_longpo.training import metrics as M
-from megatron_longpo.training.engine import Trainer, TrainingStopped, build_trainer, forward_backward
+from megatron_longpo.training.engine import Trainer, TrainingStopped, build_trainer, evaluate, forward_backward
 from megatron_longpo.training.metrics import log, rank0
 from megatron_longpo.training.train_state import save_training_state
 
@@ -49,7 +49,9 @@ def train_step(t: Trainer) -> M.StepRecord:
         f = torch.tensor([flops], dtype=torch.float64, device=platform.default_device())
         dist.all_reduce(f, group=t.layout.dp_group)
         flops = float(f.item())
-    return M.StepRecord(t.iteration, m, lr, grad_norm, timer.seconds, int(m["tokens"]), flops, M.peak_memory_gib(), skipped=not finite)
+    return M.StepRecord(t.iteration, m, lr, grad_norm, timer.seconds, int(m["tokens"]), flops, M.peak_memory_gib(),
+                        skipped=not finite, consumed_samples=t.data.sampler.consumed_samples, epoch=t.data.epoch,
+                        time=time.time())
 
 
 class StopFlag:
@@ -86,14 +88,33 @@ def train(cfg: RunConfig) -> dict:
     t = build_trainer(cfg)
     world = dist.get_world_size()
     peak = M.peak_tflops(cfg.train.peak_tflops)
-    tb = M.TensorBoard(os.path.join(cfg.train.save_dir, "tensorboard") if cfg.train.tensorboard and rank0() else None)
+    if rank0():  # the effective configuration, defaults filled in (load_config reads it back)
+        from megatron_longpo.config import to_yaml
+
+        Path(cfg.train.save_dir).mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(Path(cfg.train.save_dir) / "config.yaml", to_yaml(cfg))
+    tb = M.Writers(os.path.join(cfg.train.save_dir, "tensorboard") if cfg.train.tensorboard and rank0() else None,
+                   cfg.train.wandb_project if rank0() else None, os.path.join(cfg.train.save_dir, "wandb"),
+                   cfg.train.wandb_run_name, to_dict(cfg))
     log(f"training {cfg.loss.name} on {t.data.describe()} | {t.arch.architecture} {t.arch.num_layers} layers, RoPE base "
         f"{t.arch.rope_theta:g} | TP={t.par.tensor_parallel} PP={t.par.pipeline_parallel} CP={t.par.context_parallel} "
         f"DP={t.dp} | {t.total_steps} steps of {cfg.data.global_batch_size} samples")
     # disable=None: no bar where stderr is not a terminal (logs, CI), whose frames would pile up between the step lines
     bar = tqdm(total=t.total_steps, initial=t.iteration, disable=None if rank0() else True, desc="train", dynamic_ncols=True, file=sys.stderr)
     records = []
+    evals = []
     stopped_by_signal = False
+
+    def run_eval():
+        m = evaluate(t)
+        if m is None:
+            return
+        evals.append({"step": t.iteration, **m})
+        if rank0():
+            bar.write(M.eval_line(t.iteration, m))
+            sys.stdout.flush()
+        tb.log(M.eval_scalars(m), t.iteration)
+
     import faulthandler
 
     def watch():  # a step or a save stalled (a collective, say) for stall_seconds shows up as stacks, not silence
@@ -110,7 +131,10 @@ def train(cfg: RunConfig) -> dict:
                 if rank0():
                     bar.write(rec.line(t.total_steps, world, peak))
                     sys.stdout.flush()
-                tb.log(rec, world)
+                tb.log(rec.scalars(world), rec.step)
+            if cfg.train.eval_interval and rec.step % cfg.train.eval_interval == 0:
+                watch()
+                run_eval()
             if t.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
                 raise TrainingStopped(
                     f"{t.nonfinite_in_a_row} non-finite losses/gradients in a row (step {t.iteration}); stopping. "
@@ -127,6 +151,9 @@ def train(cfg: RunConfig) -> dict:
             if cfg.train.save_interval and t.iteration % cfg.train.save_interval == 0 and t.iteration < t.total_steps:
                 watch()
                 save_training_state(t)
+        if cfg.train.eval_interval and records and t.iteration >= t.total_steps and t.iteration % cfg.train.eval_interval:
+            watch()
+            run_eval()  # the final model is always scored (not on a stop: that saves at once)
         watch()
         path = save_training_state(t)
     finally:
@@ -142,8 +169,10 @@ def train(cfg: RunConfig) -> dict:
         "tokens_per_s": (sum(r.tokens for r in done) / max(sum(r.seconds for r in done), 1e-9)) if done else 0.0,
         "checkpoint": str(path), "seconds": time.time() - t0, "stopped_by_signal": stopped_by_signal,
         "losses": [r.metrics.get("loss") for r in records],
-        "steps": [{"step": r.step, "lr": r.lr, "grad_norm": r.grad_norm, "seconds": r.seconds, "skipped": r.skipped,
-                   "peak_mem_gib": r.peak_mem_gib, **r.metrics} for r in records],
+        "steps": [{"step": r.step, "lr": r.lr, "learning_rate": r.lr, "grad_norm": r.grad_norm, "seconds": r.seconds,
+                   "skipped": r.skipped, "peak_mem_gib": r.peak_mem_gib, "consumed_samples": r.consumed_samples,
+                   "epoch": r.epoch, **r.metrics} for r in records],
+        "evals": evals,
     }
     if rank0():
         import json

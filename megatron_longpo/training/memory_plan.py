@@ -351,13 +351,16 @@ def check_run(cfg, arch, world: int, log=print) -> MemoryPlan | None:
     from megatron_longpo.losses import policy_roles, sequence_roles
     from megatron_longpo import platform
 
-    try:
-        ds = PairDataset(cfg.data.path)
+    from megatron_longpo.data.blend import parse_blend
+
+    try:  # every prefix of a blend (data/blend.py); the longest row decides
+        dss = [PairDataset(prefix) for _, prefix in parse_blend(cfg.data.path)]
     except Exception:  # noqa: BLE001 - the data's own error comes from StepData, with its message
         return None
-    rows, scored = row_tokens_of_dataset(ds, share_prefix=cfg.data.share_prefix,
-                                         samples_per_microbatch=cfg.data.samples_per_microbatch,
-                                         roles=policy_roles(cfg.loss), sequence_roles=sequence_roles(cfg.loss))
+    rows, scored = max(row_tokens_of_dataset(ds, share_prefix=cfg.data.share_prefix,
+                                             samples_per_microbatch=cfg.data.samples_per_microbatch,
+                                             roles=policy_roles(cfg.loss), sequence_roles=sequence_roles(cfg.loss))
+                       for ds in dss)
     p = plan(PlanInputs.from_config(cfg, arch, world=world, row_tokens=rows, scored_tokens=scored,
                                     cuda=platform.cuda_available()), device_bytes())
     log(describe(p))
@@ -408,9 +411,12 @@ def plan_command(cfg, *, length: int | None = None, response: int = 512, world: 
         from megatron_longpo.data.format import PairDataset
         from megatron_longpo.losses import policy_roles
 
-        rows, scored = row_tokens_of_dataset(PairDataset(cfg.data.path), share_prefix=cfg.data.share_prefix,
-                                             samples_per_microbatch=cfg.data.samples_per_microbatch,
-                                             roles=policy_roles(cfg.loss), sequence_roles=sequence_roles(cfg.loss))
+        from megatron_longpo.data.blend import parse_blend
+
+        rows, scored = max(row_tokens_of_dataset(PairDataset(prefix), share_prefix=cfg.data.share_prefix,
+                                                 samples_per_microbatch=cfg.data.samples_per_microbatch,
+                                                 roles=policy_roles(cfg.loss), sequence_roles=sequence_roles(cfg.loss))
+                           for _, prefix in parse_blend(cfg.data.path))
         where = f"the longest sample of {cfg.data.path}"
     dev = device_gib * GIB if device_gib else device_bytes() or H200_GIB * GIB
     label = f"{dev / GIB:.1f} GiB" + ("" if device_gib or device_bytes() else " (an H200: --device-gib to change)")

@@ -68,6 +68,11 @@ def batch_model_flops(arch, spans, scored_tokens: int | None = None) -> float:
     return body + n_head * output_layer_flops_per_token(arch)
 
 
+def timestamp(t: float | None = None) -> str:
+    """UTC wall-clock time of a step line: 2026-01-31 12:00:00."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() if t is None else t))
+
+
 @dataclass
 class StepRecord:
     step: int
@@ -79,14 +84,18 @@ class StepRecord:
     flops: float
     peak_mem_gib: float
     skipped: bool = False
+    consumed_samples: int = 0  # samples of all finished steps, over all data-parallel ranks
+    epoch: float = 0.0  # fractional epochs of the (blended) training data
+    time: float = 0.0  # wall clock (time.time()) at the step's end
 
     def line(self, total_steps: int, world: int, peak: float | None) -> str:
         m = self.metrics
-        parts = [f"step {self.step}/{total_steps}", f"loss {m.get('loss', float('nan')):.4f}"]
-        for k in ("loss/nll", "loss/dpo", "loss/po", "loss/solo_ra", "loss/simpo", "loss/or", "loss/ipo"):
+        parts = [f"{timestamp(self.time or None)} step {self.step}/{total_steps}", f"samples {self.consumed_samples}",
+                 f"loss {m.get('loss', float('nan')):.4f}"]
+        for k in ("nll_loss", "loss/dpo", "loss/po", "loss/solo_ra", "loss/simpo", "loss/or", "loss/ipo"):
             if k in m:
-                parts.append(f"{k.split('/')[1]} {m[k]:.4f}")
-        for k, short in (("rewards/chosen", "r_w"), ("rewards/rejected", "r_l"), ("rewards/margin", "margin"), ("rewards/accuracy", "acc")):
+                parts.append(f"{k.split('/')[-1].replace('_loss', '')} {m[k]:.4f}")
+        for k, short in (("rewards/chosen", "r_w"), ("rewards/rejected", "r_l"), ("rewards/margins", "margin"), ("rewards/accuracies", "acc")):
             if k in m:
                 parts.append(f"{short} {m[k]:.4f}")
         parts.append(f"lr {self.lr:.3e}")
@@ -101,6 +110,36 @@ class StepRecord:
         if self.skipped:
             parts.append("SKIPPED (non-finite)")
         return " | ".join(parts)
+
+    def scalars(self, world: int) -> dict[str, float]:
+        """The step's scalars under TRL's / the Hugging Face Trainer's names (`train/` + name):
+        loss, learning_rate, grad_norm, epoch, rewards/*, logps/*, nll_loss, ..."""
+        out = {k: v for k, v in self.metrics.items() if k not in ("samples", "tokens")}
+        out["learning_rate"] = self.lr
+        if self.grad_norm is not None:
+            out["grad_norm"] = self.grad_norm
+        out["epoch"] = self.epoch
+        out["consumed_samples"] = float(self.consumed_samples)
+        out["throughput/tokens_per_s"] = self.tokens / max(self.seconds, 1e-9)
+        out["throughput/tflops_per_gpu"] = self.flops / max(self.seconds, 1e-9) / world / 1e12
+        out["step_seconds"] = self.seconds
+        if self.peak_mem_gib:
+            out["memory/peak_gib"] = self.peak_mem_gib
+        return {f"train/{k}": float(v) for k, v in out.items()}
+
+
+def eval_scalars(metrics: dict[str, float]) -> dict[str, float]:
+    """Evaluation metrics under the Trainer's names: eval/loss, eval/rewards/accuracies, ..."""
+    return {f"eval/{k}": float(v) for k, v in metrics.items() if k not in ("tokens",)}
+
+
+def eval_line(step: int, metrics: dict[str, float]) -> str:
+    parts = [f"{timestamp()} eval at step {step}", f"samples {int(metrics.get('samples', 0))}",
+             f"loss {metrics.get('loss', float('nan')):.4f}"]
+    for k, short in (("rewards/margins", "margin"), ("rewards/accuracies", "acc"), ("nll_loss", "nll")):
+        if k in metrics:
+            parts.append(f"{short} {metrics[k]:.4f}")
+    return " | ".join(parts)
 
 
 class Timer:
@@ -121,27 +160,54 @@ def peak_memory_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
-class TensorBoard:
-    def __init__(self, log_dir: str | None):
-        self.w = None
-        if log_dir:
+class Writers:
+    """TensorBoard (`<save_dir>/tensorboard`) and, with train.wandb_project, Weights & Biases;
+    rank 0 only. Scalars are logged by name and step (TRL's names, see StepRecord.scalars).
+    W&B honours its own environment (WANDB_MODE=offline writes a local run under
+    `<save_dir>/wandb` to `wandb sync` later)."""
+
+    def __init__(self, tensorboard_dir: str | None = None, wandb_project: str | None = None, wandb_dir: str | None = None,
+                 run_name: str | None = None, config: dict | None = None):
+        self.tb = None
+        self.wandb = None
+        if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.w = SummaryWriter(log_dir)
+            self.tb = SummaryWriter(tensorboard_dir)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("train.wandb_project is set but wandb is not installed: pip install "
+                                 "'megatron-longpo[wandb]' (or unset train.wandb_project)") from None
+            import os
+            import uuid
 
-    def log(self, rec: StepRecord, world: int) -> None:
-        if self.w is None:
-            return
-        for k, v in rec.metrics.items():
-            self.w.add_scalar(k, v, rec.step)
-        self.w.add_scalar("lr", rec.lr, rec.step)
-        if rec.grad_norm is not None:
-            self.w.add_scalar("grad_norm", rec.grad_norm, rec.step)
-        self.w.add_scalar("throughput/tokens_per_s", rec.tokens / rec.seconds, rec.step)
-        self.w.add_scalar("throughput/tflops_per_gpu", rec.flops / rec.seconds / world / 1e12, rec.step)
-        if rec.peak_mem_gib:
-            self.w.add_scalar("memory/peak_gib", rec.peak_mem_gib, rec.step)
+            os.makedirs(wandb_dir, exist_ok=True)
+            id_file = os.path.join(wandb_dir, "run_id")  # a resumed training continues its W&B run
+            with open(id_file, "a+") as f:
+                f.seek(0)
+                run_id = f.read().strip() or uuid.uuid4().hex[:8]
+            with open(id_file, "w") as f:
+                f.write(run_id)
+            try:
+                self.wandb = wandb.init(project=wandb_project, name=run_name, dir=wandb_dir, config=config or {},
+                                        id=run_id, resume="allow")
+            except Exception as exc:  # noqa: BLE001 - no API key, no network, ...: the user's to fix, in one line
+                raise ValueError(f"train.wandb_project={wandb_project} but W&B did not start ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); run `wandb login`, or set "
+                                 f"WANDB_MODE=offline to write the run locally") from None
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
-        if self.w is not None:
-            self.w.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
