@@ -64,7 +64,7 @@ from megatron_longpo.data.tokenizer import ChatTokenizer, TokenizerError, Tokeni
 from megatron_longpo.io import atomic_write, atomic_write_json
 
 EXIT_OK = 0  # every row kept
-EXIT_ERROR = 1  # nothing written (bad input, template problem, over-length row under `fail`, ...)
+EXIT_ERROR = 2  # nothing written (bad input, template problem, over-length row under `fail`, ...): errors.EXIT_USER
 EXIT_USAGE = 2  # bad command line
 EXIT_DROPPED = 3  # dataset written, some rows dropped (see the summary / PREFIX.dropped.jsonl)
 
