@@ -132,6 +132,13 @@ def _check_config(cfg: PreprocessConfig) -> None:
         raise PreprocessError(f"--workers must be at least 1, got {cfg.workers}")
     if cfg.chunk_size < 1:
         raise PreprocessError(f"--chunk-size must be at least 1, got {cfg.chunk_size}")
+    parent = Path(cfg.output).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PreprocessError(f"--output {cfg.output}: {parent} is a file, not a directory; choose another --output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PreprocessError(f"--output {cfg.output}: {parent} is not writable; choose another --output")
 
 
 def _run_key(cfg: PreprocessConfig, files: list[InputFile], tok: ChatTokenizer) -> dict:

@@ -16,11 +16,12 @@ __all__ = ["DataConfigError", "StepData"]
 
 class StepData:
     def __init__(self, dcfg, *, roles, ref_roles, layout, thd: bool, device, share_prefix: bool = False,
-                 sequence_roles=()):
+                 sequence_roles=(), vocab_size: int | None = None):
         """layout: this rank's parallel.Layout (DP shard of the sampler, CP split of the batches)."""
         if not dcfg.path:
             raise DataConfigError("data.path is not set: point it at a dataset prefix written by tools/preprocess_pairs.py")
-        self.ds = PairDataset(dcfg.path)
+        self.ds = PairDataset(dcfg.path, verify_hash=getattr(dcfg, "verify_hash", False))
+        self.ds.vocab_limit = vocab_size  # a token id beyond the embeddings is named on read, not an IndexError
         missing = [r for r in roles if r not in self.ds.roles]
         if missing:
             raise DataConfigError(

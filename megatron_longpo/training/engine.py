@@ -197,7 +197,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
 
     data = StepData(cfg.data, roles=policy_roles(cfg.loss), ref_roles=reference_roles(cfg.loss), layout=layout,
                     thd=opts.resolved_use_te(), device=platform.default_device(), share_prefix=cfg.data.share_prefix,
-                    sequence_roles=sequence_roles(cfg.loss))
+                    sequence_roles=sequence_roles(cfg.loss), vocab_size=arch.vocab_size)
     if cfg.data.check_tokenizer:
         from megatron_longpo.data.tokenizer import check_dataset_tokenizer
 

@@ -98,6 +98,27 @@ def check_resume_config(t: Trainer, d: Path, it: Path) -> dict:
                           same_base_model=resume.same_path(trained_from, t.cfg.model.checkpoint))
 
 
+def _schedule_keys_of_this_run(opt_state, optim) -> None:
+    """Put this run's optim.lr / optim.min_lr into the saved param groups' max_lr / min_lr.
+    megatron matches saved and current param groups by a key that includes both (a changed lr was
+    'Could not find parameter group with key ...'), and its scheduler reads the rate from the
+    group, so the saved values would also win over the new ones (resume.SCHEDULE)."""
+    if isinstance(opt_state, dict):
+        for k, v in opt_state.items():
+            if k == "param_groups" and isinstance(v, list):
+                for g in v:
+                    if isinstance(g, dict):
+                        if "max_lr" in g:
+                            g["max_lr"] = optim.lr
+                        if "min_lr" in g:
+                            g["min_lr"] = optim.min_lr
+            else:
+                _schedule_keys_of_this_run(v, optim)
+    elif isinstance(opt_state, list):
+        for v in opt_state:
+            _schedule_keys_of_this_run(v, optim)
+
+
 def load_training_state(t, d: Path) -> None:
     from megatron_longpo.training import resume
 
@@ -106,6 +127,7 @@ def load_training_state(t, d: Path) -> None:
     state = ckpt.load(training_state_dict(t, loading=True), d, it, verified=verified)
     ckpt.apply_model_state(t.chunks, state)
     if "optimizer" in state:
+        _schedule_keys_of_this_run(state["optimizer"], t.cfg.optim)
         t.optimizer.load_state_dict(state["optimizer"])
         o = t.cfg.optim
         for g in t.optimizer.param_groups:  # the run's values, not the saved ones (resume.REAPPLY)
