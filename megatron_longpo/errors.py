@@ -78,6 +78,34 @@ def find_os_error(exc: BaseException) -> OSError | None:
     return None
 
 
+def diagnose_write_failure(path, need_bytes: int) -> OSError | None:
+    """A write of about `need_bytes` into directory `path` failed somewhere we cannot see (megatron's
+    checkpoint writer reports "unexpected pos 704 vs 598" from torch's zip writer, no errno): the
+    OSError a file-size limit or a full disk would have been, or None if neither explains it."""
+    import os
+    import resource
+    import shutil
+
+    def mib(n):
+        return f"{n / 2**20:,.1f} MiB"
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and soft < need_bytes:
+        return OSError(errno.EFBIG, f"the file-size limit is {mib(soft)}, the checkpoint needs about {mib(need_bytes)}",
+                       str(path))
+    p = os.fspath(path)
+    while p and not os.path.exists(p):
+        p = os.path.dirname(p)
+    try:
+        free = shutil.disk_usage(p or ".").free
+    except OSError:
+        return None
+    if free < need_bytes:
+        return OSError(errno.ENOSPC, f"{mib(free)} free, the checkpoint needs about {mib(need_bytes)}; the unfinished "
+                                     f"{os.path.basename(os.fspath(path))} may be deleted", str(path))
+    return None
+
+
 def user_error_line(exc: BaseException, what: str = "") -> str | None:
     """The one line (without `error: `) for an exception that is the user's to fix, else None.
     ValueError (and so UserError, ConfigError, FormatError, CheckpointError ...), FileNotFoundError

@@ -58,6 +58,7 @@ def main(argv=None) -> int:
 
             if dist.is_initialized() and dist.get_world_size() > 1 and not isinstance(e, ValueError):
                 # an OS error (a full disk in a save, ...): other ranks may be waiting in a collective
+                _end_children()
                 sys.stderr.flush()
                 sys.stdout.flush()
                 os._exit(code)
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
         import traceback
 
         traceback.print_exc()
+        _end_children()
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(1)
@@ -74,6 +76,15 @@ def main(argv=None) -> int:
         code = 0
     parallel.teardown()
     return code
+
+
+def _end_children() -> None:
+    """Before os._exit: end the processes this one started (megatron's checkpoint writer starts a
+    multiprocessing Manager), which would outlive it and hold its output open."""
+    import multiprocessing
+
+    for c in multiprocessing.active_children():
+        c.kill()
 
 
 if __name__ == "__main__":

@@ -246,6 +246,10 @@ def test_a_sidecar_whose_shape_disagrees_is_named(tiny_longpo_data, tmp_path):
     save_file(tensors, path, metadata=meta)
     with pytest.raises(RefLogpError, match=rf"{re.escape(key)} has shape \(5,\), the dataset has 8 rows \(the sidecar is damaged\)"):
         load_ref_logps(d)
+    raw = Path(path).read_bytes()  # a truncated sidecar (a copy cut short): named, with the fix
+    Path(path).write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(RefLogpError, match=rf"cannot read {re.escape(path)} .*recompute it with tools/precompute_ref_logps.py"):
+        load_ref_logps(d)
 
 
 # ---------------------------------------------------------------- the resume table, in one trainer process
@@ -291,6 +295,11 @@ def test_resume_table_row_by_row(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
                                              "optim.name", "data.seed", "data.global_batch_size", "loss.name"])
     dmg = got["damaged_data"]
     assert dmg["trained_steps"] < 4 and "holds token id 65535, beyond the model's 49152 token embeddings" in dmg["error"]
+    # kill -9 during a save left .iter_0000003.tmp: the resume used `latest` (step 2), the next save replaced it
+    assert got["killed_save"] == {"latest": "iter_0000003", "tmp_left": False, "verified": True}
+    nan = got["nonfinite"]
+    assert nan and "2 non-finite losses/gradients in a row (step 2); stopping" in nan["error"], nan
+    assert not nan["saved"] and not nan["lock_left"]  # nothing saved from the diverged state; the lock released
 
 
 # ---------------------------------------------------------------- a save that the disk cannot take
@@ -310,9 +319,21 @@ def test_a_save_under_a_file_size_limit_is_one_line(tiny_llama_ckpt, tiny_longpo
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
 
-    r = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT, preexec_fn=limit,
-                       env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
-    line = one_error_line(r.stderr, "a file grew beyond the file-size limit (`ulimit -f`)")
-    assert str(run) in line, line
-    assert not (run / "latest").exists()
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        # files, not pipes: a process the trainer left behind would hold a pipe open (checked below)
+        p = subprocess.Popen(args, stdout=out, stderr=err, cwd=ROOT, preexec_fn=limit, start_new_session=True,
+                             env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+        try:
+            rc = p.wait(timeout=300)
+            time.sleep(1)
+            left = subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True, text=True).stdout.split()
+        finally:
+            try:
+                os.killpg(p.pid, 9)
+            except ProcessLookupError:
+                pass
+    stderr = (tmp_path / "err.txt").read_text()
+    assert rc == 2, (tmp_path / "out.txt").read_text()[-2000:] + stderr[-3000:]
+    line = one_error_line(stderr, "a file grew beyond the file-size limit (`ulimit -f`)")
+    assert f"{run}/.iter_0000001.tmp" in line and "the file-size limit is 4.0 MiB" in line, line
+    assert not (run / "latest").exists() and not left, left

@@ -71,6 +71,9 @@ def main(ckpt: str, data: str, tmp: str) -> None:
     for name, over in HONOURED.items():
         d = tmp / name
         shutil.copytree(base, d)
+        if name == "same":  # what kill -9 in the middle of the save of step 3 leaves behind
+            (d / ".iter_0000003.tmp").mkdir()
+            (d / ".iter_0000003.tmp" / "__0_0.distcp").write_bytes(b"half a file")
         path = moved if name == "moved_data" else data
         t = build_trainer(load_config(None, common + [f"data.path={path}", f"train.save_dir={d}", *over]))
         groups = t.optimizer.param_groups
@@ -83,6 +86,13 @@ def main(ckpt: str, data: str, tmp: str) -> None:
             "betas": sorted({tuple(g["betas"]) for g in groups}), "eps": sorted({g["eps"] for g in groups}),
             "update_norm": float(torch.sqrt(sum(((a - b).double() ** 2).sum() for a, b in zip(after, before)))),
         }
+        if name == "same":  # the next save replaces the leftover and is intact
+            from megatron_longpo.checkpoint import dist as ckpt_dist
+            from megatron_longpo.training.train_state import save_training_state
+
+            save_training_state(t)
+            out["killed_save"] = {"latest": (d / "latest").read_text().strip(), "tmp_left": (d / ".iter_0000003.tmp").exists(),
+                                  "verified": ckpt_dist.verify_checksums(d / "iter_0000003")}
     for key, over in refused_cases(ckpt, tmp).items():
         d = tmp / ("refused_" + key)
         shutil.copytree(base, d)
@@ -108,6 +118,20 @@ def main(ckpt: str, data: str, tmp: str) -> None:
             out["damaged_data"]["trained_steps"] += 1
     except ValueError as e:
         out["damaged_data"]["error"] = str(e)
+    # non-finite losses in a row: the trainer stops itself (train.py maps TrainingStopped to exit 3), saving nothing
+    from megatron_longpo.training import loop
+    from megatron_longpo.training.engine import TrainingStopped
+
+    real = loop.forward_backward
+    loop.forward_backward = lambda t, batches: {**real(t, batches), "loss": float("nan")}
+    nan_run = tmp / "nan_run"
+    try:
+        train(load_config(None, common + [f"data.path={data}", f"train.save_dir={nan_run}", "train.max_nonfinite_in_a_row=2"]))
+        out["nonfinite"] = None
+    except TrainingStopped as e:
+        out["nonfinite"] = {"error": str(e), "saved": (nan_run / "latest").exists(), "lock_left": (nan_run / "trainer.lock").exists()}
+    finally:
+        loop.forward_backward = real
     print("RESULT " + json.dumps(out))
 
 
