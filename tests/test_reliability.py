@@ -337,3 +337,24 @@ def test_a_save_under_a_file_size_limit_is_one_line(tiny_llama_ckpt, tiny_longpo
     line = one_error_line(stderr, "a file grew beyond the file-size limit (`ulimit -f`)")
     assert f"{run}/.iter_0000001.tmp" in line and "the file-size limit is 4.0 MiB" in line, line
     assert not (run / "latest").exists() and not left, left
+
+
+def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """A full disk in the middle of `megatron-to-hf` (ENOSPC from a write): one line naming the path,
+    exit 2, and no half-written output or temporary sibling left (was a traceback, exit 1)."""
+    import errno
+
+    from megatron_longpo.checkpoint import export
+    from test_export import cli_main, synthetic
+
+    d, _, _ = synthetic(tmp_path)
+
+    def full(tmp, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "model.safetensors"))
+
+    monkeypatch.setattr(export, "mark_output", full)
+    rc, _, err = cli_main(capsys, "megatron-to-hf", "--megatron-dir", d, "--out", tmp_path / "hf")
+    assert rc == 2
+    line = one_error_line(err, "model.safetensors: no space left on the device")
+    assert "free space there or choose another place" in line
+    assert not (tmp_path / "hf").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.")]
