@@ -113,6 +113,28 @@ def test_os_errors_a_user_can_fix_are_one_line_naming_the_path():
     assert user_error_line(RuntimeError("a bug")) is None and user_error_line(KeyError("x")) is None
 
 
+
+def test_a_failed_write_without_errno_is_diagnosed(tmp_path):
+    """torch's zip writer inside megatron's checkpoint writer loses the errno ("unexpected pos"):
+    the limit and the free space tell a file-size limit and a full disk apart from a bug."""
+    import errno
+    import resource
+
+    from megatron_longpo.errors import diagnose_write_failure, user_error_line
+
+    free = shutil.disk_usage(tmp_path).free
+    assert diagnose_write_failure(tmp_path / ".iter_0000001.tmp", 1 << 20) is None  # neither explains it: a bug
+    e = diagnose_write_failure(tmp_path / ".iter_0000001.tmp", free + (1 << 30))
+    assert e.errno == errno.ENOSPC and "may be deleted" in user_error_line(e)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 30, hard))
+    try:
+        e = diagnose_write_failure(tmp_path / ".iter_0000001.tmp", 2 << 30)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert e.errno == errno.EFBIG and "the file-size limit is 1,024.0 MiB, the checkpoint needs about 2,048.0 MiB" in str(e)
+
+
 # ---------------------------------------------------------------- a run directory is held by one trainer
 
 HOLDER = """
@@ -325,8 +347,11 @@ def test_a_save_under_a_file_size_limit_is_one_line(tiny_llama_ckpt, tiny_longpo
                              env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
         try:
             rc = p.wait(timeout=300)
-            time.sleep(1)
-            left = subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True, text=True).stdout.split()
+            for _ in range(30):  # what it started (megatron's writer Manager, the resource tracker) ends too
+                left = subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True, text=True).stdout.split()
+                if not left:
+                    break
+                time.sleep(0.5)
         finally:
             try:
                 os.killpg(p.pid, 9)

@@ -43,7 +43,7 @@ def save_training_state(t) -> Path:
     return it
 
 
-def resume_iteration(t, d: Path) -> tuple[Path, bool]:
+def resume_iteration(cfg, d: Path) -> tuple[Path, bool]:
     """The iteration to resume from and whether its checksums were verified (collective). A damaged
     newest iteration is an error naming the file, unless train.resume_fallback=true: then the newest
     intact older one is used, and the log says so."""
@@ -52,7 +52,7 @@ def resume_iteration(t, d: Path) -> tuple[Path, bool]:
     try:
         return latest, ckpt.verify_checksums(latest)
     except ckpt.CheckpointDamaged as e:
-        if not t.cfg.train.resume_fallback:
+        if not cfg.train.resume_fallback:
             hint = (f"restore it, or set train.resume_fallback=true to resume from the newest intact older iteration "
                     f"(kept: {', '.join(p.name for p in older)})" if older else
                     "restore it; no older iteration is kept to fall back to")
@@ -71,7 +71,7 @@ def resume_iteration(t, d: Path) -> tuple[Path, bool]:
                                    f"{''.join(', ' + p.name for p in older)}); start a new run") from None
 
 
-def check_resume_config(t: Trainer, d: Path, it: Path) -> dict:
+def check_resume_config(cfg, dataset_hash: str, d: Path, it: Path) -> dict:
     """Compare the configuration saved with the run with this one (training/resume.py)."""
     import json
 
@@ -89,13 +89,22 @@ def check_resume_config(t: Trainer, d: Path, it: Path) -> dict:
             f"(model.checkpoint={d} starts a run from its weights)"
         )
     saved_hash = ts.get("dataset_hash")
-    same_dataset = None if saved_hash is None else saved_hash == t.data.ds.dataset_hash
+    same_dataset = None if saved_hash is None else saved_hash == dataset_hash
     try:
         trained_from = json.loads((d / ckpt.MODEL_JSON).read_text()).get("trained_from")
     except (OSError, ValueError):
         trained_from = None
-    return resume.compare(saved, to_dict(t.cfg), save_dir=str(d), same_dataset=same_dataset,
-                          same_base_model=resume.same_path(trained_from, t.cfg.model.checkpoint))
+    return resume.compare(saved, to_dict(cfg), save_dir=str(d), same_dataset=same_dataset,
+                          same_base_model=resume.same_path(trained_from, cfg.model.checkpoint))
+
+
+def prepare_resume(cfg, d: Path) -> tuple[Path, bool, dict]:
+    """Before anything is built (collective): the iteration to resume from, whether it was verified,
+    and the configuration changes by kind; a refused change or a damaged checkpoint raises here."""
+    from megatron_longpo.data.format import read_manifest
+
+    it, verified = resume_iteration(cfg, d)
+    return it, verified, check_resume_config(cfg, read_manifest(cfg.data.path)["dataset_hash"], d, it)
 
 
 def _schedule_keys_of_this_run(opt_state, optim) -> None:
@@ -119,11 +128,10 @@ def _schedule_keys_of_this_run(opt_state, optim) -> None:
             _schedule_keys_of_this_run(v, optim)
 
 
-def load_training_state(t, d: Path) -> None:
+def load_training_state(t, d: Path, prepared: tuple[Path, bool, dict] | None = None) -> None:
     from megatron_longpo.training import resume
 
-    it, verified = resume_iteration(t, d)
-    changes = check_resume_config(t, d, it)
+    it, verified, changes = prepared or prepare_resume(t.cfg, d)
     state = ckpt.load(training_state_dict(t, loading=True), d, it, verified=verified)
     ckpt.apply_model_state(t.chunks, state)
     if "optimizer" in state:
