@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import re
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -125,7 +125,7 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     error, or the traceback and EXIT_BUG for a bug. argparse's usage errors exit 2 by themselves."""
     try:
         return main(argv)
-    except Exception as exc:  # noqa: BLE001 - sorted into user / bug right here
+    except Exception as exc:
         line = user_error_line(exc, what)
         if line is None:
             raise

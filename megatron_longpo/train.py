@@ -38,9 +38,9 @@ def main(argv=None) -> int:
             return 2
         return 0
     from megatron_longpo import parallel
+    from megatron_longpo.errors import EXIT_STOPPED, EXIT_USER, user_error_line
     from megatron_longpo.training.engine import TrainingStopped
     from megatron_longpo.training.loop import train
-    from megatron_longpo.errors import EXIT_STOPPED, EXIT_USER, user_error_line
 
     try:
         train(cfg)

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,17 +252,21 @@ def test_a_bin_shorter_than_its_idx_is_named(tiny_longpo_data, tmp_path):
 
 
 def test_a_sidecar_whose_shape_disagrees_is_named(tiny_longpo_data, tmp_path):
-    from safetensors.numpy import load_file, save_file
     from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
 
-    from megatron_longpo.data.reference import RefLogpError, load_ref_logps, sidecar_path
+    from megatron_longpo.data.reference import (
+        RefLogpError,
+        load_ref_logps,
+        sidecar_path,
+    )
 
     d = _copy_dataset(Path(tiny_longpo_data), tmp_path / "d")
     path = sidecar_path(d)
     with safe_open(path, framework="np") as f:
         meta = dict(f.metadata())
     tensors = load_file(path)
-    key = sorted(k for k in tensors if k.startswith("logp_sum/"))[0]
+    key = min(k for k in tensors if k.startswith("logp_sum/"))
     tensors[key] = tensors[key][:-3]
     save_file(tensors, path, metadata=meta)
     with pytest.raises(RefLogpError, match=rf"{re.escape(key)} has shape \(5,\), the dataset has 8 rows \(the sidecar is damaged\)"):
@@ -289,7 +292,7 @@ def test_resume_table_row_by_row(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
     2, resumed with each key changed. The probe: optim.lr=1e-3 exited 2 with megatron's 'Could not
     find parameter group with key (None, 0.001, ...)'."""
     r = subprocess.run([sys.executable, WORKERS / "resume_table.py", tiny_llama_ckpt, tiny_longpo_data, tmp_path],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       check=False, capture_output=True, text=True, timeout=600, cwd=ROOT,
                        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     res = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and res, r.stdout[-3000:] + r.stderr[-3000:]
@@ -343,12 +346,12 @@ def test_a_save_under_a_file_size_limit_is_one_line(tiny_llama_ckpt, tiny_longpo
 
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
         # files, not pipes: a process the trainer left behind would hold a pipe open (checked below)
-        p = subprocess.Popen(args, stdout=out, stderr=err, cwd=ROOT, preexec_fn=limit, start_new_session=True,
+        p = subprocess.Popen(args, stdout=out, stderr=err, cwd=ROOT, preexec_fn=limit, start_new_session=True,  # noqa: PLW1509 - nothing threaded runs before exec
                              env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
         try:
             rc = p.wait(timeout=300)
             for _ in range(30):  # what it started (megatron's writer Manager, the resource tracker) ends too
-                left = subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True, text=True).stdout.split()
+                left = subprocess.run(["pgrep", "-s", str(p.pid)], check=False, capture_output=True, text=True).stdout.split()
                 if not left:
                     break
                 time.sleep(0.5)
@@ -369,8 +372,9 @@ def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, capsys
     exit 2, and no half-written output or temporary sibling left (was a traceback, exit 1)."""
     import errno
 
-    from megatron_longpo.checkpoint import export
     from test_export import cli_main, synthetic
+
+    from megatron_longpo.checkpoint import export
 
     d, _, _ = synthetic(tmp_path)
 

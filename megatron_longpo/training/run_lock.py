@@ -65,7 +65,7 @@ class RunLock:
         self._fd: int | None = None
         self.note: str | None = None  # what was taken over, for the log
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
