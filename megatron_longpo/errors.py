@@ -108,14 +108,15 @@ def diagnose_write_failure(path, need_bytes: int) -> OSError | None:
 
 def user_error_line(exc: BaseException, what: str = "") -> str | None:
     """The one line (without `error: `) for an exception that is the user's to fix, else None.
-    ValueError (and so UserError, ConfigError, FormatError, CheckpointError ...), FileNotFoundError
-    and user-fixable OS errors are the user's; anything else is a bug."""
+    ValueError (and so UserError, ConfigError, FormatError, CheckpointError ...), an OSError raised
+    with a message only (`FileNotFoundError("no config at ...")`) and user-fixable OS errors are the
+    user's; anything else is a bug."""
     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
         return None
     os_err = find_os_error(exc)
     if os_err is not None:
         return os_error_line(os_err, what)
-    if isinstance(exc, ValueError):
+    if isinstance(exc, ValueError) or (isinstance(exc, OSError) and exc.errno is None):  # the latter: our own message
         return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return None
 
