@@ -303,14 +303,16 @@ def test_resume_table_row_by_row(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
     # optim.lr: the step runs at the new rate, and (Adam, same gradients and state) moves the weights 10x as far
     assert h["lr"]["step_lr"] == pytest.approx(_cosine(2, 4, 1e-3))
     assert h["lr"]["update_norm"] == pytest.approx(10 * same["update_norm"], rel=1e-3)
-    assert h["min_lr"]["step_lr"] == pytest.approx(_cosine(2, 4, 1e-4, 5e-5))
+    # train.steps and optim.min_lr together: 5e-5 + (1e-4 - 5e-5) * 0.75 (either one ignored gives 7.5e-5)
+    assert h["steps_min_lr"]["total_steps"] == 6
+    assert h["steps_min_lr"]["step_lr"] == pytest.approx(_cosine(2, 6, 1e-4, 5e-5)) == pytest.approx(8.75e-5)
     assert h["warmup"]["step_lr"] == pytest.approx(1e-4)  # the end of a 2-step warm-up
-    assert h["steps"]["total_steps"] == 6 and h["steps"]["step_lr"] == pytest.approx(_cosine(2, 6, 1e-4))
     assert h["epochs"]["total_steps"] == 8 and h["epochs"]["step_lr"] == pytest.approx(_cosine(2, 8, 1e-4))
-    assert h["weight_decay"]["weight_decay"] == [0.0, 0.2] and same["weight_decay"] == [0.0, 0.01]
-    assert h["weight_decay"]["update_norm"] != same["update_norm"]
-    assert h["betas"]["betas"] == [[0.5, 0.9]] and same["betas"] == [[0.9, 0.95]]
-    assert h["eps"]["eps"] == [1e-3] and h["eps"]["update_norm"] < 0.5 * same["update_norm"]
+    # weight decay and the Adam hyperparameters are in the optimizer's groups, and the update changed
+    assert h["adam"]["weight_decay"] == [0.0, 0.2] and same["weight_decay"] == [0.0, 0.01]
+    assert h["adam"]["betas"] == [[0.5, 0.9]] and same["betas"] == [[0.9, 0.95]]
+    assert h["adam"]["eps"] == [1e-3] and same["eps"] == [1e-8]
+    assert h["adam"]["update_norm"] < 0.5 * same["update_norm"]  # eps 1e-3 damps Adam's step
     assert h["beta"]["loss"] != same["loss"]  # loss.beta: the new objective's value
     assert h["microbatch"]["loss"] == pytest.approx(same["loss"], rel=1e-5)  # 2 micro-batches of 1 -> 1 of 2
     assert h["moved_data"] == same  # data.path: the same dataset (hash) under another prefix

@@ -17,13 +17,11 @@ BASE = ["train.tensorboard=false", "data.global_batch_size=2", "data.samples_per
 HONOURED = {
     "same": [],
     "lr": ["optim.lr=1e-3"],
-    "min_lr": ["optim.min_lr=5e-5"],
+    # min_lr alone (at 2/4) and steps alone (at 2/6) would both give 7.5e-5: together 8.75e-5 needs both
+    "steps_min_lr": ["train.steps=6", "optim.min_lr=5e-5"],
     "warmup": ["optim.warmup_fraction=0.5"],
-    "weight_decay": ["optim.weight_decay=0.2"],
-    "steps": ["train.steps=6"],
     "epochs": ["train.steps=null", "train.epochs=2"],
-    "betas": ["optim.adam_beta1=0.5", "optim.adam_beta2=0.9"],
-    "eps": ["optim.adam_eps=1e-3"],
+    "adam": ["optim.weight_decay=0.2", "optim.adam_beta1=0.5", "optim.adam_beta2=0.9", "optim.adam_eps=1e-3"],
     "beta": ["loss.beta=0.05"],
     "microbatch": ["data.samples_per_microbatch=2"],
     "moved_data": [],  # data.path: the same dataset (hash) under another prefix
