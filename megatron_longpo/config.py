@@ -170,6 +170,7 @@ class DataSection:
     max_tokens: int | None = None  # refuse a micro-batch longer than this (packed tokens)
     share_prefix: bool = False  # chosen/rejected share their common prefix in one row (docs/prefix_sharing.md)
     check_tokenizer: bool = True  # refuse a dataset tokenized with another tokenizer than the model's (docs/reliability.md)
+    verify_hash: bool = False  # recompute the dataset's sha256 against its manifest before training (docs/reliability.md)
 
     def __post_init__(self):
         _require("data", self, samples_per_microbatch=POSITIVE, global_batch_size=POSITIVE, seed=NON_NEGATIVE,

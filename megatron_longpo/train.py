@@ -38,20 +38,37 @@ def main(argv=None) -> int:
             return 2
         return 0
     from megatron_longpo import parallel
+    from megatron_longpo.errors import EXIT_STOPPED, EXIT_USER, user_error_line
     from megatron_longpo.training.engine import TrainingStopped
     from megatron_longpo.training.loop import train
 
     try:
         train(cfg)
-    except (ValueError, FileNotFoundError, TrainingStopped) as e:
+    except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
-        code = 2 if not isinstance(e, TrainingStopped) else 3
-    except BaseException:
-        # another rank may be blocked in a collective: report now and leave without waiting for it
+        code = EXIT_STOPPED
+    except BaseException as e:  # noqa: BLE001 - a user's error (one line, exit 2) or a bug (traceback, exit 1)
         import os
+
+        line = user_error_line(e)
+        if line is not None:
+            print(f"error: {line}", file=sys.stderr)
+            code = EXIT_USER
+            import torch.distributed as dist
+
+            if dist.is_initialized() and dist.get_world_size() > 1 and not isinstance(e, ValueError):
+                # an OS error (a full disk in a save, ...): other ranks may be waiting in a collective
+                _end_children()
+                sys.stderr.flush()
+                sys.stdout.flush()
+                os._exit(code)
+            parallel.teardown()
+            return code
+        # another rank may be blocked in a collective: report now and leave without waiting for it
         import traceback
 
         traceback.print_exc()
+        _end_children()
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(1)
@@ -59,6 +76,15 @@ def main(argv=None) -> int:
         code = 0
     parallel.teardown()
     return code
+
+
+def _end_children() -> None:
+    """Before os._exit: end the processes this one started (megatron's checkpoint writer starts a
+    multiprocessing Manager), which would outlive it and hold its output open."""
+    import multiprocessing
+
+    for c in multiprocessing.active_children():
+        c.kill()
 
 
 if __name__ == "__main__":

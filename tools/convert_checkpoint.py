@@ -101,9 +101,14 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         a.fn(a)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - a user's error or a fixable OS error is one line (errors.py); a bug re-raised
+        from megatron_longpo.errors import EXIT_USER, user_error_line
+
+        line = user_error_line(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_USER
     finally:
         if "megatron.core.parallel_state" in sys.modules:  # export never imports megatron: keep it that way
             from megatron_longpo import parallel

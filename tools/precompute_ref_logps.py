@@ -64,9 +64,14 @@ def main(argv=None) -> int:
             base = "the RoPE base asked for" if a.rope_theta is not None else "the checkpoint's RoPE base"
             print(f"reference log-probs of {r['samples']} samples ({', '.join(r['roles'])}) at {base} "
                   f"{r['arch'].rope_theta:g} -> {r['path']} in {r['seconds']:.1f} s")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - a user's error or a fixable OS error is one line (errors.py); a bug re-raised
+        from megatron_longpo.errors import EXIT_USER, user_error_line
+
+        line = user_error_line(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_USER
     finally:
         parallel.teardown()
     return 0

@@ -4,9 +4,9 @@
     python tools/preprocess_pairs.py --input data.jsonl --kind longpo \\
         --tokenizer HF_DIR --output data/longpo_train [--workers 8] [--max-length 131072]
 
-Exit codes: 0 every row kept; 3 dataset written but rows were dropped (listed in the summary and
-in PREFIX.dropped.jsonl); 1 error, nothing written; 2 bad command line; 130 interrupted (rerun
-the same command to resume). See docs/data.md.
+Exit codes (docs/reliability.md): 0 every row kept; 3 dataset written but rows were dropped (listed
+in the summary and in PREFIX.dropped.jsonl); 2 a user's mistake, bad input or an OS error the user
+can fix (one line, nothing written); 1 a bug; 130 interrupted (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -139,6 +139,12 @@ def _raise_interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_longpo.errors import cli_main
+
+    return cli_main(_main, argv, "--output")
+
+
+def _main(argv: list[str] | None = None) -> int:
     from megatron_longpo import quiet
 
     quiet.install()

@@ -202,7 +202,15 @@ def save(sharded_state_dict: dict, ckpt_dir: str | os.PathLike, iteration: int, 
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
-    dist_checkpointing.save(sharded_state_dict, str(tmp))
+    try:
+        dist_checkpointing.save(sharded_state_dict, str(tmp))
+    except BaseException as e:  # a full disk or a file-size limit arrives without its errno: name it
+        from megatron_longpo.errors import diagnose_write_failure
+
+        os_err = diagnose_write_failure(tmp, _tensor_bytes(sharded_state_dict))
+        if os_err is not None:
+            raise os_err from e
+        raise
     _barrier()
     write_checksums(tmp)
     if _rank() == 0:
@@ -215,6 +223,20 @@ def save(sharded_state_dict: dict, ckpt_dir: str | os.PathLike, iteration: int, 
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _tensor_bytes(obj) -> int:
+    """The bytes of the tensors in a (sharded) state dict: about what this rank's save writes."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    data = getattr(obj, "data", None)  # ShardedTensor
+    return _tensor_bytes(data) if isinstance(data, torch.Tensor) else 0
 
 
 def load(sharded_state_dict: dict, ckpt_dir: str | os.PathLike, iteration_dir: str | os.PathLike | None = None,

@@ -187,6 +187,17 @@ class PairDataset:
                 f"rerun tools/preprocess_pairs.py --output {self.prefix}"
             )
         self._doc = self._ds.index.document_indices
+        idx = self._ds.index
+        if len(idx.sequence_lengths):
+            need = int(idx.sequence_pointers[-1]) + int(idx.sequence_lengths[-1]) * idx.dtype_size
+            have = os.path.getsize(bin_path(self.prefix))
+            if need > have:
+                raise FormatError(
+                    f"{bin_path(self.prefix)} is {have} bytes but {idx_path(self.prefix)} points to {need}: the .bin is "
+                    f"truncated; rerun tools/preprocess_pairs.py --output {self.prefix}"
+                )
+        #: token ids must be below this (the model's embedding rows); checked on every sample read
+        self.vocab_limit: int | None = None
         if verify_hash:
             self.verify()
 
@@ -226,6 +237,14 @@ class PairDataset:
         start, end = int(self._doc[i]), int(self._doc[i + 1])
         # slicing reads the modes from ds.index.sequence_modes (ds.sequence_modes is broken in 0.19.2)
         arrays, modes = self._ds[start:end]
+        if self.vocab_limit is not None:
+            top = max((int(a.max()) for a in arrays if len(a)), default=0)
+            if top >= self.vocab_limit:
+                raise FormatError(
+                    f"sample {i} of the dataset {self.prefix} holds token id {top}, beyond the model's {self.vocab_limit} "
+                    f"token embeddings: the .bin is damaged or was written for another model; check it with "
+                    f"data.verify_hash=true, or rerun tools/preprocess_pairs.py --output {self.prefix}"
+                )
         segments = tuple(Segment(Seg(int(m)), a) for a, m in zip(arrays, modes))
         return Sample(index=i, kind=self.kind, segments=segments)
 

@@ -64,7 +64,7 @@ from megatron_longpo.data.tokenizer import ChatTokenizer, TokenizerError, Tokeni
 from megatron_longpo.io import atomic_write, atomic_write_json
 
 EXIT_OK = 0  # every row kept
-EXIT_ERROR = 1  # nothing written (bad input, template problem, over-length row under `fail`, ...)
+EXIT_ERROR = 2  # nothing written (bad input, template problem, over-length row under `fail`, ...): errors.EXIT_USER
 EXIT_USAGE = 2  # bad command line
 EXIT_DROPPED = 3  # dataset written, some rows dropped (see the summary / PREFIX.dropped.jsonl)
 
@@ -133,6 +133,13 @@ def _check_config(cfg: PreprocessConfig) -> None:
         raise PreprocessError(f"--workers must be at least 1, got {cfg.workers}")
     if cfg.chunk_size < 1:
         raise PreprocessError(f"--chunk-size must be at least 1, got {cfg.chunk_size}")
+    parent = Path(cfg.output).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PreprocessError(f"--output {cfg.output}: {parent} is a file, not a directory; choose another --output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PreprocessError(f"--output {cfg.output}: {parent} is not writable; choose another --output")
 
 
 def _run_key(cfg: PreprocessConfig, files: list[InputFile], tok: ChatTokenizer) -> dict:

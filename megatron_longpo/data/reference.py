@@ -264,6 +264,10 @@ def load_ref_logps(prefix: str | os.PathLike, roles: Seq[str] | None = None,
             f"{path} has no reference log-probs for roles {missing_roles} (it has {list(have)}); "
             f"{RECOMPUTE} --roles {' '.join(want)}"
         )
+    bad = [f"{k} has shape {tuple(tensors[k].shape) if k in tensors else 'none (missing)'}" for r in want
+           for k in (f"logp_sum/{r}", f"num_tokens/{r}", f"filled/{r}") if k not in tensors or tensors[k].shape != (n,)]
+    if bad:
+        raise RefLogpError(f"{path}: {bad[0]}, the dataset has {n} rows (the sidecar is damaged); {RECOMPUTE}")
     missing = {r: np.flatnonzero(tensors[f"filled/{r}"] == 0) for r in want}
     _check_complete({r: m for r, m in missing.items() if len(m)}, path, RECOMPUTE)
     return RefLogps(

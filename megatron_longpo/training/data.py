@@ -28,14 +28,17 @@ class _Sources:
     """The datasets behind a data.path (one prefix or a weighted blend), their reference sidecars,
     and how (dataset, sample) pairs become batches."""
 
-    def __init__(self, spec: str, what: str, *, roles, ref_roles, reference: str | None, spec_key: str):
+    def __init__(self, spec: str, what: str, *, roles, ref_roles, reference: str | None, spec_key: str,
+                 verify_hash: bool = False, vocab_size: int | None = None):
         try:
             blend = parse_blend(spec)
         except BlendError as e:
             raise DataConfigError(str(e).replace("data.path", spec_key)) from None
         self.weights = [w for w, _ in blend]
         self.prefixes = [p for _, p in blend]
-        self.datasets = [PairDataset(p) for p in self.prefixes]
+        self.datasets = [PairDataset(p, verify_hash=verify_hash) for p in self.prefixes]
+        for ds in self.datasets:
+            ds.vocab_limit = vocab_size  # a token id beyond the embeddings is named on read, not an IndexError
         kinds = {ds.kind for ds in self.datasets}
         if len(kinds) > 1:
             raise DataConfigError(f"{spec_key} blends datasets of kinds {sorted(kinds)}; blend datasets of one kind")
@@ -106,14 +109,15 @@ def held_out(n: int, fraction: float, seed: int, d: int) -> np.ndarray:
 
 class StepData:
     def __init__(self, dcfg, *, roles, ref_roles, layout, thd: bool, device, share_prefix: bool = False,
-                 sequence_roles=()):
+                 sequence_roles=(), vocab_size: int | None = None):
         """layout: this rank's parallel.Layout (DP shard of the sampler, CP split of the batches).
         data.path is one prefix or a weighted blend (data/blend.py); data.eval_path or
-        data.eval_fraction give the evaluation split (`self.eval`, None without)."""
+        data.eval_fraction give the evaluation split (`self.eval`, None without). vocab_size: the
+        model's embedding rows (a token id beyond them is named on read, not an IndexError)."""
         if not dcfg.path:
             raise DataConfigError("data.path is not set: point it at a dataset prefix written by tools/preprocess_pairs.py")
         self.src = _Sources(dcfg.path, "train", roles=roles, ref_roles=ref_roles, reference=dcfg.reference,
-                            spec_key="data.path")
+                            spec_key="data.path", verify_hash=getattr(dcfg, "verify_hash", False), vocab_size=vocab_size)
         self.datasets = self.src.datasets
         self.ds = self.src if len(self.datasets) > 1 else self.datasets[0]  # .dataset_hash, .manifest, .kind
         self.roles, self.ref_roles = tuple(roles), tuple(ref_roles)
@@ -138,7 +142,8 @@ class StepData:
                               sequence_roles=self.sequence_roles, max_tokens=dcfg.max_tokens)
         self.eval = None
         if dcfg.eval_path:
-            ev = _Sources(dcfg.eval_path, "eval", roles=roles, ref_roles=ref_roles, reference=None, spec_key="data.eval_path")
+            ev = _Sources(dcfg.eval_path, "eval", roles=roles, ref_roles=ref_roles, reference=None, spec_key="data.eval_path",
+                          vocab_size=vocab_size)
             if ev.kind != self.src.kind:
                 raise DataConfigError(f"data.eval_path is a {ev.kind!r} dataset, data.path {self.src.kind!r}; use one kind")
             draws = [(d, j) for d, ds in enumerate(ev.datasets) for j in range(len(ds))]

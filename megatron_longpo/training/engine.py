@@ -33,7 +33,7 @@ from megatron_longpo.training import memory
 from megatron_longpo.training.data import StepData
 from megatron_longpo.training.metrics import log
 from megatron_longpo.training.step import make_forward_step
-from megatron_longpo.training.train_state import load_training_state
+from megatron_longpo.training.train_state import load_training_state, prepare_resume
 
 
 class TrainingStopped(RuntimeError):
@@ -210,6 +210,8 @@ def build_trainer(cfg: RunConfig) -> Trainer:
                                    f"the longest sequence of {prefix} (data.path)")
     resume_dir = Path(cfg.train.save_dir)
     resuming = (resume_dir / ckpt.LATEST).is_file()
+    # a refused configuration change or a damaged checkpoint is named before the model is built
+    prepared = prepare_resume(cfg, resume_dir) if resuming else None
 
     bf16 = platform.resolve_bf16(cfg.model.bf16)
     if cfg.model.bf16 and not bf16:
@@ -221,7 +223,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
 
     data = StepData(cfg.data, roles=policy_roles(cfg.loss), ref_roles=reference_roles(cfg.loss), layout=layout,
                     thd=opts.resolved_use_te(), device=platform.default_device(), share_prefix=cfg.data.share_prefix,
-                    sequence_roles=sequence_roles(cfg.loss))
+                    sequence_roles=sequence_roles(cfg.loss), vocab_size=arch.vocab_size)
     if cfg.data.check_tokenizer:
         from megatron_longpo.data.tokenizer import check_dataset_tokenizer
 
@@ -239,5 +241,5 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     )
     t = Trainer(cfg, chunks, optimizer, scheduler, data, arch, layout, total)
     if resuming:
-        load_training_state(t, resume_dir)
+        load_training_state(t, resume_dir, prepared)
     return t

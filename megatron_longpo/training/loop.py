@@ -81,6 +81,24 @@ class StopFlag:
 
 
 def train(cfg: RunConfig) -> dict:
+    """Train (or resume) the run in cfg.train.save_dir, held by this trainer alone (run_lock)."""
+    from megatron_longpo import parallel
+    from megatron_longpo.training import run_lock
+    from megatron_longpo.training.resume import check_save_dir
+
+    parallel.init_distributed()
+    check_save_dir(cfg.train.save_dir, cfg.model.checkpoint)
+    lock = run_lock.hold(cfg.train.save_dir)
+    if lock is not None and lock.note:
+        log(f"note: {lock.note}")
+    try:
+        return _train(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RunConfig) -> dict:
     from tqdm import tqdm
 
     stop = StopFlag().install()

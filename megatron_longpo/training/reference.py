@@ -58,6 +58,7 @@ def precompute(dataset_prefix: str, model_dir: str, par, *, roles=None, samples_
     if bf16 is None:  # Transformer Engine's fused attention on packed (THD) rows needs bf16/fp16
         bf16 = platform.cuda_available()
     ds = PairDataset(dataset_prefix)
+    ds.vocab_limit = ckpt.read_model_json(model_dir)[0].vocab_size  # an id beyond the embeddings is named on read
     if check_tokenizer:
         from pathlib import Path
 

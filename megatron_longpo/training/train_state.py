@@ -43,7 +43,7 @@ def save_training_state(t) -> Path:
     return it
 
 
-def resume_iteration(t, d: Path) -> tuple[Path, bool]:
+def resume_iteration(cfg, d: Path) -> tuple[Path, bool]:
     """The iteration to resume from and whether its checksums were verified (collective). A damaged
     newest iteration is an error naming the file, unless train.resume_fallback=true: then the newest
     intact older one is used, and the log says so."""
@@ -52,7 +52,7 @@ def resume_iteration(t, d: Path) -> tuple[Path, bool]:
     try:
         return latest, ckpt.verify_checksums(latest)
     except ckpt.CheckpointDamaged as e:
-        if not t.cfg.train.resume_fallback:
+        if not cfg.train.resume_fallback:
             hint = (f"restore it, or set train.resume_fallback=true to resume from the newest intact older iteration "
                     f"(kept: {', '.join(p.name for p in older)})" if older else
                     "restore it; no older iteration is kept to fall back to")
@@ -71,7 +71,7 @@ def resume_iteration(t, d: Path) -> tuple[Path, bool]:
                                    f"{''.join(', ' + p.name for p in older)}); start a new run") from None
 
 
-def check_resume_config(t: Trainer, d: Path, it: Path) -> dict:
+def check_resume_config(cfg, dataset_hash: str, d: Path, it: Path) -> dict:
     """Compare the configuration saved with the run with this one (training/resume.py)."""
     import json
 
@@ -89,23 +89,53 @@ def check_resume_config(t: Trainer, d: Path, it: Path) -> dict:
             f"(model.checkpoint={d} starts a run from its weights)"
         )
     saved_hash = ts.get("dataset_hash")
-    same_dataset = None if saved_hash is None else saved_hash == t.data.ds.dataset_hash
+    same_dataset = None if saved_hash is None else saved_hash == dataset_hash
     try:
         trained_from = json.loads((d / ckpt.MODEL_JSON).read_text()).get("trained_from")
     except (OSError, ValueError):
         trained_from = None
-    return resume.compare(saved, to_dict(t.cfg), save_dir=str(d), same_dataset=same_dataset,
-                          same_base_model=resume.same_path(trained_from, t.cfg.model.checkpoint))
+    return resume.compare(saved, to_dict(cfg), save_dir=str(d), same_dataset=same_dataset,
+                          same_base_model=resume.same_path(trained_from, cfg.model.checkpoint))
 
 
-def load_training_state(t, d: Path) -> None:
+def prepare_resume(cfg, d: Path) -> tuple[Path, bool, dict]:
+    """Before anything is built (collective): the iteration to resume from, whether it was verified,
+    and the configuration changes by kind; a refused change or a damaged checkpoint raises here."""
+    from megatron_longpo.data.format import read_manifest
+
+    it, verified = resume_iteration(cfg, d)
+    return it, verified, check_resume_config(cfg, read_manifest(cfg.data.path)["dataset_hash"], d, it)
+
+
+def _schedule_keys_of_this_run(opt_state, optim) -> None:
+    """Put this run's optim.lr / optim.min_lr into the saved param groups' max_lr / min_lr.
+    megatron matches saved and current param groups by a key that includes both (a changed lr was
+    'Could not find parameter group with key ...'), and its scheduler reads the rate from the
+    group, so the saved values would also win over the new ones (resume.SCHEDULE)."""
+    if isinstance(opt_state, dict):
+        for k, v in opt_state.items():
+            if k == "param_groups" and isinstance(v, list):
+                for g in v:
+                    if isinstance(g, dict):
+                        if "max_lr" in g:
+                            g["max_lr"] = optim.lr
+                        if "min_lr" in g:
+                            g["min_lr"] = optim.min_lr
+            else:
+                _schedule_keys_of_this_run(v, optim)
+    elif isinstance(opt_state, list):
+        for v in opt_state:
+            _schedule_keys_of_this_run(v, optim)
+
+
+def load_training_state(t, d: Path, prepared: tuple[Path, bool, dict] | None = None) -> None:
     from megatron_longpo.training import resume
 
-    it, verified = resume_iteration(t, d)
-    changes = check_resume_config(t, d, it)
+    it, verified, changes = prepared or prepare_resume(t.cfg, d)
     state = ckpt.load(training_state_dict(t, loading=True), d, it, verified=verified)
     ckpt.apply_model_state(t.chunks, state)
     if "optimizer" in state:
+        _schedule_keys_of_this_run(state["optimizer"], t.cfg.optim)
         t.optimizer.load_state_dict(state["optimizer"])
         o = t.cfg.optim
         for g in t.optimizer.param_groups:  # the run's values, not the saved ones (resume.REAPPLY)
