@@ -1,0 +1,72 @@
+"""The fast evaluation path: every sample of a run in one length-sorted stream, tokenized once, each
+prompt prefilled alone with SDPA's fused causal kernel (a token prefix shared with the prompt before
+it -- the same essay haystack up to the first needle -- is kept, not recomputed; only the last
+position's logits are computed), then decoded greedily in batches as large as the key/value memory
+allows (generation/kv_decode.py), stopping when every row of a batch has ended its turn.
+
+Against the path `TransformersBackend.chat` gives eval/runner.py (batches of `--batch-size`, 8 by
+default, in task order, each conversation re-tokenized), the outputs are the same greedy decoding;
+only the batch a prompt is decoded in changes, which can flip a bf16 near-tie (fp32: identical).
+
+The model input is `ids(user, answer_prefix)`: the chat template around the task text, then RULER's
+answer prefix as the start of the assistant turn.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+from megatron_longpo.eval.stats import prompt_hash, score
+from megatron_longpo.generation import kv_decode
+from megatron_longpo.generation.transformers_backend import plan_decode_batches
+
+IdsFn = Callable[[str, str], list[int]]
+
+
+def greedy_stream(backend, prompts: Sequence[list[int]], budgets: Sequence[int], batch_size: int = 64,
+                  progress: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy completions of token-id prompts with per-prompt generation budgets, decoded by
+    `backend`'s model (a TransformersBackend) in length-sorted batches."""
+    model, tok = backend.model, backend.tokenizer
+    eos = backend._eos_ids()
+    out: list[str | None] = [None] * len(prompts)
+    prefiller = kv_decode.Prefiller(model, backend.prefill_stats)
+    for budget in sorted(set(budgets)):
+        rows = [i for i in range(len(prompts)) if budgets[i] == budget]
+        for idx in plan_decode_batches([len(prompts[i]) for i in rows], batch_size, backend._token_budget(), budget):
+            idx = sorted((rows[j] for j in idx), key=lambda r: prompts[r])  # shared prefixes side by side
+            new = kv_decode.decode_batch(model, [prompts[r] for r in idx], budget, eos, tok.pad_token_id,
+                                         prefiller=prefiller)
+            for r, ids in zip(idx, new):
+                out[r] = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+            if progress:
+                progress(len(idx))
+    return out  # type: ignore[return-value]
+
+
+def record(sample, prediction: str | None, seconds: float = 0.0) -> dict:
+    """One scored sample: RULER's metric (`score`) and the word-boundary one (`score_word`)."""
+    depths = (sample.meta or {}).get("depths") or []
+    return {"task": sample.task, "length": sample.length, "index": sample.index, "n_tokens": sample.n_tokens,
+            "metric": sample.metric, "answers": sample.answers, "prediction": prediction,
+            "score": None if prediction is None else score(prediction, sample.answers, sample.metric),
+            "score_word": None if prediction is None else score(prediction, sample.answers, sample.metric, True),
+            "depth": depths[0] if len(depths) == 1 else None,
+            "prompt_sha": prompt_hash(sample.prompt, getattr(sample, "answer_prefix", "")),
+            "seconds": round(seconds, 4)}
+
+
+def evaluate_fast(backend, samples: Sequence, ids: IdsFn, batch_size: int = 64,
+                  progress: Callable[[int], None] | None = None) -> tuple[list[dict], float]:
+    """(records, seconds of model time) for RULER samples (eval/ruler_tasks.py) or the smoke tasks'
+    samples (eval/ruler.py, no answer prefix)."""
+    prompts = [ids(s.prompt, getattr(s, "answer_prefix", "")) for s in samples]
+    sync = getattr(getattr(backend, "torch", None), "cuda", None)
+    t0 = time.perf_counter()
+    preds = greedy_stream(backend, prompts, [s.max_new_tokens for s in samples], batch_size, progress)
+    if sync is not None and sync.is_available():
+        sync.synchronize()
+    seconds = time.perf_counter() - t0
+    per = seconds / max(1, len(samples))
+    return [record(s, p, per) for s, p in zip(samples, preds)], seconds
