@@ -15,7 +15,7 @@ Where this departs from RULER (docs/evaluation.md):
 - randomness is per sample (`Random(f"{seed}:{task}:{length}:{index}")`), so sample i is the same
   whatever the number of samples;
 - a sample must also be at least (1 - tolerance) x the length (2 %; 15 % for qa, whose documents
-  are whole paragraphs);
+  are whole paragraphs), unless one more unit of its haystack (a line, a document) would overshoot;
 - the haystack and QA sets are RULER's files when given, else the offline ones of eval/corpus.py.
 """
 
@@ -404,7 +404,7 @@ class Fitter:
             raise LengthError(f"{key[0]} at {length} tokens: the task's fixed text and its {budget}-token answer "
                               f"budget do not fit; ask a longer length")
         k, n, user, prefix, meta = fits
-        if n < low:
+        if n < low and over != k + 1:  # short, and not because one more unit (a line, a document) overshoots
             raise LengthError(f"{key[0]} at {length} tokens: could not reach {1 - tolerance:.0%} of the length "
                               f"(got {n + budget})")
         self.hint[key] = k
