@@ -107,14 +107,16 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         old_s = time.perf_counter() - t0
         bar.close()
-        for r, s in zip(old, smoke):  # rescored like the new path's (RULER's post-processing)
-            r["score"] = None if r["prediction"] is None else score(r["prediction"], s.answers, s.metric)
+        for r in old:  # rescored like the new path's (RULER's post-processing)
+            r["score"] = None if r["prediction"] is None else score(r["prediction"], r["answers"], r["metric"])
         bar = tqdm(total=len(smoke), desc=f"new path {a.old_length}", unit="sample", file=sys.stderr)
         new, new_s = fast.evaluate_fast(backend, smoke, lambda user, prefix: backend._prompt_ids(
             [{"role": "user", "content": user}]), a.fast_batch_size, bar.update)
         bar.close()
-        same = sum(o["prediction"] == n["prediction"] for o, n in zip(old, new))
-        same_score = sum(o["score"] == n["score"] for o, n in zip(old, new))
+        by_key = {(r["task"], r["length"], r["index"]): r for r in new}
+        pairs = [(o, by_key[(o["task"], o["length"], o["index"])]) for o in old]
+        same = sum(o["prediction"] == n["prediction"] for o, n in pairs)
+        same_score = sum(o["score"] == n["score"] for o, n in pairs)
         compare = {"predictions_identical": same, "scores_identical": same_score, "samples": len(smoke)}
         row("old (runner.evaluate, batch %d)" % a.batch_size, "smoke", a.old_length, old, old_s)
         row(f"new (fast, batch <= {a.fast_batch_size})", "smoke", a.old_length, new, new_s,
