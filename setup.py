@@ -25,6 +25,8 @@ setup(
         "tqdm",
         "rich",
         "tensorboard",
+        "matplotlib",  # tools/eval_long.py's picture (score against length with CI bars)
+        "wonderwords",  # RULER's key and common words (its own source), eval/ruler_tasks.py
     ],
     extras_require={
         # Transformer Engine builds against the CUDA toolkit: install on GPU machines only.
@@ -32,6 +34,7 @@ setup(
         # `make test` (not `make demo`): pytest, and the real OpenAI-compatible server that the
         # llama.cpp generation tests start (llama-cpp-python is built from source: about 5-10 minutes
         # on 2 cores the first time). Nothing in the package imports either.
-        "dev": ["pytest>=8", "pytest-timeout", "llama-cpp-python[server]==0.3.36"],
+        "dev": ["pytest>=8", "pytest-timeout", "llama-cpp-python[server]==0.3.36",
+                "scipy"],  # tests/test_eval_stats.py checks the bootstrap against scipy.stats.bootstrap
     },
 )

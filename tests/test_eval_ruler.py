@@ -151,7 +151,7 @@ def test_eval_long_end_to_end(smollm2_dir, tmp_path):
     from fixtures import ROOT, run_tool
 
     out = tmp_path / "r.json"
-    r = run_tool(ROOT / "tools/eval_long.py", "--model", smollm2_dir, "--lengths", "256", "512", "--tasks",
+    r = run_tool(ROOT / "tools/eval_long.py", "--suite", "smoke", "--model", smollm2_dir, "--lengths", "256", "512", "--tasks",
                  "niah_single", "vt", "--samples", "1", "--max-new-tokens", "8", "--threads", "2", "--seed", "0",
                  "--out", out, "--no-progress", timeout=300)
     res = json.loads(out.read_text())
