@@ -8,8 +8,18 @@ import pytest
 
 from megatron_longpo.eval import report
 from megatron_longpo.eval.retention import perplexity_ci
-from megatron_longpo.eval.stats import (bootstrap_ci, cell_table, depth_table, match_all, match_part, paired_ci,
-                                        paired_table, point, postprocess, score)
+from megatron_longpo.eval.stats import (
+    bootstrap_ci,
+    cell_table,
+    depth_table,
+    match_all,
+    match_part,
+    paired_ci,
+    paired_table,
+    point,
+    postprocess,
+    score,
+)
 
 
 def test_word_boundary_score_on_3600_vs_60():

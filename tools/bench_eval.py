@@ -18,11 +18,9 @@ Exit status: 0 done; 2 usage error.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -118,7 +116,7 @@ def main(argv=None) -> int:
         same = sum(o["prediction"] == n["prediction"] for o, n in pairs)
         same_score = sum(o["score"] == n["score"] for o, n in pairs)
         compare = {"predictions_identical": same, "scores_identical": same_score, "samples": len(smoke)}
-        row("old (runner.evaluate, batch %d)" % a.batch_size, "smoke", a.old_length, old, old_s)
+        row(f"old (runner.evaluate, batch {a.batch_size})", "smoke", a.old_length, old, old_s)
         row(f"new (fast, batch <= {a.fast_batch_size})", "smoke", a.old_length, new, new_s,
             speedup=round(old_s / max(new_s, 1e-9), 2))
 

@@ -153,7 +153,7 @@ STOP = set("""about above after again against along also among another because b
 both cannot could does doing done during each either every first from further have having here however into
 itself just least less many might more most much must neither never none only other otherwise over rather same
 should since some still such than that their them then there these they this those through thus under until
-upon very what when where whether which while will with within without would your""".split())
+upon very what when where whether which while will with within without would your""".split())  # noqa: SIM905
 
 
 def _sentences(paragraph: str) -> list[str]:

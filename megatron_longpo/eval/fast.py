@@ -15,7 +15,7 @@ answer prefix as the start of the assistant turn.
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from megatron_longpo.eval.stats import prompt_hash, score
 from megatron_longpo.generation import kv_decode

@@ -4,8 +4,8 @@ result files (paired differences with CIs), and the picture (score against lengt
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from megatron_longpo.eval.stats import cell_table, depth_table, fmt_ci, paired_table
 

@@ -5,7 +5,7 @@ a backend's chat(), and the retention measures. tools/eval_long.py and tools/ben
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from megatron_longpo.eval import corpus, ruler_tasks
 from megatron_longpo.eval.fast import evaluate_fast, record
