@@ -23,6 +23,20 @@ def tiny(smollm2_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def terse(tiny, tmp_path_factory):
+    """The tiny model with every token an end of turn: each answer stops after one step, so the tool
+    tests pay for prefill, not for 128 random decoding steps a sample."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("terse") / "hf"
+    shutil.copytree(tiny, out)
+    cfg = json.loads((out / "generation_config.json").read_text())
+    cfg["eos_token_id"] = list(range(49152))
+    (out / "generation_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.fixture(scope="module")
 def backend(tiny):
     from megatron_longpo.generation.transformers_backend import TransformersBackend
 
@@ -49,7 +63,7 @@ def test_fast_path_gives_todays_predictions(backend):
     assert all(r["prediction"] for r in new) and seconds > 0  # a random model still says something
 
 
-def test_eval_long_ruler_end_to_end(tiny, tmp_path, capsys):
+def test_eval_long_ruler_end_to_end(terse, tmp_path, capsys):
     """Four of RULER's tasks at 1K on the tiny model: results with CIs, provenance, retention (perplexity
     with a CI over documents, short QA), the picture, --compare and --table."""
     from megatron_longpo.eval.corpus import DEFAULT_HELDOUT
@@ -58,7 +72,7 @@ def test_eval_long_ruler_end_to_end(tiny, tmp_path, capsys):
     ppl.write_text("\n".join(DEFAULT_HELDOUT.read_text().splitlines()[:6]) + "\n")
     out = tmp_path / "r.json"
     tool = _tool("eval_long")
-    rc = tool.main(["--model", str(tiny), "--lengths", "1024", "--tasks", "niah_single_2", "vt", "qa_1",
+    rc = tool.main(["--model", str(terse), "--lengths", "1024", "--tasks", "niah_single_2", "vt", "qa_1",
                     "--samples", "2", "--threads", "2", "--dtype", "float32", "--out", str(out), "--no-progress",
                     "--retention", "--retention-qa-samples", "2", "--perplexity-file", str(ppl)])
     assert rc == 0
@@ -93,9 +107,9 @@ def test_usage_errors_are_one_line(tiny, tmp_path, capsys):
     assert "no such file" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_bench_eval_runs_on_the_cpu(tiny, tmp_path, capsys):
+def test_bench_eval_runs_on_the_cpu(terse, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = _tool("bench_eval").main(["--model", str(tiny), "--old-length", "512", "--old-samples", "1",
+    rc = _tool("bench_eval").main(["--model", str(terse), "--old-length", "512", "--old-samples", "1",
                                    "--smoke-tasks", "niah_single", "vt", "--lengths", "1024", "--samples", "1",
                                    "--tasks", "niah_single_2", "vt", "--dtype", "float32", "--device", "cpu",
                                    "--threads", "2", "--out", str(out)])
