@@ -209,3 +209,18 @@ def test_user_files_in_rulers_formats(tmp_path):
         corpus.load_qa_file("squad", tmp_path / "bad.json")
     with pytest.raises(corpus.CorpusError, match="--haystack-file"):
         corpus.load_haystack(tmp_path / "nope.json")
+
+
+def test_samples_cache_is_reused_only_when_the_settings_agree(tok, inputs, tmp_path):
+    from megatron_longpo.eval import suite
+
+    hay, qa = inputs
+    cache = tmp_path / "samples.json"
+    calls = []
+    a, _ = suite.cached_samples(str(cache), tok, ["vt"], [1024], 2, 0, hay, qa, {"h": 1}, progress=calls.append)
+    cache.write_text(cache.read_text().replace(a[0].prompt[-40:], "X" * 40))  # mark the stored copy
+    b, _ = suite.cached_samples(str(cache), tok, ["vt"], [1024], 2, 0, hay, qa, {"h": 1})
+    assert b[0].prompt.endswith("X" * 40) and b[1].prompt == a[1].prompt  # read back, not rebuilt
+    c, _ = suite.cached_samples(str(cache), tok, ["vt"], [1024], 2, 1, hay, qa, {"h": 1})  # another seed
+    assert c[0].prompt != b[0].prompt and not c[0].prompt.endswith("X" * 40)
+    assert sum(calls) == 2

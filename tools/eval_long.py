@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--qa-file", action="append", default=[], metavar="NAME=PATH",
                    help="ruler: squad=SQuAD-v2-dev.json (qa_1), hotpotqa=hotpot_dev_distractor.json (qa_2), as "
                         "RULER's download_qa_dataset.sh writes them (default: the offline cloze stand-in)")
+    p.add_argument("--samples-cache", metavar="FILE",
+                   help="ruler: keep the built samples here and reuse them while the tokenizer and settings agree "
+                        "(a table of several models builds them once)")
     p.add_argument("--perplexity-file", help="ruler --retention: held-out documents, JSON lines with 'text'")
     p.add_argument("--retention-qa-samples", type=int, default=500,
                    help="ruler --retention: short-context questions (qa_1 at 2K tokens)")
@@ -153,8 +156,8 @@ def ruler_main(a, console) -> int:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path_from_args(a))
         n_samples = len(tasks) * len(a.lengths) * samples_per
         bar = tqdm(total=n_samples, desc="samples", unit="sample", disable=a.no_progress, file=sys.stderr)
-        samples, ids = suite.make_samples(tokenizer, tasks, a.lengths, samples_per, a.seed, hay, qa_sets,
-                                          a.tolerance, bar.update)
+        samples, ids = suite.cached_samples(a.samples_cache, tokenizer, tasks, a.lengths, samples_per, a.seed, hay,
+                                            qa_sets, prov, a.tolerance, bar.update)
         bar.close()
         t_samples = time.time() - t0
         backend = build_backend(backend_config_from_args(a))

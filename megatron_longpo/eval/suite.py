@@ -40,6 +40,43 @@ def make_samples(tokenizer, tasks: Sequence[str], lengths: Sequence[int], sample
     return out, ids
 
 
+def tokenizer_sha(tokenizer) -> str:
+    """What the samples depend on in a tokenizer: its vocabulary and rules, and its chat template."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = (backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items())))
+    return hashlib.sha256((text + str(getattr(tokenizer, "chat_template", ""))).encode()).hexdigest()[:16]
+
+
+def cached_samples(path: str | None, tokenizer, tasks, lengths, samples: int, seed: int, haystack, qa_sets: dict,
+                   provenance: dict, tolerance: float = 0.02, progress: Callable[[int], None] | None = None):
+    """make_samples, kept in `path` (JSON) for the next model with the same tokenizer and settings: a
+    table of several models builds its samples once. A file made with other settings is rebuilt."""
+    import json
+    from pathlib import Path
+
+    from megatron_longpo.io import atomic_write_json
+
+    key = {"tokenizer": tokenizer_sha(tokenizer), "tasks": list(tasks), "lengths": list(lengths),
+           "samples": samples, "seed": seed, "tolerance": tolerance, "provenance": provenance}
+    _, ids = ruler_tasks.chat_counter(tokenizer)
+    if path and Path(path).is_file():
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError):
+            data = {}
+        if data.get("key") == key:
+            out = [ruler_tasks.Sample(**d) for d in data["samples"]]
+            if progress:
+                progress(len(out))
+            return out, ids
+    out, ids = make_samples(tokenizer, tasks, lengths, samples, seed, haystack, qa_sets, tolerance, progress)
+    if path:
+        atomic_write_json(path, {"key": key, "samples": [x.to_dict() for x in out]})
+    return out, ids
+
+
 def run_backend(backend, samples: Sequence, batch_size: int = 8,
                 progress: Callable[[int], None] | None = None) -> tuple[list[dict], float]:
     """The earlier path: `backend.chat` per group of `batch_size` conversations, in task order. The chat
