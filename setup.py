@@ -8,6 +8,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.12",
     packages=find_packages(include=["megatron_longpo", "megatron_longpo.*"]),
+    # the evaluation's offline haystack, held-out documents and RULER's word lists (eval/corpus.py)
+    package_data={"megatron_longpo.eval": ["data/*.txt", "data/*.jsonl", "data/wonderwords/*"]},
     install_requires=[
         "megatron-core>=0.19,<0.20",
         "torch>=2.6",
@@ -26,7 +28,6 @@ setup(
         "rich",
         "tensorboard",
         "matplotlib",  # tools/eval_long.py's picture (score against length with CI bars)
-        "wonderwords",  # RULER's key and common words (its own source), eval/ruler_tasks.py
     ],
     extras_require={
         # Transformer Engine builds against the CUDA toolkit: install on GPU machines only.
@@ -35,6 +36,7 @@ setup(
         # llama.cpp generation tests start (llama-cpp-python is built from source: about 5-10 minutes
         # on 2 cores the first time). Nothing in the package imports either.
         "dev": ["pytest>=8", "pytest-timeout", "llama-cpp-python[server]==0.3.36",
-                "scipy"],  # tests/test_eval_stats.py checks the bootstrap against scipy.stats.bootstrap
+                "scipy",  # tests/test_eval_stats.py checks the bootstrap against scipy.stats.bootstrap
+                "wonderwords"],  # tests/test_eval_ruler_tasks.py checks the copied word lists against it
     },
 )

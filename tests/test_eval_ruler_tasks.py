@@ -224,3 +224,10 @@ def test_samples_cache_is_reused_only_when_the_settings_agree(tok, inputs, tmp_p
     c, _ = suite.cached_samples(str(cache), tok, ["vt"], [1024], 2, 1, hay, qa, {"h": 1})  # another seed
     assert c[0].prompt != b[0].prompt and not c[0].prompt.endswith("X" * 40)
     assert sum(calls) == 2
+
+
+def test_word_lists_are_wonderwords():
+    """The copied lists are the package's, read the same way (RULER reads them from wonderwords)."""
+    ww = pytest.importorskip("wonderwords.random_word")
+    assert R._wonderwords() == tuple(ww._get_words_from_text_file(f) for f in
+                                     ("nounlist.txt", "adjectivelist.txt", "verblist.txt"))

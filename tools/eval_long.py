@@ -113,8 +113,11 @@ def ruler_compare(files, table: bool, console, plot: str | None) -> int:
             console.print(t)
     if plot != "none":
         path = plot or "compare.png"
-        report.plot(files, path, "RULER task average against length")
-        console.print(f"plot {path}")
+        try:
+            report.plot(files, path, "RULER task average against length")
+            console.print(f"plot {path}")
+        except ImportError:
+            print("no picture: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     return 0
 
 
@@ -195,7 +198,11 @@ def ruler_main(a, console) -> int:
         console.print(t)
     plot = a.plot or str(Path(a.out).with_suffix(".png"))
     if plot != "none":
-        report.plot([(results["name"], results)], plot, f"{results['name']}: RULER score against length")
+        try:
+            report.plot([(results["name"], results)], plot, f"{results['name']}: RULER score against length")
+        except ImportError:
+            print("no picture: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+            plot = "none"
     failed = sum(r["score"] is None for r in records)
     console.print(f"{len(records)} samples ({len(records) / max(seconds, 1e-9):.2f} samples/s on the model), "
                   f"{failed} failed; samples built in {t_samples:.1f} s, model {seconds:.1f} s, total "

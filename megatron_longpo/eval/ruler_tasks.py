@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from random import Random
 
 from megatron_longpo.eval.corpus import Haystack, QASet
@@ -120,11 +121,15 @@ class Sample:
 # ---------------------------------------------------------------- words
 
 
+WORDS = Path(__file__).resolve().parent / "data" / "wonderwords"
+
+
 @lru_cache(maxsize=1)
 def _wonderwords() -> tuple[list[str], list[str], list[str]]:
-    from wonderwords.random_word import (
-        _get_words_from_text_file as read,  # RULER's own source of words
-    )
+    """RULER's own source of words: wonderwords' noun, adjective and verb lists (MIT; copied unchanged
+    into data/wonderwords, read as wonderwords reads them: one word a line, trailing space stripped)."""
+    def read(name: str) -> list[str]:
+        return [w.rstrip() for w in (WORDS / name).read_text(encoding="utf-8").splitlines(keepends=True)]
 
     return read("nounlist.txt"), read("adjectivelist.txt"), read("verblist.txt")
 
