@@ -120,3 +120,25 @@ def test_bench_eval_runs_on_the_cpu(terse, tmp_path, capsys):
     assert b["old_vs_new"]["predictions_identical"] == 2  # fp32: the same tokens
     assert all(r["samples_per_s"] > 0 for r in b["rows"]) and b["ruler_total_s"] > 0
     assert "samples/s" in capsys.readouterr().out
+
+
+def test_backend_path_groups_by_budget_and_says_the_prefix_was_not_sent():
+    """--path backend (a server): chat() in --batch-size groups of one generation budget; RULER's
+    answer prefix cannot start the assistant turn there, and each record says so."""
+    from megatron_longpo.eval import suite
+    from megatron_longpo.eval.ruler_tasks import Sample
+
+    class Echo:
+        def __init__(self):
+            self.calls = []
+
+        def chat(self, convs, params):
+            self.calls.append((len(convs), params.max_new_tokens))
+            return [[c[0]["content"][-7:]] for c in convs]
+
+    samples = [Sample("niah_single_1", 1024, i, f"x {7000000 + i}", "The number is", [str(7000000 + i)], "all", 900,
+                      128) for i in range(5)] + [Sample("vt", 1024, 0, "VAR ABCDE", "Answer:", ["ABCDE"], "all", 900, 30)]
+    b = Echo()
+    recs, _ = suite.run(b, samples, None, path="backend", batch_size=2)
+    assert sorted(b.calls) == [(1, 30), (1, 128), (2, 128), (2, 128)]
+    assert [r["score"] for r in recs] == [1.0] * 6 and all(r["answer_prefix_sent"] is False for r in recs)

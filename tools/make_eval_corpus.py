@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "megatron_longpo" / "eval" / "data"))
     a = p.parse_args(argv)
-    import pydoc_data.topics as topics
+    from pydoc_data import topics
 
     paras = [x for name in sorted(topics.topics) for x in prose_paragraphs(topics.topics[name])]
     hay = "\n\n".join(paras)

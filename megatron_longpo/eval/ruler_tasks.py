@@ -77,8 +77,8 @@ TEMPLATES = {
 
 
 def _niah(haystack, k, v, nk=1, nv=1, nq=1):
-    return ("niah", dict(type_haystack=haystack, type_needle_k=k, type_needle_v=v, num_needle_k=nk, num_needle_v=nv,
-                         num_needle_q=nq))
+    return ("niah", {"type_haystack": haystack, "type_needle_k": k, "type_needle_v": v, "num_needle_k": nk,
+                     "num_needle_v": nv, "num_needle_q": nq})
 
 
 # scripts/synthetic.yaml
@@ -91,11 +91,11 @@ TASKS: dict[str, tuple[str, dict]] = {
     "niah_multikey_3": _niah("needle", "uuids", "uuids"),
     "niah_multivalue": _niah("essay", "words", "numbers", nv=4),
     "niah_multiquery": _niah("essay", "words", "numbers", nq=4),
-    "vt": ("variable_tracking", dict(num_chains=1, num_hops=4)),
-    "cwe": ("common_words_extraction", dict(freq_cw=30, freq_ucw=3, num_cw=10)),
-    "fwe": ("freq_words_extraction", dict(alpha=2.0)),
-    "qa_1": ("qa", dict(dataset="squad")),
-    "qa_2": ("qa", dict(dataset="hotpotqa")),
+    "vt": ("variable_tracking", {"num_chains": 1, "num_hops": 4}),
+    "cwe": ("common_words_extraction", {"freq_cw": 30, "freq_ucw": 3, "num_cw": 10}),
+    "fwe": ("freq_words_extraction", {"alpha": 2.0}),
+    "qa_1": ("qa", {"dataset": "squad"}),
+    "qa_2": ("qa", {"dataset": "hotpotqa"}),
 }
 RULER_TASKS = tuple(TASKS)
 TOLERANCE = {"qa": 0.15}

@@ -10,6 +10,7 @@ interval excludes 0; otherwise it is reported as unresolved, whatever its sign.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -150,7 +151,7 @@ def depth_table(records: Sequence[dict], key: str = "score", seed: int = 0) -> d
         d = r.get("depth")
         if d is None:
             continue
-        for lo, hi in zip(DEPTH_BINS, DEPTH_BINS[1:]):
+        for lo, hi in itertools.pairwise(DEPTH_BINS):
             if lo <= d < hi:
                 by[(int(r["length"]), f"{lo}-{min(hi, 100)}")].append(r[key])
     out: dict[str, dict] = defaultdict(dict)
