@@ -142,3 +142,15 @@ def test_backend_path_groups_by_budget_and_says_the_prefix_was_not_sent():
     recs, _ = suite.run(b, samples, None, path="backend", batch_size=2)
     assert sorted(b.calls) == [(1, 30), (1, 128), (2, 128), (2, 128)]
     assert [r["score"] for r in recs] == [1.0] * 6 and all(r["answer_prefix_sent"] is False for r in recs)
+
+
+def test_plan_puts_shared_prefixes_together_within_budget_and_length():
+    from megatron_longpo.eval.fast import plan
+
+    prompts = [[1, 2, 9], [5, 5, 5, 5], [1, 2, 3], [1, 2, 3, 4], [7], [1, 2, 8]]
+    budgets = [10, 10, 10, 10, 10, 30]
+    groups = [4096, 4096, 4096, 8192, 4096, 4096]
+    assert plan(prompts, budgets, groups, 64, None) == [[2, 0, 1, 4], [3], [5]]
+    assert plan(prompts, budgets, groups, 2, None) == [[2, 0], [1, 4], [3], [5]]
+    # rows x (widest prompt + budget) <= 30 tokens: [1,2,3] and [1,2,9] (2 x 13), not [5,5,5,5] too (3 x 14)
+    assert plan(prompts, budgets, groups, 64, 30) == [[2, 0], [1, 4], [3], [5]]

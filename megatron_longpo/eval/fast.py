@@ -1,6 +1,7 @@
-"""The fast evaluation path: every sample of a run in one length-sorted stream, tokenized once, each
-prompt prefilled alone with SDPA's fused causal kernel (a token prefix shared with the prompt before
-it -- the same essay haystack up to the first needle -- is kept, not recomputed; only the last
+"""The fast evaluation path: every sample of a run in one stream, tokenized once, ordered by generation
+budget, asked length and tokens (prompts that share a prefix side by side); each prompt prefilled
+alone with SDPA's fused causal kernel (a token prefix shared with the prompt before it -- the same
+template and essay haystack up to the first needle -- is kept, not recomputed; only the last
 position's logits are computed), then decoded greedily in batches as large as the key/value memory
 allows (generation/kv_decode.py), stopping when every row of a batch has ended its turn.
 
@@ -19,29 +20,49 @@ from collections.abc import Callable, Sequence
 
 from megatron_longpo.eval.stats import prompt_hash, score
 from megatron_longpo.generation import kv_decode
-from megatron_longpo.generation.transformers_backend import plan_decode_batches
 
 IdsFn = Callable[[str, str], list[int]]
 
 
+def plan(prompts: Sequence[list[int]], budgets: Sequence[int], groups: Sequence[int] | None, batch_size: int,
+         token_budget: int | None) -> list[list[int]]:
+    """Decode batches: rows of one generation budget and one group (the asked length), in token order,
+    so that prompts sharing a prefix (the same template and haystack up to the first needle) are
+    neighbours and the prefix is prefilled once; at most `batch_size` rows and, unless a batch is one
+    row, rows x (longest prompt + budget) <= `token_budget` (None: no limit)."""
+    g = groups or [0] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: (budgets[i], g[i], prompts[i]))
+    batches: list[list[int]] = []
+    width = 0
+    for i in order:
+        cur = batches[-1] if batches else None
+        same = cur is not None and (budgets[cur[0]], g[cur[0]]) == (budgets[i], g[i])
+        w = max(width, len(prompts[i])) if same else len(prompts[i])
+        fits = token_budget is None or (len(cur or []) + 1) * (w + budgets[i]) <= token_budget
+        if same and len(cur) < batch_size and fits:
+            cur.append(i)
+            width = w
+        else:
+            batches.append([i])
+            width = len(prompts[i])
+    return batches
+
+
 def greedy_stream(backend, prompts: Sequence[list[int]], budgets: Sequence[int], batch_size: int = 64,
-                  progress: Callable[[int], None] | None = None) -> list[str]:
+                  progress: Callable[[int], None] | None = None, groups: Sequence[int] | None = None) -> list[str]:
     """Greedy completions of token-id prompts with per-prompt generation budgets, decoded by
-    `backend`'s model (a TransformersBackend) in length-sorted batches."""
+    `backend`'s model (a TransformersBackend) in the batches `plan` makes."""
     model, tok = backend.model, backend.tokenizer
     eos = backend._eos_ids()
     out: list[str | None] = [None] * len(prompts)
     prefiller = kv_decode.Prefiller(model, backend.prefill_stats)
-    for budget in sorted(set(budgets)):
-        rows = [i for i in range(len(prompts)) if budgets[i] == budget]
-        for idx in plan_decode_batches([len(prompts[i]) for i in rows], batch_size, backend._token_budget(), budget):
-            idx = sorted((rows[j] for j in idx), key=lambda r: prompts[r])  # shared prefixes side by side
-            new = kv_decode.decode_batch(model, [prompts[r] for r in idx], budget, eos, tok.pad_token_id,
-                                         prefiller=prefiller)
-            for r, ids in zip(idx, new):
-                out[r] = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
-            if progress:
-                progress(len(idx))
+    for idx in plan(prompts, budgets, groups, batch_size, backend._token_budget()):
+        new = kv_decode.decode_batch(model, [prompts[r] for r in idx], budgets[idx[0]], eos, tok.pad_token_id,
+                                     prefiller=prefiller)
+        for r, ids in zip(idx, new, strict=True):
+            out[r] = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+        if progress:
+            progress(len(idx))
     return out  # type: ignore[return-value]
 
 
@@ -64,7 +85,8 @@ def evaluate_fast(backend, samples: Sequence, ids: IdsFn, batch_size: int = 64,
     prompts = [ids(s.prompt, getattr(s, "answer_prefix", "")) for s in samples]
     sync = getattr(getattr(backend, "torch", None), "cuda", None)
     t0 = time.perf_counter()
-    preds = greedy_stream(backend, prompts, [s.max_new_tokens for s in samples], batch_size, progress)
+    preds = greedy_stream(backend, prompts, [s.max_new_tokens for s in samples], batch_size, progress,
+                          [s.length for s in samples])
     if sync is not None and sync.is_available():
         sync.synchronize()
     seconds = time.perf_counter() - t0
