@@ -8,6 +8,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.12",
     packages=find_packages(include=["megatron_longpo", "megatron_longpo.*"]),
+    # the evaluation's offline haystack, held-out documents and RULER's word lists (eval/corpus.py)
+    package_data={"megatron_longpo.eval": ["data/*.txt", "data/*.jsonl", "data/wonderwords/*"]},
     install_requires=[
         "megatron-core>=0.19,<0.20",
         "torch>=2.6",
@@ -25,6 +27,7 @@ setup(
         "tqdm",
         "rich",
         "tensorboard",
+        "matplotlib",  # tools/eval_long.py's picture (score against length with CI bars)
     ],
     extras_require={
         # Transformer Engine builds against the CUDA toolkit: install on GPU machines only.
@@ -32,9 +35,11 @@ setup(
         # Weights & Biases logging (train.wandb_project); works offline (WANDB_MODE=offline).
         "wandb": ["wandb"],
         # `make test` (not `make demo`): pytest, a real OpenAI-compatible server for the HTTP
-        # generation tests (`transformers serve`, from wheels) and wandb for the offline-run test.
-        # Nothing in the package imports them.
-        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist", "transformers[serving]>=5", "wandb"],
+        # generation tests (`transformers serve`, from wheels), wandb for the offline-run test, scipy
+        # (the bootstrap checked against scipy.stats.bootstrap) and wonderwords (the copied word lists
+        # checked against it). Nothing in the package imports them.
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist", "transformers[serving]>=5", "wandb", "scipy",
+                "wonderwords"],
         # Optional second server for the HTTP generation tests and for generating data with a GGUF
         # model: llama.cpp compiles from source (5-10 minutes on 2 cores); its tests run where it is installed.
         "llama-server": ["llama-cpp-python[server]==0.3.36"],

@@ -148,10 +148,11 @@ def test_tasks_with_one_budget_share_batches(count):
 
 @pytest.mark.slow
 def test_eval_long_end_to_end(smollm2_dir, tmp_path):
-    from fixtures import ROOT, run_tool
+    from fixtures import ROOT, run_tool, tiny_hf_model
 
+    model = tiny_hf_model(tmp_path / "tiny", smollm2_dir, "llama", layers=2)  # the pipeline, not the answers
     out = tmp_path / "r.json"
-    r = run_tool(ROOT / "tools/eval_long.py", "--model", smollm2_dir, "--lengths", "256", "512", "--tasks",
+    r = run_tool(ROOT / "tools/eval_long.py", "--suite", "smoke", "--model", model, "--lengths", "256", "512", "--tasks",
                  "niah_single", "vt", "--samples", "1", "--max-new-tokens", "8", "--threads", "2", "--seed", "0",
                  "--out", out, "--no-progress", timeout=300)
     res = json.loads(out.read_text())

@@ -1,13 +1,18 @@
 #!/usr/bin/env python
-"""Offline long-context evaluation (docs/evaluation.md): RULER-style synthetic tasks regenerated at the
-asked token lengths with the model's tokenizer, plus optional short-context retention.
+"""Offline long-context evaluation (docs/evaluation.md).
 
-  python tools/eval_long.py --model HF_DIR --lengths 1024 2048 --tasks niah_single vt cwe \\
-      --samples 5 --seed 0 --out results.json [--backend openai --base-url URL --tokenizer HF_DIR] [--retention]
-  python tools/eval_long.py --compare before.json after.json
-  python tools/eval_long.py --table base=base.json longpo=longpo.json ...   (a Markdown table, a row per model)
+RULER's 13 tasks as RULER defines them (the default suite), regenerated at the asked lengths with the
+model's tokenizer, scored with RULER's metric and a word-boundary one, with 95 % bootstrap CIs:
 
-Writes OUT (JSON, atomically) and OUT with .svg (score against length), prints a table.
+  python tools/eval_long.py --model HF_DIR --lengths 4096 8192 16384 --samples 31 --out r.json \\
+      [--haystack-file PaulGrahamEssays.json] [--qa-file squad=squad.json --qa-file hotpotqa=hotpotqa.json] \\
+      [--retention]
+  python tools/eval_long.py --compare base.json longpo.json sft.json     (paired differences with CIs)
+  python tools/eval_long.py --table base=base.json longpo=longpo.json   (a Markdown table, a row per model)
+
+The seven RULER-style smoke tasks of earlier versions: --suite smoke (fast; not comparable to RULER).
+Writes OUT (JSON, atomically) and a picture beside it (ruler: OUT with .png, score against length with
+CI bars; smoke: .svg), prints the tables.
 Exit status: 0 done; 2 usage error; 3 some generations failed (their scores are left out).
 """
 from __future__ import annotations
@@ -30,27 +35,179 @@ from megatron_longpo.io import atomic_write_json
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _backend_cli import add_backend_args, backend_config_from_args, tokenizer_path_from_args  # noqa: E402
 
+from megatron_longpo.eval.ruler_tasks import RULER_TASKS  # noqa: E402
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[4096], help="prompt token counts")
-    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS),
-                   help="niah_single niah_multikey niah_multivalue niah_multiquery vt cwe fwe "
-                        "(niah_* may end in _number, _word or _uuid)")
-    p.add_argument("--samples", type=int, default=5, help="samples per task and length")
+    p.add_argument("--suite", choices=("ruler", "smoke"), default="ruler",
+                   help="ruler: RULER's 13 tasks as RULER defines them; smoke: the 7 fast RULER-style tasks")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096],
+                   help="token counts (ruler: prompt + generation budget, as RULER's max_seq_length)")
+    p.add_argument("--tasks", nargs="+",
+                   help="ruler: any of " + " ".join(RULER_TASKS) + " (default: all); smoke: niah_single "
+                        "niah_multikey niah_multivalue niah_multiquery vt cwe fwe (niah_* may end in _number, "
+                        "_word or _uuid)")
+    p.add_argument("--samples", type=int, help="samples per task and length (ruler: 31, 403 a length; smoke: 5)")
+    p.add_argument("--haystack-file", help="ruler: RULER's PaulGrahamEssays.json or a plain-text file "
+                                           "(default: the offline Python-reference prose)")
+    p.add_argument("--qa-file", action="append", default=[], metavar="NAME=PATH",
+                   help="ruler: squad=SQuAD-v2-dev.json (qa_1), hotpotqa=hotpot_dev_distractor.json (qa_2), as "
+                        "RULER's download_qa_dataset.sh writes them (default: the offline cloze stand-in)")
+    p.add_argument("--samples-cache", metavar="FILE",
+                   help="ruler: keep the built samples here and reuse them while the tokenizer and settings agree "
+                        "(a table of several models builds them once)")
+    p.add_argument("--perplexity-file", help="ruler --retention: held-out documents, JSON lines with 'text'")
+    p.add_argument("--retention-qa-samples", type=int, default=500,
+                   help="ruler --retention: short-context questions (qa_1 at 2K tokens)")
+    p.add_argument("--path", choices=("fast", "backend"), default="fast",
+                   help="ruler: fast = one length-sorted stream, decode batches up to --fast-batch-size "
+                        "(transformers only); backend = the backend's chat() in --batch-size groups (the path of "
+                        "earlier versions; sends no answer prefix)")
+    p.add_argument("--fast-batch-size", type=int, default=64, help="ruler --path fast: rows decoded together at "
+                                                                   "most (also bounded by the key/value memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="results JSON (required unless --compare or --table)")
-    p.add_argument("--plot", help="SVG plot path (default: OUT with .svg; 'none' to skip)")
-    p.add_argument("--max-new-tokens", type=int, help="override the per-task budgets (niah 128, vt 30, cwe 120, fwe 50)")
+    p.add_argument("--plot", help="picture path (default: OUT with .png, smoke: .svg; --compare: compare.png; "
+                                  "'none' to skip)")
+    p.add_argument("--max-new-tokens", type=int, help="smoke: override the per-task budgets (niah 128, vt 30, cwe 120, "
+                                                      "fwe 50); ruler keeps RULER's")
     p.add_argument("--tolerance", type=float, default=0.02, help="prompts are within this fraction below the length")
-    p.add_argument("--documents", default=str(DEFAULT_DOCUMENTS), help="offline prose for the needle haystacks")
+    p.add_argument("--documents", default=str(DEFAULT_DOCUMENTS), help="smoke: offline prose for the needle haystacks")
     p.add_argument("--retention", action="store_true", help="also measure short-context retention")
     p.add_argument("--retention-qa", default=str(DEFAULT_QA))
-    p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print after - before of two result files")
+    p.add_argument("--compare", nargs="+", metavar="RESULTS",
+                   help="ruler results: each file minus the first, paired on identical prompts, with 95%% CIs "
+                        "(NAME=RESULTS names a row); smoke results: two files, after - before")
     p.add_argument("--table", nargs="+", metavar="NAME=RESULTS", help="print a Markdown table of these result files")
     p.add_argument("--no-progress", action="store_true")
     add_backend_args(p)
     return p.parse_args(argv)
+
+
+def read_results(items, named: bool) -> list[tuple[str, dict]]:
+    """[(name, results)] from RESULTS or NAME=RESULTS arguments; ValueError names a bad one."""
+    out = []
+    for x in items:
+        name, path = x.split("=", 1) if "=" in x else ("", x)
+        if named and not name:
+            raise ValueError(f"--table takes NAME=RESULTS.json ...; got {x!r}")
+        try:
+            out.append((name or Path(path).stem, json.loads(Path(path).read_text())))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a results file ({e})") from None
+    return out
+
+
+def ruler_compare(files, table: bool, console, plot: str | None) -> int:
+    from megatron_longpo.eval import report
+
+    if table:
+        print(report.markdown(files))
+        return 0
+    if len(files) < 2:
+        print("error: --compare takes two or more result files (the first is the baseline)", file=sys.stderr)
+        return 2
+    for key in ("score", "score_word"):
+        for t in report.compare(files, key)[0]:
+            console.print(t)
+    if plot != "none":
+        path = plot or "compare.png"
+        try:
+            report.plot(files, path, "RULER task average against length")
+            console.print(f"plot {path}")
+        except ImportError:
+            print("no picture: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+    return 0
+
+
+def ruler_main(a, console) -> int:
+    """RULER's tasks for one model: samples, answers, scores with CIs, the picture."""
+    from tqdm import tqdm
+
+    from megatron_longpo.eval import corpus, report, suite
+
+    t0 = time.time()
+    tasks = a.tasks or list(RULER_TASKS)
+    samples_per = 31 if a.samples is None else a.samples
+    try:
+        if not a.out:
+            raise ValueError("--out RESULTS.json is required")
+        if samples_per < 1:
+            raise ValueError("--samples must be at least 1")
+        unknown = [t for t in tasks if t not in RULER_TASKS]
+        if unknown:
+            hint = " (a smoke task: add --suite smoke)" if unknown[0] in DEFAULT_TASKS or "_" in unknown[0] else ""
+            raise ValueError(f"--tasks {unknown[0]}: not one of RULER's tasks{hint}; choose from "
+                             + " ".join(RULER_TASKS))
+        if a.path == "fast" and a.backend != "transformers":
+            raise ValueError("--path fast needs --backend transformers (use --path backend with a server)")
+        qa_files = {}
+        for x in a.qa_file:
+            if "=" not in x:
+                raise ValueError(f"--qa-file {x}: give NAME=PATH, NAME squad or hotpotqa")
+            k, v = x.split("=", 1)
+            qa_files[k] = v
+        if a.backend == "transformers" and not a.model:
+            from megatron_longpo.models.embedded import materialize_default_model
+
+            a.model = str(materialize_default_model())
+            print(f"--model not given: using the embedded SmolLM2-135M-Instruct at {a.model}", file=sys.stderr)
+        hay, qa_sets, prov = suite.load_inputs(tasks, a.haystack_file, qa_files)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path_from_args(a))
+        n_samples = len(tasks) * len(a.lengths) * samples_per
+        bar = tqdm(total=n_samples, desc="samples", unit="sample", disable=a.no_progress, file=sys.stderr)
+        samples, ids = suite.cached_samples(a.samples_cache, tokenizer, tasks, a.lengths, samples_per, a.seed, hay,
+                                            qa_sets, prov, a.tolerance, bar.update)
+        bar.close()
+        t_samples = time.time() - t0
+        backend = build_backend(backend_config_from_args(a))
+    except (ValueError, FileNotFoundError, OSError) as e:  # CorpusError and LengthError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    bar = tqdm(total=len(samples), desc="eval", unit="sample", disable=a.no_progress, file=sys.stderr)
+    try:
+        records, seconds = suite.run(backend, samples, ids, a.path,
+                                     a.fast_batch_size if a.path == "fast" else a.batch_size, bar.update)
+        bar.close()
+        retention = None
+        if a.retention:
+            bar = tqdm(total=a.retention_qa_samples, desc="retention QA", unit="sample",
+                       disable=a.no_progress, file=sys.stderr)
+            retention = suite.retention(backend, tokenizer, ids, qa_sets, a.seed, a.perplexity_file,
+                                        a.retention_qa_samples, a.path, a.fast_batch_size, bar.update)
+            bar.close()
+    except KeyboardInterrupt:
+        print("interrupted: nothing written", file=sys.stderr)
+        return 130
+    except corpus.CorpusError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    config = {"tasks": tasks, "lengths": a.lengths, "samples": samples_per, "seed": a.seed,
+              "tolerance": a.tolerance, "backend": a.backend, "model": a.model, "path": a.path,
+              "batch_size": a.fast_batch_size if a.path == "fast" else a.batch_size, "dtype": a.dtype,
+              "rope_theta": a.rope_theta, "tokenizer": tokenizer_path_from_args(a),
+              "length_counted": "chat template around the task text (generation prompt, the template's system "
+                                "prompt) + RULER's answer prefix + the task's generation budget"}
+    wall = {"samples": round(t_samples, 2), "model": round(seconds, 2), "total": round(time.time() - t0, 2)}
+    results = report.build(records, getattr(backend, "name", a.model or "model"), config, prov, wall, retention)
+    atomic_write_json(a.out, results)
+    for t in report.render(results):
+        console.print(t)
+    plot = a.plot or str(Path(a.out).with_suffix(".png"))
+    if plot != "none":
+        try:
+            report.plot([(results["name"], results)], plot, f"{results['name']}: RULER score against length")
+        except ImportError:
+            print("no picture: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+            plot = "none"
+    failed = sum(r["score"] is None for r in records)
+    console.print(f"{len(records)} samples ({len(records) / max(seconds, 1e-9):.2f} samples/s on the model), "
+                  f"{failed} failed; samples built in {t_samples:.1f} s, model {seconds:.1f} s, total "
+                  f"{wall['total']:.1f} s -> {a.out}" + ("" if plot == "none" else f", plot {plot}"))
+    return 3 if failed else 0
 
 
 def main(argv=None) -> int:
@@ -61,22 +218,29 @@ def main(argv=None) -> int:
 
     a = parse_args(argv)
     console = Console()
-    if a.compare:
+    if a.compare or a.table:
         try:
-            before, after = (json.loads(Path(f).read_text()) for f in a.compare)
-        except (OSError, json.JSONDecodeError) as e:
+            files = read_results(a.compare or a.table, named=bool(a.table))
+        except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        console.print(compare_table(before, after))
-        return 0
-    if a.table:
-        try:
-            named = [(x.split("=", 1)[0], json.loads(Path(x.split("=", 1)[1]).read_text())) for x in a.table]
-        except (IndexError, OSError, json.JSONDecodeError) as e:
-            print(f"error: --table takes NAME=RESULTS.json ...: {e}", file=sys.stderr)
+        if all(r.get("version", 1) >= 2 for _, r in files):
+            return ruler_compare(files, bool(a.table), console, a.plot)
+        if any(r.get("version", 1) >= 2 for _, r in files):
+            print("error: RULER results (version 2) and smoke results cannot be compared", file=sys.stderr)
             return 2
-        print(models_markdown(named))
+        if a.table:
+            print(models_markdown(files))
+            return 0
+        if len(files) != 2:
+            print("error: --compare of smoke results takes two files, BEFORE AFTER", file=sys.stderr)
+            return 2
+        console.print(compare_table(files[0][1], files[1][1]))
         return 0
+    if a.suite == "ruler":
+        return ruler_main(a, console)
+    a.tasks = a.tasks or list(DEFAULT_TASKS)
+    a.samples = 5 if a.samples is None else a.samples
     t0 = time.time()
     try:
         if not a.out:

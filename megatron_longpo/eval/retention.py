@@ -94,3 +94,46 @@ def run_retention(backend: GenerationBackend, model=None, tokenizer=None, qa_pat
         out["perplexity"] = None
         out["perplexity_skipped"] = "needs the weights in process (--backend transformers)"
     return out
+
+
+def document_nll(model, tokenizer, texts: Sequence[str], window: int = 1024) -> list[tuple[float, int]]:
+    """(summed next-token NLL, predicted tokens) per document: each tokenized alone (no chat template),
+    cut into non-overlapping windows of `window` tokens."""
+    import torch
+
+    device = next(model.parameters()).device
+    out = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        nll, n = 0.0, 0
+        for start in range(0, len(ids), window):
+            piece = ids[start : start + window]
+            if len(piece) < 2:
+                continue
+            x = torch.tensor([piece], device=device)
+            with torch.no_grad():
+                logits = model(input_ids=x).logits[0, :-1].float()
+            nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+            n += len(piece) - 1
+        out.append((nll, n))
+    return out
+
+
+def perplexity_ci(per_doc: Sequence[tuple[float, int]], n_boot: int = 2000, level: float = 0.95,
+                  seed: int = 0) -> dict:
+    """exp(total NLL / total tokens) with a percentile bootstrap interval over documents (a document's
+    tokens stay together: they are not independent)."""
+    import numpy as np
+
+    nll = np.array([d[0] for d in per_doc], float)
+    tok = np.array([d[1] for d in per_doc], float)
+    keep = tok > 0
+    nll, tok = nll[keep], tok[keep]
+    if not len(tok):
+        raise ValueError("no text to measure perplexity on")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(tok), size=(n_boot, len(tok)))
+    boots = np.exp(nll[idx].sum(1) / tok[idx].sum(1))
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    return {"perplexity": float(math.exp(nll.sum() / tok.sum())), "lo": float(lo), "hi": float(hi),
+            "documents": int(len(tok)), "tokens": int(tok.sum())}

@@ -1,0 +1,161 @@
+"""Results of the RULER suite: the JSON a run writes, the tables it prints (scores with 95 % CIs,
+per task and length, the word-boundary score, needle depth, retention), the comparison of two or more
+result files (paired differences with CIs), and the picture (score against length with CI bars)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from megatron_longpo.eval.stats import cell_table, depth_table, fmt_ci, paired_table
+
+RESULTS_VERSION = 2
+
+
+def build(records: Sequence[dict], name: str, config: dict, provenance: dict, seconds: dict,
+          retention: dict | None = None) -> dict:
+    return {"version": RESULTS_VERSION, "suite": "ruler", "name": name, "config": config,
+            "provenance": provenance, "table": cell_table(records), "table_word": cell_table(records, "score_word"),
+            "depth": depth_table(records), "retention": retention, "seconds": seconds, "samples": list(records)}
+
+
+def _lengths(table: dict) -> list[str]:
+    return sorted({n for cells in table["tasks"].values() for n in cells}, key=int)
+
+
+def _task_label(results: dict, task: str) -> str:
+    qa = (results.get("provenance") or {}).get("qa") or {}
+    if task.startswith("qa_") and any(v.get("stand_in") for v in qa.values()):
+        return f"{task} (stand-in)"
+    return task
+
+
+def render(results: dict):
+    """rich Tables: scores per task and length (x100, 95 % CI), the averages under both metrics, the
+    needle-depth table and retention."""
+    from rich.table import Table
+
+    t, tw = results["table"], results["table_word"]
+    lengths = _lengths(t)
+    out = []
+    main = Table(title=f"RULER -- {results['name']} (x100, mean [95% CI]; n per cell below)")
+    main.add_column("task")
+    main.add_column("metric")
+    for n in lengths:
+        main.add_column(n, justify="right")
+    metric = {r["task"]: r["metric"] for r in results["samples"]}
+    for task, cells in t["tasks"].items():
+        main.add_row(_task_label(results, task), metric.get(task, ""),
+                     *[fmt_ci(c["mean"], c["lo"], c["hi"]) if (c := cells.get(n)) else "-" for n in lengths])
+    main.add_row("average (RULER metric)", "", *[fmt_ci(a["mean"], a["lo"], a["hi"]) if (a := t["average"].get(n))
+                                                 else "-" for n in lengths], style="bold")
+    main.add_row("average (word boundary)", "", *[fmt_ci(a["mean"], a["lo"], a["hi"]) if (a := tw["average"].get(n))
+                                                  else "-" for n in lengths])
+    main.add_row("samples", "", *[str(t["average"][n]["n"]) if n in t["average"] else "-" for n in lengths],
+                 style="dim")
+    out.append(main)
+    depth = results.get("depth") or {}
+    if depth:
+        bins = sorted({b for cells in depth.values() for b in cells}, key=lambda b: int(b.split("-")[0]))
+        d = Table(title="by depth of the one gold item (% of the context; single-needle niah, vt's first "
+                        "statement, qa's gold document)")
+        d.add_column("length")
+        for b in bins:
+            d.add_column(b, justify="right")
+        for n in sorted(depth, key=int):
+            d.add_row(n, *[fmt_ci(c["mean"], c["lo"], c["hi"]) + f" n={c['n']}" if (c := depth[n].get(b)) else "-"
+                           for b in bins])
+        out.append(d)
+    ret = results.get("retention")
+    if ret and ret.get("perplexity"):
+        r = Table(title="retention")
+        r.add_column("measure")
+        r.add_column("value [95% CI]", justify="right")
+        p = ret["perplexity"]
+        r.add_row(f"held-out perplexity ({p['documents']} documents, {p['tokens']} tokens)",
+                  f"{p['perplexity']:.3f} [{p['lo']:.3f}, {p['hi']:.3f}]")
+        out.append(r)
+    return out
+
+
+def compare(files: Sequence[tuple[str, dict]], key: str = "score"):
+    """(rich Tables, data): each result after the first minus the first, paired on identical prompts."""
+    from rich.table import Table
+
+    (base_name, base), others = files[0], files[1:]
+    tables, data = [], {}
+    for name, other in others:
+        p = paired_table(base["samples"], other["samples"], key)
+        data[name] = p
+        lengths = sorted({n for cells in p["tasks"].values() for n in cells}, key=int)
+        t = Table(title=f"{name} - {base_name} ({'RULER metric' if key == 'score' else 'word boundary'}; x100, "
+                        f"paired 95% CI; '?' = CI contains 0: unresolved)")
+        t.add_column("task")
+        for n in lengths:
+            t.add_column(n, justify="right")
+
+        def cell(c):
+            if not c:
+                return "-"
+            return f"{100 * c['diff']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]" + ("" if c["resolved"] else " ?")
+
+        for task, cells in p["tasks"].items():
+            t.add_row(_task_label(base, task), *[cell(cells.get(n)) for n in lengths])
+        t.add_row("average", *[cell(p["average"].get(n)) for n in lengths], style="bold")
+        t.add_row("paired samples", *[str(p["average"][n]["n"]) if n in p["average"] else "-" for n in lengths],
+                  style="dim")
+        if p["prompt_mismatch"]:
+            t.caption = f"{p['prompt_mismatch']} samples left out: their prompts differ (another seed or tokenizer)"
+        tables.append(t)
+    return tables, data
+
+
+def plot(files: Sequence[tuple[str, dict]], path: str | Path, title: str = "RULER score against length") -> Path:
+    """PNG: each model's task-average score against length (log2 axis) with 95 % CI bars; a single
+    model also gets its tasks as thin lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for name, r in files:
+        avg = r["table"]["average"]
+        ns = sorted(avg, key=int)
+        x = [int(n) for n in ns]
+        y = [100 * avg[n]["mean"] for n in ns]
+        err = [[100 * (avg[n]["mean"] - avg[n]["lo"]) for n in ns], [100 * (avg[n]["hi"] - avg[n]["mean"]) for n in ns]]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=4, linewidth=2, label=f"{name} (average)")
+        if len(files) == 1:
+            for task, cells in r["table"]["tasks"].items():
+                ts = sorted(cells, key=int)
+                ax.plot([int(n) for n in ts], [100 * cells[n]["mean"] for n in ts], linewidth=0.8, alpha=0.6,
+                        label=task)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt + generation budget (tokens)")
+    ax.set_ylabel("score (x100), 95% CI")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def markdown(files: Sequence[tuple[str, dict]]) -> str:
+    """One row per model: the task average at each length with its 95 % CI, and retention."""
+    lengths = sorted({n for _, r in files for n in r["table"]["average"]}, key=int)
+    head = ["model", *[f"{int(n) // 1024}K" if int(n) % 1024 == 0 else n for n in lengths], "perplexity"]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for name, r in files:
+        avg = r["table"]["average"]
+        cells = [fmt_ci(a["mean"], a["lo"], a["hi"]) if (a := avg.get(n)) else "-" for n in lengths]
+        p = (r.get("retention") or {}).get("perplexity")
+        cells.append(f"{p['perplexity']:.2f} [{p['lo']:.2f}, {p['hi']:.2f}]" if p else "-")
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    n = sorted({a["n"] for _, r in files for a in r["table"]["average"].values()})
+    lines += ["", f"RULER task average x100, [95% bootstrap CI]; {n[0]}-{n[-1]} samples per model and length."]
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Time the evaluation paths on one model and identical samples, and print a table.
+
+1. old vs new on the same samples: the smoke tasks (7 tasks x --old-samples at --old-length), through
+   today's path (eval/runner.evaluate: TransformersBackend.chat in --batch-size groups) and through the
+   fast path (eval/fast.py: one length-sorted stream, decode batches up to --fast-batch-size), with the
+   same token ids; their predictions are compared one by one.
+2. the new path on RULER's 13 tasks: --samples per task (31: 403 per length) at each of --lengths,
+   with the time to build the samples and the time of the whole evaluation.
+
+  python tools/bench_eval.py [--model HF_DIR] --out bench.json
+  (defaults: the embedded SmolLM2-135M-Instruct; old path at 16K on 56 samples; new path at 4K, 8K,
+  16K with 403 samples each)
+
+Writes --out (JSON) and prints: path, suite, length, samples, seconds, samples/s, score [95% CI].
+Exit status: 0 done; 2 usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="HF model directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--old-length", type=int, default=16384)
+    p.add_argument("--old-samples", type=int, default=8, help="per smoke task (7 tasks)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    p.add_argument("--samples", type=int, default=31, help="per RULER task (13 tasks)")
+    p.add_argument("--tasks", nargs="+", help="RULER tasks (default: all 13)")
+    p.add_argument("--smoke-tasks", nargs="+", help="smoke tasks of the old-vs-new part (default: all 7)")
+    p.add_argument("--batch-size", type=int, default=8, help="the old path's batch (today's default)")
+    p.add_argument("--fast-batch-size", type=int, default=64)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--skip-old", action="store_true", help="only the new path on RULER's tasks")
+    p.add_argument("--out", default="bench_eval.json")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from megatron_longpo import quiet
+
+    quiet.install()
+    a = parse_args(argv)
+    from rich.console import Console
+    from rich.table import Table
+    from tqdm import tqdm
+
+    from megatron_longpo.eval import fast, ruler, ruler_tasks, runner, suite
+    from megatron_longpo.eval.stats import bootstrap_ci, score
+    from megatron_longpo.generation.transformers_backend import TransformersBackend
+    from megatron_longpo.io import atomic_write_json
+
+    console = Console()
+    t_start = time.time()
+    try:
+        if a.model is None:
+            from megatron_longpo.models.embedded import materialize_default_model
+
+            a.model = str(materialize_default_model())
+        tasks = a.tasks or list(ruler_tasks.RULER_TASKS)
+        bad = [t for t in tasks if t not in ruler_tasks.TASKS]
+        if bad:
+            raise ValueError(f"--tasks {bad[0]}: not one of RULER's tasks ({' '.join(ruler_tasks.RULER_TASKS)})")
+        t0 = time.time()
+        backend = TransformersBackend(a.model, device=a.device, dtype=a.dtype, batch_size=a.batch_size,
+                                      threads=a.threads, decode="prefill")
+        load_s = time.time() - t0
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    tok = backend.tokenizer
+    import torch
+
+    device = f"{backend.device}" + (f" ({torch.cuda.get_device_name()})" if backend.device.startswith("cuda") else "")
+    rows: list[dict] = []
+
+    def row(path, suite_name, length, recs, seconds, **extra):
+        scores = [r["score"] for r in recs if r["score"] is not None]
+        m, lo, hi = bootstrap_ci(scores, [r["task"] for r in recs if r["score"] is not None])
+        rows.append({"path": path, "suite": suite_name, "length": length, "samples": len(recs),
+                     "seconds": round(seconds, 3), "samples_per_s": round(len(recs) / max(seconds, 1e-9), 3),
+                     "score": round(100 * m, 2), "ci": [round(100 * lo, 2), round(100 * hi, 2)], **extra})
+
+    # warm-up: kernels and allocator, outside every timing
+    fast.greedy_stream(backend, [tok("Hello there, how are you?")["input_ids"]], [4], 1)
+
+    compare = None
+    if not a.skip_old:
+        count = ruler.chat_prompt_counter(tok)
+        smoke = ruler.generate_tasks(a.smoke_tasks or list(ruler.DEFAULT_TASKS), [a.old_length], a.old_samples, count)
+        bar = tqdm(total=len(smoke), desc=f"old path {a.old_length}", unit="sample", file=sys.stderr)
+        t0 = time.perf_counter()
+        old = runner.evaluate(backend, smoke, a.batch_size, progress=bar.update)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        old_s = time.perf_counter() - t0
+        bar.close()
+        for r in old:  # rescored like the new path's (RULER's post-processing)
+            r["score"] = None if r["prediction"] is None else score(r["prediction"], r["answers"], r["metric"])
+        bar = tqdm(total=len(smoke), desc=f"new path {a.old_length}", unit="sample", file=sys.stderr)
+        new, new_s = fast.evaluate_fast(backend, smoke, lambda user, prefix: backend._prompt_ids(
+            [{"role": "user", "content": user}]), a.fast_batch_size, bar.update)
+        bar.close()
+        by_key = {(r["task"], r["length"], r["index"]): r for r in new}
+        pairs = [(o, by_key[(o["task"], o["length"], o["index"])]) for o in old]
+        same = sum(o["prediction"] == n["prediction"] for o, n in pairs)
+        same_score = sum(o["score"] == n["score"] for o, n in pairs)
+        compare = {"predictions_identical": same, "scores_identical": same_score, "samples": len(smoke)}
+        row(f"old (runner.evaluate, batch {a.batch_size})", "smoke", a.old_length, old, old_s)
+        row(f"new (fast, batch <= {a.fast_batch_size})", "smoke", a.old_length, new, new_s,
+            speedup=round(old_s / max(new_s, 1e-9), 2))
+
+    t_eval = time.time()
+    hay, qa_sets, prov = suite.load_inputs(tasks)
+    sample_s, model_s = 0.0, 0.0
+    for length in a.lengths:
+        t0 = time.time()
+        bar = tqdm(total=len(tasks) * a.samples, desc=f"samples {length}", unit="sample", file=sys.stderr)
+        samples, ids = suite.make_samples(tok, tasks, [length], a.samples, 0, hay, qa_sets, progress=bar.update)
+        bar.close()
+        gen_s = time.time() - t0
+        sample_s += gen_s
+        bar = tqdm(total=len(samples), desc=f"new path {length}", unit="sample", file=sys.stderr)
+        recs, secs = fast.evaluate_fast(backend, samples, ids, a.fast_batch_size, bar.update)
+        bar.close()
+        model_s += secs
+        row(f"new (fast, batch <= {a.fast_batch_size})", "ruler", length, recs, secs, samples_built_s=round(gen_s, 2))
+    total_eval = time.time() - t_eval
+
+    table = Table(title=f"evaluation paths on {os.path.basename(os.path.normpath(a.model))}, {device}, "
+                        f"dtype {backend.model.dtype}")
+    for c in ("path", "suite", "length", "samples", "seconds", "samples/s", "score [95% CI]"):
+        table.add_column(c, justify="left" if c in ("path", "suite") else "right")
+    for r in rows:
+        table.add_row(r["path"], r["suite"], str(r["length"]), str(r["samples"]), f"{r['seconds']:.1f}",
+                      f"{r['samples_per_s']:.2f}", f"{r['score']:.1f} [{r['ci'][0]:.1f}, {r['ci'][1]:.1f}]")
+    console.print(table)
+    if compare:
+        console.print(f"old vs new on the same {compare['samples']} smoke samples: {compare['predictions_identical']} "
+                      f"identical predictions, {compare['scores_identical']} identical scores; speed-up "
+                      f"{rows[1]['speedup']:.1f}x")
+    n_ruler = len(tasks) * a.samples * len(a.lengths)
+    console.print(f"RULER, {n_ruler} samples ({len(tasks)} tasks x {a.samples} x {len(a.lengths)} lengths): "
+                  f"{total_eval:.1f} s in all (samples built {sample_s:.1f} s on the CPU, model {model_s:.1f} s); "
+                  f"model load {load_s:.1f} s")
+    out = {"model": a.model, "device": device, "dtype": str(backend.model.dtype), "torch": torch.__version__,
+           "transformers": __import__("transformers").__version__, "rows": rows, "old_vs_new": compare,
+           "ruler_total_s": round(total_eval, 2), "ruler_samples_s": round(sample_s, 2),
+           "ruler_model_s": round(model_s, 2), "load_s": round(load_s, 2), "provenance": prov,
+           "wall_s": round(time.time() - t_start, 2), "args": vars(a)}
+    atomic_write_json(a.out, out)
+    console.print(f"-> {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
