@@ -20,7 +20,7 @@ def check(tmp_path, smollm2_dir, *args) -> dict:
 @pytest.mark.parametrize("loss", ["sft", "longpo"])
 def test_fp32_gradient_equals_transformers(loss, smollm2_dir, tmp_path):
     """fp32: the project's step (engine, packed batch, chunked log-probs, loss, DDP buffer) has
-    transformers' gradient of METHODS.md's loss, whole and tensor by tensor; and it is as close to
+    transformers' gradient of docs/methods.md's loss, whole and tensor by tensor; and it is as close to
     exact arithmetic (transformers in float64, loss head too) as transformers' fp32 gradient is."""
     [case] = check(tmp_path, smollm2_dir, "--losses", loss, "--prompt-tokens", "1024", "--fp32-only", "--fp64")["cases"]
     row = case["rows"]["project fp32 local"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build LongPO preference data with the model itself (METHODS.md §2; docs/generation.md).
+"""Build LongPO preference data with the model itself (docs/methods.md §2; docs/generation.md).
 
 long documents -> chunks (bounds derived from the generator's window) -> N questions per chunk,
 one kept, with a lead phrase -> chosen (answer given the chunk) and rejected (single-turn answer

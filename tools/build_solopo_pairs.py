@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build SoLoPO short/long preference data from multi-hop QA records (METHODS.md §3; docs/generation.md).
+"""Build SoLoPO short/long preference data from multi-hop QA records (docs/methods.md §3; docs/generation.md).
 
 QA records with supporting and distractor passages -> short context (supporting passages) and
 long context (the same passages among distractors, up to --target-long-tokens) -> N

@@ -9,7 +9,7 @@ Two implementations of one step:
     finalize_model_grads) and, as a second reading, from `param.grad` of a plain autograd pass
     through the same (unwrapped-from-DDP) model;
   * an independent one: transformers' model, its logits, log_softmax and the loss formula of
-    METHODS.md written out here (NLL = mean token NLL of the chosen response; LongPO = NLL +
+    docs/methods.md written out here (NLL = mean token NLL of the chosen response; LongPO = NLL +
     λ·DPO, DPO = -log σ(β[(log π(y_w) - ref_w) - (log π(y_l) - ref_l)]) with summed log-probs and
     the reference log-probs as constants), no project code on its path; this loss head runs in
     float64 on the model's logits (HEAD_DTYPE), so the reference's error is its model's.
@@ -176,11 +176,11 @@ def hf_sequence_logps(model, s: Seq, device="cpu", whole: bool = False, head_dty
 
 
 def hf_loss(model, batch: CheckBatch, device="cpu", head_dtype: torch.dtype = HEAD_DTYPE) -> torch.Tensor:
-    """METHODS.md's loss from transformers' logits (one sample; the loss head in `head_dtype`)."""
+    """docs/methods.md's loss from transformers' logits (one sample; the loss head in `head_dtype`)."""
     pc = hf_sequence_logps(model, batch.roles["chosen"], device, head_dtype=head_dtype)
     if batch.loss == "sft":
         return -pc / float(batch.roles["chosen"].loss_mask.sum())
-    # LongPO (METHODS.md §2, the default loss.longpo_nll=sequence): the NLL over every predicted token
+    # LongPO (docs/methods.md §2, the default loss.longpo_nll=sequence): the NLL over every predicted token
     # of the chosen long sequence
     chosen = batch.roles["chosen"]
     nll = -hf_sequence_logps(model, chosen, device, whole=True, head_dtype=head_dtype) / float(len(chosen) - 1)
