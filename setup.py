@@ -29,9 +29,9 @@ setup(
     extras_require={
         # Transformer Engine builds against the CUDA toolkit: install on GPU machines only.
         "gpu": ["transformer-engine[pytorch]>=2.0"],
-        # `make test` (not `make demo`): pytest, and the real OpenAI-compatible server that the
+        # `make test` (not `make demo`): pytest, ruff (`ruff check .`, ruff.toml), and the real OpenAI-compatible server that the
         # llama.cpp generation tests start (llama-cpp-python is built from source: about 5-10 minutes
         # on 2 cores the first time). Nothing in the package imports either.
-        "dev": ["pytest>=8", "pytest-timeout", "llama-cpp-python[server]==0.3.36"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "llama-cpp-python[server]==0.3.36"],
     },
 )

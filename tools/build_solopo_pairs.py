@@ -13,7 +13,6 @@ failures in a row.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -24,8 +23,7 @@ from megatron_longpo.generation.solopo import (
     DEFAULT_INSTRUCTION, SHORT_ANSWER_INSTRUCTION, SoLoPOBuilder, SoLoPOConfig, read_qa_records)
 from megatron_longpo.generation.text import HFTokenCounter
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _backend_cli import add_backend_args, backend_config_from_args, tokenizer_path_from_args  # noqa: E402
+from megatron_longpo.generation.cli import add_backend_args, backend_config_from_args, tokenizer_path_from_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 class _Rows(dict):
@@ -76,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_longpo.models.embedded import materialize_default_model
 
     platform.enable_cpu_fallback()
-    dev = platform.default_device()
     if platform.cuda_available():  # the fp32 rows are the references: no TF32 in them
         print(f"TF32 was: matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}; off for this run")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -116,7 +114,8 @@ def _run(args, hf_dir, tok, work) -> int:
                         "--no-progress", "--workers", "1"], check=True, stdout=subprocess.DEVNULL)
         args.data = str(work / "syn")
     use_te = te_available() and not args.no_te
-    print(f"model {hf_dir} | device {dev} | TE spec row: {'yes' if use_te else 'skipped (' + ('--no-te' if args.no_te else 'no GPU with Transformer Engine') + ')'}")
+    te_row = "yes" if use_te else f"skipped ({'--no-te' if args.no_te else 'no GPU with Transformer Engine'})"
+    print(f"model {hf_dir} | device {dev} | TE spec row: {te_row}")
     failures = []
     loss_dist: dict[str, list[tuple[float, float]]] = {}
     report: list[dict] = []

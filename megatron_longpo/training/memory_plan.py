@@ -230,7 +230,8 @@ def plan(i: PlanInputs, device_bytes: float | None = None) -> MemoryPlan:
                 optim = moments * shard * (1 - f)
                 if gbytes != 4:
                     transient = 4 * shard * (1 - f)  # grad.to(fp32) for the GPU part
-            host = shard * f * (4 + (8 if adam else 0) + 4 + (2 if i.precision_aware else 0))  # master, moments, pinned grad (+ the pinned bf16 staging copy, kept by the pinned-memory cache)
+            # master, moments, pinned grad (+ the pinned bf16 staging copy, kept by the pinned-memory cache)
+            host = shard * f * (4 + (8 if adam else 0) + 4 + (2 if i.precision_aware else 0))
         else:
             main = 4 * shard
             optim = moments * shard

@@ -1,6 +1,5 @@
 """The generation backend's command-line options, shared by tools/build_longpo_pairs.py,
-tools/build_solopo_pairs.py and tools/eval_long.py (a tool imports it after putting tools/ on
-sys.path: `sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))`)."""
+tools/build_solopo_pairs.py and tools/eval_long.py."""
 from __future__ import annotations
 
 import argparse
