@@ -8,6 +8,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.12",
     packages=find_packages(include=["megatron_longpo", "megatron_longpo.*"]),
+    # the data the defaults read (the demo's pairs, the evaluation's documents and questions): megatron_longpo/resources
+    package_data={"megatron_longpo.resources": ["*.jsonl", "documents/*.md"]},
     install_requires=[
         "megatron-core>=0.19,<0.20",
         "torch>=2.6",

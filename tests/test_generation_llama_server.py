@@ -196,7 +196,7 @@ def test_server_down_then_rerun_resumes(llama_server, smollm2_dir, tmp_path):
 def test_longpo_through_llama_server(llama_server, smollm2_dir, tmp_path):
     """The LongPO tool over HTTP, with multi-turn rejected conversations (assistant turns)."""
     srv = llama_server()
-    doc = (ROOT / "examples" / "generation" / "documents" / "sourdough.md").read_text()
+    doc = (ROOT / "megatron_longpo" / "resources" / "documents" / "sourdough.md").read_text()
     src = tmp_path / "docs.jsonl"
     src.write_text(json.dumps({"id": "sourdough", "text": doc}) + "\n")
     out = tmp_path / "longpo.jsonl"

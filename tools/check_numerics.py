@@ -7,7 +7,7 @@ fp32 (whole-gradient relative error, cosine, worst tensors). docs/logprobs.md "N
     python tools/check_numerics.py                       # SmolLM2, SFT + LongPO, RoPE base as is and x10
     python tools/check_numerics.py --hf-dir DIR --losses longpo --prompt-tokens 3072 --rope-scale 1 8
 
-The batch: a prompt of --prompt-tokens tokens (examples/generation/documents) and 256-token
+The batch: a prompt of --prompt-tokens tokens (megatron_longpo/resources/documents) and 256-token
 responses; SFT scores the chosen response, LongPO (λ = --lam, β = 0.1) both, with reference
 log-probs from transformers fp32 on a 256-token context (constants). The transformers rows' loss
 head (log_softmax of their logits) runs in float64 (--hf-head). On the CPU it takes minutes

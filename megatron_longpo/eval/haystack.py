@@ -11,7 +11,9 @@ from pathlib import Path
 from random import Random
 from typing import Iterable, Sequence
 
-DEFAULT_DOCUMENTS = Path(__file__).resolve().parents[2] / "examples" / "generation" / "documents"
+from megatron_longpo import resources
+
+DEFAULT_DOCUMENTS = resources.DOCUMENTS
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
 # Keys: adjective-noun pairs; word values: noun pairs from another pool (none of them hyphenated in the

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-DOCS_DIR = Path(__file__).resolve().parents[2] / "examples" / "generation" / "documents"
+from megatron_longpo import resources
+
+DOCS_DIR = resources.DOCUMENTS
 
 
 # ---------------------------------------------------------------- the batch
@@ -70,7 +71,7 @@ class _Sample:
 
 
 def document_tokens(tokenizer, min_tokens: int) -> np.ndarray:
-    """The example documents (examples/generation/documents), concatenated until `min_tokens`."""
+    """The example documents (megatron_longpo/resources/documents), concatenated until `min_tokens`."""
     texts = [p.read_text() for p in sorted(DOCS_DIR.glob("*.md"))]
     if not texts:
         raise FileNotFoundError(f"no example documents under {DOCS_DIR}")
