@@ -172,3 +172,10 @@ def test_methods_are_cited_from_the_repository():
     files = [p for d in ("megatron_longpo", "tools", "examples", "docs") for p in (ROOT / d).rglob("*")
              if p.suffix in (".py", ".md", ".yaml", ".sh")] + [ROOT / "README.md"]
     assert [str(p.relative_to(ROOT)) for p in files if "METHODS.md" in p.read_text()] == []
+
+
+def test_the_trainer_does_not_import_the_checks():
+    """checks/ holds references that tools and tests compare the trainer with; training never runs them."""
+    trainer = [m for m in MODULES if not _under(m, "megatron_longpo.checks")]
+    assert "megatron_longpo.checks.numerics" in MODULES
+    assert sorted(f"{m} imports {i}" for m in trainer for i in IMPORTS[m] if _under(i, "megatron_longpo.checks")) == []

@@ -95,7 +95,7 @@ def _run(args, hf_dir, tok, work) -> int:
     from megatron_longpo import platform
     from megatron_longpo.checkpoint.convert import hf_to_megatron_checkpoint
     from megatron_longpo.models.build import te_available
-    from megatron_longpo.training import numerics as N
+    from megatron_longpo.checks import numerics as N
 
     dev = platform.default_device()
     t0 = time.time()
