@@ -179,3 +179,13 @@ def test_the_trainer_does_not_import_the_checks():
     trainer = [m for m in MODULES if not _under(m, "megatron_longpo.checks")]
     assert "megatron_longpo.checks.numerics" in MODULES
     assert sorted(f"{m} imports {i}" for m in trainer for i in IMPORTS[m] if _under(i, "megatron_longpo.checks")) == []
+
+
+@pytest.mark.parametrize("path", TOOLS, ids=lambda p: p.name)
+def test_tools_spell_the_layout_as_the_trainer_does(path):
+    """parallel.tensor_parallel / pipeline_parallel / context_parallel in the config are
+    --tensor-parallel / --pipeline-parallel / --context-parallel in a tool (--tp/--pp/--cp: short aliases)."""
+    text = path.read_text()
+    for short, name in (("tp", "tensor-parallel"), ("pp", "pipeline-parallel"), ("cp", "context-parallel")):
+        if f'"--{short}"' in text:
+            assert f'"--{name}", "--{short}"' in text, f"{path.name}: --{short} without --{name}"

@@ -393,7 +393,7 @@ def main(argv=None) -> int:
     p.add_argument("--response", type=int, default=512)
     p.add_argument("--layouts", default="two,shared")
     p.add_argument("--gpus", type=int, default=None, help="GPUs per configuration (default: all visible, 1 on the CPU)")
-    p.add_argument("--cp", type=int, default=None, help="context parallel size (default: --gpus)")
+    p.add_argument("--context-parallel", "--cp", dest="cp", type=int, default=None, help="context parallel size (default: --gpus)")
     p.add_argument("--recompute", choices=["full", "selective"], default=None)
     p.add_argument("--recompute-on-oom", action="store_true", help="rerun lengths that ran out of memory with full recompute")
     p.add_argument("--until-oom", action="store_true",
