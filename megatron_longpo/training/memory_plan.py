@@ -24,7 +24,7 @@ GIB = 2**30
 
 # Measured peaks (GiB) the activation constants are fitted to: one H200, 4 Mistral-7B layers, bf16,
 # TE, prefix-shared pair with 512-token responses (row tokens 66,049 / 131,585), distributed Adam
-# with an fp32 gradient buffer, output layer in 2,048-token chunks (docs/prefix_sharing.md, issue #19).
+# with an fp32 gradient buffer, output layer in 2,048-token chunks (docs/prefix_sharing.md).
 CALIBRATION = {
     "rows": (66049, 131585),
     "none_responses": (76.06, 132.60),
