@@ -16,11 +16,12 @@ __all__ = ["DataConfigError", "StepData"]
 
 class StepData:
     def __init__(self, dcfg, *, roles, ref_roles, layout, thd: bool, device, share_prefix: bool = False,
-                 sequence_roles=()):
-        """layout: this rank's parallel.Layout (DP shard of the sampler, CP split of the batches)."""
+                 sequence_roles=(), ds: PairDataset | None = None):
+        """layout: this rank's parallel.Layout (DP shard of the sampler, CP split of the batches);
+        ds: the dataset at dcfg.path when the caller has opened it already."""
         if not dcfg.path:
             raise DataConfigError("data.path is not set: point it at a dataset prefix written by tools/preprocess_pairs.py")
-        self.ds = PairDataset(dcfg.path)
+        self.ds = ds if ds is not None else PairDataset(dcfg.path)
         missing = [r for r in roles if r not in self.ds.roles]
         if missing:
             raise DataConfigError(

@@ -167,6 +167,19 @@ def forward_backward(t: Trainer, batches) -> dict[str, float]:
     return _reduce_metrics(collected, t)
 
 
+def _open_dataset(path: str | None):
+    """The run's dataset, or None where it cannot be opened: the error then comes, with its own
+    message, from where it always came (the length check or StepData)."""
+    if not path:
+        return None
+    from megatron_longpo.data.format import PairDataset
+
+    try:
+        return PairDataset(path)
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def build_trainer(cfg: RunConfig) -> Trainer:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -180,9 +193,11 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     layout = parallel.setup(par, seed=cfg.train.seed, arch=arch, cpu_cp=cfg.data.share_prefix)
     from megatron_longpo.training.memory_plan import check_run
 
-    check_run(cfg, arch, layout.world_size, log)  # printed before the build; a run that cannot fit stops here (train.memory_check)
+    ds = _open_dataset(cfg.data.path)  # once: the plan, the length check and the step data read it
+    check_run(cfg, arch, layout.world_size, log, ds)  # printed before the build; a run that cannot fit stops here (train.memory_check)
     check_save_dir(cfg.train.save_dir, cfg.model.checkpoint)
-    arch.check_sequence_length(longest_sequence(read_manifest(cfg.data.path), policy_roles(cfg.loss)),
+    arch.check_sequence_length(longest_sequence(ds.manifest if ds is not None else read_manifest(cfg.data.path),
+                                                policy_roles(cfg.loss)),
                                f"the longest sequence of data.path={cfg.data.path}")
     resume_dir = Path(cfg.train.save_dir)
     resuming = (resume_dir / ckpt.LATEST).is_file()
@@ -197,7 +212,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
 
     data = StepData(cfg.data, roles=policy_roles(cfg.loss), ref_roles=reference_roles(cfg.loss), layout=layout,
                     thd=opts.resolved_use_te(), device=platform.default_device(), share_prefix=cfg.data.share_prefix,
-                    sequence_roles=sequence_roles(cfg.loss))
+                    sequence_roles=sequence_roles(cfg.loss), ds=ds)
     if cfg.data.check_tokenizer:
         from megatron_longpo.data.tokenizer import check_dataset_tokenizer
 

@@ -343,19 +343,21 @@ def device_bytes() -> float | None:
     return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
 
 
-def check_run(cfg, arch, world: int, log=print) -> MemoryPlan | None:
+def check_run(cfg, arch, world: int, log=print, ds=None) -> MemoryPlan | None:
     """The trainer's plan before the model is built: printed (rank 0 via `log`), and a run predicted
-    not to fit by more than the plan's 10% refused (train.memory_check=refuse; warn: a warning)."""
+    not to fit by more than the plan's 10% refused (train.memory_check=refuse; warn: a warning).
+    `ds`: the run's dataset when the caller has opened it (the trainer: once for the whole setup)."""
     if cfg.train.memory_check == "off" or not cfg.data.path:
         return None
     from megatron_longpo.data.format import PairDataset
     from megatron_longpo.losses import policy_roles, sequence_roles
     from megatron_longpo import platform
 
-    try:
-        ds = PairDataset(cfg.data.path)
-    except Exception:  # noqa: BLE001 - the data's own error comes from StepData, with its message
-        return None
+    if ds is None:
+        try:
+            ds = PairDataset(cfg.data.path)
+        except Exception:  # noqa: BLE001 - the data's own error comes from StepData, with its message
+            return None
     rows, scored = row_tokens_of_dataset(ds, share_prefix=cfg.data.share_prefix,
                                          samples_per_microbatch=cfg.data.samples_per_microbatch,
                                          roles=policy_roles(cfg.loss), sequence_roles=sequence_roles(cfg.loss))
