@@ -1,10 +1,13 @@
 """build_trainer opens the run's dataset once and hands it on: to the memory plan, the length check
 and the step data (one process, the tiny Llama, CPU)."""
+import pytest
+
 from megatron_longpo import parallel
 from megatron_longpo.config import load_config
 from megatron_longpo.data import format as fmt
 
 
+@pytest.mark.slow  # builds the engine: 34 s on a loaded 2-core CPU (the fixtures are test_train.py's)
 def test_the_dataset_is_opened_once(tiny_llama_ckpt, tiny_longpo_data, tmp_path, monkeypatch):
     from megatron_longpo.training.engine import build_trainer
 
