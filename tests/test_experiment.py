@@ -63,7 +63,7 @@ class FakeRunner(X.Runner):
         self.calls, self.calls_lock = [], threading.Lock()
 
     def table(self):
-        return "| model | 512 |\n|---|---:|\n" + "".join(f"| {m.name} | 1.0 |\n" for m in self.exp.models)
+        return "| model | 512 |\n|---|---:|\n" + "".join(f"| {m.name} | 1.0 |\n" for m in self.exp.table_order)
 
     def sh(self, cmd, log=None, gpus=None, timeout=None, ok=(0,)):
         cmd = [str(c) for c in cmd]
@@ -124,6 +124,8 @@ def test_a_run_schedules_every_job_on_the_gpus_and_a_rerun_resumes(tmp_path):
     assert _arg(base_rope, "--rope-theta") == "1000000.0" and _arg(base_rope, "--samples") == "1"
     summary = (exp.workdir / "results" / "summary.md").read_text()
     assert "| dpo | dpo: `loss.name=dpo`, reference long |" in summary and "| base_rope | 1.0 |" in summary
+    rows = [line.split(" | ")[0][2:] for line in summary.splitlines() if line.endswith("| 1.0 |")]
+    assert rows == ["base", "base_rope", "longpo", "longpo_resp", "sft", "dpo", "docnll", "longpo_lr5e-5"]  # run.sh's order
     assert len(list((exp.workdir / "results").glob("eval_*.json.gz"))) == 8
 
     again = FakeRunner(exp, out=lambda line: None)

@@ -77,6 +77,11 @@ class Experiment:
     def trained(self) -> list[Model]:
         return [m for m in self.models if m.method]
 
+    @property
+    def table_order(self) -> list[Model]:
+        """The table's rows: the untrained models first, then the methods and the variants."""
+        return [m for m in self.models if not m.method] + self.trained
+
     def references(self) -> list[str]:
         """The reference sidecars the trained models read, in REFERENCE_KINDS order."""
         used = {m.reference for m in self.trained if m.data == "pairs"}
@@ -399,7 +404,7 @@ class Runner:
     def table(self) -> str:
         """tools/eval_long.py --table over every model's evaluation: a Markdown table, a row per model."""
         r = subprocess.run([PY, "tools/eval_long.py", "--table",
-                            *[f"{m.name}={self.w / f'eval_{m.name}.json'}" for m in self.exp.models]],
+                            *[f"{m.name}={self.w / f'eval_{m.name}.json'}" for m in self.exp.table_order]],
                            cwd=ROOT, capture_output=True, text=True)
         if r.returncode != 0:
             raise ExperimentError(f"the table: {r.stderr[-2000:]}")
@@ -407,7 +412,7 @@ class Runner:
 
     def summary(self, table: str) -> str:
         s, rows = self.spec, []
-        for m in self.exp.models:
+        for m in self.exp.table_order:
             how = ("untrained" + (f", RoPE base {m.rope_theta:g}" if m.rope_theta else "")) if not m.method else \
                 f"{m.method}: `{' '.join(m.overrides)}`" + (f", reference {m.reference}" if m.reference != "short" else "") + \
                 (", documents only" if m.data == "documents" else "")
