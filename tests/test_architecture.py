@@ -136,3 +136,56 @@ def test_no_import_circle():
 def test_file_sizes(path, limit):
     n = len((PKG / path).read_text().splitlines())
     assert n < limit, f"{path}: {n} lines"
+
+
+# The edges: tools are command lines over the INSTALLED package, the package carries its own data,
+# and docs/ holds pages for users (results live with their experiment: examples/<experiment>/results).
+TOOLS = sorted((ROOT / "tools").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", TOOLS, ids=lambda p: p.name)
+def test_tools_import_the_installed_package(path):
+    assert "sys.path" not in path.read_text(), f"{path.name}: import megatron_longpo as installed, not through sys.path"
+
+
+def test_no_package_module_reaches_out_of_the_package():
+    """A non-editable install has no examples/ beside it: data the package reads is in megatron_longpo/resources."""
+    reach = [str(p.relative_to(ROOT)) for p in PKG.rglob("*.py")
+             if any(f"parents[{k}]" in p.read_text() for k in (1, 2, 3, 4)) or '"examples"' in p.read_text()]
+    assert reach == []
+
+
+def test_docs_are_pages_not_results():
+    docs = ROOT / "docs"
+    assert docs.is_dir()
+    dumps = sorted(str(p.relative_to(docs)) for p in docs.rglob("*") if p.suffix in (".json", ".jsonl", ".log"))
+    assert dumps == [], "raw results belong in examples/<experiment>/results/"
+    long = {p.name: n for p in docs.rglob("*.md") if (n := len(p.read_text().splitlines())) > 600}
+    assert long == {}
+
+
+def test_methods_are_cited_from_the_repository():
+    """The code cites docs/methods.md (§1-§4), a file every checkout has."""
+    assert (ROOT / "docs" / "methods.md").is_file()
+    text = (ROOT / "docs" / "methods.md").read_text()
+    assert all(f"## {n}. " in text for n in (1, 2, 3, 4))
+    files = [p for d in ("megatron_longpo", "tools", "examples", "docs") for p in (ROOT / d).rglob("*")
+             if p.suffix in (".py", ".md", ".yaml", ".sh")] + [ROOT / "README.md"]
+    assert [str(p.relative_to(ROOT)) for p in files if "METHODS.md" in p.read_text()] == []
+
+
+def test_the_trainer_does_not_import_the_checks():
+    """checks/ holds references that tools and tests compare the trainer with; training never runs them."""
+    trainer = [m for m in MODULES if not _under(m, "megatron_longpo.checks")]
+    assert "megatron_longpo.checks.numerics" in MODULES
+    assert sorted(f"{m} imports {i}" for m in trainer for i in IMPORTS[m] if _under(i, "megatron_longpo.checks")) == []
+
+
+@pytest.mark.parametrize("path", TOOLS, ids=lambda p: p.name)
+def test_tools_spell_the_layout_as_the_trainer_does(path):
+    """parallel.tensor_parallel / pipeline_parallel / context_parallel in the config are
+    --tensor-parallel / --pipeline-parallel / --context-parallel in a tool (--tp/--pp/--cp: short aliases)."""
+    text = path.read_text()
+    for short, name in (("tp", "tensor-parallel"), ("pp", "pipeline-parallel"), ("cp", "context-parallel")):
+        if f'"--{short}"' in text:
+            assert f'"--{name}", "--{short}"' in text, f"{path.name}: --{short} without --{name}"

@@ -16,7 +16,7 @@ from megatron_longpo.data.preprocess import PreprocessConfig, run_preprocess
 from megatron_longpo.data.tokenizer import TokenizerSpec
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "examples" / "data"
+EXAMPLES = REPO / "megatron_longpo" / "resources"
 TEMPLATE = "{context}\n\n{instruction}"
 
 # rows that stress the boundaries: unicode, braces, special-token-looking text, spaces, newlines

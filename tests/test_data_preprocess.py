@@ -19,7 +19,7 @@ from megatron_longpo.data.preprocess import (
 from megatron_longpo.data.tokenizer import TokenizerSpec
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "examples" / "data"
+EXAMPLES = REPO / "megatron_longpo" / "resources"
 
 
 def _load_cli():

@@ -15,7 +15,7 @@ from megatron_longpo.generation.gazetteer import gazetteer
 def test_docnll_loss_is_the_document_mean_nll(smollm2_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from megatron_longpo.training import numerics as N
+    from megatron_longpo.checks import numerics as N
 
     _, doc = gazetteer(0, 0, 120)
     pairs = tmp_path / "pairs.jsonl"

@@ -31,7 +31,7 @@ def test_longpo_end_to_end_with_smollm2(smollm2_dir, tmp_path, capsys):
     out = tmp_path / "longpo.jsonl"
     t0 = time.time()
     rc = load_tool("build_longpo_pairs").main([
-        str(EXAMPLES / "documents"), "-o", str(out), "--model", str(smollm2_dir), "--threads", "1",
+        str(ROOT / "megatron_longpo" / "resources" / "documents"), "-o", str(out), "--model", str(smollm2_dir), "--threads", "1",
         "--batch-size", "4", "--chunk-tokens", "300", "--max-chunks", "2", "--questions-asked", "3",
         "--question-max-new-tokens", "80", "--max-new-tokens", "40", "--min-answer-words", "3",
         "--max-pair-tokens", "4000", "--docs-per-batch", "3", "--lead-phrase", LEAD, "--seed", "1", "--no-progress"])
@@ -44,7 +44,7 @@ def test_longpo_end_to_end_with_smollm2(smollm2_dir, tmp_path, capsys):
     assert summary["counts"]["documents_seen"] == 3 and summary["counts"]["chunks_used"] == 6
     assert summary["failures"] == {}
     assert rows and summary["counts"]["documents_written"] == len(rows)
-    docs = {p.read_text() for p in (EXAMPLES / "documents").glob("*.md")}
+    docs = {p.read_text() for p in (ROOT / "megatron_longpo" / "resources" / "documents").glob("*.md")}
     from megatron_longpo.data.records import parse_record
 
     for row in rows:

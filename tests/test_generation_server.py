@@ -224,7 +224,7 @@ def test_server_down_then_rerun_resumes(server, smollm2_dir, tmp_path):
 def test_longpo_through_a_server(server, smollm2_dir, tmp_path):
     """The LongPO tool over HTTP, with multi-turn rejected conversations (assistant turns)."""
     srv = server()
-    doc = (ROOT / "examples" / "generation" / "documents" / "sourdough.md").read_text()
+    doc = (ROOT / "megatron_longpo" / "resources" / "documents" / "sourdough.md").read_text()
     src = tmp_path / "docs.jsonl"
     src.write_text(json.dumps({"id": "sourdough", "text": doc}) + "\n")
     out = tmp_path / "longpo.jsonl"

@@ -8,7 +8,7 @@ from megatron_longpo.generation.text import (
     HFTokenCounter, WhitespaceTokenCounter, chunk_bounds, chunk_document, is_heading, offline_sentence_splitter,
     paragraph_spans, select_chunks)
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "generation" / "documents"
+EXAMPLES = Path(__file__).resolve().parents[1] / "megatron_longpo" / "resources" / "documents"
 WS = WhitespaceTokenCounter()
 
 

@@ -1,4 +1,4 @@
-"""LongPO as the paper's reference code computes it (METHODS.md §2), against the trainer, on the CPU.
+"""LongPO as the paper's reference code computes it (docs/methods.md §2), against the trainer, on the CPU.
 
 The reference here is written from the formula alone, on a plain Hugging Face forward of each
 UNPACKED sequence in float64 (no code of the package computes it):

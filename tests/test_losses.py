@@ -1,4 +1,4 @@
-"""Tests of megatron_longpo.losses against an independent float reference (METHODS.md).
+"""Tests of megatron_longpo.losses against an independent float reference (docs/methods.md).
 
 The reference below works on plain Python floats, one sample at a time, with `math` and,
 for log(1 - exp(p)), `decimal` at 60 digits; it never calls the module under test.

@@ -31,7 +31,7 @@ def fp32_cases(smollm2_dir, module_tmp):
 @pytest.mark.parametrize("loss", LOSSES)
 def test_fp32_gradient_equals_transformers(loss, fp32_cases):
     """fp32: the project's step (engine, packed batch, chunked log-probs, loss, DDP buffer) has
-    transformers' gradient of METHODS.md's loss, whole and tensor by tensor; and it is as close to
+    transformers' gradient of docs/methods.md's loss, whole and tensor by tensor; and it is as close to
     exact arithmetic (transformers in float64, loss head too) as transformers' fp32 gradient is."""
     case = fp32_cases[loss]
     row = case["rows"]["project fp32 local"]

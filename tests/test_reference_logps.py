@@ -49,7 +49,7 @@ def test_sidecar_equals_transformers(kind, smollm2_dir, smollm2_ckpt, tmp_path):
     from transformers import AutoModelForCausalLM
 
     prefix = tmp_path / kind
-    run_tool(ROOT / "tools/preprocess_pairs.py", "--input", ROOT / f"examples/data/{kind}.jsonl", "--kind", kind,
+    run_tool(ROOT / "tools/preprocess_pairs.py", "--input", ROOT / f"megatron_longpo/resources/{kind}.jsonl", "--kind", kind,
              "--tokenizer", smollm2_dir, "--output", prefix, "--no-progress", "--workers", "1")
     r = run_tool(ROOT / "tools/precompute_ref_logps.py", "--data", prefix, "--model", smollm2_ckpt, "--samples-per-microbatch", "2")
     assert "reference log-probs of" in r.stdout

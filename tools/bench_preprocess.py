@@ -28,10 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_longpo.data.preprocess import DEFAULT_CONTEXT_TEMPLATE, PreprocessConfig, run_preprocess  # noqa: E402
-from megatron_longpo.data.tokenizer import TokenizerSpec  # noqa: E402
+from megatron_longpo.data.preprocess import DEFAULT_CONTEXT_TEMPLATE, PreprocessConfig, run_preprocess
+from megatron_longpo.data.tokenizer import TokenizerSpec
 
 WORDS = (
     "the a an of to in and or but with from by on at for as into over under between after before during "

@@ -35,10 +35,9 @@ from functools import partial
 from types import SimpleNamespace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -394,7 +393,7 @@ def main(argv=None) -> int:
     p.add_argument("--response", type=int, default=512)
     p.add_argument("--layouts", default="two,shared")
     p.add_argument("--gpus", type=int, default=None, help="GPUs per configuration (default: all visible, 1 on the CPU)")
-    p.add_argument("--cp", type=int, default=None, help="context parallel size (default: --gpus)")
+    p.add_argument("--context-parallel", "--cp", dest="cp", type=int, default=None, help="context parallel size (default: --gpus)")
     p.add_argument("--recompute", choices=["full", "selective"], default=None)
     p.add_argument("--recompute-on-oom", action="store_true", help="rerun lengths that ran out of memory with full recompute")
     p.add_argument("--until-oom", action="store_true",
@@ -413,7 +412,8 @@ def main(argv=None) -> int:
                    help="comma-separated loss.longpo_nll modes to run (sequence: the NLL over the whole chosen sequence, "
                         "the paper's; responses: the chosen responses only), e.g. sequence,responses for both side by side")
     p.add_argument("--warmup", type=int, default=1,
-                   help="unmeasured steps first (default 1; 0 measures the first step, whose backward runs before Adam's moments exist: torch creates them in the first optimizer step, so its peak is low)")
+                   help="unmeasured steps first (default 1; 0 measures the first step, whose backward runs before Adam's "
+                        "moments exist: torch creates them in the first optimizer step, so its peak is low)")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing each length, profile one more step and print its N most costly GPU kernels")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build LongPO preference data with the model itself (METHODS.md §2; docs/generation.md).
+"""Build LongPO preference data with the model itself (docs/methods.md §2; docs/generation.md).
 
 long documents -> chunks (bounds derived from the generator's window) -> N questions per chunk,
 one kept, with a lead phrase -> chosen (answer given the chunk) and rejected (single-turn answer
@@ -13,7 +13,6 @@ failures in a row (rerun after fixing the cause).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,8 +25,7 @@ from megatron_longpo.generation.longpo import DEFAULT_QUESTION_PROMPT, LongPOBui
 from megatron_longpo.generation.output import RunStats, TooManyFailures, finish_run
 from megatron_longpo.generation.text import REFERENCE_MAX_CHUNK, REFERENCE_MIN_CHUNK, HFTokenCounter, chunk_bounds
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _backend_cli import add_backend_args, backend_config_from_args, tokenizer_path_from_args  # noqa: E402
+from megatron_longpo.generation.cli import add_backend_args, backend_config_from_args, tokenizer_path_from_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:

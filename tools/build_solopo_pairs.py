@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build SoLoPO short/long preference data from multi-hop QA records (METHODS.md §3; docs/generation.md).
+"""Build SoLoPO short/long preference data from multi-hop QA records (docs/methods.md §3; docs/generation.md).
 
 QA records with supporting and distractor passages -> short context (supporting passages) and
 long context (the same passages among distractors, up to --target-long-tokens) -> N
@@ -13,7 +13,6 @@ failures in a row.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -24,8 +23,7 @@ from megatron_longpo.generation.solopo import (
     DEFAULT_INSTRUCTION, SHORT_ANSWER_INSTRUCTION, SoLoPOBuilder, SoLoPOConfig, read_qa_records)
 from megatron_longpo.generation.text import HFTokenCounter
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _backend_cli import add_backend_args, backend_config_from_args, tokenizer_path_from_args  # noqa: E402
+from megatron_longpo.generation.cli import add_backend_args, backend_config_from_args, tokenizer_path_from_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:

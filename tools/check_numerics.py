@@ -7,7 +7,7 @@ fp32 (whole-gradient relative error, cosine, worst tensors). docs/logprobs.md "N
     python tools/check_numerics.py                       # SmolLM2, SFT + LongPO, RoPE base as is and x10
     python tools/check_numerics.py --hf-dir DIR --losses longpo --prompt-tokens 3072 --rope-scale 1 8
 
-The batch: a prompt of --prompt-tokens tokens (examples/generation/documents) and 256-token
+The batch: a prompt of --prompt-tokens tokens (megatron_longpo/resources/documents) and 256-token
 responses; SFT scores the chosen response, LongPO (λ = --lam, β = 0.1) both, with reference
 log-probs from transformers fp32 on a 256-token context (constants). The transformers rows' loss
 head (log_softmax of their logits) runs in float64 (--hf-head). On the CPU it takes minutes
@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 class _Rows(dict):
@@ -76,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_longpo.models.embedded import materialize_default_model
 
     platform.enable_cpu_fallback()
-    dev = platform.default_device()
     if platform.cuda_available():  # the fp32 rows are the references: no TF32 in them
         print(f"TF32 was: matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}; off for this run")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -97,7 +95,7 @@ def _run(args, hf_dir, tok, work) -> int:
     from megatron_longpo import platform
     from megatron_longpo.checkpoint.convert import hf_to_megatron_checkpoint
     from megatron_longpo.models.build import te_available
-    from megatron_longpo.training import numerics as N
+    from megatron_longpo.checks import numerics as N
 
     dev = platform.default_device()
     t0 = time.time()
@@ -116,7 +114,8 @@ def _run(args, hf_dir, tok, work) -> int:
                         "--no-progress", "--workers", "1"], check=True, stdout=subprocess.DEVNULL)
         args.data = str(work / "syn")
     use_te = te_available() and not args.no_te
-    print(f"model {hf_dir} | device {dev} | TE spec row: {'yes' if use_te else 'skipped (' + ('--no-te' if args.no_te else 'no GPU with Transformer Engine') + ')'}")
+    te_row = "yes" if use_te else f"skipped ({'--no-te' if args.no_te else 'no GPU with Transformer Engine'})"
+    print(f"model {hf_dir} | device {dev} | TE spec row: {te_row}")
     failures = []
     loss_dist: dict[str, list[tuple[float, float]]] = {}
     report: list[dict] = []

@@ -95,7 +95,10 @@ def main(argv: list[str]) -> int:
         print("no fp32 reference (ref32.pt): see cp_runs.log")
     c = compare({k: runs[k] for k in ("cp1", "cp2", "mb2", "local16") if k in runs}, "cp1")
     loss = c["loss"]
-    lr = lambda k: abs(loss[k] - loss["cp1"]) / abs(loss["cp1"])
+
+    def lr(k):
+        return abs(loss[k] - loss["cp1"]) / abs(loss["cp1"])
+
     print(f"loss CP1 {loss['cp1']:.6f} CP2 {loss['cp2']:.6f} (rel {lr('cp2'):.2e}); grad rel CP2 vs CP1 "
           f"{c['whole']['cp2']:.2e}; floor (2 samples/micro-batch vs 1): loss rel {lr('mb2'):.2e}, "
           f"grad rel {c['whole']['mb2']:.2e}")

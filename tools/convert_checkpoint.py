@@ -70,8 +70,8 @@ def main(argv=None) -> int:
     h = sub.add_parser("hf-to-megatron", help="import a Hugging Face Llama/Mistral/Qwen2 model")
     h.add_argument("--hf-dir", required=True)
     h.add_argument("--out", required=True)
-    h.add_argument("--tp", type=int, default=1, help="tensor-parallel size you will train with (validated)")
-    h.add_argument("--pp", type=int, default=1, help="pipeline-parallel size you will train with (validated)")
+    h.add_argument("--tensor-parallel", "--tp", dest="tp", type=int, default=1, help="tensor-parallel size you will train with (validated)")
+    h.add_argument("--pipeline-parallel", "--pp", dest="pp", type=int, default=1, help="pipeline-parallel size you will train with (validated)")
     h.add_argument("--overwrite", action="store_true", help="replace --out if it is this tool's earlier output")
     h.set_defaults(fn=hf_to_megatron)
     e = sub.add_parser("megatron-to-hf", help="export a checkpoint (any TP/PP) as a Hugging Face model directory")
@@ -87,8 +87,8 @@ def main(argv=None) -> int:
     r = sub.add_parser("reshard", help="load at TP/PP and save again (dist), or write Megatron-LM's legacy per-rank layout")
     r.add_argument("--megatron-dir", required=True)
     r.add_argument("--out", required=True)
-    r.add_argument("--tp", type=int, default=1)
-    r.add_argument("--pp", type=int, default=1)
+    r.add_argument("--tensor-parallel", "--tp", dest="tp", type=int, default=1)
+    r.add_argument("--pipeline-parallel", "--pp", dest="pp", type=int, default=1)
     r.add_argument("--format", default="dist", choices=["dist", "legacy"],
                    help="dist: dist_checkpointing (model only); legacy: iter_N/mp_rank_TT[_PPP]/model_optim_rng.pt")
     r.add_argument("--names", default="te", choices=["te", "local"],

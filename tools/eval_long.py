@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,8 +31,7 @@ from megatron_longpo.eval.runner import (build_results, compare_table, evaluate,
 from megatron_longpo.generation.factory import build_backend
 from megatron_longpo.io import atomic_write_json
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _backend_cli import add_backend_args, backend_config_from_args, tokenizer_path_from_args  # noqa: E402
+from megatron_longpo.generation.cli import add_backend_args, backend_config_from_args, tokenizer_path_from_args
 
 from megatron_longpo.eval.ruler_tasks import RULER_TASKS  # noqa: E402
 

@@ -32,9 +32,9 @@ def main(argv=None) -> int:
     p.add_argument("--rope-theta", type=float, default=None,
                    help="score at this RoPE base instead of the checkpoint's: with --reference-sees-policy, plain DPO "
                         "whose reference is the initial policy at the enlarged base (train with the same model.rope_theta)")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--cp", type=int, default=1)
+    p.add_argument("--tensor-parallel", "--tp", dest="tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel", "--pp", dest="pp", type=int, default=1)
+    p.add_argument("--context-parallel", "--cp", dest="cp", type=int, default=1)
     p.add_argument("--samples-per-microbatch", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=2048, help="sequence chunk of the log-prob computation")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",

@@ -17,10 +17,9 @@ import signal
 import sys
 import threading
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_longpo.data.schema import KINDS  # noqa: E402
-from megatron_longpo.data.preprocess import (  # noqa: E402
+from megatron_longpo.data.schema import KINDS
+from megatron_longpo.data.preprocess import (
     DEFAULT_CONTEXT_TEMPLATE,
     EXIT_ERROR,
     PreprocessConfig,
@@ -28,8 +27,8 @@ from megatron_longpo.data.preprocess import (  # noqa: E402
     PreprocessResult,
     run_preprocess,
 )
-from megatron_longpo.data.row_formats import parse_columns  # noqa: E402
-from megatron_longpo.data.tokenizer import TokenizerSpec  # noqa: E402
+from megatron_longpo.data.row_formats import parse_columns
+from megatron_longpo.data.tokenizer import TokenizerSpec
 
 MAX_LISTED = 10  # dropped rows listed per reason in the summary
 

@@ -2,7 +2,6 @@
 # GPU checks and measurements, run on a GPU machine after Transformer Engine and megatron-core are
 # installed (see docs/foundation.md, "GPU"). Every number quoted in docs/ for a GPU comes from here.
 #   bash tools/run_gpu_checks.sh tests|bench|train(=train16)|all|diag|attn|cpgrads|prefix|bench_step|train_tp2|longpo_run|maxlen|demo|numerics|fit7b
-#   bash tools/run_gpu_checks.sh detach STAGE... ; bash tools/run_gpu_checks.sh poll SECONDS
 # Logs go to $OUT (default /tmp/gpu-out).
 set -uo pipefail
 what=${1:-all}
@@ -10,43 +9,10 @@ OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 export MEGATRON_LONGPO_CACHE=${MEGATRON_LONGPO_CACHE:-/tmp/mlp-cache}
-if [ -z "${MEGATRON_LONGPO_GGUF:-}" ] && ls /root/gguf/g.part0* >>$OUT/cp_runs.log 2>&1; then
-  cat /root/gguf/g.part0* > /tmp/smollm2.gguf && export MEGATRON_LONGPO_GGUF=/tmp/smollm2.gguf
-fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpus.txt"
 NGPU=$(nvidia-smi -L | wc -l)
 trun() { torchrun --master-port=$((20000 + RANDOM % 20000)) "$@"; }
 
-# detach STAGE [STAGE...]: run each stage in its own process session (it outlives this device call; the
-# machine keeps it while calls follow back to back), its $OUT in /tmp/keep/STAGE, the environment this
-# script had. Then poll.
-# poll SECONDS: wait until every detached stage has ended or SECONDS have passed, printing what they
-# print; then pack /tmp/keep and the #20 run's results into $OUT/keep.tgz (the device returns 8 files at most).
-if [ "$what" = detach ]; then
-  shift
-  python3 -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())"  # once, before the stages
-  for st in "$@"; do
-    mkdir -p /tmp/keep/$st
-    rm -f /tmp/keep/$st.rc
-    ST=$st setsid nohup bash -c 'OUT=/tmp/keep/$ST bash tools/run_gpu_checks.sh $ST; echo $? > /tmp/keep/$ST.rc' \
-      > /tmp/keep/$st.console 2>&1 < /dev/null &
-    echo "$st" > /tmp/keep/$st.stage; echo "detached $st"
-  done
-  exit 0
-fi
-if [ "$what" = poll ]; then
-  end=$((SECONDS + ${2:-300}))
-  # a stage has ended when its .rc file exists (its exit status; a process id could be a zombie's)
-  running() { for f in /tmp/keep/*.stage; do [ -f "$f" ] && [ ! -f "${f%.stage}.rc" ] && basename "$f" .stage; done; true; }
-  while [ -n "$(running)" ] && [ $SECONDS -lt $end ]; do sleep 10; done
-  echo "== $(date +%H:%M:%S) still running: $(running | tr '\n' ' ')"
-  for f in /tmp/keep/*.console; do echo "== $f"; grep -v "Warn\|warn\|it/s\]" "$f" | tail -${TAIL:-25}; done
-  LW=${W:-/tmp/longpo_smollm2}
-  ( cd / && tar czf $OUT/keep.tgz --ignore-failed-read tmp/keep $(cd / && ls -d ${LW#/}/table.md ${LW#/}/eval_*.json \
-    ${LW#/}/*.log ${LW#/}/*/summary.json 2>/dev/null) 2>/dev/null ); ls -la $OUT/keep.tgz
-  nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader
-  exit 0
-fi
 if [ "$what" = demo ]; then
   # the README's GPU quick start on GPU 0 (bf16, TE spec), with Python's warnings NOT silenced here:
   # demo_gpu_warnings.txt counts the warning lines a user would see (megatron_longpo/quiet.py)
@@ -59,7 +25,7 @@ fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
   python3 -m pytest -q -m gpu tests/test_gpu.py -s -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 fi
-if [ "$what" = numerics ]; then  # issue #17: one step's bf16 gradient against transformers' on the same batch
+if [ "$what" = numerics ]; then  # one step's bf16 gradient against transformers' on the same batch
   python3 tools/check_numerics.py --json $OUT/numerics_documents.json 2>&1 | grep -v -i warn | tee $OUT/numerics.log
   python3 tools/check_numerics.py --synthetic-words 3000 --json $OUT/numerics_synthetic.json 2>&1 | grep -v -i warn | tee -a $OUT/numerics.log
 fi
@@ -166,14 +132,14 @@ if [ "$what" = train_tp2 ]; then
   done
 fi
 if [ "$what" = longpo_run ]; then
-  # issues #9/#20's run: examples/longpo_smollm2/run.sh (knobs through the environment); the packed
+  # the SmolLM2 experiment: examples/longpo_smollm2/run.sh (knobs through the environment); the packed
   # pairs come back too (commit pairs.compact.jsonl.gz as examples/longpo_smollm2/pairs.compact.jsonl.gz)
   W=${W:-/tmp/longpo_smollm2} bash examples/longpo_smollm2/run.sh 2>&1 | grep --line-buffered -v "Warn\|warn\|it/s\]" | tee "$OUT/longpo_run.log"
   cp ${W:-/tmp/longpo_smollm2}/table.md ${W:-/tmp/longpo_smollm2}/eval_*.json ${W:-/tmp/longpo_smollm2}/pairs.compact.jsonl.gz \
     ${W:-/tmp/longpo_smollm2}/pairs.jsonl.summary.json "$OUT/" 2>/dev/null
 fi
 if [ "$what" = maxlen ]; then
-  # issue #23 on NGPU GPUs (CP=NGPU): the full 32-layer Mistral-7B shape (random weights), one prefix-shared
+  # the longest pair on NGPU GPUs (CP=NGPU): the full 32-layer Mistral-7B shape (random weights), one prefix-shared
   # LongPO pair, the paper's NLL, full recompute, Adam on the CPU for FRACTION of the parameters, bf16
   # gradient buffer (the memory settings of fit7b, which found the longest pair on ONE H200); every
   # length its own process (bench_train_step.py), rows to $OUT/maxlen.jsonl as they finish
@@ -187,14 +153,14 @@ if [ "$what" = maxlen ]; then
   free -g > $OUT/maxlen_host.txt
 fi
 if [ "$what" = fit7b ] || [ "$what" = fit7b_longest ]; then
-  # issue #19 on ONE H200: the full 32-layer Mistral-7B shape (random weights), one prefix-shared
+  # the full 7B on ONE H200: the full 32-layer Mistral-7B shape (random weights), one prefix-shared
   # LongPO pair, the paper's NLL (loss.longpo_nll=sequence), full recompute, Adam on the CPU for
   # FRACTION of the parameters (precision-aware: no fp32 parameter copy on the GPU), bf16 gradient
   # buffer. Every configuration / probe is its own process (bench_train_step.py); rows go to
   # $OUT/fit7b.jsonl as they finish.
   #   fit7b (~6.5 min): the plan, then s/pair, tokens/s, peak vs plan at 32K, 64K, 128K
   #   fit7b_longest (~4-7 min): the longest pair: PROBE_FROM (144K) up to PROBE_MAX (160K: out of memory
-  #   on 2026-11-29 after a warm-up step), bisecting at 16K while the deadline allows
+  #   after a warm-up step), bisecting at 16K while the deadline allows
   F=${FRACTION:-0.75}
   common="--gpus 1 --layers 32 --layouts shared --longpo-nll sequence --recompute full --offload $F --grad-dtype bf16"
   if [ "$what" = fit7b ]; then
@@ -214,7 +180,7 @@ from bench_train_step import MISTRAL_7B as m; print(json.dumps({**m,'num_hidden_
   free -g > $OUT/fit7b_host.txt
 fi
 if [ "$what" = memextra ]; then
-  # issue #19's other memory keys on 4 Mistral-7B layers, one process per configuration:
+  # the other memory keys on 4 Mistral-7B layers, one process per configuration:
   # model.activation_offload_layers (megatron-core refuses it with recompute, so none here) against
   # the same run without it, and optim.offload_overlap against offload without overlap (host peak
   # in the rows' "host GiB")
@@ -231,12 +197,12 @@ if [ "$what" = memextra ]; then
   python3 tools/bench_train_step.py --table $OUT/memextra.jsonl | tee $OUT/memextra_table.md
 fi
 if [ "$what" = gen20 ]; then
-  # issue #20: self-generated LongPO pairs from SmolLM2 with ~15K-token documents, kv_decode (the
+  # self-generated LongPO pairs from SmolLM2 with ~15K-token documents, kv_decode (the
   # transformers backend's default). AB=N first times N documents with both decoders (records/s).
   # Resumable: a rerun continues $W/pairs.jsonl. The pairs come back gzipped in $OUT.
   W=/tmp/gen20; mkdir -p $W
   HF=$(python3 -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")
-  # FROM=K: only documents K.. of the DOCS (the first K were generated on in an earlier lease; the
+  # FROM=K: only documents K.. of the DOCS (the first K were generated before; the
   # committed compact file's header says which: "documents_generated_on")
   [ -f $W/docs.jsonl ] || { python3 tools/make_long_documents.py --n ${DOCS:-512} --words ${WORDS:-9300} --seed 0 --out $W/all.jsonl \
     && tail -n +$((${FROM:-0} + 1)) $W/all.jsonl > $W/docs.jsonl; }

@@ -15,7 +15,7 @@ OUT=${1:-/tmp/generation_example}
 mkdir -p "$OUT"
 M=$($PY -c "from megatron_longpo.models.embedded import materialize_default_model as m; print(m())")
 
-$PY tools/build_longpo_pairs.py examples/generation/documents -o "$OUT/longpo.jsonl" --model "$M" --threads 1 \
+$PY tools/build_longpo_pairs.py megatron_longpo/resources/documents -o "$OUT/longpo.jsonl" --model "$M" --threads 1 \
   --max-chunk-tokens 300 --max-chunks 2 --question-max-new-tokens 120 --max-new-tokens 64 \
   --max-pair-tokens 4000 --docs-per-batch 3 --no-progress
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LongPO's iterative context extension ("self-evolution", METHODS.md §2; docs/iterative.md).
+# LongPO's iterative context extension ("self-evolution", docs/methods.md §2; docs/iterative.md).
 #
 # Round r (r = 1 .. ROUNDS) extends the previous model to L_r = L1 * 2^(r-1) tokens:
 #   generator = initial policy = reference pi_S  := round r-1's exported HF model (round 1: BASE_HF)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One LongPO round on the embedded SmolLM2-135M-Instruct (8K native context) to CTX tokens with
 # data it generates itself, and the baselines on the same data, then the long-context evaluation of
-# all of them. Issues #9 and #20; docs/evaluation.md. Every step skips itself when its output exists
+# all of them (examples/longpo_smollm2/README.md; tools/experiment.py runs the same from experiment.yaml). Every step skips itself when its output exists
 # (rerun to resume).
 #
 #   bash examples/longpo_smollm2/run.sh                  # GPU defaults: 1,024 documents (~15K tokens), 16K context

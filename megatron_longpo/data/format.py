@@ -25,7 +25,7 @@ from typing import Iterable
 import numpy as np
 
 from megatron_longpo.data.schema import REF_ROLES, ROLES, FormatError, Sample, Seg, Segment
-from megatron_longpo.data.schema import Sequence  # noqa: F401 (training/numerics.py, data/prefix_sharing.py import it from here)
+from megatron_longpo.data.schema import Sequence  # noqa: F401 (checks/numerics.py, data/prefix_sharing.py import it from here)
 
 FORMAT_NAME = "megatron-longpo-pairs"
 FORMAT_VERSION = 1

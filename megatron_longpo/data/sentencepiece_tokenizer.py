@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from megatron_longpo.data.chat_tokenizer import ChatTokenizer, TokenizerError, Unit
+from megatron_longpo.data.chat_tokenizer import ChatTokenizer, Message, TokenizerError, Unit
 
 
 class SentencePieceChatTokenizer(ChatTokenizer):

@@ -9,7 +9,7 @@ the offline defaults below are used, and every result names which one it used:
 - haystack: `data/haystack_python_reference.txt`, the prose paragraphs (no code, grammar or tables)
   of the Python Language Reference as CPython ships it (`pydoc_data/topics.py`, Python 3.12;
   licence PSF-2.0). 536 paragraphs, 25,880 words (about 33K SmolLM2 tokens: a 16K haystack is not a
-  loop). Not the training documents (examples/generation/documents) and not the perplexity set.
+  loop). Not the training documents (megatron_longpo/resources/documents) and not the perplexity set.
 - perplexity: `data/heldout_python_docstrings.jsonl`, 415 docstrings of the Python 3.12 standard
   library (prose paragraphs only, >= 60 words each; licence PSF-2.0), none sharing a sentence with
   the haystack. Used by nothing else.
@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from random import Random
+from megatron_longpo.resources import DOCUMENTS
 
 DATA = Path(__file__).resolve().parent / "data"
 DEFAULT_HAYSTACK = DATA / "haystack_python_reference.txt"
 DEFAULT_HELDOUT = DATA / "heldout_python_docstrings.jsonl"
-TRAINING_DOCUMENTS = Path(__file__).resolve().parents[2] / "examples" / "generation" / "documents"
+TRAINING_DOCUMENTS = DOCUMENTS  # the generation example's documents (megatron_longpo/resources)
 PSF = "PSF-2.0 (Python Software Foundation License)"
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 from random import Random
 from typing import Iterable, Sequence
 
-DEFAULT_DOCUMENTS = Path(__file__).resolve().parents[2] / "examples" / "generation" / "documents"
+from megatron_longpo import resources
+
+DEFAULT_DOCUMENTS = resources.DOCUMENTS
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
 # Keys: adjective-noun pairs; word values: noun pairs from another pool (none of them hyphenated in the
@@ -115,7 +117,7 @@ def _value(rng: Random, kind: str, used: set[str]) -> str:
         elif kind == "uuid":
             v = str(uuid.UUID(int=rng.getrandbits(128), version=4))
         else:
-            raise ValueError(f"needle value type {kind}: choose {', '.join(VALUE_TYPES)}")
+            raise ValueError(f"needle value type {kind}: choose {'number, word, uuid'}")
         if v not in used:
             used.add(v)
             return v

@@ -3,11 +3,11 @@
 Two measurements, reported the same way before and after training (one model per run; compare two
 result files with `tools/eval_long.py --compare BEFORE.json AFTER.json`):
 
-- held-out perplexity: the offline prose of `examples/generation/documents` (each document tokenized
+- held-out perplexity: the offline prose of `megatron_longpo/resources/documents` (each document tokenized
   on its own, without the chat template, cut into non-overlapping windows of `window` tokens; the
   perplexity is exp of the mean next-token negative log-likelihood over all predicted tokens). Needs
   the weights in process (the transformers backend); skipped for an HTTP server.
-- a small hand-written QA set (`examples/eval/retention_qa.jsonl`: simple factual and arithmetic
+- a small hand-written QA set (`megatron_longpo/resources/retention_qa.jsonl`: simple factual and arithmetic
   questions), answered greedily through any `GenerationBackend`, one question per call (so the
   answers do not depend on the batch size), and scored by RULER's
   string_match_part (1 if any gold alias is a case-insensitive sub-string of the answer).
@@ -20,10 +20,11 @@ import math
 from pathlib import Path
 from typing import Callable, Sequence
 
+from megatron_longpo import resources
 from megatron_longpo.eval.ruler import DEFAULT_DOCUMENTS, string_match_part
 from megatron_longpo.generation.backends import GenerationBackend, SamplingParams
 
-DEFAULT_QA = Path(__file__).resolve().parents[2] / "examples" / "eval" / "retention_qa.jsonl"
+DEFAULT_QA = resources.RETENTION_QA
 QA_SYSTEM_SUFFIX = " Answer briefly."
 
 

@@ -46,7 +46,8 @@ from random import Random
 from typing import Callable, Sequence
 
 from megatron_longpo.eval.haystack import (  # noqa: F401 - re-exported: the tasks' raw material
-    DEFAULT_DOCUMENTS, NOISE, KEY_ADJECTIVES, KEY_NOUNS, VALUE_WORDS, SYLLABLES, _read_documents, essay_sentences, WordStream, _stream, insert_at_depths, _key, _value, pseudo_words, _document_vocabulary,
+    DEFAULT_DOCUMENTS, NOISE, KEY_ADJECTIVES, KEY_NOUNS, VALUE_WORDS, SYLLABLES, _read_documents, essay_sentences,
+    WordStream, _stream, insert_at_depths, _key, _value, pseudo_words, _document_vocabulary,
 )
 
 CountFn = Callable[[str], int]

@@ -1,4 +1,4 @@
-"""Answer filters for self-generated preference data (METHODS.md §2 step 5), and question parsing.
+"""Answer filters for self-generated preference data (docs/methods.md §2 step 5), and question parsing.
 
 Each filter returns the *reason* an answer is dropped (a short stable string that the run summary
 counts) or None when the answer is kept. The defaults follow the LongPO reference code
@@ -18,7 +18,7 @@ Too short (`long_words`)
 Refusals (`is_refusal`)
     Phrasings of a model declining to answer or to use the context. Dropped in CHOSEN answers
     only by default: a long-context failure in the REJECTED answer ("the text does not mention
-    ...") is exactly what the DPO term pushes down (METHODS.md §2 step 5).
+    ...") is exactly what the DPO term pushes down (docs/methods.md §2 step 5).
 
 An n-gram repetition ratio (`repetition_ratio`, `max_ngram_repetition`) is available as an extra
 filter (off by default).

@@ -1,4 +1,4 @@
-"""LongPO self-generated pairs (METHODS.md §2): chunk -> questions -> short/long answers -> filters -> turns.
+"""LongPO self-generated pairs (docs/methods.md §2): chunk -> questions -> short/long answers -> filters -> turns.
 
 The defaults follow the LongPO reference code (DAMO-NLP-SG/LongPO, `data_prepare/`); docs/generation.md
 lists each choice with its source. For each document `C_L` (the whole text):

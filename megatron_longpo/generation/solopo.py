@@ -1,4 +1,4 @@
-"""SoLoPO pairs (METHODS.md §3): supporting + distractor contexts, sampling on the short context, sub-EM.
+"""SoLoPO pairs (docs/methods.md §3): supporting + distractor contexts, sampling on the short context, sub-EM.
 
 Input: multi-hop QA records. The native schema, one JSON object per line:
 

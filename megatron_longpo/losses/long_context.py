@@ -1,13 +1,13 @@
 """Pure long-context losses built on the preference losses: LongPO and SoLoPO.
 
-LongPO (METHODS.md §2): L = NLL(chosen long sequence) + λ · DPO(chosen, rejected, ref_chosen,
+LongPO (docs/methods.md §2): L = NLL(chosen long sequence) + λ · DPO(chosen, rejected, ref_chosen,
 ref_rejected) where the policy roles are on the LONG context (multi-turn sums) and the reference
 roles on the SHORT contexts; the data layer arranges that, the formula is plain DPO + NLL. The
 NLL is the mean over EVERY predicted token of the chosen long sequence (``chosen_sequence``:
 document, instructions, template, responses), as the paper and its reference code; given only
 ``chosen`` it is over the chosen responses (the ``longpo_nll: responses`` ablation).
 
-SoLoPO (METHODS.md §3): L = L_PO(x_S, y_w, y_l) + α · |r(x_S, y_w) - r(x_L, y_w)|
+SoLoPO (docs/methods.md §3): L = L_PO(x_S, y_w, y_l) + α · |r(x_S, y_w) - r(x_L, y_w)|
 (+ α · |r(x_S, y_l) - r(x_L, y_l)| in the "both responses" form), r the PO method's reward.
 "chosen"/"rejected" are the policy on x_S, "long_chosen"/"long_rejected" on x_L.
 """

@@ -1,7 +1,7 @@
 """Pure preference losses on per-sequence statistics: DPO, IPO, SimPO, ORPO, NLL (SFT).
 
 Every function takes ``SeqStat``s and floats and returns a ``LossOutput`` whose ``loss`` is
-[B] per sample. Formulas: METHODS.md section 1 (docs/losses.md repeats them).
+[B] per sample. Formulas: docs/methods.md §1 (docs/losses.md repeats them).
 Reference statistics are treated as constants (detached).
 
 ``check=True`` validates the inputs (see ``stats.check_stats``); ``compute_loss`` validates

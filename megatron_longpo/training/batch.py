@@ -3,7 +3,7 @@ THD rows, padded rows, or prefix-shared rows), splits them over context-parallel
 megatron's PackedSeqParams and the reference statistics, and records the FLOP spans of the work.
 
 Used by the trainer (training/data.StepData), reference scoring (training/reference.precompute),
-the gradient check (training/numerics.py) and the benchmark (tools/bench_train_step.py).
+the gradient check (checks/numerics.py) and the benchmark (tools/bench_train_step.py).
 """
 
 from __future__ import annotations

@@ -29,14 +29,17 @@ class _Sources:
     and how (dataset, sample) pairs become batches."""
 
     def __init__(self, spec: str, what: str, *, roles, ref_roles, reference: str | None, spec_key: str,
-                 verify_hash: bool = False, vocab_size: int | None = None):
+                 verify_hash: bool = False, vocab_size: int | None = None, datasets: list | None = None):
         try:
             blend = parse_blend(spec)
         except BlendError as e:
             raise DataConfigError(str(e).replace("data.path", spec_key)) from None
         self.weights = [w for w, _ in blend]
         self.prefixes = [p for _, p in blend]
-        self.datasets = [PairDataset(p, verify_hash=verify_hash) for p in self.prefixes]
+        if datasets is not None and len(datasets) == len(self.prefixes):  # opened once by the caller
+            self.datasets = list(datasets)
+        else:
+            self.datasets = [PairDataset(p, verify_hash=verify_hash) for p in self.prefixes]
         for ds in self.datasets:
             ds.vocab_limit = vocab_size  # a token id beyond the embeddings is named on read, not an IndexError
         kinds = {ds.kind for ds in self.datasets}
@@ -109,15 +112,17 @@ def held_out(n: int, fraction: float, seed: int, d: int) -> np.ndarray:
 
 class StepData:
     def __init__(self, dcfg, *, roles, ref_roles, layout, thd: bool, device, share_prefix: bool = False,
-                 sequence_roles=(), vocab_size: int | None = None):
+                 sequence_roles=(), vocab_size: int | None = None, datasets: list[PairDataset] | None = None):
         """layout: this rank's parallel.Layout (DP shard of the sampler, CP split of the batches).
         data.path is one prefix or a weighted blend (data/blend.py); data.eval_path or
         data.eval_fraction give the evaluation split (`self.eval`, None without). vocab_size: the
-        model's embedding rows (a token id beyond them is named on read, not an IndexError)."""
+        model's embedding rows (a token id beyond them is named on read, not an IndexError).
+        datasets: the datasets of data.path's prefixes when the caller has opened them already."""
         if not dcfg.path:
             raise DataConfigError("data.path is not set: point it at a dataset prefix written by tools/preprocess_pairs.py")
         self.src = _Sources(dcfg.path, "train", roles=roles, ref_roles=ref_roles, reference=dcfg.reference,
-                            spec_key="data.path", verify_hash=getattr(dcfg, "verify_hash", False), vocab_size=vocab_size)
+                            spec_key="data.path", verify_hash=getattr(dcfg, "verify_hash", False), vocab_size=vocab_size,
+                            datasets=datasets)
         self.datasets = self.src.datasets
         self.ds = self.src if len(self.datasets) > 1 else self.datasets[0]  # .dataset_hash, .manifest, .kind
         self.roles, self.ref_roles = tuple(roles), tuple(ref_roles)

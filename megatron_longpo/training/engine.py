@@ -188,6 +188,21 @@ def evaluate(t: Trainer) -> dict[str, float] | None:
     return _reduce_metrics(collected, t)
 
 
+def _open_datasets(path: str | None, verify_hash: bool = False):
+    """The datasets of every prefix of data.path (one, or a blend's), opened once for the whole
+    setup; None where one cannot be opened: the error then comes, with its own message, from where
+    it always came (the length check or StepData)."""
+    if not path or not path.strip():
+        return None
+    from megatron_longpo.data.blend import parse_blend
+    from megatron_longpo.data.format import PairDataset
+
+    try:
+        return [PairDataset(prefix, verify_hash=verify_hash) for _, prefix in parse_blend(path)]
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def build_trainer(cfg: RunConfig) -> Trainer:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -201,12 +216,16 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     layout = parallel.setup(par, seed=cfg.train.seed, arch=arch, cpu_cp=cfg.data.share_prefix)
     from megatron_longpo.training.memory_plan import check_run
 
-    check_run(cfg, arch, layout.world_size, log)  # printed before the build; a run that cannot fit stops here (train.memory_check)
+    # once: the plan, the length check and the step data read them
+    datasets = _open_datasets(cfg.data.path, verify_hash=cfg.data.verify_hash)
+    check_run(cfg, arch, layout.world_size, log, datasets)  # printed before the build; a run that cannot fit stops here (train.memory_check)
     check_save_dir(cfg.train.save_dir, cfg.model.checkpoint)
     from megatron_longpo.data.blend import parse_blend
 
-    for _, prefix in parse_blend(cfg.data.path) if cfg.data.path.strip() else []:  # each prefix of a blend
-        arch.check_sequence_length(longest_sequence(read_manifest(prefix), policy_roles(cfg.loss)),
+    prefixes = [prefix for _, prefix in parse_blend(cfg.data.path)] if cfg.data.path.strip() else []
+    for i, prefix in enumerate(prefixes):  # each prefix of a blend
+        manifest = datasets[i].manifest if datasets is not None else read_manifest(prefix)
+        arch.check_sequence_length(longest_sequence(manifest, policy_roles(cfg.loss)),
                                    f"the longest sequence of {prefix} (data.path)")
     resume_dir = Path(cfg.train.save_dir)
     resuming = (resume_dir / ckpt.LATEST).is_file()
@@ -223,7 +242,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
 
     data = StepData(cfg.data, roles=policy_roles(cfg.loss), ref_roles=reference_roles(cfg.loss), layout=layout,
                     thd=opts.resolved_use_te(), device=platform.default_device(), share_prefix=cfg.data.share_prefix,
-                    sequence_roles=sequence_roles(cfg.loss), vocab_size=arch.vocab_size)
+                    sequence_roles=sequence_roles(cfg.loss), vocab_size=arch.vocab_size, datasets=datasets)
     if cfg.data.check_tokenizer:
         from megatron_longpo.data.tokenizer import check_dataset_tokenizer
 

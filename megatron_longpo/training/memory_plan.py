@@ -24,7 +24,7 @@ GIB = 2**30
 
 # Measured peaks (GiB) the activation constants are fitted to: one H200, 4 Mistral-7B layers, bf16,
 # TE, prefix-shared pair with 512-token responses (row tokens 66,049 / 131,585), distributed Adam
-# with an fp32 gradient buffer, output layer in 2,048-token chunks (docs/prefix_sharing.md, issue #19).
+# with an fp32 gradient buffer, output layer in 2,048-token chunks (docs/prefix_sharing.md).
 CALIBRATION = {
     "rows": (66049, 131585),
     "none_responses": (76.06, 132.60),
@@ -230,7 +230,8 @@ def plan(i: PlanInputs, device_bytes: float | None = None) -> MemoryPlan:
                 optim = moments * shard * (1 - f)
                 if gbytes != 4:
                     transient = 4 * shard * (1 - f)  # grad.to(fp32) for the GPU part
-            host = shard * f * (4 + (8 if adam else 0) + 4 + (2 if i.precision_aware else 0))  # master, moments, pinned grad (+ the pinned bf16 staging copy, kept by the pinned-memory cache)
+            # master, moments, pinned grad (+ the pinned bf16 staging copy, kept by the pinned-memory cache)
+            host = shard * f * (4 + (8 if adam else 0) + 4 + (2 if i.precision_aware else 0))
         else:
             main = 4 * shard
             optim = moments * shard
@@ -342,9 +343,11 @@ def device_bytes() -> float | None:
     return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
 
 
-def check_run(cfg, arch, world: int, log=print) -> MemoryPlan | None:
+def check_run(cfg, arch, world: int, log=print, datasets=None) -> MemoryPlan | None:
     """The trainer's plan before the model is built: printed (rank 0 via `log`), and a run predicted
-    not to fit by more than the plan's 10% refused (train.memory_check=refuse; warn: a warning)."""
+    not to fit by more than the plan's 10% refused (train.memory_check=refuse; warn: a warning).
+    `datasets`: the run's datasets (every prefix of a blend) when the caller has opened them (the
+    trainer: once for the whole setup)."""
     if cfg.train.memory_check == "off" or not cfg.data.path:
         return None
     from megatron_longpo.data.format import PairDataset
@@ -353,14 +356,15 @@ def check_run(cfg, arch, world: int, log=print) -> MemoryPlan | None:
 
     from megatron_longpo.data.blend import parse_blend
 
-    try:  # every prefix of a blend (data/blend.py); the longest row decides
-        dss = [PairDataset(prefix) for _, prefix in parse_blend(cfg.data.path)]
-    except Exception:  # noqa: BLE001 - the data's own error comes from StepData, with its message
-        return None
+    if datasets is None:
+        try:  # every prefix of a blend (data/blend.py); the longest row decides
+            datasets = [PairDataset(prefix) for _, prefix in parse_blend(cfg.data.path)]
+        except Exception:  # noqa: BLE001 - the data's own error comes from StepData, with its message
+            return None
     rows, scored = max(row_tokens_of_dataset(ds, share_prefix=cfg.data.share_prefix,
                                              samples_per_microbatch=cfg.data.samples_per_microbatch,
                                              roles=policy_roles(cfg.loss), sequence_roles=sequence_roles(cfg.loss))
-                       for ds in dss)
+                       for ds in datasets)
     p = plan(PlanInputs.from_config(cfg, arch, world=world, row_tokens=rows, scored_tokens=scored,
                                     cuda=platform.cuda_available()), device_bytes())
     log(describe(p))

@@ -1,0 +1,137 @@
+"""tools/experiment.py: the experiment YAML -> models with their overrides, GPU slots, and a run whose
+commands are faked (each writes the file the real tool writes), so that the schedule and the resume
+are checked in a second; the real TINY run is `python tools/experiment.py
+examples/longpo_smollm2/experiment.yaml --profile tiny` (about 15 minutes on a 2-core CPU)."""
+import importlib.util
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("experiment", ROOT / "tools" / "experiment.py")
+X = importlib.util.module_from_spec(spec)
+sys.modules["experiment"] = X  # dataclasses look their module up there
+spec.loader.exec_module(X)
+YAML = ROOT / "examples" / "longpo_smollm2" / "experiment.yaml"
+
+
+def test_the_yaml_names_methods_and_variants_as_overrides():
+    exp = X.load(YAML)
+    assert [m.name for m in exp.models] == ["longpo", "longpo_resp", "sft", "dpo", "docnll", "base", "base_rope"]
+    by = {m.name: m for m in exp.models}
+    assert by["longpo"].overrides == ["loss.name=longpo", "loss.longpo_nll=sequence"]
+    assert by["dpo"].reference == "long" and by["docnll"].data == "documents"
+    assert by["base"].method is None and by["base_rope"].rope_theta == 1e6
+    assert exp.references() == ["short", "long"]
+    assert by["sft"].eval_lengths == [4096, 8192, 16384]
+
+    v = X.load(YAML, methods=["longpo"], variants=["longpo_lr5e-5"])
+    assert [m.name for m in v.models] == ["longpo", "base", "base_rope", "longpo_lr5e-5"]
+    assert v.models[-1].overrides[-1] == "optim.lr=5e-5" and v.models[-1].eval_lengths == [8192, 16384]
+    assert v.references() == ["short"]
+
+    tiny = X.load(YAML, profile="tiny")
+    assert tiny.spec["context"] == 2048 and tiny.spec["pairs"]["compact"] is None
+    assert tiny.spec["evaluation"]["tasks"] == ["niah_single", "vt"] and tiny.spec["evaluation"]["args"] == ["--batch-size", "16"]
+    assert tiny.models[0].eval_lengths == [512, 1024]
+
+    for bad in ({"methods": ["nope"]}, {"variants": ["nope"]}, {"profile": "nope"}):
+        with pytest.raises(X.ExperimentError):
+            X.load(YAML, **bad)
+
+
+def test_slots():
+    assert X.slot_gpus(0, 1, 1) == [None]  # the CPU: one job at a time
+    assert X.slot_gpus(1, 1, 2) == [None]  # one group of GPUs: one job at a time on all of them
+    assert X.slot_gpus(2, 1, 1) == ["0", "1"]
+    assert X.slot_gpus(2, 1, 2) == ["0", "1", "0", "1"]
+    assert X.slot_gpus(4, 2, 1) == ["0,1", "2,3"]
+    assert X.slot_gpus(2, 2, 1) == [None]
+
+
+def _arg(cmd, flag):
+    return cmd[cmd.index(flag) + 1]
+
+
+class FakeRunner(X.Runner):
+    """Each command writes what the real tool writes; nothing runs."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.calls, self.calls_lock = [], threading.Lock()
+
+    def table(self):
+        return "| model | 512 |\n|---|---:|\n" + "".join(f"| {m.name} | 1.0 |\n" for m in self.exp.table_order)
+
+    def sh(self, cmd, log=None, gpus=None, timeout=None, ok=(0,)):
+        cmd = [str(c) for c in cmd]
+        with self.calls_lock:
+            self.calls.append((cmd, gpus))
+        tool = next(c for c in cmd if c.startswith("tools/") or c == "megatron_longpo.train")
+        if tool == "tools/convert_checkpoint.py" and cmd[cmd.index(tool) + 1] == "hf-to-megatron":
+            Path(_arg(cmd, "--out"), "latest").parent.mkdir(parents=True)
+            Path(_arg(cmd, "--out"), "latest").write_text("1")
+        elif tool == "tools/convert_checkpoint.py":
+            Path(_arg(cmd, "--out")).mkdir(parents=True)
+            Path(_arg(cmd, "--out"), "config.json").write_text("{}")
+        elif tool == "tools/make_long_documents.py":
+            Path(_arg(cmd, "--out")).write_text('{"id": "d0"}\n{"id": "d1"}\n{"id": "d2"}\n')
+        elif tool == "tools/build_longpo_pairs.py":
+            shard = Path(cmd[cmd.index(tool) + 1]).read_text()
+            Path(_arg(cmd, "-o")).write_text(shard.replace('"id"', '"pair_of"'))
+        elif tool in ("tools/pack_pairs.py", "tools/document_nll_data.py"):
+            Path(_arg(cmd, "-o")).write_text("x")
+        elif tool == "tools/preprocess_pairs.py":
+            Path(_arg(cmd, "--output") + ".json").write_text("{}")
+        elif tool == "tools/precompute_ref_logps.py":
+            Path(_arg(cmd, "--out")).write_text("x")
+        elif tool == "megatron_longpo.train":
+            save = Path(next(c for c in cmd if c.startswith("train.save_dir=")).split("=", 1)[1])
+            save.mkdir(parents=True)
+            (save / "summary.json").write_text("{}")
+        elif tool == "tools/eval_long.py":
+            Path(_arg(cmd, "--out")).write_text("{}")
+        return 0
+
+
+def test_a_run_schedules_every_job_on_the_gpus_and_a_rerun_resumes(tmp_path):
+    exp = X.load(YAML, profile="tiny", variants=["longpo_lr5e-5"])
+    exp.workdir = tmp_path / "w"
+    exp.spec["model"] = str(tmp_path / "hf")  # not the embedded model: nothing is materialised
+    exp.spec["hardware"] = {"gpus": 2, "gpus_per_job": 1, "jobs_per_gpu": 1}
+    r = FakeRunner(exp, out=lambda line: None)
+    assert r.run() == 0
+    tools = [next(c for c in cmd if c.startswith("tools/") or c == "megatron_longpo.train") for cmd, _ in r.calls]
+    assert tools.count("tools/build_longpo_pairs.py") == 2  # one shard of the documents per GPU
+    assert sorted(g for (cmd, g), t in zip(r.calls, tools) if t == "tools/build_longpo_pairs.py") == ["0", "1"]
+    assert (exp.workdir / "pairs.jsonl").read_text().count("pair_of") == 3  # both shards, every document
+    assert tools.count("tools/precompute_ref_logps.py") == 2  # short and long (dpo)
+    trains = {_arg_eq(cmd, "train.save_dir").rsplit("/", 1)[1]: (cmd, g) for (cmd, g), t in zip(r.calls, tools)
+              if t == "megatron_longpo.train"}
+    assert set(trains) == {"longpo", "longpo_resp", "sft", "dpo", "docnll", "longpo_lr5e-5"}
+    assert {g for _, g in trains.values()} == {"0", "1"}  # both GPUs trained
+    dpo = trains["dpo"][0]
+    assert _arg_eq(dpo, "data.reference").endswith("data.longref.safetensors") and "loss.name=dpo" in dpo
+    assert _arg_eq(trains["docnll"][0], "data.path").endswith("docnll_data")
+    lr = trains["longpo_lr5e-5"][0]
+    assert lr.index("optim.lr=5e-5") > lr.index("optim.lr=1e-5")  # the variant's override comes last: it wins
+    assert "model.max_position_embeddings=2048" in lr and "model.rope_theta=1000000" in lr
+    evals = [cmd for cmd, t in zip([c for c, _ in r.calls], tools) if t == "tools/eval_long.py"]
+    assert len(evals) == 8
+    base_rope = next(c for c in evals if _arg(c, "--out").endswith("eval_base_rope.json"))
+    assert _arg(base_rope, "--rope-theta") == "1000000.0" and _arg(base_rope, "--samples") == "1"
+    summary = (exp.workdir / "results" / "summary.md").read_text()
+    assert "| dpo | dpo: `loss.name=dpo`, reference long |" in summary and "| base_rope | 1.0 |" in summary
+    rows = [line.split(" | ")[0][2:] for line in summary.splitlines() if line.endswith("| 1.0 |")]
+    assert rows == ["base", "base_rope", "longpo", "longpo_resp", "sft", "dpo", "docnll", "longpo_lr5e-5"]  # run.sh's order
+    assert len(list((exp.workdir / "results").glob("eval_*.json.gz"))) == 8
+
+    again = FakeRunner(exp, out=lambda line: None)
+    assert again.run() == 0
+    assert again.calls == []  # everything was done: nothing runs twice
+
+
+def _arg_eq(cmd, key):
+    return next(c for c in cmd if c.startswith(key + "=")).split("=", 1)[1]
