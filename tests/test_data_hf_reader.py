@@ -20,7 +20,9 @@ def test_save_to_disk_dict_split_and_parquet_shards(tmp_path):
 
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:4]), "test": datasets.Dataset.from_list(ROWS[4:])})
     dd.save_to_disk(str(tmp_path / "dd"))
-    rows = lambda files: [r for _, _, r in iter_records(files)]
+    def rows(files):
+        return [r for _, _, r in iter_records(files)]
+
     assert rows(resolve_inputs([str(tmp_path / "dd")])) == ROWS[:4]  # train by default
     assert rows(resolve_inputs([str(tmp_path / "dd")], split="test")) == ROWS[4:]
     with pytest.raises(PreprocessError, match=r"holds splits \['train', 'test'\]; name one with --split"):

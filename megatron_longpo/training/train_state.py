@@ -8,14 +8,11 @@ with this one: training/resume.py).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from megatron_longpo.checkpoint import dist as ckpt
 from megatron_longpo.config import to_dict
 from megatron_longpo.training.metrics import log, rank0
 
-if TYPE_CHECKING:
-    from megatron_longpo.training.engine import Trainer
 
 
 def training_state_dict(t, loading: bool = False) -> dict:
