@@ -43,8 +43,10 @@ gpu: $(GPU_STAMP)
 demo: $(STAMP)
 	$(PY) -m megatron_longpo.demo
 
+# two pytest-xdist workers, each taking whole test files (module fixtures are built once); the 15
+# slowest tests and the total at the end (docs/testing.md)
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 clean:
 	rm -rf $(VENV) .cache
