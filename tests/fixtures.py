@@ -9,8 +9,33 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_captured(cmd, *, timeout: float, cwd=ROOT, env=None) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True) that cannot hang on what the command leaves
+    behind: the output goes to files (not pipes a leftover grandchild would hold open, such as the
+    multiprocessing helpers megatron's checkpoint writer spawns), and the command's own process session
+    is killed once it has exited."""
+    import os
+    import signal
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, text=True, cwd=cwd, env=env,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # on a time-out the command, else only its leftovers
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, code, out.read(), err.read())
+
+
 def run_tool(*args, timeout=600, check=True):
-    r = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    r = run_captured([sys.executable, *map(str, args)], timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(f"{args[0]} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r

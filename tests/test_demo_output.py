@@ -80,8 +80,10 @@ def test_only_the_known_messages_are_filtered():
 def test_demo_prints_its_stages_summary_and_no_known_warning(smollm2_dir, tmp_path):
     """README's first command end to end (one training step): every stage says what it did, the
     summary and the next steps are there, and no warning a user cannot act on is printed."""
-    r = subprocess.run([sys.executable, "-m", "megatron_longpo.demo", "--work-dir", str(tmp_path / "demo"), "--steps", "1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    from fixtures import run_captured
+
+    r = run_captured([sys.executable, "-m", "megatron_longpo.demo", "--work-dir", str(tmp_path / "demo"), "--steps", "1"],
+                     cwd=ROOT, timeout=1200)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     out = r.stdout.splitlines()
     for n in range(1, 6):

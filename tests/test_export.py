@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures import run_captured
 from mp import torchrun
 
 from megatron_longpo.checkpoint import dist as ckpt
@@ -45,8 +46,8 @@ def cli_main(capsys, *argv):
 
 
 def cli(*argv, timeout=600):
-    return subprocess.run([sys.executable, str(CLI), *map(str, argv)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return run_captured([sys.executable, str(CLI), *map(str, argv)], timeout=timeout,
+                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
 def assert_same_weights(hf_dir_a, hf_dir_b):
@@ -275,8 +276,8 @@ def imported(smollm2_dir, module_tmp):
     root = module_tmp
     pairs = {name: (tiny_hf_model(root, smollm2_dir, name), root / f"{name}-ckpt") for name in TINY}
     pairs["smollm2"] = (Path(smollm2_dir), root / "smollm2-ckpt")
-    out = subprocess.run([sys.executable, str(WORKERS / "convert_many.py"), *[str(p) for pair in pairs.values() for p in pair]],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    out = run_captured([sys.executable, str(WORKERS / "convert_many.py"), *[str(p) for pair in pairs.values() for p in pair]],
+                       timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0, out.stderr[-4000:]
     return pairs
 

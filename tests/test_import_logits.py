@@ -2,14 +2,13 @@
 TP=2 -> TP=1 checkpoint round trip (gloo processes on the CPU, fp32)."""
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from fixtures import tiny_hf_model
+from fixtures import run_captured, tiny_hf_model
 from mp import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,8 +20,8 @@ PROMPTS = [
 
 
 def convert(hf_dir, out, *extra):
-    r = subprocess.run([sys.executable, str(ROOT / "tools/convert_checkpoint.py"), "hf-to-megatron", "--hf-dir", str(hf_dir),
-                        "--out", str(out), *extra], capture_output=True, text=True, timeout=600)
+    r = run_captured([sys.executable, str(ROOT / "tools/convert_checkpoint.py"), "hf-to-megatron", "--hf-dir", str(hf_dir),
+                      "--out", str(out), *extra], timeout=600)
     return r
 
 

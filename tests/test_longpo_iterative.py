@@ -5,14 +5,13 @@ trained at; each reference sidecar is what transformers computes with that round
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
 
-from fixtures import ROOT, run_tool, tiny_hf_model
+from fixtures import ROOT, run_captured, run_tool, tiny_hf_model
 from test_reference_logps import sidecar_error
 
 pytestmark = pytest.mark.slow
@@ -73,8 +72,7 @@ def test_two_rounds_on_the_cpu(smollm2_dir, tmp_path):
            "TRAIN_EXTRA": "optim.lr=1e-3",  # 2 steps must move the weights visibly (checked below)
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     t0 = time.time()
-    r = subprocess.run(["bash", str(ROOT / "examples/longpo_iterative/run.sh")], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=1500)
+    r = run_captured(["bash", str(ROOT / "examples/longpo_iterative/run.sh")], env=env, cwd=ROOT, timeout=1500)
     elapsed = time.time() - t0
     assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     stages = [l for l in r.stdout.splitlines() if l.startswith("== ")]
