@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_longpo.data.records import (
+from megatron_longpo.data.row_errors import (
     BAD_MESSAGES,
     MISSING_FIELD,
     WRONG_TYPE,
