@@ -60,6 +60,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@pytest.fixture(autouse=True)
+def _no_distributed_env_leaks():
+    """A test that sets a process group up in the pytest process (parallel.init_distributed) writes
+    MASTER_PORT & co. into os.environ; every command a later test starts would inherit that port
+    and, beside another worker's run, fail with EADDRINUSE. Each test gets the environment back."""
+    before = {k: os.environ.get(k) for k in _DIST_ENV}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The embedded SmolLM2-135M-Instruct as a Hugging Face directory (materialised once, cached)."""

@@ -46,7 +46,7 @@ def test_hub_name_without_network_is_one_line(tmp_path, capsys, monkeypatch):
     code = cli.main(["--input", "trl-lib/ultrafeedback_binarized", "--kind", "pair", "--tokenizer", str(tmp_path),
                      "--output", str(tmp_path / "out"), "--no-progress", "--workers", "1"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1, err
+    assert code == 2 and len(err) == 1, err  # 2: a user's mistake (docs/reliability.md)
     assert err[0].startswith("error: trl-lib/ultrafeedback_binarized is not a local file or directory, and the "
                              "Hugging Face Hub cannot be reached to load it (huggingface.co cannot be reached")
     assert err[0].endswith("save_to_disk(DIR)` and pass --input DIR")

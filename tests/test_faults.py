@@ -361,6 +361,8 @@ def test_resume_refuses_keys_whose_change_would_be_wrong(tiny_llama_ckpt, tiny_l
 
 
 @pytest.mark.slow
+@pytest.mark.budget(240, reason="five trainer processes (a run, damaged resumes, the fallback); 103 s in the 2-worker "
+                    "CI run, close to the default budget")
 def test_damaged_checkpoint_is_named_and_fallback_only_when_asked(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
     """The probe: 4 MiB overwritten inside a .distcp loaded silently, the next step was NaN and the
     run saved again from the corrupt state; a truncated one gave an 80-line traceback."""

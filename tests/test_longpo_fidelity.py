@@ -182,6 +182,8 @@ def steps(tiny_llama_ckpt, tiny_longpo_data, smollm2_ckpt, module_tmp):
 
 
 @pytest.mark.slow
+@pytest.mark.budget(300, reason="the first layout runs the fixture: 9 trainer steps in two launches and their "
+                    "exports; 162 s in the 2-worker CI run")
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_longpo_step_equals_the_reference_formula(layout, steps, tiny_hf, tiny_reference):
     loss, after = steps[layout]
@@ -197,6 +199,8 @@ def test_responses_ablation_equals_its_formula(steps, tiny_hf, tiny_reference):
 
 
 @pytest.mark.slow
+@pytest.mark.budget(300, reason="the float64 transformers reference of SmolLM2's LongPO gradient, one sample's graph "
+                    "at a time; 152 s in the 2-worker CI run")
 def test_smollm2_step_equals_the_reference_formula(steps, smollm2_dir, tiny_llama_ckpt, tiny_longpo_data):
     """A trained model (SmolLM2-135M-Instruct, tied embeddings, pad_token_id = <|im_end|>) as the
     policy; the data's reference statistics came from the tiny Llama, which is the reference model

@@ -184,7 +184,7 @@ def test_a_sliding_window_shorter_than_the_data_is_refused(tiny_llama_ckpt, tiny
     r = run_tool(ROOT / "tests/workers/train.py", f"model.checkpoint={ckpt}", f"data.path={tiny_longpo_data}",
                  "data.global_batch_size=2", f"train.save_dir={tmp_path}/run", "train.steps=1", check=False, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert "sliding-window attention (window" in r.stderr and f"data.path={tiny_longpo_data} is {longest} tokens" in r.stderr
+    assert "sliding-window attention (window" in r.stderr and f"the longest sequence of {tiny_longpo_data} (data.path) is {longest} tokens" in r.stderr
     assert f"--max-length {window}" in r.stderr
     r = run_tool(ROOT / "tools/precompute_ref_logps.py", "--data", tiny_longpo_data, "--model", ckpt,
                  "--out", tmp_path / "ref.safetensors", check=False, timeout=300)
