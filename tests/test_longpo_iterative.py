@@ -65,6 +65,8 @@ def sidecar_matches(prefix, hf_dir, rope_theta=None):
     return sidecar_error(model, prefix)
 
 
+@pytest.mark.budget(480, reason="two whole rounds of the recipe (generate, import, preprocess, reference, train, "
+                    "export; twice); 182 s on the 2-core CI machine")
 def test_two_rounds_on_the_cpu(smollm2_dir, tmp_path):
     pi_s = question_writing_llama(tmp_path / "pi_s", smollm2_dir)
     w = tmp_path / "w"
