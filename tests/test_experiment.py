@@ -34,7 +34,7 @@ def test_the_yaml_names_methods_and_variants_as_overrides():
 
     tiny = X.load(YAML, profile="tiny")
     assert tiny.spec["context"] == 2048 and tiny.spec["pairs"]["compact"] is None
-    assert tiny.spec["evaluation"]["tasks"] == ["niah_single", "vt"] and tiny.spec["evaluation"]["args"] == ["--batch-size", "16"]
+    assert tiny.spec["evaluation"]["tasks"] == ["niah_single", "vt"] and tiny.spec["evaluation"]["args"] == ["--batch-size", "16", "--suite", "smoke"]
     assert tiny.models[0].eval_lengths == [512, 1024]
 
     for bad in ({"methods": ["nope"]}, {"variants": ["nope"]}, {"profile": "nope"}):
