@@ -132,3 +132,15 @@ def cli_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
             raise
         print(f"error: {line}", file=sys.stderr)
         return EXIT_USER
+
+
+def report_user_error(exc: BaseException, what: str = "") -> bool:
+    """Print the one `error: ...` line of an exception that is the user's to fix (user_error_line) on
+    stderr and return True; False for anything else (a bug: the caller re-raises it)."""
+    import sys
+
+    line = user_error_line(exc, what)
+    if line is None:
+        return False
+    print(f"error: {line}", file=sys.stderr)
+    return True

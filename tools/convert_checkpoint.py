@@ -102,12 +102,10 @@ def main(argv=None) -> int:
     try:
         a.fn(a)
     except Exception as e:  # noqa: BLE001 - a user's error or a fixable OS error is one line (errors.py); a bug re-raised
-        from megatron_longpo.errors import EXIT_USER, user_error_line
+        from megatron_longpo.errors import EXIT_USER, report_user_error
 
-        line = user_error_line(e)
-        if line is None:
+        if not report_user_error(e):
             raise
-        print(f"error: {line}", file=sys.stderr)
         return EXIT_USER
     finally:
         if "megatron.core.parallel_state" in sys.modules:  # export never imports megatron: keep it that way

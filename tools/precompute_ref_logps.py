@@ -65,12 +65,10 @@ def main(argv=None) -> int:
             print(f"reference log-probs of {r['samples']} samples ({', '.join(r['roles'])}) at {base} "
                   f"{r['arch'].rope_theta:g} -> {r['path']} in {r['seconds']:.1f} s")
     except Exception as e:  # noqa: BLE001 - a user's error or a fixable OS error is one line (errors.py); a bug re-raised
-        from megatron_longpo.errors import EXIT_USER, user_error_line
+        from megatron_longpo.errors import EXIT_USER, report_user_error
 
-        line = user_error_line(e)
-        if line is None:
+        if not report_user_error(e):
             raise
-        print(f"error: {line}", file=sys.stderr)
         return EXIT_USER
     finally:
         parallel.teardown()

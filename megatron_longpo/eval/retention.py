@@ -44,24 +44,8 @@ def load_texts(directory: str | Path = DEFAULT_DOCUMENTS) -> list[str]:
 
 def perplexity(model, tokenizer, texts: Sequence[str], window: int = 512) -> dict:
     """exp(mean NLL) of next-token prediction over non-overlapping `window`-token pieces of each text."""
-    import torch
-
-    total_nll, total_tokens = 0.0, 0
-    device = next(model.parameters()).device
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        for start in range(0, len(ids), window):
-            piece = ids[start : start + window]
-            if len(piece) < 2:
-                continue
-            x = torch.tensor([piece], device=device)
-            with torch.no_grad():
-                logits = model(input_ids=x).logits
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least fp32
-            logp = torch.log_softmax(logits[0, :-1], dim=-1)
-            nll = -logp.gather(1, x[0, 1:, None]).sum().item()
-            total_nll += nll
-            total_tokens += len(piece) - 1
+    per_doc = document_nll(model, tokenizer, texts, window)
+    total_nll, total_tokens = sum(d[0] for d in per_doc), sum(d[1] for d in per_doc)
     if not total_tokens:
         raise ValueError("no text to measure perplexity on")
     mean = total_nll / total_tokens
@@ -113,7 +97,8 @@ def document_nll(model, tokenizer, texts: Sequence[str], window: int = 1024) -> 
                 continue
             x = torch.tensor([piece], device=device)
             with torch.no_grad():
-                logits = model(input_ids=x).logits[0, :-1].float()
+                logits = model(input_ids=x).logits[0, :-1]
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least fp32
             nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
             n += len(piece) - 1
         out.append((nll, n))
