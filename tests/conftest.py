@@ -20,15 +20,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "budget(seconds, reason): allowed more than the default per-test budget")
 
 
-def budget_of(item) -> tuple[float, str | None]:
-    """(the wall-time budget of `item`, the reason it has more than the default)."""
+def budget_of(item) -> float:
+    """The wall-time budget of `item`: its budget mark's (which must give the reason), else the default."""
     mark = item.get_closest_marker("budget")
     if mark is None:
-        return TEST_BUDGET_S, None
-    reason = mark.kwargs.get("reason")
-    if not reason:
+        return TEST_BUDGET_S
+    if not mark.kwargs.get("reason"):
         raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.budget needs reason=...")
-    return float(mark.args[0]), reason
+    return float(mark.args[0])
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -41,7 +40,7 @@ def pytest_runtest_makereport(item, call):
     item.stash[_SPENT] = spent
     if rep.when != "call" or TEST_BUDGET_S <= 0 or not rep.passed:
         return
-    budget, _ = budget_of(item)
+    budget = budget_of(item)
     if spent > budget:
         rep.outcome = "failed"
         rep.longrepr = (f"{item.nodeid} took {spent:.0f} s, over its budget of {budget:.0f} s: make it cheaper, or mark "

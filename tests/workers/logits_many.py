@@ -1,5 +1,5 @@
 """Worker: load checkpoints at several layouts, one after another in ONE process group, and write
-each one's full-vocabulary logits of fixed tokens (tests/workers/logits.py, many times over).
+each one's full-vocabulary logits of fixed tokens.
 
 usage: logits_many.py JOBS.json
 JOBS.json: a list of {"ckpt", "tp", "pp", "tokens", "out"} with optional "save" (re-save the loaded
