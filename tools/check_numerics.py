@@ -42,6 +42,12 @@ class _Rows(dict):
         super().__setitem__(name, value)
 
 
+def _peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf-dir", help="a Hugging Face checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
@@ -121,76 +127,9 @@ def _run(args, hf_dir, tok, work) -> int:
     report: list[dict] = []
     for loss in args.losses:
         for scale in args.rope_scale:
-            theta = base * scale
-            batch = (N.dataset_batch(args.data, args.sample, loss, lam=args.lam) if args.data
-                     else N.make_batch(tok, loss, args.prompt_tokens, args.response_tokens, lam=args.lam))
-            rows = _Rows(t0)
-            m = N.hf_model(hf_dir, torch.float32, theta, dev, attn=args.hf_attention)
-            N.fill_reference(m, batch, device=dev)
-            head = getattr(torch, args.hf_head)
-            rows["transformers fp32"] = N.hf_step(m, batch, dev, head)
-            if not args.fp32_only:
-                m = m.to(torch.bfloat16)
-                rows["transformers bf16"] = N.hf_step(m, batch, dev, head)
-            del m
+            report.append(_case(args, N, hf_dir, tok, dev, work, base * scale, scale, loss, use_te, t0, failures,
+                                loss_dist))
             gc.collect()
-            specs = [] if args.fp32_only else [("local", False)] + ([("TE", True)] if use_te else [])
-            eng = N.project_engine(work / "ckpt", bf16=False, use_te=False, rope_theta=theta)
-            loss32, g32, _ = N.project_step(eng, batch, plain=False)
-            rows["project fp32 local"] = (loss32, g32)
-            del eng
-            for spec, te in specs:
-                eng = N.project_engine(work / "ckpt", bf16=True, use_te=te, rope_theta=theta)
-                l16, main16, plain16 = N.project_step(eng, batch, plain=not args.no_plain)
-                rows[f"project bf16 {spec}"] = (l16, main16)
-                if not args.no_plain:
-                    rows[f"project bf16 {spec} (param.grad, no DDP)"] = (l16, plain16)
-                del eng
-                gc.collect()
-            print(f"\n== {loss} | RoPE base {theta:g} ({scale:g}x) | {batch.describe()}"
-                  + (f" | λ {batch.lam:g}, β {batch.beta:g}" if loss == "longpo" else ""))
-            print(f"{'row':40s} {'loss':>10s} {'vs own fp32':>11s} {'vs HF fp32':>10s} | {'grad rel own':>12s} {'cos own':>9s} "
-                  f"| {'grad rel HF32':>13s} {'cos HF32':>9s}")
-            l_hf, g_hf = rows["transformers fp32"]
-            if not args.fp32_only:
-                hf_bf16 = N.compare(rows["transformers bf16"][1], g_hf)
-                hf_loss_rel = N.rel_diff(rows["transformers bf16"][0], l_hf)
-            case = {"loss": loss, "rope_theta": theta, "batch": batch.describe(), "rows": {}}
-            report.append(case)
-            for name, (lv, g) in rows.items():
-                own_name = "transformers fp32" if name.startswith("transformers") else "project fp32 local"
-                own_l, own_g = rows[own_name]
-                c_own = N.compare(g, own_g) if name != own_name else None
-                c_hf = N.compare(g, g_hf) if name != "transformers fp32" else None
-                case["rows"][name] = {
-                    "loss": lv, "loss_rel_own_fp32": N.rel_diff(lv, own_l), "loss_rel_hf_fp32": N.rel_diff(lv, l_hf),
-                    **({"grad_rel_own_fp32": c_own["rel"], "cos_own_fp32": c_own["cos"]} if c_own else {}),
-                    **({"grad_rel_hf_fp32": c_hf["rel"], "cos_hf_fp32": c_hf["cos"], "worst_hf_fp32": c_hf["worst"]} if c_hf else {}),
-                }
-                f = lambda c, k: f"{c[k]:.3e}" if c else "-"  # noqa: E731
-                print(f"{name:40s} {lv:10.6f} {N.rel_diff(lv, own_l):11.2e} {N.rel_diff(lv, l_hf):10.2e} | "
-                      f"{f(c_own, 'rel'):>12s} {(format(c_own['cos'], '.6f') if c_own else '-'):>9s} | "
-                      f"{f(c_hf, 'rel'):>13s} {(format(c_hf['cos'], '.6f') if c_hf else '-'):>9s}")
-                if name.startswith("project bf16") and "param.grad" not in name:
-                    if c_hf["rel"] > args.bar * hf_bf16["rel"]:
-                        failures.append(f"{loss} x{scale:g} {name}: gradient")
-                    loss_dist.setdefault(name, []).append((N.rel_diff(lv, l_hf), hf_loss_rel))
-            for name, (lv, g) in rows.items():
-                if name == "transformers fp32":
-                    continue
-                w = N.compare(g, g_hf)["worst"]
-                print(f"  worst vs HF fp32, {name}: " + ", ".join(f"{n.replace('model.', '')} {v:.2e}" for n, v in w))
-            if args.fp64:
-                m = N.hf_model(hf_dir, torch.float64, theta, dev, attn="eager")
-                l64, g64 = N.hf_step(m, batch, dev, torch.float64)  # fp64 throughout, the head too
-                del m
-                case["fp64"] = {"loss": l64}
-                for name in ("transformers fp32", "project fp32 local"):
-                    c = N.compare(rows[name][1], g64)
-                    case["fp64"][name] = {"grad_rel": c["rel"], "loss_rel": N.rel_diff(rows[name][0], l64), "worst": c["worst"]}
-                    print(f"  vs transformers fp64 (loss {l64:.8f}): {name} loss rel {N.rel_diff(rows[name][0], l64):.2e}, "
-                          f"grad rel {c['rel']:.3e}, worst " + ", ".join(f"{n.replace('model.', '')} {v:.2e}" for n, v in c["worst"][:2]))
-            print(f"({time.time() - t0:.0f} s so far)", flush=True)
     # The loss is ONE scalar per case: its bf16 error is a draw whose size varies by 100x between
     # cases (transformers on the GPU: 2.3e-4 to 6.7e-2 over 8 cases), so the loss bar compares the
     # mean distance over the run's cases; each case's numbers are printed and written all the same.
@@ -210,6 +149,79 @@ def _run(args, hf_dir, tok, work) -> int:
 
         atomic_write_text(args.json, json.dumps({"cases": report, "failures": failures, "device": str(dev), "te": use_te}, indent=1))
     return 1 if failures else 0
+
+
+def _case(args, N, hf_dir, tok, dev, work, theta, scale, loss, use_te, t0, failures, loss_dist) -> dict:
+    """One loss at one RoPE base: every row, printed and compared; its gradients are freed on return."""
+    batch = (N.dataset_batch(args.data, args.sample, loss, lam=args.lam) if args.data
+             else N.make_batch(tok, loss, args.prompt_tokens, args.response_tokens, lam=args.lam))
+    rows = _Rows(t0)
+    m = N.hf_model(hf_dir, torch.float32, theta, dev, attn=args.hf_attention)
+    N.fill_reference(m, batch, device=dev)
+    head = getattr(torch, args.hf_head)
+    rows["transformers fp32"] = N.hf_step(m, batch, dev, head)
+    if not args.fp32_only:
+        m = m.to(torch.bfloat16)
+        rows["transformers bf16"] = N.hf_step(m, batch, dev, head)
+    del m
+    gc.collect()
+    specs = [] if args.fp32_only else [("local", False)] + ([("TE", True)] if use_te else [])
+    eng = N.project_engine(work / "ckpt", bf16=False, use_te=False, rope_theta=theta)
+    loss32, g32, _ = N.project_step(eng, batch, plain=False)
+    rows["project fp32 local"] = (loss32, g32)
+    del eng
+    for spec, te in specs:
+        eng = N.project_engine(work / "ckpt", bf16=True, use_te=te, rope_theta=theta)
+        l16, main16, plain16 = N.project_step(eng, batch, plain=not args.no_plain)
+        rows[f"project bf16 {spec}"] = (l16, main16)
+        if not args.no_plain:
+            rows[f"project bf16 {spec} (param.grad, no DDP)"] = (l16, plain16)
+        del eng
+        gc.collect()
+    print(f"\n== {loss} | RoPE base {theta:g} ({scale:g}x) | {batch.describe()}"
+          + (f" | λ {batch.lam:g}, β {batch.beta:g}" if loss == "longpo" else ""))
+    print(f"{'row':40s} {'loss':>10s} {'vs own fp32':>11s} {'vs HF fp32':>10s} | {'grad rel own':>12s} {'cos own':>9s} "
+          f"| {'grad rel HF32':>13s} {'cos HF32':>9s}")
+    l_hf, g_hf = rows["transformers fp32"]
+    if not args.fp32_only:
+        hf_bf16 = N.compare(rows["transformers bf16"][1], g_hf)
+        hf_loss_rel = N.rel_diff(rows["transformers bf16"][0], l_hf)
+    case = {"loss": loss, "rope_theta": theta, "batch": batch.describe(), "rows": {}}
+    for name, (lv, g) in rows.items():
+        own_name = "transformers fp32" if name.startswith("transformers") else "project fp32 local"
+        own_l, own_g = rows[own_name]
+        c_own = N.compare(g, own_g) if name != own_name else None
+        c_hf = N.compare(g, g_hf) if name != "transformers fp32" else None
+        case["rows"][name] = {
+            "loss": lv, "loss_rel_own_fp32": N.rel_diff(lv, own_l), "loss_rel_hf_fp32": N.rel_diff(lv, l_hf),
+            **({"grad_rel_own_fp32": c_own["rel"], "cos_own_fp32": c_own["cos"]} if c_own else {}),
+            **({"grad_rel_hf_fp32": c_hf["rel"], "cos_hf_fp32": c_hf["cos"], "worst_hf_fp32": c_hf["worst"]} if c_hf else {}),
+        }
+        f = lambda c, k: f"{c[k]:.3e}" if c else "-"  # noqa: E731
+        print(f"{name:40s} {lv:10.6f} {N.rel_diff(lv, own_l):11.2e} {N.rel_diff(lv, l_hf):10.2e} | "
+              f"{f(c_own, 'rel'):>12s} {(format(c_own['cos'], '.6f') if c_own else '-'):>9s} | "
+              f"{f(c_hf, 'rel'):>13s} {(format(c_hf['cos'], '.6f') if c_hf else '-'):>9s}")
+        if name.startswith("project bf16") and "param.grad" not in name:
+            if c_hf["rel"] > args.bar * hf_bf16["rel"]:
+                failures.append(f"{loss} x{scale:g} {name}: gradient")
+            loss_dist.setdefault(name, []).append((N.rel_diff(lv, l_hf), hf_loss_rel))
+    for name, (lv, g) in rows.items():
+        if name == "transformers fp32":
+            continue
+        w = N.compare(g, g_hf)["worst"]
+        print(f"  worst vs HF fp32, {name}: " + ", ".join(f"{n.replace('model.', '')} {v:.2e}" for n, v in w))
+    if args.fp64:
+        m = N.hf_model(hf_dir, torch.float64, theta, dev, attn="eager")
+        l64, g64 = N.hf_step(m, batch, dev, torch.float64)  # fp64 throughout, the head too
+        del m
+        case["fp64"] = {"loss": l64}
+        for name in ("transformers fp32", "project fp32 local"):
+            c = N.compare(rows[name][1], g64)
+            case["fp64"][name] = {"grad_rel": c["rel"], "loss_rel": N.rel_diff(rows[name][0], l64), "worst": c["worst"]}
+            print(f"  vs transformers fp64 (loss {l64:.8f}): {name} loss rel {N.rel_diff(rows[name][0], l64):.2e}, "
+                  f"grad rel {c['rel']:.3e}, worst " + ", ".join(f"{n.replace('model.', '')} {v:.2e}" for n, v in c["worst"][:2]))
+    print(f"({time.time() - t0:.0f} s so far, peak resident memory {_peak_rss_gb():.1f} GB)", flush=True)
+    return case
 
 
 if __name__ == "__main__":

@@ -159,32 +159,37 @@ def hf_model(hf_dir, dtype: torch.dtype, rope_theta: float | None = None, device
 HEAD_DTYPE = torch.float64
 
 
-def hf_sequence_logps(model, s: Seq, device="cpu", whole: bool = False, head_dtype: torch.dtype = HEAD_DTYPE
-                      ) -> torch.Tensor:
-    """Summed log-prob of the scored tokens of `s` (in `head_dtype`, differentiable); whole=True:
-    of every predicted token (all but the first), LongPO's NLL over the whole chosen sequence."""
-    if whole:
-        every = np.ones(len(s), dtype=bool)
-        every[0] = False
-        s = Seq(s.tokens, every)
+def hf_token_logps(model, s: Seq, device="cpu", whole: bool = False, head_dtype: torch.dtype = HEAD_DTYPE
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs of the tokens transformers' logits predict, in `head_dtype` and differentiable; the
+    loss mask of those tokens). whole=False: from the first scored token on (only those logits are
+    computed); whole=True: every token but the first."""
     tokens = torch.as_tensor(s.tokens, device=device).unsqueeze(0)
     mask = torch.as_tensor(s.loss_mask, device=device)
-    first = int(np.argmax(s.loss_mask))  # the first scored token; logits from position first-1 on
+    first = 1 if whole else max(int(np.argmax(s.loss_mask)), 1)  # the first predicted token; logits from first-1 on
     keep = len(s) - first + 1
     logits = model(tokens, logits_to_keep=keep).logits[0, :-1].to(head_dtype)  # predicts tokens first..L-1
     logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[0, first:].unsqueeze(-1)).squeeze(-1)
-    return (logp * mask[first:].to(head_dtype)).sum()
+    return logp, mask[first:].to(head_dtype)
+
+
+def hf_sequence_logps(model, s: Seq, device="cpu", head_dtype: torch.dtype = HEAD_DTYPE) -> torch.Tensor:
+    """Summed log-prob of the scored tokens of `s` (in `head_dtype`, differentiable)."""
+    logp, mask = hf_token_logps(model, s, device, head_dtype=head_dtype)
+    return (logp * mask).sum()
 
 
 def hf_loss(model, batch: CheckBatch, device="cpu", head_dtype: torch.dtype = HEAD_DTYPE) -> torch.Tensor:
     """docs/methods.md's loss from transformers' logits (one sample; the loss head in `head_dtype`)."""
-    pc = hf_sequence_logps(model, batch.roles["chosen"], device, head_dtype=head_dtype)
     if batch.loss == "sft":
+        pc = hf_sequence_logps(model, batch.roles["chosen"], device, head_dtype=head_dtype)
         return -pc / float(batch.roles["chosen"].loss_mask.sum())
     # LongPO (docs/methods.md §2, the default loss.longpo_nll=sequence): the NLL over every predicted token
-    # of the chosen long sequence
+    # of the chosen long sequence; the chosen responses' sum from the same forward
     chosen = batch.roles["chosen"]
-    nll = -hf_sequence_logps(model, chosen, device, whole=True, head_dtype=head_dtype) / float(len(chosen) - 1)
+    logp, mask = hf_token_logps(model, chosen, device, whole=True, head_dtype=head_dtype)
+    pc = (logp * mask).sum()
+    nll = -logp.sum() / float(len(chosen) - 1)
     pr = hf_sequence_logps(model, batch.roles["rejected"], device, head_dtype=head_dtype)
     z = batch.beta * ((pc - batch.ref_logps["ref_chosen"]) - (pr - batch.ref_logps["ref_rejected"]))
     return nll + batch.lam * -torch.nn.functional.logsigmoid(z)
@@ -209,11 +214,12 @@ def fill_reference(model, batch: CheckBatch, short_prompt: int = 256, device="cp
 
 def hf_step(model, batch: CheckBatch, device="cpu", head_dtype: torch.dtype = HEAD_DTYPE
             ) -> tuple[float, dict[str, torch.Tensor]]:
-    """(loss, gradients by HF name, fp64 on the CPU)."""
+    """(loss, gradients by HF name on the CPU, in the model's dtype: exact, and half the memory of
+    float64 for an fp32 model)."""
     model.zero_grad(set_to_none=True)
     loss = hf_loss(model, batch, device, head_dtype)
     loss.backward()
-    grads = {n: p.grad.detach().double().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return float(loss), grads
 
@@ -298,7 +304,7 @@ def project_step(eng: ProjectEngine, batch: CheckBatch, chunk_size: int = 2048, 
     layout = current_layout()  # project_engine set it up
     collected = engine_forward_backward(eng.chunks, eng.optimizer, [sb], cfg, chunk_size, layout)
     loss = float(collected[0]["loss"]) / sb.num_samples
-    main = {n: p.main_grad.detach().double().cpu() for c in eng.chunks for n, p in c.named_parameters()
+    main = {n: p.main_grad.detach().to("cpu", copy=True) for c in eng.chunks for n, p in c.named_parameters()
             if getattr(p, "main_grad", None) is not None}
     for c in eng.chunks:
         c.zero_grad_buffer()
@@ -308,7 +314,7 @@ def project_step(eng: ProjectEngine, batch: CheckBatch, chunk_size: int = 2048, 
     # hook adds it to the buffer), through the model under DDP (Float16Module + GPTModel)
     inner = eng.chunks[0].module
     plain: dict[str, torch.Tensor] = {}
-    hooks = [p.register_hook(lambda g, n=n: plain.__setitem__(n, g.detach().double().cpu()))
+    hooks = [p.register_hook(lambda g, n=n: plain.__setitem__(n, g.detach().to("cpu", copy=True)))
              for n, p in inner.named_parameters() if p.requires_grad]
     try:
         out = run_model(inner, sb, chunk_size, layout)
@@ -325,20 +331,21 @@ def project_step(eng: ProjectEngine, batch: CheckBatch, chunk_size: int = 2048, 
 # ---------------------------------------------------------------- comparing
 
 
-def flat(grads: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
-    return torch.cat([grads[n].flatten() for n in names])
-
-
 def compare(g: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], worst: int = 4) -> dict:
-    """Whole-gradient relative error and cosine of `g` against `ref` (same names), and the worst tensors."""
+    """Whole-gradient relative error and cosine of `g` against `ref` (same names), and the worst
+    tensors; sums in float64, one tensor at a time (no float64 copy of a whole gradient)."""
     if set(g) != set(ref):
         raise ValueError(f"the gradients hold different tensors, e.g. {sorted(set(g) ^ set(ref))[:4]}")
-    names = sorted(ref)
-    a, b = flat(g, names), flat(ref, names)
-    per = {n: float((g[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-30)) for n in names}
+    diff2 = ref2 = g2 = dot = 0.0
+    per = {}
+    for n in sorted(ref):
+        a, b = g[n].double(), ref[n].double()
+        d2, b2 = float((a - b).pow(2).sum()), float(b.pow(2).sum())
+        diff2, ref2, g2, dot = diff2 + d2, ref2 + b2, g2 + float(a.pow(2).sum()), dot + float((a * b).sum())
+        per[n] = math.sqrt(d2) / max(math.sqrt(b2), 1e-30)
     return {
-        "rel": float((a - b).norm() / b.norm().clamp_min(1e-30)),
-        "cos": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
+        "rel": math.sqrt(diff2) / max(math.sqrt(ref2), 1e-30),
+        "cos": dot / max(math.sqrt(g2) * math.sqrt(ref2), 1e-30),
         "worst": sorted(per.items(), key=lambda kv: -kv[1])[:worst],
         "per_tensor": per,
     }
