@@ -192,7 +192,7 @@ class OptimSection:
     clip_grad: float = 1.0
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
-    # memory (docs/training.md "Will it fit"; training/memory.py maps them onto megatron-core's configs)
+    # memory (docs/training.md "Will it fit"; models/megatron_config.py maps them onto megatron-core's configs)
     cpu_offload: bool = False  # optimizer states and their update on the CPU (megatron's HybridDeviceOptimizer)
     offload_fraction: float = 1.0  # with cpu_offload: the fraction of the parameters whose optimizer lives on the CPU
     offload_overlap: bool = False  # with cpu_offload: overlap the gradient/parameter copies with the CPU step (more host memory)

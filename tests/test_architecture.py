@@ -100,6 +100,23 @@ def test_parallel_state_is_read_in_parallel_py_only():
     assert readers <= PARALLEL_STATE_READERS, sorted(readers - PARALLEL_STATE_READERS)
 
 
+# The one translation of the run's configuration into megatron-core's config objects (docs/architecture.md).
+MEGATRON_CONFIGS = ("TransformerConfig", "DistributedDataParallelConfig", "OptimizerConfig")
+TRANSLATION = "megatron_longpo.models.megatron_config"
+
+
+def _constructs(path: Path) -> set[str]:
+    """The megatron config classes `path` calls (`TransformerConfig(...)`, `x.OptimizerConfig(...)`)."""
+    calls = (n.func for n in ast.walk(ast.parse(path.read_text(), str(path))) if isinstance(n, ast.Call))
+    return {name for f in calls if (name := f.id if isinstance(f, ast.Name) else getattr(f, "attr", None)) in MEGATRON_CONFIGS}
+
+
+def test_megatron_config_objects_are_made_in_one_module():
+    makers = {name: sorted(_constructs(path)) for name, path in MODULES.items() if _constructs(path)}
+    makers.update({f"tools/{p.name}": sorted(_constructs(p)) for p in TOOLS if _constructs(p)})
+    assert makers == {TRANSLATION: sorted(MEGATRON_CONFIGS)}
+
+
 def test_no_import_circle():
     graph = {m: {i for i in imps if i in MODULES and i != m} for m, imps in IMPORTS.items()}
     index, low, on_stack, stack, cycles = {}, {}, set(), [], []

@@ -1,10 +1,11 @@
-"""Memory keys -> megatron-core's config objects, refused combinations, and the memory plan's
+"""Memory keys -> megatron-core's config objects (models/megatron_config.py), refused combinations, and the memory plan's
 arithmetic against the tensors of a real (tiny, CPU) model and optimizer (docs/training.md "Will it fit")."""
 
 import pytest
 import torch
 
 from megatron_longpo.config import ConfigError, OptimSection, load_config
+from megatron_longpo.models.megatron_config import precision_aware
 from megatron_longpo.training import memory
 from megatron_longpo.training import memory_plan as P
 
@@ -25,7 +26,7 @@ def test_keys_parse_and_bad_values_name_the_key():
     assert (cfg.optim.cpu_offload, cfg.optim.offload_fraction, cfg.optim.offload_overlap, cfg.optim.grad_dtype) == (
         True, 0.5, True, "bf16")
     assert cfg.model.activation_offload_layers == 2 and cfg.train.memory_check == "warn"
-    assert memory.precision_aware(cfg.optim) is True  # None: on with cpu_offload
+    assert precision_aware(cfg.optim) is True  # None: on with cpu_offload
     for bad, key in (("optim.grad_dtype=fp8", "optim.grad_dtype"), ("optim.offload_fraction=0", "optim.offload_fraction"),
                      ("optim.exp_avg_dtype=int8", "optim.exp_avg_dtype"), ("train.memory_check=maybe", "train.memory_check"),
                      ("model.activation_offload_layers=-1", "model.activation_offload_layers")):
@@ -34,28 +35,27 @@ def test_keys_parse_and_bad_values_name_the_key():
 
 
 def test_keys_reach_megatron_core_config_objects():
-    from megatron.core.distributed import DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig
-
-    from megatron_longpo.models.build import ModelOptions, build_config
+    from megatron_longpo.models.build import ModelOptions
+    from megatron_longpo.models.megatron_config import megatron_configs, transformer_config
     from megatron_longpo.parallel import ParallelConfig
+    from megatron_longpo.training.engine import model_options
 
     o = OptimSection(cpu_offload=True, offload_fraction=0.75, offload_overlap=True, grad_dtype="bf16")
-    oc = OptimizerConfig(optimizer="adam", lr=1e-5, bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=True,
-                         **memory.optimizer_kwargs(o))
+    c = megatron_configs(_arch(), ParallelConfig(), ModelOptions(bf16=True), o, cuda=True)
+    oc = c.optimizer
     assert oc.optimizer_cpu_offload and oc.optimizer_offload_fraction == 0.75 and oc.overlap_cpu_optimizer_d2h_h2d
     assert oc.use_precision_aware_optimizer and oc.main_grads_dtype == torch.bfloat16
     assert oc.use_precision_aware_optimizer_no_fp8_or_ds_fp8  # the branch that keeps no fp32 copy on the GPU
-    default = OptimizerConfig(optimizer="adam", lr=1e-5, **memory.optimizer_kwargs(OptimSection()))
-    assert not default.optimizer_cpu_offload and not default.use_precision_aware_optimizer
-    assert default.main_grads_dtype == torch.float32
-    assert DistributedDataParallelConfig(**memory.ddp_kwargs(o)).grad_reduce_in_fp32 is False
-    assert DistributedDataParallelConfig(**memory.ddp_kwargs(OptimSection())).grad_reduce_in_fp32 is True
-    cfg = load_config(None, ["model.activation_offload_layers=2"])
-    tc = build_config(_arch(), ParallelConfig(), ModelOptions(transformer_overrides=memory.transformer_overrides(cfg.model)))
+    assert c.ddp.grad_reduce_in_fp32 is False
+    default = megatron_configs(_arch(), ParallelConfig(), ModelOptions(), OptimSection(), cuda=True)
+    assert not default.optimizer.optimizer_cpu_offload and not default.optimizer.use_precision_aware_optimizer
+    assert default.optimizer.main_grads_dtype == torch.float32
+    assert default.ddp.grad_reduce_in_fp32 is True
+    cfg = load_config(None, ["model.activation_offload_layers=2", "model.bf16=false"])
+    tc = transformer_config(_arch(), ParallelConfig(), model_options(cfg), cuda=False)
     assert tc.cpu_offloading and tc.cpu_offloading_num_layers == 2 and tc.cpu_offloading_activations
     assert not tc.cpu_offloading_weights
-    tc = build_config(_arch(), ParallelConfig(), ModelOptions(recompute="full", recompute_num_layers=3))
+    tc = transformer_config(_arch(), ParallelConfig(), ModelOptions(recompute="full", recompute_num_layers=3), cuda=False)
     assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == ("full", "uniform", 3)
     assert not tc.cpu_offloading
 

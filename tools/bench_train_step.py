@@ -32,7 +32,6 @@ import os
 import sys
 import time
 from functools import partial
-from types import SimpleNamespace
 from pathlib import Path
 
 
@@ -113,14 +112,14 @@ def describe_memory(spec) -> str:
 
 def predicted(arch, par, spec, row_tokens, scored, world):
     """The memory plan (training/memory_plan.py) of this configuration: peak and host GiB."""
-    from megatron_longpo.training import memory
+    from megatron_longpo.models.megatron_config import precision_aware
     from megatron_longpo.training import memory_plan as MP
 
     o = optim_section(spec)
     p = MP.plan(MP.PlanInputs(arch, row_tokens=row_tokens, scored_tokens=scored, cp=par.context_parallel, dp=1,
                               bf16=DEVICE == "cuda", distributed_optimizer=DEVICE == "cuda", grad_dtype=o.grad_dtype,
                               cpu_offload=o.cpu_offload, offload_fraction=o.offload_fraction,
-                              precision_aware=memory.precision_aware(o), recompute=spec["recompute"],
+                              precision_aware=precision_aware(o), recompute=spec["recompute"],
                               activation_offload_layers=spec.get("activation_offload", 0), logprob_chunk=4096),
                 MP.device_bytes())
     return p
@@ -135,7 +134,6 @@ def run_layout(spec, arch, par, world):
 
     from megatron_longpo.losses import LossConfig, SeqStat, sequence_roles
     from megatron_longpo.models.build import ModelOptions
-    from megatron_longpo.training import memory
     from megatron_longpo.training import metrics as M
     from megatron_longpo.training.engine import build_engine, engine_forward_backward
 
@@ -143,8 +141,7 @@ def run_layout(spec, arch, par, world):
     response = spec["response"]
     opts = ModelOptions(bf16=DEVICE == "cuda", recompute=recompute, prefix_sharing=layout == "shared",
                         skip_unused_trunk=not spec["no_trunk_skip"], max_sequence_length=max(lengths) + response,
-                        transformer_overrides=memory.transformer_overrides(
-                            SimpleNamespace(activation_offload_layers=spec.get("activation_offload", 0))))
+                        activation_offload_layers=spec.get("activation_offload", 0))
     t0 = time.perf_counter()
     chunks, optimizer = build_engine(arch, par, opts, optim_section(spec), None)
     _sync()

@@ -2,7 +2,8 @@
 
 Everything megatron-specific about model construction lives here (the layer spec choice, the
 deprecated-but-stable GPTModel constructor, pipeline stages and virtual stages), so that an API
-change in megatron-core touches this file only.
+change in megatron-core touches this file only; the TransformerConfig it builds with is
+models/megatron_config.py's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from megatron_longpo import platform
-from megatron_longpo.models.hf_config import ModelArch, transformer_config
+from megatron_longpo.models.hf_config import ModelArch
+from megatron_longpo.models.megatron_config import transformer_config
 from megatron_longpo.parallel import ParallelConfig, current_layout, validate_layout
 
 
@@ -29,7 +31,7 @@ class ModelOptions:
     max_sequence_length: int | None = None  # defaults to the model's max_position_embeddings
     prefix_sharing: bool = False  # core attention for prefix-shared rows (models/prefix_attention.py)
     skip_unused_trunk: bool = True  # prefix sharing: the last layer skips unscored trunk queries (exact; off to measure it)
-    transformer_overrides: tuple = ()  # extra (key, value) pairs for TransformerConfig (training/memory.py: activation offloading)
+    activation_offload_layers: int = 0  # TE's CPU offloading of this many layers' activations (model.activation_offload_layers)
 
     def resolved_use_te(self) -> bool:
         """Whether the model is built with the TE spec (and batches are packed THD rows for it)."""
@@ -69,26 +71,12 @@ def layer_spec(use_te: bool, prefix_sharing: bool = False, rope: dict | None = N
     return spec
 
 
-def build_config(arch: ModelArch, par: ParallelConfig, opts: ModelOptions = ModelOptions()):
-    return transformer_config(
-        arch,
-        tensor_parallel=par.tensor_parallel,
-        pipeline_parallel=par.pipeline_parallel,
-        virtual_pipeline_parallel=par.virtual_pipeline_parallel,
-        context_parallel=par.context_parallel,
-        sequence_parallel=par.sequence_parallel,
-        bf16=opts.bf16,
-        use_cpu_initialization=not platform.cuda_available(),
-        recompute=opts.recompute,
-        recompute_num_layers=opts.recompute_num_layers,
-        **dict(opts.transformer_overrides),
-    )
-
-
 def build_model(
-    arch: ModelArch, par: ParallelConfig, opts: ModelOptions = ModelOptions()
+    arch: ModelArch, par: ParallelConfig, opts: ModelOptions = ModelOptions(), config=None
 ) -> list[torch.nn.Module]:
     """GPTModel chunks for this rank's pipeline stage (one chunk, or VPP chunks when interleaved).
+    `config`: the TransformerConfig to build with (training passes megatron_configs(...).transformer);
+    None: models/megatron_config.transformer_config of arch, par and opts.
 
     Parallel state must be set up (megatron_longpo.parallel.setup) before calling this; the stage
     flags come from its Layout (megatron's GPTModel layers read the same state themselves).
@@ -98,7 +86,8 @@ def build_model(
     use_te = opts.resolved_use_te()
     validate_layout(par, use_te=use_te, prefix_sharing=opts.prefix_sharing)  # the rules that depend on the spec
     layout = current_layout()
-    config = build_config(arch, par, opts)
+    if config is None:
+        config = transformer_config(arch, par, opts, cuda=platform.cuda_available())
     rope_kw = {}
     if arch.rope_scaling_type == "llama3":
         rope_kw = dict(rope_scaling=True, rope_scaling_factor=arch.rope_scaling_factor)

@@ -1,4 +1,5 @@
-"""Hugging Face `config.json` -> a typed architecture description -> Megatron `TransformerConfig`.
+"""Hugging Face `config.json` <-> a typed architecture description (`ModelArch`; its Megatron
+`TransformerConfig` is models/megatron_config.py's).
 
 Supported: Llama, Mistral and Qwen2 (decoder-only, RMSNorm, SwiGLU, RoPE with rotate-half,
 grouped-query attention, tied or untied embeddings, Qwen2's q/k/v bias). Anything else is refused
@@ -192,64 +193,3 @@ def to_hf_config(arch: ModelArch, base: dict[str, Any] | None = None) -> dict[st
         cfg["mlp_bias"] = False
     return cfg
 
-
-def transformer_config(
-    arch: ModelArch,
-    *,
-    tensor_parallel: int = 1,
-    pipeline_parallel: int = 1,
-    virtual_pipeline_parallel: int | None = None,
-    context_parallel: int = 1,
-    sequence_parallel: bool = False,
-    bf16: bool = False,
-    use_cpu_initialization: bool = False,
-    recompute: str | None = None,  # None | "full" | "selective"
-    recompute_num_layers: int = 1,
-    **overrides: Any,
-):
-    """Megatron `TransformerConfig` for `arch` at the given parallel layout."""
-    import torch
-    import torch.nn.functional as F
-    from megatron.core.transformer import TransformerConfig
-
-    kw: dict[str, Any] = dict(
-        num_layers=arch.num_layers,
-        hidden_size=arch.hidden_size,
-        ffn_hidden_size=arch.ffn_hidden_size,
-        num_attention_heads=arch.num_attention_heads,
-        num_query_groups=arch.num_query_groups,
-        kv_channels=arch.head_dim,
-        normalization="RMSNorm",
-        layernorm_epsilon=arch.rms_norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=arch.qkv_bias,
-        rotary_interleaved=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=tensor_parallel,
-        pipeline_model_parallel_size=pipeline_parallel,
-        virtual_pipeline_model_parallel_size=virtual_pipeline_parallel,
-        context_parallel_size=context_parallel,
-        sequence_parallel=sequence_parallel,
-        bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_cpu_initialization=use_cpu_initialization,
-        masked_softmax_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        cross_entropy_loss_fusion=False,
-        variable_seq_lengths=True,  # pipeline p2p sends shapes: packed batches vary in length
-        moe_token_dispatcher_type="alltoall",  # (only to satisfy a check tied to variable_seq_lengths)
-    )
-    if recompute:
-        kw.update(recompute_granularity=recompute)
-        if recompute == "full":
-            kw.update(recompute_method="uniform", recompute_num_layers=recompute_num_layers)
-    kw.update(overrides)
-    return TransformerConfig(**kw)

@@ -4,8 +4,9 @@ pipeline schedule and the reduction of its metrics.
 
 Gradient scaling (why the numbers below are what they are):
   * the loss function returns (sum of per-sample losses, number of samples, metrics) and the
-    TransformerConfig has calculate_per_token_loss=True, so the schedule does not divide and
-    `finalize_model_grads` divides every gradient by the number of samples summed over DP x CP;
+    TransformerConfig has calculate_per_token_loss=True (models/megatron_config.megatron_configs),
+    so the schedule does not divide and `finalize_model_grads` divides every gradient by the
+    number of samples summed over DP x CP;
   * every context-parallel rank computes the same loss from sequence sums reduced with an
     autograd-aware all-reduce, whose backward sums dL/dsum over the CP ranks: each rank's local
     gradients are CP times the single-device ones; each CP rank also reports the sample count,
@@ -25,13 +26,18 @@ import torch.distributed as dist
 from megatron_longpo import parallel, platform
 from megatron_longpo.checkpoint import dist as ckpt
 from megatron_longpo.config import RunConfig
-from megatron_longpo.data.format import longest_sequence, read_manifest
+from megatron_longpo.data.blend import parse_blend
+from megatron_longpo.data.format import PairDataset, longest_sequence, read_manifest
+from megatron_longpo.data.tokenizer import check_dataset_tokenizer
 from megatron_longpo.losses import policy_roles, reference_roles, sequence_roles
-from megatron_longpo.models.build import ModelOptions, build_model, unwrap
+from megatron_longpo.models.build import ModelOptions, build_model
 from megatron_longpo.models.forward import run_schedule
+from megatron_longpo.models.megatron_config import MegatronConfigs, megatron_configs
 from megatron_longpo.training import memory
 from megatron_longpo.training.data import StepData
+from megatron_longpo.training.memory_plan import check_run
 from megatron_longpo.training.metrics import log
+from megatron_longpo.training.resume import check_save_dir
 from megatron_longpo.training.step import make_forward_step
 from megatron_longpo.training.train_state import load_training_state, prepare_resume
 
@@ -63,53 +69,71 @@ class Trainer:
         return self.layout.dp_size
 
 
-def build_engine(arch, par: parallel.ParallelConfig, opts: ModelOptions, optim, load_from: str | None,
-                 with_optimizer: bool = True):
-    """Model chunks (bf16 via Float16Module when opts.bf16) wrapped in megatron DDP, and the
-    megatron optimizer (distributed when asked and on CUDA). Parallel state must be set up.
-    `load_from`: a checkpoint to load the weights from (None: random init / resume later).
-    with_optimizer=False: (chunks, None), for gradient checks (megatron's bf16 optimizer needs CUDA)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+def engine_configs(arch, par: parallel.ParallelConfig, opts: ModelOptions, optim) -> MegatronConfigs:
+    """The memory options checked (training/memory.py: what megatron-core cannot combine is refused
+    with its own message), then the one translation into megatron-core's config objects."""
+    cuda = platform.cuda_available()
+    memory.check(optim, cuda=cuda, use_te=opts.resolved_use_te(), distributed_optimizer=optim.distributed_optimizer,
+                 activation_offload_layers=opts.activation_offload_layers, recompute=opts.recompute,
+                 pipeline_parallel=par.pipeline_parallel, num_layers=arch.num_layers)
+    return megatron_configs(arch, par, opts, optim, cuda=cuda)
+
+
+def build_chunks(arch, par: parallel.ParallelConfig, opts: ModelOptions, configs: MegatronConfigs, optim,
+                 load_from: str | None) -> list:
+    """Model chunks (bf16 via Float16Module when opts.bf16) wrapped in megatron DDP. Parallel state
+    must be set up. `load_from`: a checkpoint to load the weights from (None: random init / resume later)."""
+    from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
     from megatron.core.transformer.module import Float16Module
 
-    memory.check(optim, cuda=platform.cuda_available(), use_te=opts.resolved_use_te(), distributed_optimizer=optim.distributed_optimizer,
-                 activation_offload_layers=dict(opts.transformer_overrides).get("cpu_offloading_num_layers", 0),
-                 recompute=opts.recompute, pipeline_parallel=par.pipeline_parallel, num_layers=arch.num_layers)
-    chunks = build_model(arch, par, opts)
-    tcfg = unwrap(chunks[0]).config
-    tcfg.calculate_per_token_loss = True  # see training/step.py: divide by the global sample count
+    tcfg = configs.transformer
+    chunks = build_model(arch, par, opts, config=tcfg)
     if load_from:
         ckpt.load_model(chunks, load_from)
     if opts.bf16:
         chunks = [Float16Module(tcfg, c) for c in chunks]
-    dist_opt = optim.distributed_optimizer
-    if dist_opt and not platform.cuda_available():
+    if optim.distributed_optimizer and not configs.ddp.use_distributed_optimizer:
         log("note: megatron's distributed optimizer needs CUDA tensors; using the plain optimizer on the CPU")
-        dist_opt = False
-    ddp_cfg = DistributedDataParallelConfig(
-        **memory.ddp_kwargs(optim), overlap_grad_reduce=optim.overlap_grad_reduce,
-        use_distributed_optimizer=dist_opt, average_in_collective=False,
-    )
-    chunks = [DistributedDataParallel(tcfg, ddp_cfg, c, disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+    chunks = [DistributedDataParallel(tcfg, configs.ddp, c, disable_bucketing=i > 0) for i, c in enumerate(chunks)]
     tcfg.finalize_model_grads_func = finalize_model_grads
-    if not with_optimizer:
-        return chunks, None
-    clip = optim.clip_grad
-    if clip and not platform.cuda_available():
+    return chunks
+
+
+def build_optimizer(chunks: list, configs: MegatronConfigs, optim):
+    """The megatron optimizer over the DDP chunks (distributed when asked and on CUDA); the
+    TransformerConfig gets its loss scaling and, with overlapped reduction, its no_sync hook."""
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    if optim.clip_grad and not configs.optimizer.clip_grad:
         log("note: megatron's gradient clipping needs CUDA tensors; clipping is off on the CPU")
-        clip = 0.0
-    ocfg = OptimizerConfig(
-        optimizer=optim.name, lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
-        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
-        bf16=opts.bf16, params_dtype=torch.bfloat16 if opts.bf16 else torch.float32, clip_grad=clip,
-        use_distributed_optimizer=dist_opt, **memory.optimizer_kwargs(optim),
-    )
-    optimizer = get_megatron_optimizer(ocfg, chunks)
+    optimizer = get_megatron_optimizer(configs.optimizer, chunks)
+    tcfg = configs.transformer
     tcfg.grad_scale_func = optimizer.scale_loss
-    if optim.overlap_grad_reduce:
+    if configs.ddp.overlap_grad_reduce:
         tcfg.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
-    return chunks, optimizer
+    return optimizer
+
+
+def build_scheduler(optimizer, optim, total_steps: int):
+    """Linear warm-up over optim.warmup_fraction of the steps, then cosine decay to optim.min_lr."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    warmup = int(round(optim.warmup_fraction * total_steps))
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=max(total_steps, 1), lr_decay_style="cosine",
+        start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
+    )
+
+
+def build_engine(arch, par: parallel.ParallelConfig, opts: ModelOptions, optim, load_from: str | None,
+                 with_optimizer: bool = True):
+    """(chunks, optimizer) exactly as build_trainer makes them, for tools and checks that need no
+    data: engine_configs, build_chunks, build_optimizer. Parallel state must be set up.
+    with_optimizer=False: (chunks, None), for gradient checks (megatron's bf16 optimizer needs CUDA)."""
+    configs = engine_configs(arch, par, opts, optim)
+    chunks = build_chunks(arch, par, opts, configs, optim, load_from)
+    return chunks, build_optimizer(chunks, configs, optim) if with_optimizer else None
 
 
 def policy_arch(arch, model) -> object:
@@ -194,71 +218,80 @@ def _open_datasets(path: str | None, verify_hash: bool = False):
     it always came (the length check or StepData)."""
     if not path or not path.strip():
         return None
-    from megatron_longpo.data.blend import parse_blend
-    from megatron_longpo.data.format import PairDataset
-
     try:
         return [PairDataset(prefix, verify_hash=verify_hash) for _, prefix in parse_blend(path)]
     except Exception:  # noqa: BLE001
         return None
 
 
+def _check_sequence_lengths(cfg: RunConfig, arch, datasets) -> None:
+    """A sliding-window model refused past its window, for each prefix of a blend (its manifest)."""
+    prefixes = [prefix for _, prefix in parse_blend(cfg.data.path)] if cfg.data.path.strip() else []
+    for i, prefix in enumerate(prefixes):
+        manifest = datasets[i].manifest if datasets is not None else read_manifest(prefix)
+        arch.check_sequence_length(longest_sequence(manifest, policy_roles(cfg.loss)),
+                                   f"the longest sequence of {prefix} (data.path)")
+
+
+def _prepare_resume(cfg: RunConfig) -> tuple[Path, tuple] | None:
+    """(the run directory, prepare_resume's answer) when train.save_dir holds a checkpoint to resume
+    from, else None; a refused configuration change or a damaged checkpoint is named here, before
+    the model is built."""
+    resume_dir = Path(cfg.train.save_dir)
+    if not (resume_dir / ckpt.LATEST).is_file():
+        return None
+    return resume_dir, prepare_resume(cfg, resume_dir)
+
+
+def model_options(cfg: RunConfig) -> ModelOptions:
+    """How the run's model is built (config.ModelSection; bf16 only where a GPU is)."""
+    bf16 = platform.resolve_bf16(cfg.model.bf16)
+    if cfg.model.bf16 and not bf16:
+        log("note: bf16 needs a GPU; training in fp32 on the CPU")
+    return ModelOptions(bf16=bf16, use_te=cfg.model.transformer_engine, recompute=cfg.model.recompute,
+                        recompute_num_layers=cfg.model.recompute_num_layers, prefix_sharing=cfg.data.share_prefix,
+                        activation_offload_layers=cfg.model.activation_offload_layers)
+
+
+def _step_data(cfg: RunConfig, arch, layout: parallel.Layout, opts: ModelOptions, datasets) -> StepData:
+    return StepData(cfg.data, roles=policy_roles(cfg.loss), ref_roles=reference_roles(cfg.loss), layout=layout,
+                    thd=opts.resolved_use_te(), device=platform.default_device(), share_prefix=cfg.data.share_prefix,
+                    sequence_roles=sequence_roles(cfg.loss), vocab_size=arch.vocab_size, datasets=datasets)
+
+
+def _check_tokenizers(cfg: RunConfig, arch, data: StepData) -> None:
+    """Each dataset (training and evaluation) tokenized with the model's tokenizer (data.check_tokenizer)."""
+    if not cfg.data.check_tokenizer:
+        return
+    evals = data.eval.src if data.eval is not None and data.eval.src is not data.src else None
+    for prefix, ds in [*zip(data.src.prefixes, data.src.datasets), *(zip(evals.prefixes, evals.datasets) if evals else [])]:
+        for note in check_dataset_tokenizer(ds.manifest, prefix, arch.vocab_size, cfg.model.checkpoint,
+                                            Path(cfg.model.checkpoint) / "tokenizer", skip_key="data.check_tokenizer=false"):
+            log(f"note: {note}")
+
+
 def build_trainer(cfg: RunConfig) -> Trainer:
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    from megatron_longpo.training.resume import check_save_dir
-
-    par = cfg.parallel
+    """The run, built in order; each step refuses what it can before the next, heavier one."""
     platform.enable_cpu_fallback()
     parallel.init_distributed()
     arch = policy_arch(ckpt.read_model_json(cfg.model.checkpoint)[0], cfg.model)
     # the layout is checked (parallel.validate_layout, inside setup) before anything heavy is built
-    layout = parallel.setup(par, seed=cfg.train.seed, arch=arch, cpu_cp=cfg.data.share_prefix)
-    from megatron_longpo.training.memory_plan import check_run
-
+    layout = parallel.setup(cfg.parallel, seed=cfg.train.seed, arch=arch, cpu_cp=cfg.data.share_prefix)
     # once: the plan, the length check and the step data read them
     datasets = _open_datasets(cfg.data.path, verify_hash=cfg.data.verify_hash)
     check_run(cfg, arch, layout.world_size, log, datasets)  # printed before the build; a run that cannot fit stops here (train.memory_check)
     check_save_dir(cfg.train.save_dir, cfg.model.checkpoint)
-    from megatron_longpo.data.blend import parse_blend
-
-    prefixes = [prefix for _, prefix in parse_blend(cfg.data.path)] if cfg.data.path.strip() else []
-    for i, prefix in enumerate(prefixes):  # each prefix of a blend
-        manifest = datasets[i].manifest if datasets is not None else read_manifest(prefix)
-        arch.check_sequence_length(longest_sequence(manifest, policy_roles(cfg.loss)),
-                                   f"the longest sequence of {prefix} (data.path)")
-    resume_dir = Path(cfg.train.save_dir)
-    resuming = (resume_dir / ckpt.LATEST).is_file()
-    # a refused configuration change or a damaged checkpoint is named before the model is built
-    prepared = prepare_resume(cfg, resume_dir) if resuming else None
-
-    bf16 = platform.resolve_bf16(cfg.model.bf16)
-    if cfg.model.bf16 and not bf16:
-        log("note: bf16 needs a GPU; training in fp32 on the CPU")
-    opts = ModelOptions(bf16=bf16, use_te=cfg.model.transformer_engine, recompute=cfg.model.recompute,
-                        recompute_num_layers=cfg.model.recompute_num_layers, prefix_sharing=cfg.data.share_prefix,
-                        transformer_overrides=memory.transformer_overrides(cfg.model))
-    chunks, optimizer = build_engine(arch, par, opts, cfg.optim, None if resuming else cfg.model.checkpoint)
-
-    data = StepData(cfg.data, roles=policy_roles(cfg.loss), ref_roles=reference_roles(cfg.loss), layout=layout,
-                    thd=opts.resolved_use_te(), device=platform.default_device(), share_prefix=cfg.data.share_prefix,
-                    sequence_roles=sequence_roles(cfg.loss), vocab_size=arch.vocab_size, datasets=datasets)
-    if cfg.data.check_tokenizer:
-        from megatron_longpo.data.tokenizer import check_dataset_tokenizer
-
-        evals = data.eval.src if data.eval is not None and data.eval.src is not data.src else None
-        for prefix, ds in [*zip(data.src.prefixes, data.src.datasets), *(zip(evals.prefixes, evals.datasets) if evals else [])]:
-            for note in check_dataset_tokenizer(ds.manifest, prefix, arch.vocab_size, cfg.model.checkpoint,
-                                                Path(cfg.model.checkpoint) / "tokenizer", skip_key="data.check_tokenizer=false"):
-                log(f"note: {note}")
+    _check_sequence_lengths(cfg, arch, datasets)
+    resume = _prepare_resume(cfg)
+    opts = model_options(cfg)
+    configs = engine_configs(arch, cfg.parallel, opts, cfg.optim)
+    chunks = build_chunks(arch, cfg.parallel, opts, configs, cfg.optim, None if resume else cfg.model.checkpoint)
+    optimizer = build_optimizer(chunks, configs, cfg.optim)
+    data = _step_data(cfg, arch, layout, opts, datasets)
+    _check_tokenizers(cfg, arch, data)
     total = data.total_steps(cfg.train.steps, cfg.train.epochs)
-    warmup = int(round(cfg.optim.warmup_fraction * total))
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if warmup else cfg.optim.lr, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
-        lr_warmup_steps=warmup, lr_decay_steps=max(total, 1), lr_decay_style="cosine",
-        start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay, wd_incr_steps=max(total, 1), wd_incr_style="constant",
-    )
+    scheduler = build_scheduler(optimizer, cfg.optim, total)
     t = Trainer(cfg, chunks, optimizer, scheduler, data, arch, layout, total)
-    if resuming:
-        load_training_state(t, resume_dir, prepared)
+    if resume is not None:
+        load_training_state(t, *resume)
     return t

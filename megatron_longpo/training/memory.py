@@ -1,27 +1,19 @@
 """The memory keys of the configuration (optim.cpu_offload, offload_fraction, offload_overlap,
-precision_aware, grad_dtype, exp_avg_dtype, exp_avg_sq_dtype; model.activation_offload_layers)
-mapped onto megatron-core 0.19's config objects, and the combinations megatron-core cannot run
-refused with one message that names the key and the fix (docs/training.md, "Will it fit").
+precision_aware, grad_dtype, exp_avg_dtype, exp_avg_sq_dtype; model.activation_offload_layers):
+the combinations megatron-core 0.19 cannot run, refused with one message that names the key and
+the fix (docs/training.md, "Will it fit").
 
-The engine (training/loop.py build_engine) takes its OptimizerConfig / DistributedDataParallelConfig
-keyword arguments from `optimizer_kwargs` / `ddp_kwargs`, and the TransformerConfig's from
-`transformer_overrides` (through ModelOptions.transformer_overrides)."""
+What the keys become in megatron-core's config objects is models/megatron_config.py's (the one
+translation; `precision_aware` resolves optim.precision_aware there); the engine calls `check`
+before it."""
 
 from __future__ import annotations
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from megatron_longpo.models.megatron_config import precision_aware
 
 
 class MemoryOptionError(ValueError):
     """A memory option cannot run in this setting (no GPU, no Transformer Engine, another option)."""
-
-
-def precision_aware(optim) -> bool:
-    """optim.precision_aware, with None resolved: on with optim.cpu_offload (Adam), so that the
-    distributed optimizer keeps no fp32 copy of the parameters on the GPU (the CPU holds it)."""
-    if optim.precision_aware is None:
-        return bool(optim.cpu_offload) and optim.name == "adam"
-    return bool(optim.precision_aware)
 
 
 def check(optim, *, cuda: bool, use_te: bool, distributed_optimizer: bool, activation_offload_layers: int = 0,
@@ -79,34 +71,3 @@ def check(optim, *, cuda: bool, use_te: bool, distributed_optimizer: bool, activ
             no(f"model.activation_offload_layers={n} must be below the number of layers ({num_layers}; megatron-core keeps "
                f"the last one on the GPU)")
 
-
-def optimizer_kwargs(optim) -> dict:
-    """Keyword arguments for megatron.core.optimizer.OptimizerConfig."""
-    import torch
-
-    pa = precision_aware(optim)
-    kw = dict(
-        optimizer_cpu_offload=bool(optim.cpu_offload),
-        optimizer_offload_fraction=float(optim.offload_fraction) if optim.cpu_offload else 0.0,
-        overlap_cpu_optimizer_d2h_h2d=bool(optim.offload_overlap),
-        use_precision_aware_optimizer=pa,
-    )
-    if pa:
-        kw.update(main_grads_dtype=getattr(torch, DTYPES[optim.grad_dtype]),
-                  exp_avg_dtype=getattr(torch, DTYPES[optim.exp_avg_dtype]),
-                  exp_avg_sq_dtype=getattr(torch, DTYPES[optim.exp_avg_sq_dtype]))
-    return kw
-
-
-def ddp_kwargs(optim) -> dict:
-    """Keyword arguments for megatron.core.distributed.DistributedDataParallelConfig."""
-    return dict(grad_reduce_in_fp32=optim.grad_dtype == "fp32")
-
-
-def transformer_overrides(model) -> tuple:
-    """(key, value) pairs for megatron.core.transformer.TransformerConfig (ModelOptions.transformer_overrides)."""
-    n = model.activation_offload_layers
-    if not n:
-        return ()
-    return (("cpu_offloading", True), ("cpu_offloading_num_layers", int(n)), ("cpu_offloading_activations", True),
-            ("cpu_offloading_weights", False))

@@ -122,7 +122,7 @@ class PlanInputs:
 
     @classmethod
     def from_config(cls, cfg, arch, *, world: int, row_tokens: int, scored_tokens: int, cuda: bool) -> "PlanInputs":
-        from megatron_longpo.training import memory
+        from megatron_longpo.models.megatron_config import precision_aware
 
         p = cfg.parallel
         dp = max(world // (p.tensor_parallel * p.pipeline_parallel * p.context_parallel), 1)
@@ -133,7 +133,7 @@ class PlanInputs:
                    pp=p.pipeline_parallel, cp=p.context_parallel, dp=dp, sequence_parallel=p.sequence_parallel,
                    microbatches=max(per_rank // spm, 1), bf16=cfg.model.bf16 and cuda,
                    distributed_optimizer=o.distributed_optimizer and cuda, optimizer=o.name, grad_dtype=o.grad_dtype,
-                   cpu_offload=o.cpu_offload, offload_fraction=o.offload_fraction, precision_aware=memory.precision_aware(o),
+                   cpu_offload=o.cpu_offload, offload_fraction=o.offload_fraction, precision_aware=precision_aware(o),
                    exp_avg_dtype=o.exp_avg_dtype, exp_avg_sq_dtype=o.exp_avg_sq_dtype, recompute=cfg.model.recompute,
                    recompute_num_layers=cfg.model.recompute_num_layers,
                    activation_offload_layers=cfg.model.activation_offload_layers, logprob_chunk=cfg.model.logprob_chunk_size)
