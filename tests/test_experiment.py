@@ -70,9 +70,9 @@ def _arg(cmd, flag):
 class Fake:
     """Each command writes what the real tool writes; nothing runs."""
 
-    def __init__(self, *a, **k):
+    def __init__(self, *a, stopped_gpus=(), **k):
         super().__init__(*a, **k)
-        self.calls, self.calls_lock = [], threading.Lock()
+        self.calls, self.calls_lock, self.stopped_gpus = [], threading.Lock(), stopped_gpus
 
     def table(self):
         return "| model | 512 |\n|---|---:|\n" + "".join(f"| {m.name} | 1.0 |\n" for m in self.exp.table_order)
@@ -94,9 +94,12 @@ class Fake:
             Path(_arg(cmd, "--out"), "config.json").write_text(json.dumps(trained))
         elif tool == "tools/make_long_documents.py":
             Path(_arg(cmd, "--out")).write_text("".join(f'{{"id": "d{i}"}}\n' for i in range(int(_arg(cmd, "--n")))))
-        elif tool == "tools/build_longpo_pairs.py":
-            shard = Path(cmd[cmd.index(tool) + 1]).read_text()
-            Path(_arg(cmd, "-o")).write_text(shard.replace('"id"', '"pair_of"'))
+        elif tool == "tools/build_longpo_pairs.py":  # a pair per document, appended (resumable)
+            if gpus in self.stopped_gpus:
+                return 124  # stopped at the time limit before it wrote anything
+            docs = [json.loads(line)["id"] for line in Path(cmd[cmd.index(tool) + 1]).read_text().splitlines()]
+            with open(_arg(cmd, "-o"), "a") as f:
+                f.write("".join(json.dumps({"meta": {"id": d}}) + "\n" for d in docs))
         elif tool == "tools/pack_pairs.py" and "unpack" in cmd:  # the committed pairs: documents d0 and d2
             Path(_arg(cmd, "-o")).write_text('{"meta": {"id": "d0"}}\n{"meta": {"id": "d2"}}\n')
         elif tool in ("tools/pack_pairs.py", "tools/document_nll_data.py"):
@@ -145,7 +148,7 @@ def test_a_run_schedules_every_job_on_the_gpus_and_a_rerun_resumes(tmp_path):
     tools = [_tool(cmd) for cmd, _ in r.calls]
     assert tools.count("tools/build_longpo_pairs.py") == 2  # one shard of the documents per GPU
     assert sorted(g for (cmd, g), t in zip(r.calls, tools) if t == "tools/build_longpo_pairs.py") == ["0", "1"]
-    assert (exp.workdir / "pairs.jsonl").read_text().count("pair_of") == 2  # both shards, every document
+    assert (exp.workdir / "pairs.jsonl").read_text().count('"meta"') == 2  # both shards, every document
     assert tools.count("tools/precompute_ref_logps.py") == 2  # short and long (dpo)
     trains = {_arg_eq(cmd, "train.save_dir").rsplit("/", 1)[1]: (cmd, g) for (cmd, g), t in zip(r.calls, tools)
               if t == "megatron_longpo.train"}
@@ -186,10 +189,25 @@ def test_grow_unpacks_the_committed_pairs_and_generates_on_the_other_documents(t
     shards = [Path(cmd[cmd.index("tools/build_longpo_pairs.py") + 1]).read_text() for cmd, _ in r.calls
               if _tool(cmd) == "tools/build_longpo_pairs.py"]
     assert sorted(shards) == ['{"id": "d1"}\n{"id": "d4"}\n', '{"id": "d3"}\n']  # d0 and d2 have pairs
-    pairs = (exp.workdir / "pairs.jsonl").read_text().splitlines()
-    assert pairs[:2] == ['{"meta": {"id": "d0"}}', '{"meta": {"id": "d2"}}'] and len(pairs) == 5
+    pairs = [json.loads(line)["meta"]["id"] for line in (exp.workdir / "pairs.jsonl").read_text().splitlines()]
+    assert pairs[:2] == ["d0", "d2"] and sorted(pairs) == ["d0", "d1", "d2", "d3", "d4"]
     pack = next(cmd for cmd, _ in r.calls if _tool(cmd) == "tools/pack_pairs.py" and "pack" in cmd)
     assert _arg(pack, "--docs-n") == "5"
+
+
+def test_a_generation_stopped_on_two_gpus_resumes_on_one(tmp_path):
+    exp = X.load(YAML, profile="tiny", sets=["pairs.documents.n=4", f"model={_hf(tmp_path)}", "hardware.gpus=2"])
+    exp.workdir = tmp_path / "w"
+    assert FakeRunner(exp, stopped_gpus=("1",), out=lambda line: None).run() == 0  # GPU 1 stopped: rerun to resume
+    assert not (exp.workdir / "pairs.jsonl").exists() and (exp.workdir / "pairs.partial").exists()
+    exp.spec["hardware"]["gpus"] = 1
+    r = FakeRunner(exp, out=lambda line: None)
+    assert r.run() == 0
+    shard = next(Path(cmd[cmd.index("tools/build_longpo_pairs.py") + 1]) for cmd, _ in r.calls
+                 if _tool(cmd) == "tools/build_longpo_pairs.py")
+    assert shard.read_text() == '{"id": "d1"}\n{"id": "d3"}\n'  # GPU 0's documents are not generated again
+    pairs = [json.loads(line)["meta"]["id"] for line in (exp.workdir / "pairs.jsonl").read_text().splitlines()]
+    assert sorted(pairs) == ["d0", "d1", "d2", "d3"]
 
 
 ROUNDS = ROOT / "examples" / "longpo_iterative" / "experiment.yaml"

@@ -350,10 +350,13 @@ class Runner(Steps):
             self.log("documents")
             self.sh([PY, "tools/make_long_documents.py", "--n", docs["n"], "--words", docs["words"], "--seed",
                      docs.get("seed", 0), "--out", w / "docs.jsonl"], w / "documents.log")
-        lines = (w / "docs.jsonl").read_text().splitlines(True)
-        if committed.is_file():  # documents tried before and dropped are not in the compact form: tried again
-            have = {str((json.loads(line).get("meta") or {}).get("id")) for line in committed.read_text().splitlines() if line}
-            lines = [line for line in lines if str(json.loads(line)["id"]) not in have]
+        # the documents still without a pair: not in the committed pairs (those tried before and dropped
+        # are not in the compact form: tried again), nor in a shard's output of an earlier run (which
+        # may have had another number of GPUs)
+        earlier = sorted(w.glob("pairs.s*.jsonl"), key=lambda f: int(f.name[len("pairs.s"):-len(".jsonl")]))
+        have = {str((json.loads(line).get("meta") or {}).get("id")) for f in [committed, *earlier] if f.is_file()
+                for line in f.read_text().splitlines() if line.strip()}
+        lines = [line for line in (w / "docs.jsonl").read_text().splitlines(True) if str(json.loads(line)["id"]) not in have]
         gpus = self.per_gpu()
         self.log(f"self-generated pairs ({p['chunk_tokens']}-token chunks, {len(lines)} documents, on "
                  f"{len(gpus)} {'GPU' if self.n_gpus else 'process'}{'s' if len(gpus) > 1 else ''})")
@@ -375,7 +378,8 @@ class Runner(Steps):
         if any(c in (124, 130) for c in codes):
             self.log("time limit: generation stopped; rerun to resume")
             return False
-        parts = ([committed] if committed.is_file() else []) + [o for o in outs if o.is_file()]
+        parts = ([committed] if committed.is_file() else []) + sorted(set(earlier) | {o for o in outs if o.is_file()},
+                                                                      key=lambda f: int(f.name[len("pairs.s"):-len(".jsonl")]))
         (w / "pairs.jsonl").write_text("".join(o.read_text() for o in parts))
         (w / "pairs.partial").unlink()
         self.log("packing the pairs (commit WORKDIR/pairs.compact.jsonl.gz as the YAML's pairs.compact to keep them)")
