@@ -1,10 +1,11 @@
 """Builders shared by the tests: tiny random Hugging Face models, synthetic pair data, CLI calls."""
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from megatron_longpo.checks.random_model import GPU_LLAMA, gpu_llama, random_hf_model  # noqa: F401 (the tests import them from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,37 +42,9 @@ def run_tool(*args, timeout=600, check=True):
     return r
 
 
-def tiny_hf_model(out_dir: Path, smollm2_dir: Path, model_type: str = "llama", tied: bool = False, layers: int = 4,
-                  random_norms: bool = True, **over):
-    """A small random Llama/Qwen2 with the SmolLM2 tokenizer (its vocabulary fits). `over` replaces
-    config fields; random_norms gives the norms and biases random values so that their mapping is
-    exercised."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    fields = dict(vocab_size=49152 + (64 if model_type == "qwen2" else 0), hidden_size=64, intermediate_size=96,
-                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                  rms_norm_eps=1e-6, tie_word_embeddings=tied)
-    cfg = AutoConfig.for_model(model_type, **{**fields, **over})
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters() if random_norms else ():
-            if "norm" in n or n.endswith("bias"):
-                p.copy_(1 + 0.5 * torch.randn_like(p) if "norm" in n else 0.5 * torch.randn_like(p))
-    model.save_pretrained(out_dir)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(smollm2_dir / f, out_dir / f)
-    return out_dir
-
-
-# the GPU tests' random model: TP=2 divides its heads; head dim 64
-GPU_LLAMA = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                 num_key_value_heads=4, max_position_embeddings=8192, rms_norm_eps=1e-5)
-
-
-def gpu_llama(out_dir: Path, smollm2_dir: Path) -> Path:
-    """A random 8-layer Llama (hidden 512, 8 / 4 heads), standard initialisation."""
-    return tiny_hf_model(out_dir, smollm2_dir, "llama", random_norms=False, **GPU_LLAMA)
+# tiny_hf_model(out_dir, smollm2_dir, model_type="llama", tied=False, layers=4, random_norms=True, **config):
+# a small random Llama/Qwen2 with the SmolLM2 tokenizer; gpu_llama: the GPU tests' random 8-layer Llama
+tiny_hf_model = random_hf_model
 
 
 def build_dataset(tmp: Path, kind: str, n: int, tokenizer_dir: Path, ref_ckpt: Path | None, **kw):

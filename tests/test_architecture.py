@@ -3,6 +3,7 @@
 Every import counts, module-level or inside a function (a lazy import is still a dependency),
 except those under `if TYPE_CHECKING:`."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,42 @@ def test_tools_spell_the_layout_as_the_trainer_does(path):
     for short, name in (("tp", "tensor-parallel"), ("pp", "pipeline-parallel"), ("cp", "context-parallel")):
         if f'"--{short}"' in text:
             assert f'"--{name}", "--{short}"' in text, f"{path.name}: --{short} without --{name}"
+
+
+# Programs are Python; a shell script only launches: tools/ holds none, and a script in examples/
+# (.sh, .sbatch) is a short list of commands: no loops, branches or functions.
+SHELL_PROGRAM = re.compile(r"^\s*(if|for|while|until|case|select|function)\b|^\s*[A-Za-z_][\w-]*\s*\(\)\s*\{?", re.M)
+LAUNCHERS = sorted(p for ext in ("*.sh", "*.sbatch") for p in (ROOT / "examples").rglob(ext))
+
+
+def test_no_shell_script_in_tools():
+    assert sorted(p.name for p in (ROOT / "tools").rglob("*") if p.suffix in (".sh", ".bash", ".sbatch")) == []
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: str(p.relative_to(ROOT / "examples")))
+def test_example_scripts_only_launch(path):
+    text = path.read_text()
+    assert len(text.splitlines()) <= 40, f"{path.name}: {len(text.splitlines())} lines; a program belongs in Python"
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert SHELL_PROGRAM.findall(code) == [], f"{path.name}: a loop, branch or function; a program belongs in Python"
+
+
+def test_the_launcher_rule_catches_a_program():
+    assert SHELL_PROGRAM.search("set -e\nfor x in a b; do echo $x; done")
+    assert SHELL_PROGRAM.search("run() {\n  srun \"$@\"\n}")
+    assert SHELL_PROGRAM.search('  if [ -f x ]; then echo; fi')
+    assert not SHELL_PROGRAM.search('torchrun --nproc-per-node 8 -m megatron_longpo.train --config "$@"')
+
+
+def test_readme_is_short_and_starts_with_the_two_commands():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 120, f"README.md: {len(lines)} lines; detail belongs in docs/"
+    first_block = lines[lines.index("```bash") + 1: lines.index("```")]
+    assert [line.split()[:2] for line in first_block] == [["make", "demo"], ["make", "test"]]
+
+
+def test_experiments_are_a_yaml_and_a_readme():
+    """examples/<experiment>/ holds its YAML, a README or results, recipes and data; the runner is tools/experiment.py."""
+    for yaml_path in sorted((ROOT / "examples").glob("*/experiment.yaml")):
+        d = yaml_path.parent
+        assert not list(d.glob("*.sh")) and not list(d.glob("*.py")), f"{d.name}: a program beside its YAML"

@@ -1,8 +1,10 @@
-"""tools/experiment.py: the experiment YAML -> models with their overrides, GPU slots, and a run whose
+"""tools/experiment.py: the experiment YAML -> models with their overrides, GPU slots, and runs whose
 commands are faked (each writes the file the real tool writes), so that the schedule and the resume
-are checked in a second; the real TINY run is `python tools/experiment.py
-examples/longpo_smollm2/experiment.yaml --profile tiny` (about 15 minutes on a 2-core CPU)."""
+are checked in a second; the real tiny runs are `python tools/experiment.py
+examples/longpo_smollm2/experiment.yaml --profile tiny` (about 15 minutes on a 2-core CPU) and
+tests/test_longpo_iterative.py (the rounds)."""
 import importlib.util
+import json
 import sys
 import threading
 from pathlib import Path
@@ -37,9 +39,19 @@ def test_the_yaml_names_methods_and_variants_as_overrides():
     assert tiny.spec["evaluation"]["tasks"] == ["niah_single", "vt"] and tiny.spec["evaluation"]["args"] == ["--batch-size", "16", "--suite", "smoke"]
     assert tiny.models[0].eval_lengths == [512, 1024]
 
-    for bad in ({"methods": ["nope"]}, {"variants": ["nope"]}, {"profile": "nope"}):
-        with pytest.raises(X.ExperimentError):
+    for bad in ({"methods": ["nope"]}, {"variants": ["nope"]}, {"profile": "nope"}, {"sets": ["nope"]},
+                {"sets": ["pairs=1", "pairs.x=2"]}):
+        with pytest.raises(X.SpecError):
             X.load(YAML, **bad)
+
+
+def test_set_overrides_the_yaml_and_its_profile():
+    exp = X.load(YAML, profile="tiny", sets=["pairs.documents.n=7", "train.overrides=[optim.lr=3e-5]", "pairs.grow=true",
+                                              "rope_theta=2e6", "hardware.gpus=null"])
+    assert exp.spec["pairs"]["documents"] == {"n": 7, "words": 800, "seed": 0}  # the rest of the section stays
+    assert exp.spec["train"]["overrides"] == ["optim.lr=3e-5"] and exp.spec["pairs"]["grow"] is True
+    assert exp.models[-1].rope_theta == 2e6 and exp.spec["hardware"]["gpus"] is None
+    assert X.main([str(YAML), "--plan", "--set", "nope"]) == 2  # a mistake in the arguments: status 2
 
 
 def test_slots():
@@ -55,12 +67,12 @@ def _arg(cmd, flag):
     return cmd[cmd.index(flag) + 1]
 
 
-class FakeRunner(X.Runner):
+class Fake:
     """Each command writes what the real tool writes; nothing runs."""
 
-    def __init__(self, *a, **k):
+    def __init__(self, *a, stopped_gpus=(), **k):
         super().__init__(*a, **k)
-        self.calls, self.calls_lock = [], threading.Lock()
+        self.calls, self.calls_lock, self.stopped_gpus = [], threading.Lock(), stopped_gpus
 
     def table(self):
         return "| model | 512 |\n|---|---:|\n" + "".join(f"| {m.name} | 1.0 |\n" for m in self.exp.table_order)
@@ -69,44 +81,74 @@ class FakeRunner(X.Runner):
         cmd = [str(c) for c in cmd]
         with self.calls_lock:
             self.calls.append((cmd, gpus))
-        tool = next(c for c in cmd if c.startswith("tools/") or c == "megatron_longpo.train")
+        tool = _tool(cmd)
         if tool == "tools/convert_checkpoint.py" and cmd[cmd.index(tool) + 1] == "hf-to-megatron":
-            Path(_arg(cmd, "--out"), "latest").parent.mkdir(parents=True)
-            Path(_arg(cmd, "--out"), "latest").write_text("1")
-        elif tool == "tools/convert_checkpoint.py":
             Path(_arg(cmd, "--out")).mkdir(parents=True)
-            Path(_arg(cmd, "--out"), "config.json").write_text("{}")
+            Path(_arg(cmd, "--out"), "latest").write_text("1")
+            theta = json.loads(Path(_arg(cmd, "--hf-dir"), "config.json").read_text()).get("rope_theta", 1e4)
+            Path(_arg(cmd, "--out"), "model.json").write_text(json.dumps({"arch": {"rope_theta": theta}}))
+        elif tool == "tools/convert_checkpoint.py":  # the export declares what the run trained at
+            trained = json.loads(Path(_arg(cmd, "--megatron-dir"), "run.json").read_text()) \
+                if Path(_arg(cmd, "--megatron-dir"), "run.json").is_file() else {}
+            Path(_arg(cmd, "--out")).mkdir(parents=True)
+            Path(_arg(cmd, "--out"), "config.json").write_text(json.dumps(trained))
         elif tool == "tools/make_long_documents.py":
-            Path(_arg(cmd, "--out")).write_text('{"id": "d0"}\n{"id": "d1"}\n{"id": "d2"}\n')
-        elif tool == "tools/build_longpo_pairs.py":
-            shard = Path(cmd[cmd.index(tool) + 1]).read_text()
-            Path(_arg(cmd, "-o")).write_text(shard.replace('"id"', '"pair_of"'))
+            Path(_arg(cmd, "--out")).write_text("".join(f'{{"id": "d{i}"}}\n' for i in range(int(_arg(cmd, "--n")))))
+        elif tool == "tools/build_longpo_pairs.py":  # a pair per document, appended (resumable)
+            if gpus in self.stopped_gpus:
+                return 124  # stopped at the time limit before it wrote anything
+            docs = [json.loads(line)["id"] for line in Path(cmd[cmd.index(tool) + 1]).read_text().splitlines()]
+            with open(_arg(cmd, "-o"), "a") as f:
+                f.write("".join(json.dumps({"meta": {"id": d}}) + "\n" for d in docs))
+        elif tool == "tools/pack_pairs.py" and "unpack" in cmd:  # the committed pairs: documents d0 and d2
+            Path(_arg(cmd, "-o")).write_text('{"meta": {"id": "d0"}}\n{"meta": {"id": "d2"}}\n')
         elif tool in ("tools/pack_pairs.py", "tools/document_nll_data.py"):
             Path(_arg(cmd, "-o")).write_text("x")
         elif tool == "tools/preprocess_pairs.py":
             Path(_arg(cmd, "--output") + ".json").write_text("{}")
         elif tool == "tools/precompute_ref_logps.py":
-            Path(_arg(cmd, "--out")).write_text("x")
+            Path(_arg(cmd, "--out") if "--out" in cmd else _arg(cmd, "--data") + ".ref.safetensors").write_text("x")
         elif tool == "megatron_longpo.train":
-            save = Path(next(c for c in cmd if c.startswith("train.save_dir=")).split("=", 1)[1])
+            save = Path(_arg_eq(cmd, "train.save_dir"))
             save.mkdir(parents=True)
             (save / "summary.json").write_text("{}")
+            if any(c.startswith("model.max_position_embeddings=") for c in cmd):
+                (save / "run.json").write_text(json.dumps({"rope_theta": float(_arg_eq(cmd, "model.rope_theta")),
+                                                           "max_position_embeddings": int(_arg_eq(cmd, "model.max_position_embeddings"))}))
         elif tool == "tools/eval_long.py":
             Path(_arg(cmd, "--out")).write_text("{}")
         return 0
 
 
+class FakeRunner(Fake, X.Runner):
+    pass
+
+
+class FakeRounds(Fake, X.RoundsRunner):
+    pass
+
+
+def _tool(cmd):
+    return next(c for c in cmd if c.startswith("tools/") or c == "megatron_longpo.train")
+
+
+def _hf(tmp_path, rope_theta=1e4):
+    (tmp_path / "hf").mkdir(exist_ok=True)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"rope_theta": rope_theta}))
+    return str(tmp_path / "hf")
+
+
 def test_a_run_schedules_every_job_on_the_gpus_and_a_rerun_resumes(tmp_path):
     exp = X.load(YAML, profile="tiny", variants=["longpo_lr5e-5"])
     exp.workdir = tmp_path / "w"
-    exp.spec["model"] = str(tmp_path / "hf")  # not the embedded model: nothing is materialised
+    exp.spec["model"] = _hf(tmp_path)  # not the embedded model: nothing is materialised
     exp.spec["hardware"] = {"gpus": 2, "gpus_per_job": 1, "jobs_per_gpu": 1}
     r = FakeRunner(exp, out=lambda line: None)
     assert r.run() == 0
-    tools = [next(c for c in cmd if c.startswith("tools/") or c == "megatron_longpo.train") for cmd, _ in r.calls]
+    tools = [_tool(cmd) for cmd, _ in r.calls]
     assert tools.count("tools/build_longpo_pairs.py") == 2  # one shard of the documents per GPU
     assert sorted(g for (cmd, g), t in zip(r.calls, tools) if t == "tools/build_longpo_pairs.py") == ["0", "1"]
-    assert (exp.workdir / "pairs.jsonl").read_text().count("pair_of") == 3  # both shards, every document
+    assert (exp.workdir / "pairs.jsonl").read_text().count('"meta"') == 2  # both shards, every document
     assert tools.count("tools/precompute_ref_logps.py") == 2  # short and long (dpo)
     trains = {_arg_eq(cmd, "train.save_dir").rsplit("/", 1)[1]: (cmd, g) for (cmd, g), t in zip(r.calls, tools)
               if t == "megatron_longpo.train"}
@@ -125,7 +167,7 @@ def test_a_run_schedules_every_job_on_the_gpus_and_a_rerun_resumes(tmp_path):
     summary = (exp.workdir / "results" / "summary.md").read_text()
     assert "| dpo | dpo: `loss.name=dpo`, reference long |" in summary and "| base_rope | 1.0 |" in summary
     rows = [line.split(" | ")[0][2:] for line in summary.splitlines() if line.endswith("| 1.0 |")]
-    assert rows == ["base", "base_rope", "longpo", "longpo_resp", "sft", "dpo", "docnll", "longpo_lr5e-5"]  # run.sh's order
+    assert rows == ["base", "base_rope", "longpo", "longpo_resp", "sft", "dpo", "docnll", "longpo_lr5e-5"]
     assert len(list((exp.workdir / "results").glob("eval_*.json.gz"))) == 8
 
     again = FakeRunner(exp, out=lambda line: None)
@@ -135,3 +177,62 @@ def test_a_run_schedules_every_job_on_the_gpus_and_a_rerun_resumes(tmp_path):
 
 def _arg_eq(cmd, key):
     return next(c for c in cmd if c.startswith(key + "=")).split("=", 1)[1]
+
+
+def test_grow_unpacks_the_committed_pairs_and_generates_on_the_other_documents(tmp_path):
+    (tmp_path / "committed.jsonl.gz").write_text("x")
+    exp = X.load(YAML, profile="tiny", sets=[f"pairs.compact={tmp_path / 'committed.jsonl.gz'}", "pairs.grow=true",
+                                              "pairs.documents.n=5", f"model={_hf(tmp_path)}", "hardware.gpus=2"])
+    exp.workdir = tmp_path / "w"
+    r = FakeRunner(exp, out=lambda line: None)
+    assert r.run() == 0
+    shards = [Path(cmd[cmd.index("tools/build_longpo_pairs.py") + 1]).read_text() for cmd, _ in r.calls
+              if _tool(cmd) == "tools/build_longpo_pairs.py"]
+    assert sorted(shards) == ['{"id": "d1"}\n{"id": "d4"}\n', '{"id": "d3"}\n']  # d0 and d2 have pairs
+    pairs = [json.loads(line)["meta"]["id"] for line in (exp.workdir / "pairs.jsonl").read_text().splitlines()]
+    assert pairs[:2] == ["d0", "d2"] and sorted(pairs) == ["d0", "d1", "d2", "d3", "d4"]
+    pack = next(cmd for cmd, _ in r.calls if _tool(cmd) == "tools/pack_pairs.py" and "pack" in cmd)
+    assert _arg(pack, "--docs-n") == "5"
+
+
+def test_a_generation_stopped_on_two_gpus_resumes_on_one(tmp_path):
+    exp = X.load(YAML, profile="tiny", sets=["pairs.documents.n=4", f"model={_hf(tmp_path)}", "hardware.gpus=2"])
+    exp.workdir = tmp_path / "w"
+    assert FakeRunner(exp, stopped_gpus=("1",), out=lambda line: None).run() == 0  # GPU 1 stopped: rerun to resume
+    assert not (exp.workdir / "pairs.jsonl").exists() and (exp.workdir / "pairs.partial").exists()
+    exp.spec["hardware"]["gpus"] = 1
+    r = FakeRunner(exp, out=lambda line: None)
+    assert r.run() == 0
+    shard = next(Path(cmd[cmd.index("tools/build_longpo_pairs.py") + 1]) for cmd, _ in r.calls
+                 if _tool(cmd) == "tools/build_longpo_pairs.py")
+    assert shard.read_text() == '{"id": "d1"}\n{"id": "d3"}\n'  # GPU 0's documents are not generated again
+    pairs = [json.loads(line)["meta"]["id"] for line in (exp.workdir / "pairs.jsonl").read_text().splitlines()]
+    assert sorted(pairs) == ["d0", "d1", "d2", "d3"]
+
+
+ROUNDS = ROOT / "examples" / "longpo_iterative" / "experiment.yaml"
+
+
+def test_rounds_chain_the_exports_and_a_rerun_resumes(tmp_path):
+    exp = X.load(ROUNDS, profile="tiny", sets=[f"model={_hf(tmp_path)}", "train.overrides=[optim.lr=1e-3]"])
+    assert [(r.length, r.chunk_tokens, r.rope_theta) for r in exp.rounds] == [(512, 128, None), (1024, 256, None)]
+    exp.workdir = tmp_path / "w"
+    r = FakeRounds(exp, out=lambda line: None)
+    assert r.run() == 0
+    imports = [_arg(cmd, "--hf-dir") for cmd, _ in r.calls if "hf-to-megatron" in cmd]
+    assert imports == [str(tmp_path / "hf"), str(exp.workdir / "round1" / "hf_round1")]  # round 2's pi_S: round 1's export
+    trains = [cmd for cmd, _ in r.calls if _tool(cmd) == "megatron_longpo.train"]
+    assert [_arg_eq(c, "model.rope_theta") for c in trains] == ["100000.0", "1000000.0"]  # x rope_factor each round
+    assert all("train.steps=2" in c and c[-1] == "optim.lr=1e-3" for c in trains)
+    gens = [cmd for cmd, _ in r.calls if _tool(cmd) == "tools/build_longpo_pairs.py"]
+    assert [_arg(c, "--model") for c in gens] == imports and [_arg(c, "--max-pair-tokens") for c in gens] == ["496", "992"]
+    assert [_arg(c, "--seed") for c in gens] == ["1", "2"]
+    again = FakeRounds(exp, out=lambda line: None)
+    assert again.run() == 0 and again.calls == []
+
+    one = "rounds=[{length: 512, config: examples/longpo_iterative/tiny.yaml, rope_theta: 5e4}]"
+    bad = X.load(ROUNDS, profile="tiny", sets=[f"model={_hf(tmp_path)}", one])
+    (exp.workdir / "round1" / "hf_round1" / "config.json").write_text(json.dumps({"rope_theta": 1e5, "max_position_embeddings": 512}))
+    bad.workdir = exp.workdir
+    with pytest.raises(X.ExperimentError, match="rope_theta 100000.0"):  # the export must declare the round's base
+        FakeRounds(bad, out=lambda line: None).run()

@@ -1,5 +1,5 @@
-"""examples/longpo_iterative/run.sh on the CPU (TINY=1): two LongPO rounds, 512 -> 1024 tokens, with
-a random 2-layer Llama (SmolLM2 tokenizer) as pi_S. Round 2's generator, initial policy and
+"""examples/longpo_iterative/experiment.yaml on the CPU (`tools/experiment.py ... --profile tiny`): two
+LongPO rounds, 512 -> 1024 tokens, with a random 2-layer Llama (SmolLM2 tokenizer) as pi_S. Round 2's generator, initial policy and
 reference are round 1's export; every export declares the RoPE base and the length its round
 trained at; each reference sidecar is what transformers computes with that round's pi_S."""
 import json
@@ -24,7 +24,7 @@ def question_writing_llama(out, smollm2_dir):
     a "?" every ~20 tokens, so that tools/build_longpo_pairs.py parses questions from it: every
     embedding gets a constant 0.5 in dimension 0, which survives the small random layers and the
     final norm, and the output row of "?" reads only that dimension (logit ~5.5 over ~0 elsewhere).
-    Answers are sampled too (ANSWER_TEMPERATURE): greedy decoding would write only "?". The query
+    Answers are sampled too (pairs.answer_temperature): greedy decoding would write only "?". The query
     and key projections are 8x larger, so that attention is sharp and the RoPE base changes the
     log-probs (by ~1e-2 per sequence between 1e4 and 1e5, against ~3e-5 between Megatron and
     transformers at the same base)."""
@@ -70,15 +70,17 @@ def sidecar_matches(prefix, hf_dir, rope_theta=None):
 def test_two_rounds_on_the_cpu(smollm2_dir, tmp_path):
     pi_s = question_writing_llama(tmp_path / "pi_s", smollm2_dir)
     w = tmp_path / "w"
-    env = {**os.environ, "TINY": "1", "W": str(w), "BASE_HF": str(pi_s), "PY": sys.executable, "ANSWER_TEMPERATURE": "0.7",
-           "TRAIN_EXTRA": "optim.lr=1e-3",  # 2 steps must move the weights visibly (checked below)
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     t0 = time.time()
-    r = run_captured(["bash", str(ROOT / "examples/longpo_iterative/run.sh")], env=env, cwd=ROOT, timeout=1500)
+    r = run_captured([sys.executable, ROOT / "tools/experiment.py", ROOT / "examples/longpo_iterative/experiment.yaml",
+                      "--profile", "tiny", "--workdir", w,
+                      "--set", f"model={pi_s}", "pairs.answer_temperature=0.7",
+                      "train.overrides=[optim.lr=1e-3]"],  # 2 steps must move the weights visibly (checked below)
+                     env=env, cwd=ROOT, timeout=1500)
     elapsed = time.time() - t0
     assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     stages = [l for l in r.stdout.splitlines() if l.startswith("== ")]
-    print(f"\nTINY two-round run: {elapsed:.0f} s\n" + "\n".join(stages))
+    print(f"\ntiny two-round run: {elapsed:.0f} s\n" + "\n".join(stages))
 
     r1, r2 = w / "round1", w / "round2"
     # each export declares the RoPE base and the length its round trained at, and transformers reads them

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample", type=int, default=0)
     ap.add_argument("--synthetic-words", type=int, default=0,
                     help="check on a synthetic word-salad LongPO sample of this many context words (the data of "
-                         "tools/run_gpu_checks.sh cpgrads: 3000)")
+                         "tools/gpu_checks.py cpgrads: 3000)")
     ap.add_argument("--lam", type=float, default=1.0, help="LongPO's λ (1: the DPO term weighs as much as the NLL)")
     ap.add_argument("--fp32-only", action="store_true", help="only transformers fp32 and the project fp32 (the equality check)")
     ap.add_argument("--hf-attention", default="sdpa", choices=["sdpa", "eager"],

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compare the one-step gradients that `tests/workers/gpu_checks.py grads` saved for several layouts.
+"""Compare the one-step gradients that `megatron_longpo.checks.first_step` saved for several layouts.
 
     python tools/compare_grads.py PREFIX
 
@@ -9,7 +9,7 @@ floor) and, if present, PREFIX.ref32.pt (fp32, local spec, one GPU: the referenc
 PREFIX.local16.pt (bf16, local spec's unfused attention, one GPU: a floor that reorders much more
 than packing, with no CP in it). Prints the
 relative error of the whole gradient of each bf16 layout against the fp32 reference, CP=2 against
-CP=1 next to the packing floor, and the worst tensors. Used by `tools/run_gpu_checks.sh cpgrads`.
+CP=1 next to the packing floor, and the worst tensors. Used by `tools/gpu_checks.py cpgrads`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """GPU worker (Transformer Engine spec): modes
   te_logits CKPT HF_DIR OUT.json     SmolLM2 bf16 (TE) vs transformers bf16/fp32
   grads OUT.pt key=value ...         loss and flat gradients of the first step of a training config
+                                     (megatron_longpo/checks/first_step.py)
 """
 import json
 import sys
@@ -45,28 +46,14 @@ def te_logits(ckpt_dir, hf_dir, out):
     json.dump(res, open(out, "w"), indent=2)
 
 
-def grads(out, overrides):
-    import torch.distributed as dist
-
-    from megatron_longpo.config import load_config
-    from megatron_longpo.training.engine import build_trainer, forward_backward
-
-    cfg = load_config(None, overrides)
-    t = build_trainer(cfg)
-    m = forward_backward(t, t.data.next_step())
-    flat = torch.cat([b.grad_data.float().flatten() for c in t.chunks for b in c.buffers]).cpu()
-    per_param = {n: p.main_grad.float().cpu() for c in t.chunks for n, p in c.named_parameters() if getattr(p, "main_grad", None) is not None}
-    if dist.get_rank() == 0:
-        torch.save({"metrics": m, "grad": flat, "per_param": per_param}, out)
-        print(json.dumps({k: v for k, v in m.items()}, indent=1))
-
-
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "te_logits":
         te_logits(*sys.argv[2:5])
     elif mode == "grads":
-        grads(sys.argv[2], sys.argv[3:])
+        from megatron_longpo.checks.first_step import first_step_grads
+
+        first_step_grads(sys.argv[2], sys.argv[3:])
     from megatron_longpo import parallel
 
     parallel.teardown()

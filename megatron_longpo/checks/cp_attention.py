@@ -1,7 +1,10 @@
 """GPU diagnosis (2 ranks): Transformer Engine THD attention with context parallelism vs. the
 same attention on one GPU, forward and backward, with and without padding between sequences.
 Prints, per case, the largest difference over real tokens relative to the largest reference value
-and the norm of the difference relative to the reference's norm. Head layouts: 8/2 and SmolLM2's 9/3."""
+and the norm of the difference relative to the reference's norm. Head layouts: 8/2 and SmolLM2's 9/3.
+
+    torchrun --nproc-per-node 2 -m megatron_longpo.checks.cp_attention   # tools/gpu_checks.py attn
+"""
 import torch
 import torch.distributed as dist
 
