@@ -13,6 +13,13 @@ import torch
 
 TEST_BUDGET_S = float(os.environ.get("MEGATRON_LONGPO_TEST_BUDGET_S", 120))
 
+# Under pytest-xdist (`make test`: 2 workers on 2 cores) each worker, and every process it starts,
+# computes on one thread: two workers of two OpenMP threads each would put four busy threads on
+# two cores, and the threads that spin-wait take the time of the ones that compute.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped where none is found)")

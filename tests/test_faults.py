@@ -320,14 +320,25 @@ def worker_failed(code: int, out: str, exitcode: int = 2) -> str:
     return lines[0]
 
 
+@pytest.fixture(scope="module")
+def two_step_run(tiny_llama_ckpt, tiny_longpo_data, module_tmp):
+    """A finished 2-step run saved at steps 1 and 2 (one trainer process); each test resumes a copy."""
+    run = module_tmp / "two_steps"
+    code, out, _ = train(tiny_llama_ckpt, tiny_longpo_data, run, **{"train.steps": 2, "train.save_interval": 1})
+    assert code == 0, out[-3000:]
+    return run
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
 @pytest.mark.slow
-def test_resume_with_more_steps_continues_the_schedule(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
+def test_resume_with_more_steps_continues_the_schedule(two_step_run, tiny_llama_ckpt, tiny_longpo_data, tmp_path):
     """The probe: 2 steps, then the same save_dir with train.steps=4 ran steps 3-4 at lr 0."""
     from fixtures import read_model_tensors
 
-    run = tmp_path / "run"
-    code, out, s = train(tiny_llama_ckpt, tiny_longpo_data, run, **{"train.steps": 2})
-    assert code == 0, out[-3000:]
+    run = copy_of(two_step_run, tmp_path)
     code, out, s = train(tiny_llama_ckpt, tiny_longpo_data, run, **{"train.steps": 4})
     assert code == 0, out[-3000:]
     assert "resume: train.steps 2 -> 4: the learning-rate schedule is rebuilt for 4 steps" in out, out[-3000:]
@@ -342,11 +353,10 @@ def test_resume_with_more_steps_continues_the_schedule(tiny_llama_ckpt, tiny_lon
 
 
 @pytest.mark.slow
-def test_resume_refuses_keys_whose_change_would_be_wrong(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
-    run = tmp_path / "run"
-    assert train(tiny_llama_ckpt, tiny_longpo_data, run, **{"train.steps": 1})[0] == 0
+def test_resume_refuses_keys_whose_change_would_be_wrong(two_step_run, tiny_llama_ckpt, tiny_longpo_data, tmp_path):
+    run = copy_of(two_step_run, tmp_path)
     before = tree(run)
-    code, out, _ = train(tiny_llama_ckpt, tiny_longpo_data, run, **{"train.steps": 2, "optim.name": "sgd", "loss.name": "dpo",
+    code, out, _ = train(tiny_llama_ckpt, tiny_longpo_data, run, **{"train.steps": 3, "optim.name": "sgd", "loss.name": "dpo",
                                                                      "data.seed": 9})
     line = worker_failed(code, out)
     for key in ("data.seed was 1234, now 9", "loss.name was 'longpo', now 'dpo'", "optim.name was 'adam', now 'sgd'",
@@ -361,14 +371,10 @@ def test_resume_refuses_keys_whose_change_would_be_wrong(tiny_llama_ckpt, tiny_l
 
 
 @pytest.mark.slow
-@pytest.mark.budget(240, reason="five trainer processes (a run, damaged resumes, the fallback); 103 s in the 2-worker "
-                    "CI run, close to the default budget")
-def test_damaged_checkpoint_is_named_and_fallback_only_when_asked(tiny_llama_ckpt, tiny_longpo_data, tmp_path):
+def test_damaged_checkpoint_is_named_and_fallback_only_when_asked(two_step_run, tiny_llama_ckpt, tiny_longpo_data, tmp_path):
     """The probe: 4 MiB overwritten inside a .distcp loaded silently, the next step was NaN and the
     run saved again from the corrupt state; a truncated one gave an 80-line traceback."""
-    run = tmp_path / "run"
-    code, out, _ = train(tiny_llama_ckpt, tiny_longpo_data, run, **{"train.steps": 2, "train.save_interval": 1})
-    assert code == 0, out[-3000:]
+    run = copy_of(two_step_run, tmp_path)
     f = _distcp(run / "iter_0000002")
     data = bytearray(f.read_bytes())
     n = min(4 << 20, len(data) // 2)
