@@ -29,7 +29,7 @@ def test_greedy_tokens_equal_generate_and_the_prefix_is_prefilled_once(smollm2_d
     a, b = fast.chat(convs, params), slow.chat(convs, params)
     assert a == b, (a, b)
     assert all(len(x[0]) > 0 for x in a)
-    st = fast.prefill_stats
+    st = fast.decode_stats
     lengths = [len(fast._prompt_ids(c)) for c in convs]
     assert st.prompts == 5 and st.prompt_tokens == sum(lengths)
     # the three document prompts share ~all of the document: two of them prefill only their question

@@ -55,7 +55,7 @@ def greedy_stream(backend, prompts: Sequence[list[int]], budgets: Sequence[int],
     model, tok = backend.model, backend.tokenizer
     eos = backend._eos_ids()
     out: list[str | None] = [None] * len(prompts)
-    prefiller = kv_decode.Prefiller(model, backend.prefill_stats)
+    prefiller = kv_decode.Prefiller(model, backend.decode_stats)
     for idx in plan(prompts, budgets, groups, batch_size, backend._token_budget()):
         new = kv_decode.decode_batch(model, [prompts[r] for r in idx], budgets[idx[0]], eos, tok.pad_token_id,
                                      prefiller=prefiller)

@@ -129,7 +129,7 @@ class TransformersBackend:
             raise ValueError(f"decode=prefill: {why_not}; use decode=generate")
         self.decode = "generate" if decode == "generate" or why_not else "prefill"
         self.kv_memory_fraction = kv_memory_fraction
-        self.prefill_stats = kv_decode.PrefillStats()
+        self.decode_stats = kv_decode.DecodeStats()
 
     @property
     def name(self) -> str:
@@ -188,7 +188,7 @@ class TransformersBackend:
         rows = [i for i in range(len(prompts)) for _ in range(params.n)]  # n completions: n rows, prefix shared
         batches = plan_decode_batches([len(prompts[i]) for i in rows], self.batch_size,
                                       self._token_budget(), params.max_new_tokens)
-        prefiller = kv_decode.Prefiller(self.model, self.prefill_stats)
+        prefiller = kv_decode.Prefiller(self.model, self.decode_stats)
         texts: list[list[str]] = [[] for _ in prompts]
         got: dict[int, list[int]] = {}
         for b, idx in enumerate(batches):
