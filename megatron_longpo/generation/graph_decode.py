@@ -52,9 +52,10 @@ ATTENTION = "megatron_longpo_decode"  # the step's attention, registered with tr
 _SAID: set[str] = set()
 
 
-def say_once(line: str) -> None:
-    if line not in _SAID:
-        _SAID.add(line)
+def say_once(key: str, line: str) -> None:
+    """Print `line` on stderr the first time `key` is said in this process."""
+    if key not in _SAID:
+        _SAID.add(key)
         print(line, file=sys.stderr, flush=True)
 
 
@@ -93,9 +94,9 @@ def choose(model, step: str) -> str:
         reason = "" if step == "graph" else f" ({why or 'not on a GPU'})"
     else:
         reason = " (as asked)"
-    say_once({"graph": "decode: static buffers, one CUDA graph a step",
-              "static": "decode: static buffers, steps run eagerly (no CUDA graphs)",
-              "eager": "decode: kv_decode's eager steps"}[step] + reason)
+    say_once(step, {"graph": "decode: static buffers, one CUDA graph a step",
+                    "static": "decode: static buffers, steps run eagerly (no CUDA graphs)",
+                    "eager": "decode: kv_decode's eager steps"}[step] + reason)
     return step
 
 
@@ -309,7 +310,7 @@ class StaticDecoder:
         except Exception as e:  # noqa: BLE001 -- whatever it is: say it, and decode on without graphs
             self.graphs = False
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            say_once(f"decode: CUDA graph capture failed ({type(e).__name__}: {msg[:200]}); "
+            say_once("capture", f"decode: CUDA graph capture failed ({type(e).__name__}: {msg[:200]}); "
                      f"decoding with the static steps, no graphs")
         kv_decode.sync(self.device)
         self.stats.capture_s += time.perf_counter() - t
