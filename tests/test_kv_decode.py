@@ -134,7 +134,10 @@ def test_static_step_gives_generates_tokens(tiny_model):
     assert kv_decode.decode_batch(model, prompts, budget, eos, 0) == ref
     exact = graph_decode.StaticDecoder(model, kv_decode.Prefiller(model), graphs=False, check_every=1,
                                        row_multiple=1, cap_multiple=1)
+    calls = graph_decode._CALLS[0]
     assert exact(prompts, budget, eos, 0) == ref
+    assert graph_decode._CALLS[0] > calls  # the step's own attention ran (the query heads packed per kv head)
+    assert model.config._attn_implementation == "sdpa"  # and the model's is back
     padded = graph_decode.StaticDecoder(model, kv_decode.Prefiller(model), graphs=False, check_every=4,
                                         cap_multiple=512)  # 5 rows -> 8, 49 columns -> 512
     assert padded(prompts[2:4], budget, eos, 0) == ref[2:4]  # buffers for 2 rows x 512

@@ -50,6 +50,7 @@ CHECK_EVERY = 8
 WARMUP_STEPS = 2
 ATTENTION = "megatron_longpo_decode"  # the step's attention, registered with transformers' AttentionInterface
 _SAID: set[str] = set()
+_CALLS = [0]  # calls of the step's attention (Python calls: eager steps, warm-ups and captures, not replays)
 
 
 def say_once(key: str, line: str) -> None:
@@ -107,6 +108,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     for name in ("softcap", "sliding_window", "sinks", "s_aux", "position_bias"):
         if kwargs.get(name) is not None:  # not done here: refuse rather than ignore
             raise NotImplementedError(f"graph_decode's attention has no {name}")
+    _CALLS[0] += 1
     b, h, q, d = query.shape
     if q != 1:
         raise ValueError(f"graph_decode's attention takes one query token a row, not {q}")
@@ -135,7 +137,7 @@ def _step_attention(model):
     try:
         for c in swapped:
             c._attn_implementation = ATTENTION
-        yield
+        yield bool(swapped)
     finally:
         for c in swapped:
             c._attn_implementation = "sdpa"
@@ -298,10 +300,14 @@ class StaticDecoder:
                 self._pool = torch.cuda.graph_pool_handle()
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side), _step_attention(self.model):
+            calls = _CALLS[0]
+            with torch.cuda.stream(side), _step_attention(self.model) as swapped:
                 for _ in range(WARMUP_STEPS):  # the state it leaves is overwritten by _start
                     self._step(slot)
             torch.cuda.current_stream(self.device).wait_stream(side)
+            if swapped and _CALLS[0] == calls:  # correct still, but each step copies the cache per query head
+                say_once("attention", "decode: transformers did not call the step's attention (it kept its own "
+                                      "SDPA call, which repeats keys and values for a masked decode)")
             graph = torch.cuda.CUDAGraph()
             with _step_attention(self.model), torch.cuda.graph(graph, pool=self._pool):
                 self._step(slot)
