@@ -63,6 +63,31 @@ def test_fast_path_gives_todays_predictions(backend):
     assert all(r["prediction"] for r in new) and seconds > 0  # a random model still says something
 
 
+def test_static_step_gives_the_eager_steps_predictions(backend):
+    """The fast path with graph_decode's static step (the GPU's CUDA-graph code, run eagerly) and with
+    kv_decode's eager steps: the same predictions in fp32, and the counters say where the time went."""
+    from megatron_longpo.eval import fast, ruler
+    from megatron_longpo.generation import kv_decode
+
+    samples = ruler.generate_tasks(["niah_single", "vt"], [256, 384], 2, ruler.chat_prompt_counter(
+        backend.tokenizer), seed=0)
+    for s in samples:
+        s.max_new_tokens = 8
+
+    def ids(user, prefix):
+        return backend._prompt_ids([{"role": "user", "content": user}])
+
+    preds, stats = {}, {}
+    for step in ("eager", "static"):
+        backend.decode_stats = kv_decode.DecodeStats()
+        recs, _ = fast.evaluate_fast(backend, samples, ids, batch_size=64, step=step)
+        preds[step], stats[step] = [r["prediction"] for r in recs], backend.decode_stats
+    assert preds["static"] == preds["eager"] and all(preds["static"])
+    for st in stats.values():
+        assert st.batches >= 2 and st.rows == 8 and st.decode_steps > 0 and st.prefill_s > 0 and st.decode_s > 0
+    assert stats["static"].graphs == 0 and stats["static"].capture_s == 0
+
+
 def test_eval_long_ruler_end_to_end(terse, tmp_path, capsys):
     """Four of RULER's tasks at 1K on the tiny model: results with CIs, provenance, retention (perplexity
     with a CI over documents, short QA), the picture, --compare and --table."""
@@ -112,14 +137,18 @@ def test_bench_eval_runs_on_the_cpu(terse, tmp_path, capsys):
     rc = _tool("bench_eval").main(["--model", str(terse), "--old-length", "512", "--old-samples", "1",
                                    "--smoke-tasks", "niah_single", "vt", "--lengths", "1024", "--samples", "1",
                                    "--tasks", "niah_single_2", "vt", "--dtype", "float32", "--device", "cpu",
-                                   "--threads", "2", "--out", str(out)])
+                                   "--threads", "2", "--compare-step", "static", "--out", str(out)])
     assert rc == 0
     b = json.loads(out.read_text())
     assert [(r["suite"], r["length"], r["samples"]) for r in b["rows"]] == [("smoke", 512, 2), ("smoke", 512, 2),
-                                                                            ("ruler", 1024, 2)]
+                                                                            ("ruler", 1024, 2), ("ruler", 1024, 2)]
     assert b["old_vs_new"]["predictions_identical"] == 2  # fp32: the same tokens
-    assert all(r["samples_per_s"] > 0 for r in b["rows"]) and b["ruler_total_s"] > 0
-    assert "samples/s" in capsys.readouterr().out
+    assert b["decode_step"] == "eager" and b["rows"][3]["path"].endswith("static)")  # the CPU: eager, then static
+    assert b["step_compare"][0]["predictions_identical"] == 2
+    assert all(r["samples_per_s"] > 0 and r["prefill_s"] > 0 and r["decode_s"] >= 0 for r in b["rows"])
+    assert b["ruler_total_s"] > 0 and b["ruler_prefill_s"] > 0
+    text = capsys.readouterr().out
+    assert "samples/s" in text and "decode s" in text and "eager vs static step at 1024" in text
 
 
 def test_backend_path_groups_by_budget_and_says_the_prefix_was_not_sent():

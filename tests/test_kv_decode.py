@@ -1,7 +1,9 @@
 """kv_decode (the transformers backend's default decoder) against `model.generate()` on the trained
 SmolLM2: the same greedy tokens, prefix sharing that skips work without changing them, and the
-sampling filter."""
+sampling filter; graph_decode's static step (the fast path's decoder on a GPU, run here without
+capture) against generate() on a tiny random Llama."""
 
+import pytest
 import torch
 
 from megatron_longpo.generation.backends import SamplingParams
@@ -29,7 +31,7 @@ def test_greedy_tokens_equal_generate_and_the_prefix_is_prefilled_once(smollm2_d
     a, b = fast.chat(convs, params), slow.chat(convs, params)
     assert a == b, (a, b)
     assert all(len(x[0]) > 0 for x in a)
-    st = fast.prefill_stats
+    st = fast.decode_stats
     lengths = [len(fast._prompt_ids(c)) for c in convs]
     assert st.prompts == 5 and st.prompt_tokens == sum(lengths)
     # the three document prompts share ~all of the document: two of them prefill only their question
@@ -93,3 +95,66 @@ def test_a_sliding_window_model_falls_back_to_generate():
     assert supported(SimpleNamespace(config=MistralConfig(sliding_window=None))) is None
     assert supported(SimpleNamespace(config=Qwen2Config(sliding_window=4096, use_sliding_window=False))) is None
     assert supported(SimpleNamespace(config=LlamaConfig())) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_model(smollm2_dir, tmp_path_factory):
+    """A random 2-layer Llama (hidden 64, 4 query heads on 2 key/value heads) in fp32: seconds a test."""
+    from fixtures import tiny_hf_model
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_hf_model(tmp_path_factory.mktemp("tiny_decode") / "hf", smollm2_dir, "llama", layers=2)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def _generate(model, prompt, budget, eos):
+    """generate()'s greedy tokens for one prompt alone, cut before the end of sequence."""
+    from megatron_longpo.generation.kv_decode import cut_at_eos
+
+    out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=budget, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    return cut_at_eos([out[0, len(prompt):].tolist()], eos)[0]
+
+
+def test_static_step_gives_generates_tokens(tiny_model):
+    """The static step (the CUDA graphs' code, run eagerly) against generate() on each prompt alone, in
+    fp32 on the CPU: prompts of different lengths (left padding), a row that ends on its end of sequence
+    while others use the whole budget, padding rows, a capacity far beyond the batch's (masked columns),
+    and one decoder over batches that grow its buffers and then reuse them (stale columns masked)."""
+    from megatron_longpo.generation import graph_decode, kv_decode
+
+    model, budget = tiny_model, 12
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 49000, (n,), generator=g).tolist() for n in (37, 5, 18, 26, 9)]
+    free = _generate(model, prompts[1], budget, [49151])
+    eos = [next(t for j, t in enumerate(free) if j >= 3 and t not in free[:j])]  # row 1 stops after 3+ tokens
+    ref = [_generate(model, p, budget, eos) for p in prompts]
+    assert 3 <= len(ref[1]) < budget and any(len(r) == budget for r in ref), ref
+
+    assert kv_decode.decode_batch(model, prompts, budget, eos, 0) == ref
+    exact = graph_decode.StaticDecoder(model, kv_decode.Prefiller(model), graphs=False, check_every=1,
+                                       row_multiple=1, cap_multiple=1)
+    calls = graph_decode._CALLS[0]
+    assert exact(prompts, budget, eos, 0) == ref
+    assert graph_decode._CALLS[0] > calls  # the step's own attention ran (the query heads packed per kv head)
+    assert model.config._attn_implementation == "sdpa"  # and the model's is back
+    padded = graph_decode.StaticDecoder(model, kv_decode.Prefiller(model), graphs=False, check_every=4,
+                                        cap_multiple=512)  # 5 rows -> 8, 49 columns -> 512
+    assert padded(prompts[2:4], budget, eos, 0) == ref[2:4]  # buffers for 2 rows x 512
+    assert padded(prompts, budget, eos, 0) == ref  # grown to 8 x 512
+    assert padded(prompts[:1] + prompts[4:], budget, eos, 0) == [ref[0], ref[4]]  # reused: stale keys masked
+    st = padded.stats
+    assert (st.batches, st.rows, st.padded_rows, st.graphs) == (3, 9, 3, 0)
+    assert st.decode_steps > 0 and st.prefill_s > 0 and st.decode_s > 0
+
+
+def test_decode_step_choice_and_buckets(tiny_model):
+    from megatron_longpo.generation import graph_decode
+
+    assert graph_decode.choose(tiny_model, "auto") == "eager"  # the CPU: no graphs
+    assert graph_decode.choose(tiny_model, "static") == "static"
+    with pytest.raises(ValueError, match="CUDA graphs need a GPU"):
+        graph_decode.choose(tiny_model, "graph")
+    assert graph_decode.bucket(1, 100) == (1, 1024)
+    assert graph_decode.bucket(5, 1025) == (8, 2048)
+    assert [graph_decode.bucket(n, 16384)[0] for n in (31, 56, 57, 62, 64)] == [32, 56, 64, 64, 64]

@@ -7,12 +7,20 @@
    same token ids; their predictions are compared one by one.
 2. the new path on RULER's 13 tasks: --samples per task (31: 403 per length) at each of --lengths,
    with the time to build the samples and the time of the whole evaluation.
+3. with --compare-step STEP: the same RULER samples again with another decode step (graph, static,
+   eager), predictions and scores compared one by one: `--compare-step static` on a GPU checks the
+   CUDA graphs against the same static step run eagerly (identical predictions expected).
+
+Every row says where the model time went: prefill seconds, decode seconds and decode steps (model
+calls after the prefills), and for the graph step the capture seconds and graphs captured.
 
   python tools/bench_eval.py [--model HF_DIR] --out bench.json
+  python tools/bench_eval.py --skip-old --lengths 16384 --compare-step static --out graphs.json
   (defaults: the embedded SmolLM2-135M-Instruct; old path at 16K on 56 samples; new path at 4K, 8K,
-  16K with 403 samples each)
+  16K with 403 samples each; the new path's decode step: auto = CUDA graphs on a GPU)
 
-Writes --out (JSON) and prints: path, suite, length, samples, seconds, samples/s, score [95% CI].
+Writes --out (JSON) and prints: path, suite, length, samples, seconds, prefill s, decode s, decode
+steps, samples/s, score [95% CI].
 Exit status: 0 done; 2 usage error.
 """
 from __future__ import annotations
@@ -38,6 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device")
     p.add_argument("--threads", type=int)
     p.add_argument("--skip-old", action="store_true", help="only the new path on RULER's tasks")
+    p.add_argument("--decode-step", choices=("auto", "graph", "static", "eager"), default="auto",
+                   help="the new path's decode step (generation/graph_decode.py): graph = static buffers and "
+                        "CUDA graphs, static = the same without capture, eager = kv_decode's steps; auto: graph "
+                        "on a GPU, else eager")
+    p.add_argument("--compare-step", choices=("graph", "static", "eager"),
+                   help="also decode the RULER samples with this step and compare predictions and scores")
     p.add_argument("--out", default="bench_eval.json")
     return p.parse_args(argv)
 
@@ -53,10 +67,11 @@ def main(argv=None) -> int:
 
     from megatron_longpo.eval import fast, ruler, ruler_tasks, runner, suite
     from megatron_longpo.eval.stats import bootstrap_ci, score
+    from megatron_longpo.generation import graph_decode, kv_decode
     from megatron_longpo.generation.transformers_backend import TransformersBackend
     from megatron_longpo.io import atomic_write_json
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # a log keeps the whole table
     t_start = time.time()
     try:
         if a.model is None:
@@ -71,6 +86,9 @@ def main(argv=None) -> int:
         backend = TransformersBackend(a.model, device=a.device, dtype=a.dtype, batch_size=a.batch_size,
                                       threads=a.threads, decode="prefill")
         load_s = time.time() - t0
+        backend.decode_step = graph_decode.choose(backend.model, a.decode_step)
+        if a.compare_step:
+            graph_decode.choose(backend.model, a.compare_step)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -84,12 +102,25 @@ def main(argv=None) -> int:
     device = f"{backend.device}" + (f" ({torch.cuda.get_device_name()})" if backend.device.startswith("cuda") else "")
     rows: list[dict] = []
 
-    def row(path, suite_name, length, recs, seconds, **extra):
+    def timed(fn):
+        """fn()'s result and the decode counters of its run (prefill and decode seconds, steps)."""
+        backend.decode_stats = kv_decode.DecodeStats()
+        return fn(), backend.decode_stats.to_dict()
+
+    def row(path, suite_name, length, recs, seconds, st, **extra):
         scores = [r["score"] for r in recs if r["score"] is not None]
         m, lo, hi = bootstrap_ci(scores, [r["task"] for r in recs if r["score"] is not None])
         rows.append({"path": path, "suite": suite_name, "length": length, "samples": len(recs),
                      "seconds": round(seconds, 3), "samples_per_s": round(len(recs) / max(seconds, 1e-9), 3),
-                     "score": round(100 * m, 2), "ci": [round(100 * lo, 2), round(100 * hi, 2)], **extra})
+                     "score": round(100 * m, 2), "ci": [round(100 * lo, 2), round(100 * hi, 2)],
+                     **{k: st[k] for k in ("prefill_s", "decode_s", "decode_steps", "capture_s", "graphs",
+                                           "batches", "rows", "padded_rows")}, **extra})
+
+    def same(a_recs, b_recs):
+        by_key = {(r["task"], r["length"], r["index"]): r for r in b_recs}
+        pairs = [(o, by_key[(o["task"], o["length"], o["index"])]) for o in a_recs]
+        return (sum(o["prediction"] == n["prediction"] for o, n in pairs),
+                sum(o["score"] == n["score"] for o, n in pairs))
 
     # warm-up: kernels and allocator, outside every timing
     fast.greedy_stream(backend, [tok("Hello there, how are you?")["input_ids"]], [4], 1)
@@ -100,7 +131,7 @@ def main(argv=None) -> int:
         smoke = ruler.generate_tasks(a.smoke_tasks or list(ruler.DEFAULT_TASKS), [a.old_length], a.old_samples, count)
         bar = tqdm(total=len(smoke), desc=f"old path {a.old_length}", unit="sample", file=sys.stderr)
         t0 = time.perf_counter()
-        old = runner.evaluate(backend, smoke, a.batch_size, progress=bar.update)
+        old, old_st = timed(lambda: runner.evaluate(backend, smoke, a.batch_size, progress=bar.update))
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         old_s = time.perf_counter() - t0
@@ -108,21 +139,23 @@ def main(argv=None) -> int:
         for r in old:  # rescored like the new path's (RULER's post-processing)
             r["score"] = None if r["prediction"] is None else score(r["prediction"], r["answers"], r["metric"])
         bar = tqdm(total=len(smoke), desc=f"new path {a.old_length}", unit="sample", file=sys.stderr)
-        new, new_s = fast.evaluate_fast(backend, smoke, lambda user, prefix: backend._prompt_ids(
-            [{"role": "user", "content": user}]), a.fast_batch_size, bar.update)
+
+        def chat_ids(user, prefix):  # the smoke tasks have no answer prefix
+            return backend._prompt_ids([{"role": "user", "content": user}])
+
+        (new, new_s), new_st = timed(lambda: fast.evaluate_fast(backend, smoke, chat_ids, a.fast_batch_size,
+                                                                bar.update))
         bar.close()
-        by_key = {(r["task"], r["length"], r["index"]): r for r in new}
-        pairs = [(o, by_key[(o["task"], o["length"], o["index"])]) for o in old]
-        same = sum(o["prediction"] == n["prediction"] for o, n in pairs)
-        same_score = sum(o["score"] == n["score"] for o, n in pairs)
-        compare = {"predictions_identical": same, "scores_identical": same_score, "samples": len(smoke)}
-        row(f"old (runner.evaluate, batch {a.batch_size})", "smoke", a.old_length, old, old_s)
-        row(f"new (fast, batch <= {a.fast_batch_size})", "smoke", a.old_length, new, new_s,
-            speedup=round(old_s / max(new_s, 1e-9), 2))
+        same_pred, same_score = same(old, new)
+        compare = {"predictions_identical": same_pred, "scores_identical": same_score, "samples": len(smoke)}
+        row(f"old (runner.evaluate, batch {a.batch_size})", "smoke", a.old_length, old, old_s, old_st)
+        row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step})", "smoke", a.old_length, new, new_s,
+            new_st, speedup=round(old_s / max(new_s, 1e-9), 2))
 
     t_eval = time.time()
     hay, qa_sets, prov = suite.load_inputs(tasks)
-    sample_s, model_s = 0.0, 0.0
+    sample_s, model_s, prefill_s, decode_s, capture_s = 0.0, 0.0, 0.0, 0.0, 0.0
+    step_compare = []
     for length in a.lengths:
         t0 = time.time()
         bar = tqdm(total=len(tasks) * a.samples, desc=f"samples {length}", unit="sample", file=sys.stderr)
@@ -131,32 +164,55 @@ def main(argv=None) -> int:
         gen_s = time.time() - t0
         sample_s += gen_s
         bar = tqdm(total=len(samples), desc=f"new path {length}", unit="sample", file=sys.stderr)
-        recs, secs = fast.evaluate_fast(backend, samples, ids, a.fast_batch_size, bar.update)
+        (recs, secs), st = timed(lambda: fast.evaluate_fast(backend, samples, ids, a.fast_batch_size, bar.update))
         bar.close()
         model_s += secs
-        row(f"new (fast, batch <= {a.fast_batch_size})", "ruler", length, recs, secs, samples_built_s=round(gen_s, 2))
+        prefill_s, decode_s, capture_s = (prefill_s + st["prefill_s"], decode_s + st["decode_s"],
+                                          capture_s + st["capture_s"])
+        row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step})", "ruler", length, recs, secs, st,
+            samples_built_s=round(gen_s, 2))
+        if a.compare_step:
+            bar = tqdm(total=len(samples), desc=f"{a.compare_step} step {length}", unit="sample", file=sys.stderr)
+            (other, other_s), st = timed(lambda: fast.evaluate_fast(backend, samples, ids, a.fast_batch_size,
+                                                                    bar.update, a.compare_step))
+            bar.close()
+            row(f"new (fast, batch <= {a.fast_batch_size}, {a.compare_step})", "ruler", length, other, other_s, st)
+            same_pred, same_score = same(recs, other)
+            step_compare.append({"length": length, "steps": [backend.decode_step, a.compare_step],
+                                 "predictions_identical": same_pred, "scores_identical": same_score,
+                                 "samples": len(recs), "seconds": [round(secs, 2), round(other_s, 2)]})
     total_eval = time.time() - t_eval
 
     table = Table(title=f"evaluation paths on {os.path.basename(os.path.normpath(a.model))}, {device}, "
                         f"dtype {backend.model.dtype}")
-    for c in ("path", "suite", "length", "samples", "seconds", "samples/s", "score [95% CI]"):
+    for c in ("path", "suite", "length", "samples", "seconds", "prefill s", "decode s", "steps", "samples/s",
+              "score [95% CI]"):
         table.add_column(c, justify="left" if c in ("path", "suite") else "right")
     for r in rows:
         table.add_row(r["path"], r["suite"], str(r["length"]), str(r["samples"]), f"{r['seconds']:.1f}",
+                      f"{r['prefill_s']:.1f}", f"{r['decode_s']:.1f}", str(r["decode_steps"]),
                       f"{r['samples_per_s']:.2f}", f"{r['score']:.1f} [{r['ci'][0]:.1f}, {r['ci'][1]:.1f}]")
     console.print(table)
     if compare:
         console.print(f"old vs new on the same {compare['samples']} smoke samples: {compare['predictions_identical']} "
                       f"identical predictions, {compare['scores_identical']} identical scores; speed-up "
                       f"{rows[1]['speedup']:.1f}x")
+    for c in step_compare:
+        console.print(f"{c['steps'][0]} vs {c['steps'][1]} step at {c['length']} on the same {c['samples']} RULER "
+                      f"samples: {c['predictions_identical']} identical predictions, {c['scores_identical']} "
+                      f"identical scores; {c['seconds'][0]:.1f} s vs {c['seconds'][1]:.1f} s")
     n_ruler = len(tasks) * a.samples * len(a.lengths)
-    console.print(f"RULER, {n_ruler} samples ({len(tasks)} tasks x {a.samples} x {len(a.lengths)} lengths): "
-                  f"{total_eval:.1f} s in all (samples built {sample_s:.1f} s on the CPU, model {model_s:.1f} s); "
-                  f"model load {load_s:.1f} s")
+    console.print(f"RULER, {n_ruler} samples ({len(tasks)} tasks x {a.samples} x {len(a.lengths)} lengths, "
+                  f"{backend.decode_step} step): {total_eval:.1f} s in all (samples built {sample_s:.1f} s on the CPU, "
+                  f"model {model_s:.1f} s: prefill {prefill_s:.1f} s, decode {decode_s:.1f} s, graph capture "
+                  f"{capture_s:.1f} s); model load {load_s:.1f} s")
     out = {"model": a.model, "device": device, "dtype": str(backend.model.dtype), "torch": torch.__version__,
-           "transformers": __import__("transformers").__version__, "rows": rows, "old_vs_new": compare,
+           "transformers": __import__("transformers").__version__, "decode_step": backend.decode_step,
+           "rows": rows, "old_vs_new": compare, "step_compare": step_compare,
            "ruler_total_s": round(total_eval, 2), "ruler_samples_s": round(sample_s, 2),
-           "ruler_model_s": round(model_s, 2), "load_s": round(load_s, 2), "provenance": prov,
+           "ruler_model_s": round(model_s, 2), "ruler_prefill_s": round(prefill_s, 2),
+           "ruler_decode_s": round(decode_s, 2), "ruler_capture_s": round(capture_s, 2),
+           "load_s": round(load_s, 2), "provenance": prov,
            "wall_s": round(time.time() - t_start, 2), "args": vars(a)}
     atomic_write_json(a.out, out)
     console.print(f"-> {a.out}")

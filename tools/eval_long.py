@@ -28,6 +28,7 @@ from megatron_longpo.eval.ruler import (DEFAULT_DOCUMENTS, DEFAULT_TASKS, chat_p
                                         generate_tasks)
 from megatron_longpo.eval.runner import (build_results, compare_table, evaluate, models_markdown, render_retention,
                                          render_table, svg_plot)
+from megatron_longpo.generation import graph_decode
 from megatron_longpo.generation.factory import build_backend
 from megatron_longpo.io import atomic_write_json
 
@@ -64,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "earlier versions; sends no answer prefix)")
     p.add_argument("--fast-batch-size", type=int, default=64, help="ruler --path fast: rows decoded together at "
                                                                    "most (also bounded by the key/value memory)")
+    p.add_argument("--decode-step", choices=("auto", "graph", "static", "eager"), default="auto",
+                   help="ruler --path fast: graph = static buffers and a CUDA graph a step, static = the same "
+                        "without capture, eager = kv_decode's steps (auto: graph on a GPU, else eager)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="results JSON (required unless --compare or --table)")
     p.add_argument("--plot", help="picture path (default: OUT with .png, smoke: .svg; --compare: compare.png; "
@@ -162,6 +166,8 @@ def ruler_main(a, console) -> int:
         bar.close()
         t_samples = time.time() - t0
         backend = build_backend(backend_config_from_args(a))
+        if a.path == "fast":
+            backend.decode_step = graph_decode.choose(backend.model, a.decode_step)
     except (ValueError, FileNotFoundError, OSError) as e:  # CorpusError and LengthError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -186,6 +192,7 @@ def ruler_main(a, console) -> int:
     config = {"tasks": tasks, "lengths": a.lengths, "samples": samples_per, "seed": a.seed,
               "tolerance": a.tolerance, "backend": a.backend, "model": a.model, "path": a.path,
               "batch_size": a.fast_batch_size if a.path == "fast" else a.batch_size, "dtype": a.dtype,
+              "decode_step": getattr(backend, "decode_step", None) if a.path == "fast" else None,
               "rope_theta": a.rope_theta, "tokenizer": tokenizer_path_from_args(a),
               "length_counted": "chat template around the task text (generation prompt, the template's system "
                                 "prompt) + RULER's answer prefix + the task's generation budget"}

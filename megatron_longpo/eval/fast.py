@@ -3,7 +3,9 @@ budget, asked length and tokens (prompts that share a prefix side by side); each
 alone with SDPA's fused causal kernel (a token prefix shared with the prompt before it -- the same
 template and essay haystack up to the first needle -- is kept, not recomputed; only the last
 position's logits are computed), then decoded greedily in batches as large as the key/value memory
-allows (generation/kv_decode.py), stopping when every row of a batch has ended its turn.
+allows, stopping when every row of a batch has ended its turn: on a GPU over fixed-shape buffers with
+each step replayed from a CUDA graph (generation/graph_decode.py), else with kv_decode's eager steps
+(generation/kv_decode.py); the backend's `decode_stats` say where the time went (prefill, decode).
 
 Against the path `TransformersBackend.chat` gives eval/runner.py (batches of `--batch-size`, 8 by
 default, in task order, each conversation re-tokenized), the outputs are the same greedy decoding;
@@ -19,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from megatron_longpo.eval.stats import prompt_hash, score
-from megatron_longpo.generation import kv_decode
+from megatron_longpo.generation import graph_decode, kv_decode
 
 IdsFn = Callable[[str, str], list[int]]
 
@@ -49,20 +51,35 @@ def plan(prompts: Sequence[list[int]], budgets: Sequence[int], groups: Sequence[
 
 
 def greedy_stream(backend, prompts: Sequence[list[int]], budgets: Sequence[int], batch_size: int = 64,
-                  progress: Callable[[int], None] | None = None, groups: Sequence[int] | None = None) -> list[str]:
+                  progress: Callable[[int], None] | None = None, groups: Sequence[int] | None = None,
+                  step: str | None = None) -> list[str]:
     """Greedy completions of token-id prompts with per-prompt generation budgets, decoded by
-    `backend`'s model (a TransformersBackend) in the batches `plan` makes."""
+    `backend`'s model (a TransformersBackend) in the batches `plan` makes. `step` (default: the
+    backend's `decode_step`, else auto): graph_decode.STEPS."""
     model, tok = backend.model, backend.tokenizer
     eos = backend._eos_ids()
     out: list[str | None] = [None] * len(prompts)
-    prefiller = kv_decode.Prefiller(model, backend.prefill_stats)
-    for idx in plan(prompts, budgets, groups, batch_size, backend._token_budget()):
-        new = kv_decode.decode_batch(model, [prompts[r] for r in idx], budgets[idx[0]], eos, tok.pad_token_id,
-                                     prefiller=prefiller)
-        for r, ids in zip(idx, new, strict=True):
-            out[r] = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
-        if progress:
-            progress(len(idx))
+    prefiller = kv_decode.Prefiller(model, backend.decode_stats)
+    batches = plan(prompts, budgets, groups, batch_size, backend._token_budget())
+    step = graph_decode.choose(model, step or getattr(backend, "decode_step", "auto"))
+    decoder = None
+    if step != "eager":
+        decoder = graph_decode.StaticDecoder(model, prefiller, graphs=step == "graph")
+        decoder.reserve([(len(idx), max(len(prompts[r]) for r in idx) + budgets[idx[0]]) for idx in batches])
+    try:
+        for idx in batches:
+            rows = [prompts[r] for r in idx]
+            if decoder is not None:
+                new = decoder(rows, budgets[idx[0]], eos, tok.pad_token_id)
+            else:
+                new = kv_decode.decode_batch(model, rows, budgets[idx[0]], eos, tok.pad_token_id, prefiller=prefiller)
+            for r, ids in zip(idx, new, strict=True):
+                out[r] = tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+            if progress:
+                progress(len(idx))
+    finally:
+        if decoder is not None:
+            decoder.close()
     return out  # type: ignore[return-value]
 
 
@@ -79,14 +96,14 @@ def record(sample, prediction: str | None, seconds: float = 0.0) -> dict:
 
 
 def evaluate_fast(backend, samples: Sequence, ids: IdsFn, batch_size: int = 64,
-                  progress: Callable[[int], None] | None = None) -> tuple[list[dict], float]:
+                  progress: Callable[[int], None] | None = None, step: str | None = None) -> tuple[list[dict], float]:
     """(records, seconds of model time) for RULER samples (eval/ruler_tasks.py) or the smoke tasks'
-    samples (eval/ruler.py, no answer prefix)."""
+    samples (eval/ruler.py, no answer prefix); `step`: greedy_stream's."""
     prompts = [ids(s.prompt, getattr(s, "answer_prefix", "")) for s in samples]
     sync = getattr(getattr(backend, "torch", None), "cuda", None)
     t0 = time.perf_counter()
     preds = greedy_stream(backend, prompts, [s.max_new_tokens for s in samples], batch_size, progress,
-                          [s.length for s in samples])
+                          [s.length for s in samples], step)
     if sync is not None and sync.is_available():
         sync.synchronize()
     seconds = time.perf_counter() - t0

@@ -14,6 +14,9 @@ dynamic cache re-copies itself at every new token. Here instead:
 
 Greedy outputs equal `generate()`'s (tests/test_kv_decode.py, fp32 on the CPU). Sampling draws from
 the same distribution (temperature, then top-p), not the same random stream.
+
+Each step here is a Python call of the whole model over views that grow; on a GPU the fast path
+decodes greedily with graph_decode.py instead (fixed shapes, one captured CUDA graph a step).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
+
+import time
 
 import torch
 
@@ -104,18 +109,38 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 @dataclass
-class PrefillStats:
+class DecodeStats:
+    """What the prefill and the decode loop did, and where the time went (seconds measured with the
+    device synchronised at each boundary: once a batch, after its prefill and after its last step)."""
+
     prompts: int = 0
     prompt_tokens: int = 0
     prefilled_tokens: int = 0  # prompt tokens actually run (the rest came from a shared prefix)
+    batches: int = 0
+    rows: int = 0
+    padded_rows: int = 0  # rows added to reach a captured batch size (graph_decode)
+    decode_steps: int = 0  # model calls after the prefill (one new token for every row of a batch)
+    prefill_s: float = 0.0  # prompts prefilled and laid into the batch's buffers
+    decode_s: float = 0.0  # the decode loop, until the batch's tokens are on the host
+    capture_s: float = 0.0  # CUDA graphs warmed up and captured (graph_decode)
+    graphs: int = 0  # CUDA graphs captured
+
+    def to_dict(self) -> dict:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(self).items()}
+
+
+def sync(device) -> None:
+    """Wait for the device (CUDA's kernels are asynchronous: a timer must not stop before them)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class Prefiller:
     """Prefills prompts one at a time, reusing the previous prompt's cache for a common token prefix."""
 
-    def __init__(self, model, stats: PrefillStats | None = None) -> None:
+    def __init__(self, model, stats: DecodeStats | None = None) -> None:
         self.model = model
-        self.stats = stats or PrefillStats()
+        self.stats = stats or DecodeStats()
         self._ids: list[int] | None = None
         self._cache = None
         self.cache_kw, self._kw = _forward_names(model)
@@ -158,6 +183,31 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Ten
     return torch.multinomial(probs, 1).squeeze(-1)
 
 
+def prefill_rows(prefiller: Prefiller, prompts: Sequence[list[int]], width: int, alloc) -> tuple[torch.Tensor, list]:
+    """Prefill each prompt alone and lay its keys and values in row i of the per-layer buffers, left-padded to
+    end at column `width`. `alloc(layers)` makes the buffers [(keys, values)] from the first prompt's cache
+    (its heads, head size, dtype). Returns (each row's last-position logits [rows, vocab], the buffers)."""
+    first, bufs = [], None
+    for i, ids in enumerate(prompts):
+        logits, cache = prefiller(ids)
+        first.append(logits)
+        layers = _layers(cache)
+        if bufs is None:
+            bufs = alloc(layers)
+        n = len(ids)
+        for (bk, bv), (k, v) in zip(bufs, layers):
+            bk[i, :, width - n:width] = k[0, :, :n]
+            bv[i, :, width - n:width] = v[0, :, :n]
+    prefiller.reset()
+    return torch.stack(first), bufs
+
+
+def cut_at_eos(rows: list[list[int]], eos_ids: Sequence[int]) -> list[list[int]]:
+    """Each row's tokens before its first end-of-sequence token."""
+    eos = set(eos_ids)
+    return [row[:next((j for j, x in enumerate(row) if x in eos), len(row))] for row in rows]
+
+
 def decode_batch(model, prompts: Sequence[list[int]], max_new_tokens: int, eos_ids: Sequence[int], pad_id: int,
                  temperature: float = 0.0, top_p: float = 1.0, prefiller: Prefiller | None = None,
                  generator_seed: int | None = None) -> list[list[int]]:
@@ -167,25 +217,18 @@ def decode_batch(model, prompts: Sequence[list[int]], max_new_tokens: int, eos_i
     SlotLayer = _slot_layer_class()
     dev = model.device
     prefiller = prefiller or Prefiller(model)
+    stats = prefiller.stats
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
     B, W = len(prompts), max(len(p) for p in prompts)
     cap = W + max_new_tokens
-    first = []
-    bufs: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    t0 = time.perf_counter()
     with torch.no_grad():
-        for i, ids in enumerate(prompts):
-            logits, cache = prefiller(ids)
-            first.append(logits)
-            layers = _layers(cache)
-            if bufs is None:
-                bufs = [(k.new_zeros(B, k.shape[1], cap, k.shape[3]), v.new_zeros(B, v.shape[1], cap, v.shape[3]))
-                        for k, v in layers]
-            n = len(ids)
-            for (bk, bv), (k, v) in zip(bufs, layers):
-                bk[i, :, W - n:W] = k[0, :, :n]
-                bv[i, :, W - n:W] = v[0, :, :n]
-        prefiller.reset()
+        first, bufs = prefill_rows(prefiller, prompts, W, lambda layers: [
+            (k.new_zeros(B, k.shape[1], cap, k.shape[3]), v.new_zeros(B, v.shape[1], cap, v.shape[3]))
+            for k, v in layers])
+        sync(dev)
+        t1 = time.perf_counter()
         batch_cache = DynamicCache()
         batch_cache.layers = [SlotLayer(k, v, W) for k, v in bufs]
         mask = torch.zeros(B, cap, dtype=torch.long, device=dev)
@@ -193,7 +236,7 @@ def decode_batch(model, prompts: Sequence[list[int]], max_new_tokens: int, eos_i
             mask[i, W - len(ids):W] = 1
         pos = torch.tensor([len(p) for p in prompts], device=dev)
         eos = torch.tensor(sorted(set(eos_ids)), device=dev)
-        tok = _sample(torch.stack(first), temperature, top_p)
+        tok = _sample(first, temperature, top_p)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         steps = []
         for t in range(max_new_tokens):
@@ -208,9 +251,9 @@ def decode_batch(model, prompts: Sequence[list[int]], max_new_tokens: int, eos_i
             tok = _sample(out.logits[:, -1], temperature, top_p)
         del batch_cache, bufs
     cols = torch.stack(steps, dim=1).tolist()
-    eos_set = set(eos_ids)
-    result = []
-    for row in cols:
-        cut = next((j for j, x in enumerate(row) if x in eos_set), len(row))
-        result.append(row[:cut])
-    return result
+    stats.batches += 1
+    stats.rows += B
+    stats.decode_steps += len(steps) - 1
+    stats.prefill_s += t1 - t0
+    stats.decode_s += time.perf_counter() - t1
+    return cut_at_eos(cols, eos_ids)

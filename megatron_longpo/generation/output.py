@@ -209,7 +209,7 @@ def finish_run(tool: str, title: str, output: str, stats: "RunStats", backend, s
     secs, docs = stats.counts.get("seconds"), stats.counts.get("documents_written") or stats.counts.get("pairs_written")
     if secs and docs:
         print(f"rate: {docs / secs:.2f} records/s ({docs} in {secs:.0f} s)")
-    prefill = getattr(backend, "prefill_stats", None)
+    prefill = getattr(backend, "decode_stats", None)
     if prefill is not None and prefill.prompt_tokens:
         print(f"prefill: {prefill.prompts} prompts, {prefill.prompt_tokens:,} prompt tokens, "
               f"{prefill.prefilled_tokens:,} run ({1 - prefill.prefilled_tokens / prefill.prompt_tokens:.0%} "

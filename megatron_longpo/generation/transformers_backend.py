@@ -8,6 +8,9 @@ Two decoders (`decode=`):
   budget allow; no [batch, 1, L, L] mask exists.
 - `generate`: `model.generate()` over a left-padded batch (`plan_batches` caps batch x L^2); used
   for models kv_decode does not support (a sliding window).
+
+The evaluation's fast path (eval/fast.py) decodes with this backend's model directly, with the step
+`decode_step` names (graph_decode.STEPS; auto: CUDA graphs on a GPU), and counts into `decode_stats`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from . import kv_decode
+from . import graph_decode, kv_decode
 from .backends import DEFAULT_MAX_ATTENTION_CELLS, Conversation, SamplingParams, truncate_at_stop
 
 
@@ -89,6 +92,7 @@ class TransformersBackend:
         max_attention_cells: int = DEFAULT_MAX_ATTENTION_CELLS,
         decode: str = "auto",
         kv_memory_fraction: float = 0.5,
+        decode_step: str = "auto",
     ) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -129,7 +133,10 @@ class TransformersBackend:
             raise ValueError(f"decode=prefill: {why_not}; use decode=generate")
         self.decode = "generate" if decode == "generate" or why_not else "prefill"
         self.kv_memory_fraction = kv_memory_fraction
-        self.prefill_stats = kv_decode.PrefillStats()
+        if decode_step not in graph_decode.STEPS:
+            raise ValueError(f"decode_step={decode_step!r}: choose {', '.join(graph_decode.STEPS)}")
+        self.decode_step = decode_step  # the fast path's (eval/fast.py): graph_decode.choose
+        self.decode_stats = kv_decode.DecodeStats()
 
     @property
     def name(self) -> str:
@@ -188,7 +195,7 @@ class TransformersBackend:
         rows = [i for i in range(len(prompts)) for _ in range(params.n)]  # n completions: n rows, prefix shared
         batches = plan_decode_batches([len(prompts[i]) for i in rows], self.batch_size,
                                       self._token_budget(), params.max_new_tokens)
-        prefiller = kv_decode.Prefiller(self.model, self.prefill_stats)
+        prefiller = kv_decode.Prefiller(self.model, self.decode_stats)
         texts: list[list[str]] = [[] for _ in prompts]
         got: dict[int, list[int]] = {}
         for b, idx in enumerate(batches):
