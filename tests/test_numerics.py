@@ -29,7 +29,7 @@ def fp32_cases(smollm2_dir, module_tmp):
 
 @pytest.mark.slow
 @pytest.mark.budget(600, reason="the first case runs the fixture: SmolLM2 in float64 (transformers) and fp32 (the "
-                    "project) for both losses, one process; 362 s in the 2-worker CI run")
+                    "project) for both losses, one process; 366 s in the 2-worker CI run, one thread")
 @pytest.mark.parametrize("loss", LOSSES)
 def test_fp32_gradient_equals_transformers(loss, fp32_cases):
     """fp32: the project's step (engine, packed batch, chunked log-probs, loss, DDP buffer) has
