@@ -112,14 +112,30 @@ def server(request, smollm2_dir, tmp_path):
             s.stop()
 
 
-def test_chat_against_a_real_server(server):
-    srv = server()
+@pytest.fixture(scope="module", params=list(SERVERS))
+def running_server(request, smollm2_dir, tmp_path_factory):
+    """One started server of a kind, shared by the tests that only send it requests (the tests that
+    kill a server start their own)."""
+    cmd, modules, why = SERVERS[request.param]
+    if not _installed(*modules):
+        pytest.skip(why)
+    port = free_port()
+    srv = Server(cmd(port, smollm2_dir), port, tmp_path_factory.mktemp("server") / "server.log")
+    srv.kind = request.param
+    try:
+        yield srv.start()
+    finally:
+        srv.stop()
+
+
+def test_chat_against_a_real_server(running_server):
+    srv = running_server
     be = OpenAIChatBackend(srv.url, concurrency=2, timeout=120, max_retries=2)
     convs = [[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
              [{"role": "user", "content": "Name a colour of the sky."}]]
     out = be.chat(convs, SamplingParams(max_new_tokens=24, temperature=0.0))
     assert "Paris" in out[0][0]
-    assert be.model and be.model.endswith(".gguf" if server.kind == "llama_cpp" else "SmolLM2-135M-Instruct")  # /v1/models
+    assert be.model and be.model.endswith(".gguf" if srv.kind == "llama_cpp" else "SmolLM2-135M-Instruct")  # /v1/models
     sampled = be.chat(convs[:1], SamplingParams(max_new_tokens=16, temperature=1.0, n=3, seed=5))
     assert len(sampled[0]) == 3 and all(isinstance(s, str) and s for s in sampled[0])
     # requests / s on this machine: 8 short requests, 2 in flight (printed for docs/generation.md)
@@ -129,7 +145,7 @@ def test_chat_against_a_real_server(server):
              SamplingParams(max_new_tokens=16, temperature=0.0))
     dt = time.monotonic() - t0
     assert be2.stats.failed == 0 and be2.stats.completion_tokens <= 8 * 16
-    print(f"\n{server.kind} server: 8 requests (<=16 new tokens) in {dt:.1f} s = {8 / dt:.2f} req/s, "
+    print(f"\n{srv.kind} server: 8 requests (<=16 new tokens) in {dt:.1f} s = {8 / dt:.2f} req/s, "
           f"{be2.stats.completion_tokens / dt:.1f} generated tok/s")
 
 
@@ -221,9 +237,9 @@ def test_server_down_then_rerun_resumes(server, smollm2_dir, tmp_path):
     assert_complete(out)
 
 
-def test_longpo_through_a_server(server, smollm2_dir, tmp_path):
+def test_longpo_through_a_server(running_server, smollm2_dir, tmp_path):
     """The LongPO tool over HTTP, with multi-turn rejected conversations (assistant turns)."""
-    srv = server()
+    srv = running_server
     doc = (ROOT / "megatron_longpo" / "resources" / "documents" / "sourdough.md").read_text()
     src = tmp_path / "docs.jsonl"
     src.write_text(json.dumps({"id": "sourdough", "text": doc}) + "\n")
