@@ -1,8 +1,9 @@
 """The fast evaluation path: every sample of a run in one stream, tokenized once, ordered by generation
 budget, asked length and tokens (prompts that share a prefix side by side); each prompt prefilled
 alone with SDPA's fused causal kernel (a token prefix shared with the prompt before it -- the same
-template and essay haystack up to the first needle -- is kept, not recomputed; only the last
-position's logits are computed), then decoded greedily in batches as large as the key/value memory
+template and essay haystack up to the first needle -- is kept, not recomputed, where
+kv_decode.Prefiller's rule says it pays: any on the CPU, at least half the prompt on a GPU; only the
+last position's logits are computed), then decoded greedily in batches as large as the key/value memory
 allows, stopping when every row of a batch has ended its turn: on a GPU over fixed-shape buffers with
 each step replayed from a CUDA graph (generation/graph_decode.py), else with kv_decode's eager steps
 (generation/kv_decode.py); the backend's `decode_stats` say where the time went (prefill, decode).
