@@ -46,7 +46,7 @@ demo: $(STAMP)
 # two pytest-xdist workers, each taking whole test files (module fixtures are built once); the 15
 # slowest tests and the total at the end (docs/testing.md)
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 clean:
 	rm -rf $(VENV) .cache

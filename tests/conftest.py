@@ -57,7 +57,39 @@ def pytest_runtest_makereport(item, call):
 _SPENT = pytest.StashKey[float]()
 
 
+# The measured seconds of each module (setup + call + teardown of its tests, 2-core CI machine), so that
+# `--dist loadfile --no-loadscope-reorder` hands the longest modules out first: two workers finish within
+# about one short module of each other instead of one idling while the other runs a long module last.
+# Rewrite it with MEGATRON_LONGPO_WRITE_MODULE_SECONDS=tests/module_seconds.json make test.
+MODULE_SECONDS = Path(__file__).with_name("module_seconds.json")
+_module_seconds: dict[str, float] = {}
+
+
+def _longest_modules_first(items) -> None:
+    import json
+
+    try:
+        cost = json.loads(MODULE_SECONDS.read_text())
+    except (OSError, ValueError):
+        return
+    items.sort(key=lambda it: -cost.get(it.nodeid.split("::")[0], 0.0))  # stable: a module's order is kept
+
+
+def pytest_runtest_logreport(report):
+    module = report.nodeid.split("::")[0]
+    _module_seconds[module] = _module_seconds.get(module, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("MEGATRON_LONGPO_WRITE_MODULE_SECONDS")
+    if path and _module_seconds and not os.environ.get("PYTEST_XDIST_WORKER"):
+        import json
+
+        Path(path).write_text(json.dumps({k: round(v, 1) for k, v in sorted(_module_seconds.items())}, indent=1) + "\n")
+
+
 def pytest_collection_modifyitems(config, items):
+    _longest_modules_first(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA GPU found")
