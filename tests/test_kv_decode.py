@@ -148,6 +148,30 @@ def test_static_step_gives_generates_tokens(tiny_model):
     assert st.decode_steps > 0 and st.prefill_s > 0 and st.decode_s > 0
 
 
+def test_prompts_prefilled_together_right_padded_give_generates_tokens(tiny_model):
+    """The GPU's prefill, run on the CPU in fp32: prompts of different lengths prefilled several a call,
+    right-padded to a multiple of 16 within 256 tokens a call; a prompt sharing a 70-token prefix with
+    the last prompt of a call keeps that prefix (the rest prefilled alone after it). The greedy tokens
+    of both decoders are generate()'s on each prompt alone."""
+    from megatron_longpo.generation import graph_decode, kv_decode
+
+    model, budget, eos = tiny_model, 6, [49151]
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(100, 49000, (n,), generator=g).tolist() for n in (37, 5, 75, 26, 9, 40, 18)]
+    prompts[3] = prompts[2][:70] + prompts[3]  # shares 70 tokens with prompt 2
+    ref = [_generate(model, p, budget, eos) for p in prompts]
+    pre = kv_decode.Prefiller(model, batch_tokens=256, multiple=16)
+    assert kv_decode.decode_batch(model, prompts, budget, eos, 0, prefiller=pre) == ref
+    st = pre.stats
+    # calls: [37, 5, 75] padded to 80 (240 tokens), [70 kept + 26], [9, 40, 18] padded to 48 (144)
+    assert (st.prompts, st.prefill_calls) == (7, 3), st
+    assert st.prefilled_tokens == sum(map(len, prompts)) - 70
+    assert st.padded_tokens == (240 - 117) + (144 - 67)
+    static = graph_decode.StaticDecoder(model, kv_decode.Prefiller(model, batch_tokens=256, multiple=16), graphs=False,
+                                        check_every=1, row_multiple=1, cap_multiple=1)
+    assert static(prompts, budget, eos, 0) == ref
+
+
 def test_decode_step_choice_and_buckets(tiny_model):
     from megatron_longpo.generation import graph_decode
 

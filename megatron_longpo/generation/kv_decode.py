@@ -4,9 +4,13 @@
 padded [batch, 1, L, L] mask (and makes a float copy of it), so long prompts force tiny batches, and a
 dynamic cache re-copies itself at every new token. Here instead:
 
-1. each prompt is prefilled alone, causal and unmasked (SDPA's fused kernels); a prompt that shares a
+1. prompts are prefilled causal and unmasked (SDPA's fused kernels): on a GPU several in one call,
+   right-padded to a common length that is a multiple of PREFILL_MULTIPLE (causal attention: a
+   prompt's positions never see the padding after them, so its keys, values and last logits are the
+   ones it has alone; the few padded shapes let SDPA's cuDNN kernel keep its plans), up to
+   PREFILL_TOKENS padded tokens a call; on the CPU one at a time, unpadded. A prompt that shares a
    token prefix with the one before it (the same document, another question) keeps that prefix's keys
-   and values and prefills only the rest;
+   and values and prefills only the rest, alone;
 2. the prompts' keys and values are laid side by side, left-padded, in one buffer per layer allocated
    once for prompt + new tokens (`SlotLayer`: no copy per token);
 3. the batch decodes together; each step's mask is [batch, 1, 1, L], and each row has its own
@@ -30,6 +34,8 @@ import time
 import torch
 
 MIN_SHARED_PREFIX = 64  # shorter common prefixes are prefilled again (not worth the copy)
+PREFILL_TOKENS = 32768  # GPU: prompts prefilled together, up to this many tokens a call (padding counted)
+PREFILL_MULTIPLE = 256  # GPU: the common length of a call is a multiple of this
 
 
 def supported(model) -> str | None:
@@ -108,17 +114,20 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def prefill_attention_kernels(device):
-    """SDPA without its cuDNN backend on a GPU: every prompt has its own length, and cuDNN builds an
-    execution plan for each new shape (tens of milliseconds, more than the attention itself for a small
-    model); the flash and memory-efficient kernels need no plan. A no-op on the CPU."""
+def prefill_attention_kernels(device, bucketed: bool = False):
+    """SDPA's kernels for a prefill on a GPU. `bucketed` (a call whose length is a multiple of
+    PREFILL_MULTIPLE, causal, no mask): cuDNN first (on an H100 at 16K tokens, one layer's attention of
+    SmolLM2's shape: 0.70 ms against flash's 1.18). Otherwise (the rest of a prompt after a kept prefix,
+    its own length, through a mask) without cuDNN, which builds an execution plan for each new shape
+    (tens of milliseconds, more than the attention itself for a small model). A no-op on the CPU."""
     from contextlib import nullcontext
 
     if torch.device(device).type != "cuda":
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(([SDPBackend.CUDNN_ATTENTION] if bucketed else []) + kernels)
 
 
 @dataclass
@@ -129,6 +138,8 @@ class DecodeStats:
     prompts: int = 0
     prompt_tokens: int = 0
     prefilled_tokens: int = 0  # prompt tokens actually run (the rest came from a shared prefix)
+    prefill_calls: int = 0  # model calls of the prefill (several prompts a call on a GPU)
+    padded_tokens: int = 0  # tokens added to bring a call's prompts to one length
     batches: int = 0
     rows: int = 0
     padded_rows: int = 0  # rows added to reach a captured batch size (graph_decode)
@@ -149,30 +160,95 @@ def sync(device) -> None:
 
 
 class Prefiller:
-    """Prefills prompts one at a time, reusing the previous prompt's cache for a common token prefix
-    when that prefix is at least `min_shared` of the prompt (default: any, on the CPU; half, on a GPU).
+    """Prefills prompts (`rows`: several a call, right-padded, up to `batch_tokens` tokens a call, the
+    length a multiple of `multiple`; defaults PREFILL_TOKENS and PREFILL_MULTIPLE on a GPU, one prompt a
+    call unpadded on the CPU), reusing the previous prompt's cache for a common token prefix when that
+    prefix is at least `min_shared` of the prompt (default: any, on the CPU; half, on a GPU).
     On a GPU the rest of a prompt attends to a kept prefix through a materialised mask, which SDPA runs
     with a slower kernel than the causal flash kernel of a whole prompt: RULER at 16K tokens (needles at
     every depth: neighbouring prompts share the haystack up to the first needle), 403 prompts on one
     H100, prefilled in 53.1 s reusing every shared prefix and in 26.4 s reusing none. A prompt that shares
     most of its tokens (another question on the same document) still gains."""
 
-    def __init__(self, model, stats: DecodeStats | None = None, min_shared: float | None = None) -> None:
+    def __init__(self, model, stats: DecodeStats | None = None, min_shared: float | None = None,
+                 batch_tokens: int | None = None, multiple: int | None = None) -> None:
         self.model = model
         self.stats = stats or DecodeStats()
-        self.min_shared = (0.5 if model.device.type == "cuda" else 0.0) if min_shared is None else min_shared
+        cuda = model.device.type == "cuda"
+        self.min_shared = (0.5 if cuda else 0.0) if min_shared is None else min_shared
+        self.cache_kw, self._kw = _forward_names(model)
+        self.batch_tokens = (PREFILL_TOKENS if cuda else 0) if batch_tokens is None else batch_tokens
+        if not self._kw:  # no way to keep only some positions' logits: [rows, length, vocab] is too much
+            self.batch_tokens = 0
+        self.multiple = max(1, (PREFILL_MULTIPLE if cuda else 1) if multiple is None else multiple)
         self._ids: list[int] | None = None
         self._cache = None
-        self.cache_kw, self._kw = _forward_names(model)
+
+    def _reuses(self, prev: list[int] | None, ids: list[int]) -> int:
+        """The shared prefix `ids` would keep from `prev`'s cache (0: none)."""
+        shared = min(common_prefix(prev, ids), len(ids) - 1) if prev is not None else 0
+        return shared if shared >= max(MIN_SHARED_PREFIX, self.min_shared * len(ids)) else 0
+
+    def _padded(self, n: int) -> int:
+        return -(-n // self.multiple) * self.multiple
+
+    def rows(self, prompts: Sequence[list[int]]):
+        """Yields (i, last-position logits [vocab], [(keys, values)] a layer, each [1, kv heads, len(prompt i),
+        head size]) for every prompt in order. The tensors are only valid until the next item."""
+        i = 0
+        while i < len(prompts):
+            if not self.batch_tokens or self._reuses(self._ids, prompts[i]):
+                logits, cache = self(prompts[i])
+                n = len(prompts[i])
+                yield i, logits, [(k[:, :, :n], v[:, :, :n]) for k, v in _layers(cache)]
+                i += 1
+                continue
+            j, width = i + 1, self._padded(len(prompts[i]))
+            while j < len(prompts) and not self._reuses(prompts[j - 1], prompts[j]):
+                w = max(width, self._padded(len(prompts[j])))
+                if (j - i + 1) * w > self.batch_tokens:
+                    break
+                j, width = j + 1, w
+            yield from self._together(prompts[i:j], width, i)
+            i = j
+
+    def _together(self, group: Sequence[list[int]], width: int, first: int):
+        """Prefill `group` in one call, right-padded to `width` (causal: the padding is after every
+        position that is kept)."""
+        from transformers.cache_utils import DynamicCache
+
+        dev = self.model.device
+        ids = torch.zeros(len(group), width, dtype=torch.long, device=dev)
+        for r, p in enumerate(group):
+            ids[r, :len(p)] = torch.tensor(p, device=dev)
+        last = sorted({len(p) - 1 for p in group})
+        keep = {name: torch.tensor(last, device=dev) for name in self._kw}
+        cache = DynamicCache()
+        with prefill_attention_kernels(dev, bucketed=True):
+            out = self.model(input_ids=ids, position_ids=torch.arange(width, device=dev)[None].expand(len(group), -1),
+                             use_cache=True, **{self.cache_kw: cache}, **keep)
+        layers = _layers(cache)
+        st = self.stats
+        st.prefill_calls += 1
+        for r, p in enumerate(group):
+            n = len(p)
+            st.prompts += 1
+            st.prompt_tokens += n
+            st.prefilled_tokens += n
+            st.padded_tokens += width - n
+            yield first + r, out.logits[r, last.index(n - 1)], [(k[r:r + 1, :, :n], v[r:r + 1, :, :n]) for k, v in layers]
+        n = len(group[-1])  # the next prompt may keep the last one's prefix
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[-1:, :, :n], layer.values[-1:, :, :n]
+        self._ids, self._cache = list(group[-1]), cache
 
     def __call__(self, ids: list[int]):
         """(last-position logits [vocab], cache) for `ids`; the cache is only valid until the next call."""
         from transformers.cache_utils import DynamicCache
 
         dev = self.model.device
-        shared = common_prefix(self._ids, ids) if self._ids is not None else 0
-        shared = min(shared, len(ids) - 1)
-        if shared >= max(MIN_SHARED_PREFIX, self.min_shared * len(ids)):
+        shared = self._reuses(self._ids, ids)
+        if shared:
             cache = self._cache
             for layer in cache.layers:  # keep the shared prefix (Cache.crop's argument changed meaning across versions)
                 layer.keys, layer.values = layer.keys[:, :, :shared], layer.values[:, :, :shared]
@@ -183,6 +259,7 @@ class Prefiller:
         with prefill_attention_kernels(dev):
             out = self.model(input_ids=rest, position_ids=pos, use_cache=True, **{self.cache_kw: cache}, **self._kw)
         self._ids, self._cache = list(ids), cache
+        self.stats.prefill_calls += 1
         self.stats.prompts += 1
         self.stats.prompt_tokens += len(ids)
         self.stats.prefilled_tokens += len(ids) - shared
@@ -205,20 +282,20 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Ten
 
 
 def prefill_rows(prefiller: Prefiller, prompts: Sequence[list[int]], width: int, alloc) -> tuple[torch.Tensor, list]:
-    """Prefill each prompt alone and lay its keys and values in row i of the per-layer buffers, left-padded to
-    end at column `width`. `alloc(layers)` makes the buffers [(keys, values)] from the first prompt's cache
-    (its heads, head size, dtype). Returns (each row's last-position logits [rows, vocab], the buffers)."""
-    first, bufs = [], None
-    for i, ids in enumerate(prompts):
-        logits, cache = prefiller(ids)
-        first.append(logits)
-        layers = _layers(cache)
+    """Prefill the prompts (`Prefiller.rows`) and lay each one's keys and values in row i of the per-layer
+    buffers, left-padded to end at column `width`. `alloc(layers)` makes the buffers [(keys, values)] from
+    the first prompt's cache (its heads, head size, dtype). Returns (each row's last-position logits
+    [rows, vocab], the buffers)."""
+    first: list = [None] * len(prompts)
+    bufs = None
+    for i, logits, layers in prefiller.rows(prompts):
+        first[i] = logits
         if bufs is None:
             bufs = alloc(layers)
-        n = len(ids)
+        n = len(prompts[i])
         for (bk, bv), (k, v) in zip(bufs, layers):
-            bk[i, :, width - n:width] = k[0, :, :n]
-            bv[i, :, width - n:width] = v[0, :, :n]
+            bk[i, :, width - n:width] = k[0]
+            bv[i, :, width - n:width] = v[0]
     prefiller.reset()
     return torch.stack(first), bufs
 
