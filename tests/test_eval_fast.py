@@ -137,11 +137,15 @@ def test_bench_eval_runs_on_the_cpu(terse, tmp_path, capsys):
     rc = _tool("bench_eval").main(["--model", str(terse), "--old-length", "512", "--old-samples", "1",
                                    "--smoke-tasks", "niah_single", "vt", "--lengths", "1024", "--samples", "1",
                                    "--tasks", "niah_single_2", "vt", "--dtype", "float32", "--device", "cpu",
-                                   "--threads", "2", "--compare-step", "static", "--out", str(out)])
+                                   "--threads", "2", "--compare-step", "static", "--models", str(terse),
+                                   "--out", str(out)])
     assert rc == 0
     b = json.loads(out.read_text())
     assert [(r["suite"], r["length"], r["samples"]) for r in b["rows"]] == [("smoke", 512, 2), ("smoke", 512, 2),
-                                                                            ("ruler", 1024, 2), ("ruler", 1024, 2)]
+                                                                            ("ruler", 1024, 2), ("ruler", 1024, 2),
+                                                                            ("ruler", 1024, 2)]
+    # the table's second model (the same one here) sees the same samples and decodes the same tokens
+    assert [r["score"] for r in b["rows"][4:]] == [b["rows"][2]["score"]] and b["rows"][4]["path"].endswith(terse.name)
     assert b["old_vs_new"]["predictions_identical"] == 2  # fp32: the same tokens
     assert b["decode_step"] == "eager" and b["rows"][3]["path"].endswith("static)")  # the CPU: eager, then static
     assert b["step_compare"][0]["predictions_identical"] == 2

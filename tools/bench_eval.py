@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on a GPU, else eager")
     p.add_argument("--compare-step", choices=("graph", "static", "eager"),
                    help="also decode the RULER samples with this step and compare predictions and scores")
+    p.add_argument("--models", nargs="+", default=[], metavar="HF_DIR",
+                   help="more models evaluated on the same RULER samples after --model (new path only): the time "
+                        "of a whole table of models")
     p.add_argument("--out", default="bench_eval.json")
     return p.parse_args(argv)
 
@@ -156,31 +159,44 @@ def main(argv=None) -> int:
     hay, qa_sets, prov = suite.load_inputs(tasks)
     sample_s, model_s, prefill_s, decode_s, capture_s = 0.0, 0.0, 0.0, 0.0, 0.0
     step_compare = []
-    for length in a.lengths:
+    by_length = {}
+    for length in a.lengths:  # the samples, once for every model (one tokenizer)
         t0 = time.time()
         bar = tqdm(total=len(tasks) * a.samples, desc=f"samples {length}", unit="sample", file=sys.stderr)
-        samples, ids = suite.make_samples(tok, tasks, [length], a.samples, 0, hay, qa_sets, progress=bar.update)
+        by_length[length] = suite.make_samples(tok, tasks, [length], a.samples, 0, hay, qa_sets, progress=bar.update)
         bar.close()
-        gen_s = time.time() - t0
-        sample_s += gen_s
-        bar = tqdm(total=len(samples), desc=f"new path {length}", unit="sample", file=sys.stderr)
-        (recs, secs), st = timed(lambda: fast.evaluate_fast(backend, samples, ids, a.fast_batch_size, bar.update))
-        bar.close()
-        model_s += secs
-        prefill_s, decode_s, capture_s = (prefill_s + st["prefill_s"], decode_s + st["decode_s"],
-                                          capture_s + st["capture_s"])
-        row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step})", "ruler", length, recs, secs, st,
-            samples_built_s=round(gen_s, 2))
-        if a.compare_step:
-            bar = tqdm(total=len(samples), desc=f"{a.compare_step} step {length}", unit="sample", file=sys.stderr)
-            (other, other_s), st = timed(lambda: fast.evaluate_fast(backend, samples, ids, a.fast_batch_size,
-                                                                    bar.update, a.compare_step))
+        sample_s += time.time() - t0
+    more_load_s = 0.0
+    for m, model_dir in enumerate([a.model] + a.models):
+        if m:  # the next model of the table, in the first one's place
+            del backend
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            t0 = time.time()
+            backend = TransformersBackend(model_dir, device=a.device, dtype=a.dtype, batch_size=a.batch_size,
+                                          threads=a.threads, decode="prefill")
+            backend.decode_step = graph_decode.choose(backend.model, a.decode_step)
+            more_load_s += time.time() - t0
+        name = "" if not a.models else f", {os.path.basename(os.path.normpath(model_dir))}"
+        for length in a.lengths:
+            samples, ids = by_length[length]
+            bar = tqdm(total=len(samples), desc=f"new path {length}{name}", unit="sample", file=sys.stderr)
+            (recs, secs), st = timed(lambda: fast.evaluate_fast(backend, samples, ids, a.fast_batch_size, bar.update))
             bar.close()
-            row(f"new (fast, batch <= {a.fast_batch_size}, {a.compare_step})", "ruler", length, other, other_s, st)
-            same_pred, same_score = same(recs, other)
-            step_compare.append({"length": length, "steps": [backend.decode_step, a.compare_step],
-                                 "predictions_identical": same_pred, "scores_identical": same_score,
-                                 "samples": len(recs), "seconds": [round(secs, 2), round(other_s, 2)]})
+            model_s += secs
+            prefill_s, decode_s, capture_s = (prefill_s + st["prefill_s"], decode_s + st["decode_s"],
+                                              capture_s + st["capture_s"])
+            row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step}){name}", "ruler", length, recs, secs,
+                st, prefill_calls=st["prefill_calls"], padded_tokens=st["padded_tokens"])
+            if a.compare_step and not m:
+                bar = tqdm(total=len(samples), desc=f"{a.compare_step} step {length}", unit="sample", file=sys.stderr)
+                (other, other_s), st = timed(lambda: fast.evaluate_fast(backend, samples, ids, a.fast_batch_size,
+                                                                        bar.update, a.compare_step))
+                bar.close()
+                row(f"new (fast, batch <= {a.fast_batch_size}, {a.compare_step})", "ruler", length, other, other_s, st)
+                same_pred, same_score = same(recs, other)
+                step_compare.append({"length": length, "steps": [backend.decode_step, a.compare_step],
+                                     "predictions_identical": same_pred, "scores_identical": same_score,
+                                     "samples": len(recs), "seconds": [round(secs, 2), round(other_s, 2)]})
     total_eval = time.time() - t_eval
 
     table = Table(title=f"evaluation paths on {os.path.basename(os.path.normpath(a.model))}, {device}, "
@@ -202,6 +218,10 @@ def main(argv=None) -> int:
                       f"samples: {c['predictions_identical']} identical predictions, {c['scores_identical']} "
                       f"identical scores; {c['seconds'][0]:.1f} s vs {c['seconds'][1]:.1f} s")
     n_ruler = len(tasks) * a.samples * len(a.lengths)
+    if a.models:
+        n_ruler *= 1 + len(a.models)
+        console.print(f"the table: {1 + len(a.models)} models x {len(a.lengths)} lengths x {len(tasks) * a.samples} samples; "
+                      f"the {len(a.models)} models after the first loaded in {more_load_s:.1f} s")
     console.print(f"RULER, {n_ruler} samples ({len(tasks)} tasks x {a.samples} x {len(a.lengths)} lengths, "
                   f"{backend.decode_step} step): {total_eval:.1f} s in all (samples built {sample_s:.1f} s on the CPU, "
                   f"model {model_s:.1f} s: prefill {prefill_s:.1f} s, decode {decode_s:.1f} s, graph capture "
@@ -212,7 +232,7 @@ def main(argv=None) -> int:
            "ruler_total_s": round(total_eval, 2), "ruler_samples_s": round(sample_s, 2),
            "ruler_model_s": round(model_s, 2), "ruler_prefill_s": round(prefill_s, 2),
            "ruler_decode_s": round(decode_s, 2), "ruler_capture_s": round(capture_s, 2),
-           "load_s": round(load_s, 2), "provenance": prov,
+           "load_s": round(load_s, 2), "more_models_load_s": round(more_load_s, 2), "provenance": prov,
            "wall_s": round(time.time() - t_start, 2), "args": vars(a)}
     atomic_write_json(a.out, out)
     console.print(f"-> {a.out}")
