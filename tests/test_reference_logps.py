@@ -141,19 +141,19 @@ def test_reference_at_the_policys_rope_base_starts_dpo_at_log2(tiny_llama_ckpt, 
 
     theta = 1e6
     assert ckpt.read_model_json(tiny_llama_ckpt)[0].rope_theta != theta
-    steps = {}
     for name, extra in (("policy_base", ["--rope-theta", str(theta)]), ("checkpoint_base", [])):
         out = tmp_path / f"{name}.safetensors"
         run_tool(ROOT / "tools/precompute_ref_logps.py", "--data", tiny_longpo_data, "--model", tiny_llama_ckpt,
                  "--out", out, "--reference-sees-policy", *extra)
         got = load_ref_logps(tiny_longpo_data, path=out).computation["rope_theta"]
         assert got == (theta if extra else ckpt.read_model_json(tiny_llama_ckpt)[0].rope_theta), got
-        run_tool(ROOT / "tests/workers/train.py", f"model.checkpoint={tiny_llama_ckpt}", f"data.path={tiny_longpo_data}",
-                 f"data.reference={out}", "loss.name=dpo", "data.global_batch_size=2", "train.steps=1",
-                 f"model.rope_theta={theta}", "train.tensorboard=false", f"train.save_dir={tmp_path}/{name}", timeout=300)
-        steps[name] = json.loads((tmp_path / name / "summary.json").read_text())["steps"][0]
-    assert abs(steps["policy_base"]["loss"] - math.log(2)) < 1e-4, steps
-    assert abs(steps["policy_base"]["rewards/margins"]) < 1e-4, steps
+    out = tmp_path / "policy_base.safetensors"
+    run_tool(ROOT / "tests/workers/train.py", f"model.checkpoint={tiny_llama_ckpt}", f"data.path={tiny_longpo_data}",
+             f"data.reference={out}", "loss.name=dpo", "data.global_batch_size=2", "train.steps=1",
+             f"model.rope_theta={theta}", "train.tensorboard=false", f"train.save_dir={tmp_path}/run", timeout=300)
+    step = json.loads((tmp_path / "run" / "summary.json").read_text())["steps"][0]
+    assert abs(step["loss"] - math.log(2)) < 1e-4, step
+    assert abs(step["rewards/margins"]) < 1e-4, step
     # the two references differ by the RoPE base alone (the tiny data's short distances keep it small)
     a, b = (load_ref_logps(tiny_longpo_data, path=tmp_path / f"{n}.safetensors") for n in ("policy_base", "checkpoint_base"))
     diff = max(float(np.abs(a.logp_sum[r] - b.logp_sum[r]).max()) for r in a.roles)
