@@ -73,6 +73,10 @@ class Server:
         self.stop()
         raise RuntimeError(f"the server did not answer within {timeout} s: {self.log.read_text()[-2000:]}")
 
+    def ensure(self) -> "Server":
+        """Started, if it is not running."""
+        return self if self.proc and self.proc.poll() is None else self.start()
+
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
         if self.proc and self.proc.poll() is None:
@@ -89,33 +93,10 @@ class Server:
                 self.proc.wait(timeout=30)
 
 
-@pytest.fixture(params=list(SERVERS))
-def server(request, smollm2_dir, tmp_path):
-    """A factory of started servers of one kind; all are stopped at the test's end."""
-    cmd, modules, why = SERVERS[request.param]
-    if not _installed(*modules):
-        pytest.skip(why)
-    servers: list[Server] = []
-
-    def make() -> Server:
-        port = free_port()
-        s = Server(cmd(port, smollm2_dir), port, tmp_path / "server.log")
-        servers.append(s)
-        return s.start()
-
-    make.kind = request.param
-
-    try:
-        yield make
-    finally:
-        for s in servers:
-            s.stop()
-
-
 @pytest.fixture(scope="module", params=list(SERVERS))
 def running_server(request, smollm2_dir, tmp_path_factory):
-    """One started server of a kind, shared by the tests that only send it requests (the tests that
-    kill a server start their own)."""
+    """One server of a kind for the whole module: the tests that kill it start it again on the same
+    port (`ensure` starts it where an earlier test left it down)."""
     cmd, modules, why = SERVERS[request.param]
     if not _installed(*modules):
         pytest.skip(why)
@@ -129,7 +110,7 @@ def running_server(request, smollm2_dir, tmp_path_factory):
 
 
 def test_chat_against_a_real_server(running_server):
-    srv = running_server
+    srv = running_server.ensure()
     be = OpenAIChatBackend(srv.url, concurrency=2, timeout=120, max_retries=2)
     convs = [[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
              [{"role": "user", "content": "Name a colour of the sky."}]]
@@ -187,8 +168,8 @@ def assert_complete(out: Path) -> None:
         assert set(row) == {"short_context", "long_context", "instruction", "chosen", "rejected", "meta"}
 
 
-def test_server_killed_and_restarted_mid_run(server, smollm2_dir, tmp_path):
-    srv = server()
+def test_server_killed_and_restarted_mid_run(running_server, smollm2_dir, tmp_path):
+    srv = running_server.ensure()
     out = tmp_path / "solopo.jsonl"
     proc = run_tool("build_solopo_pairs.py", solopo_args(srv.url, out, smollm2_dir, retries=10))
     try:
@@ -207,8 +188,8 @@ def test_server_killed_and_restarted_mid_run(server, smollm2_dir, tmp_path):
     assert summary["counts"]["records_seen"] == 10
 
 
-def test_server_down_then_rerun_resumes(server, smollm2_dir, tmp_path):
-    srv = server()
+def test_server_down_then_rerun_resumes(running_server, smollm2_dir, tmp_path):
+    srv = running_server.ensure()
     out = tmp_path / "solopo.jsonl"
     args = solopo_args(srv.url, out, smollm2_dir, retries=1)
     proc = run_tool("build_solopo_pairs.py", args)
@@ -239,7 +220,7 @@ def test_server_down_then_rerun_resumes(server, smollm2_dir, tmp_path):
 
 def test_longpo_through_a_server(running_server, smollm2_dir, tmp_path):
     """The LongPO tool over HTTP, with multi-turn rejected conversations (assistant turns)."""
-    srv = running_server
+    srv = running_server.ensure()
     doc = (ROOT / "megatron_longpo" / "resources" / "documents" / "sourdough.md").read_text()
     src = tmp_path / "docs.jsonl"
     src.write_text(json.dumps({"id": "sourdough", "text": doc}) + "\n")
