@@ -130,6 +130,8 @@ def test_usage_errors_are_one_line(tiny, tmp_path, capsys):
                       "--out", str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err
     assert "no such file" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert tool.main(["--model", str(tiny), "--prefill-tokens", "-1", "--out", str(tmp_path / "r.json")]) == 2
+    assert "--prefill-tokens -1: give 0" in capsys.readouterr().err
 
 
 def test_bench_eval_runs_on_the_cpu(terse, tmp_path, capsys):
@@ -138,7 +140,7 @@ def test_bench_eval_runs_on_the_cpu(terse, tmp_path, capsys):
                                    "--smoke-tasks", "niah_single", "vt", "--lengths", "1024", "--samples", "1",
                                    "--tasks", "niah_single_2", "vt", "--dtype", "float32", "--device", "cpu",
                                    "--threads", "2", "--compare-step", "static", "--models", str(terse),
-                                   "--out", str(out)])
+                                   "--prefill-tokens", "4096", "--out", str(out)])
     assert rc == 0
     b = json.loads(out.read_text())
     assert [(r["suite"], r["length"], r["samples"]) for r in b["rows"]] == [("smoke", 512, 2), ("smoke", 512, 2),
@@ -146,7 +148,8 @@ def test_bench_eval_runs_on_the_cpu(terse, tmp_path, capsys):
                                                                             ("ruler", 1024, 2)]
     # the table's second model (the same one here) sees the same samples and decodes the same tokens
     assert [r["score"] for r in b["rows"][4:]] == [b["rows"][2]["score"]] and b["rows"][4]["path"].endswith(terse.name)
-    assert b["old_vs_new"]["predictions_identical"] == 2  # fp32: the same tokens
+    assert b["old_vs_new"]["predictions_identical"] == 2  # fp32: the same tokens (the new path with --prefill-tokens)
+    assert b["args"]["prefill_tokens"] == 4096 and all(0 < r["prefill_calls"] <= r["samples"] for r in b["rows"][2:])
     assert b["decode_step"] == "eager" and b["rows"][3]["path"].endswith("static)")  # the CPU: eager, then static
     assert b["step_compare"][0]["predictions_identical"] == 2
     assert all(r["samples_per_s"] > 0 and r["prefill_s"] > 0 and r["decode_s"] >= 0 for r in b["rows"])

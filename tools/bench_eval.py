@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device")
     p.add_argument("--threads", type=int)
     p.add_argument("--skip-old", action="store_true", help="only the new path on RULER's tasks")
+    p.add_argument("--prefill-tokens", type=int, default=0, metavar="N",
+                   help="ruler --path fast: prefill several prompts a call, right-padded, up to N tokens a call "
+                        "(0: one prompt a call, the default; e.g. 32768 on a GPU)")
     p.add_argument("--decode-step", choices=("auto", "graph", "static", "eager"), default="auto",
                    help="the new path's decode step (generation/graph_decode.py): graph = static buffers and "
                         "CUDA graphs, static = the same without capture, eager = kv_decode's steps; auto: graph "
@@ -81,6 +84,8 @@ def main(argv=None) -> int:
             from megatron_longpo.models.embedded import materialize_default_model
 
             a.model = str(materialize_default_model())
+        if a.prefill_tokens < 0:
+            raise ValueError(f"--prefill-tokens {a.prefill_tokens}: give 0 (one prompt a call) or a token count")
         tasks = a.tasks or list(ruler_tasks.RULER_TASKS)
         bad = [t for t in tasks if t not in ruler_tasks.TASKS]
         if bad:
@@ -90,6 +95,7 @@ def main(argv=None) -> int:
                                       threads=a.threads, decode="prefill")
         load_s = time.time() - t0
         backend.decode_step = graph_decode.choose(backend.model, a.decode_step)
+        backend.prefill_tokens = a.prefill_tokens
         if a.compare_step:
             graph_decode.choose(backend.model, a.compare_step)
     except (ValueError, FileNotFoundError, OSError) as e:
@@ -117,7 +123,8 @@ def main(argv=None) -> int:
                      "seconds": round(seconds, 3), "samples_per_s": round(len(recs) / max(seconds, 1e-9), 3),
                      "score": round(100 * m, 2), "ci": [round(100 * lo, 2), round(100 * hi, 2)],
                      **{k: st[k] for k in ("prefill_s", "decode_s", "decode_steps", "capture_s", "graphs",
-                                           "batches", "rows", "padded_rows")}, **extra})
+                                           "batches", "rows", "padded_rows", "prefill_calls", "padded_tokens")},
+                     **extra})
 
     def same(a_recs, b_recs):
         by_key = {(r["task"], r["length"], r["index"]): r for r in b_recs}
@@ -175,6 +182,7 @@ def main(argv=None) -> int:
             backend = TransformersBackend(model_dir, device=a.device, dtype=a.dtype, batch_size=a.batch_size,
                                           threads=a.threads, decode="prefill")
             backend.decode_step = graph_decode.choose(backend.model, a.decode_step)
+            backend.prefill_tokens = a.prefill_tokens
             more_load_s += time.time() - t0
         name = "" if not a.models else f", {os.path.basename(os.path.normpath(model_dir))}"
         for length in a.lengths:
@@ -185,8 +193,7 @@ def main(argv=None) -> int:
             model_s += secs
             prefill_s, decode_s, capture_s = (prefill_s + st["prefill_s"], decode_s + st["decode_s"],
                                               capture_s + st["capture_s"])
-            row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step}){name}", "ruler", length, recs, secs,
-                st, prefill_calls=st["prefill_calls"], padded_tokens=st["padded_tokens"])
+            row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step}){name}", "ruler", length, recs, secs, st)
             if a.compare_step and not m:
                 bar = tqdm(total=len(samples), desc=f"{a.compare_step} step {length}", unit="sample", file=sys.stderr)
                 (other, other_s), st = timed(lambda: fast.evaluate_fast(backend, samples, ids, a.fast_batch_size,

@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "earlier versions; sends no answer prefix)")
     p.add_argument("--fast-batch-size", type=int, default=64, help="ruler --path fast: rows decoded together at "
                                                                    "most (also bounded by the key/value memory)")
+    p.add_argument("--prefill-tokens", type=int, default=0, metavar="N",
+                   help="ruler --path fast: prefill several prompts a call, right-padded, up to N tokens a call "
+                        "(0: one prompt a call, the default; e.g. 32768 on a GPU)")
     p.add_argument("--decode-step", choices=("auto", "graph", "static", "eager"), default="auto",
                    help="ruler --path fast: graph = static buffers and a CUDA graph a step, static = the same "
                         "without capture, eager = kv_decode's steps (auto: graph on a GPU, else eager)")
@@ -137,6 +140,8 @@ def ruler_main(a, console) -> int:
             raise ValueError("--out RESULTS.json is required")
         if samples_per < 1:
             raise ValueError("--samples must be at least 1")
+        if a.prefill_tokens < 0:
+            raise ValueError(f"--prefill-tokens {a.prefill_tokens}: give 0 (one prompt a call) or a token count")
         unknown = [t for t in tasks if t not in RULER_TASKS]
         if unknown:
             hint = " (a smoke task: add --suite smoke)" if unknown[0] in DEFAULT_TASKS or "_" in unknown[0] else ""
@@ -168,6 +173,7 @@ def ruler_main(a, console) -> int:
         backend = build_backend(backend_config_from_args(a))
         if a.path == "fast":
             backend.decode_step = graph_decode.choose(backend.model, a.decode_step)
+            backend.prefill_tokens = a.prefill_tokens
     except (ValueError, FileNotFoundError, OSError) as e:  # CorpusError and LengthError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -193,6 +199,7 @@ def ruler_main(a, console) -> int:
               "tolerance": a.tolerance, "backend": a.backend, "model": a.model, "path": a.path,
               "batch_size": a.fast_batch_size if a.path == "fast" else a.batch_size, "dtype": a.dtype,
               "decode_step": getattr(backend, "decode_step", None) if a.path == "fast" else None,
+              "prefill_tokens": a.prefill_tokens if a.path == "fast" else None,
               "rope_theta": a.rope_theta, "tokenizer": tokenizer_path_from_args(a),
               "length_counted": "chat template around the task text (generation prompt, the template's system "
                                 "prompt) + RULER's answer prefix + the task's generation budget"}

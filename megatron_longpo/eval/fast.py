@@ -56,11 +56,12 @@ def greedy_stream(backend, prompts: Sequence[list[int]], budgets: Sequence[int],
                   step: str | None = None) -> list[str]:
     """Greedy completions of token-id prompts with per-prompt generation budgets, decoded by
     `backend`'s model (a TransformersBackend) in the batches `plan` makes. `step` (default: the
-    backend's `decode_step`, else auto): graph_decode.STEPS."""
+    backend's `decode_step`, else auto): graph_decode.STEPS. The backend's `prefill_tokens` (default 0:
+    one prompt a call) lets kv_decode.Prefiller prefill several prompts a call."""
     model, tok = backend.model, backend.tokenizer
     eos = backend._eos_ids()
     out: list[str | None] = [None] * len(prompts)
-    prefiller = kv_decode.Prefiller(model, backend.decode_stats)
+    prefiller = kv_decode.Prefiller(model, backend.decode_stats, batch_tokens=getattr(backend, "prefill_tokens", 0))
     batches = plan(prompts, budgets, groups, batch_size, backend._token_budget())
     step = graph_decode.choose(model, step or getattr(backend, "decode_step", "auto"))
     decoder = None

@@ -4,13 +4,13 @@
 padded [batch, 1, L, L] mask (and makes a float copy of it), so long prompts force tiny batches, and a
 dynamic cache re-copies itself at every new token. Here instead:
 
-1. prompts are prefilled causal and unmasked (SDPA's fused kernels): on a GPU several in one call,
-   right-padded to a common length that is a multiple of PREFILL_MULTIPLE (causal attention: a
-   prompt's positions never see the padding after them, so its keys, values and last logits are the
-   ones it has alone; the few padded shapes let SDPA's cuDNN kernel keep its plans), up to
-   PREFILL_TOKENS padded tokens a call; on the CPU one at a time, unpadded. A prompt that shares a
-   token prefix with the one before it (the same document, another question) keeps that prefix's keys
-   and values and prefills only the rest, alone;
+1. prompts are prefilled causal and unmasked (SDPA's fused kernels), one a call by default; with
+   `batch_tokens` (the evaluation's `--prefill-tokens`) several a call, right-padded to a common length
+   that is a multiple of PREFILL_MULTIPLE on a GPU (causal attention: a prompt's positions never see
+   the padding after them, so its keys, values and last logits are the ones it has alone; the few
+   padded shapes let SDPA's cuDNN kernel keep its plans), up to `batch_tokens` padded tokens a call.
+   A prompt that shares a token prefix with the one before it (the same document, another question)
+   keeps that prefix's keys and values and prefills only the rest, alone;
 2. the prompts' keys and values are laid side by side, left-padded, in one buffer per layer allocated
    once for prompt + new tokens (`SlotLayer`: no copy per token);
 3. the batch decodes together; each step's mask is [batch, 1, 1, L], and each row has its own
@@ -34,8 +34,7 @@ import time
 import torch
 
 MIN_SHARED_PREFIX = 64  # shorter common prefixes are prefilled again (not worth the copy)
-PREFILL_TOKENS = 32768  # GPU: prompts prefilled together, up to this many tokens a call (padding counted)
-PREFILL_MULTIPLE = 256  # GPU: the common length of a call is a multiple of this
+PREFILL_MULTIPLE = 256  # GPU, several prompts a call: the call's common length is a multiple of this
 
 
 def supported(model) -> str | None:
@@ -160,10 +159,10 @@ def sync(device) -> None:
 
 
 class Prefiller:
-    """Prefills prompts (`rows`: several a call, right-padded, up to `batch_tokens` tokens a call, the
-    length a multiple of `multiple`; defaults PREFILL_TOKENS and PREFILL_MULTIPLE on a GPU, one prompt a
-    call unpadded on the CPU), reusing the previous prompt's cache for a common token prefix when that
-    prefix is at least `min_shared` of the prompt (default: any, on the CPU; half, on a GPU).
+    """Prefills prompts (`rows`: one a call, or with `batch_tokens` > 0 several a call, right-padded to a
+    common length that is a multiple of `multiple` -- default PREFILL_MULTIPLE on a GPU, 1 on the CPU --
+    within `batch_tokens` tokens a call), reusing the previous prompt's cache for a common token prefix
+    when that prefix is at least `min_shared` of the prompt (default: any, on the CPU; half, on a GPU).
     On a GPU the rest of a prompt attends to a kept prefix through a materialised mask, which SDPA runs
     with a slower kernel than the causal flash kernel of a whole prompt: RULER at 16K tokens (needles at
     every depth: neighbouring prompts share the haystack up to the first needle), 403 prompts on one
@@ -171,13 +170,13 @@ class Prefiller:
     most of its tokens (another question on the same document) still gains."""
 
     def __init__(self, model, stats: DecodeStats | None = None, min_shared: float | None = None,
-                 batch_tokens: int | None = None, multiple: int | None = None) -> None:
+                 batch_tokens: int = 0, multiple: int | None = None) -> None:
         self.model = model
         self.stats = stats or DecodeStats()
         cuda = model.device.type == "cuda"
         self.min_shared = (0.5 if cuda else 0.0) if min_shared is None else min_shared
         self.cache_kw, self._kw = _forward_names(model)
-        self.batch_tokens = (PREFILL_TOKENS if cuda else 0) if batch_tokens is None else batch_tokens
+        self.batch_tokens = max(0, int(batch_tokens or 0))
         if not self._kw:  # no way to keep only some positions' logits: [rows, length, vocab] is too much
             self.batch_tokens = 0
         self.multiple = max(1, (PREFILL_MULTIPLE if cuda else 1) if multiple is None else multiple)
