@@ -62,6 +62,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def load(model_dir: str, a: argparse.Namespace):
+    """The TransformersBackend of one model, with the new path's decode step and prefill settings."""
+    from megatron_longpo.generation import graph_decode
+    from megatron_longpo.generation.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend(model_dir, device=a.device, dtype=a.dtype, batch_size=a.batch_size,
+                                  threads=a.threads, decode="prefill")
+    backend.decode_step = graph_decode.choose(backend.model, a.decode_step)
+    backend.prefill_tokens = a.prefill_tokens
+    return backend
+
+
 def main(argv=None) -> int:
     from megatron_longpo import quiet
 
@@ -74,7 +86,6 @@ def main(argv=None) -> int:
     from megatron_longpo.eval import fast, ruler, ruler_tasks, runner, suite
     from megatron_longpo.eval.stats import bootstrap_ci, score
     from megatron_longpo.generation import graph_decode, kv_decode
-    from megatron_longpo.generation.transformers_backend import TransformersBackend
     from megatron_longpo.io import atomic_write_json
 
     console = Console(width=None if sys.stdout.isatty() else 160)  # a log keeps the whole table
@@ -91,11 +102,8 @@ def main(argv=None) -> int:
         if bad:
             raise ValueError(f"--tasks {bad[0]}: not one of RULER's tasks ({' '.join(ruler_tasks.RULER_TASKS)})")
         t0 = time.time()
-        backend = TransformersBackend(a.model, device=a.device, dtype=a.dtype, batch_size=a.batch_size,
-                                      threads=a.threads, decode="prefill")
+        backend = load(a.model, a)
         load_s = time.time() - t0
-        backend.decode_step = graph_decode.choose(backend.model, a.decode_step)
-        backend.prefill_tokens = a.prefill_tokens
         if a.compare_step:
             graph_decode.choose(backend.model, a.compare_step)
     except (ValueError, FileNotFoundError, OSError) as e:
@@ -177,12 +185,10 @@ def main(argv=None) -> int:
     for m, model_dir in enumerate([a.model] + a.models):
         if m:  # the next model of the table, in the first one's place
             del backend
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             t0 = time.time()
-            backend = TransformersBackend(model_dir, device=a.device, dtype=a.dtype, batch_size=a.batch_size,
-                                          threads=a.threads, decode="prefill")
-            backend.decode_step = graph_decode.choose(backend.model, a.decode_step)
-            backend.prefill_tokens = a.prefill_tokens
+            backend = load(model_dir, a)
             more_load_s += time.time() - t0
         name = "" if not a.models else f", {os.path.basename(os.path.normpath(model_dir))}"
         for length in a.lengths:
