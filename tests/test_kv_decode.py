@@ -170,6 +170,8 @@ def test_prompts_prefilled_together_right_padded_give_generates_tokens(tiny_mode
     static = graph_decode.StaticDecoder(model, kv_decode.Prefiller(model, batch_tokens=256, multiple=16), graphs=False,
                                         check_every=1, row_multiple=1, cap_multiple=1)
     assert static(prompts, budget, eos, 0) == ref
+    with pytest.raises(ValueError, match="batch_tokens -1: give 0"):
+        kv_decode.Prefiller(model, batch_tokens=-1)
 
 
 def test_decode_step_choice_and_buckets(tiny_model):

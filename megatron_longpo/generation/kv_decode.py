@@ -137,7 +137,7 @@ class DecodeStats:
     prompts: int = 0
     prompt_tokens: int = 0
     prefilled_tokens: int = 0  # prompt tokens actually run (the rest came from a shared prefix)
-    prefill_calls: int = 0  # model calls of the prefill (several prompts a call on a GPU)
+    prefill_calls: int = 0  # model calls of the prefill (several prompts a call with Prefiller's batch_tokens)
     padded_tokens: int = 0  # tokens added to bring a call's prompts to one length
     batches: int = 0
     rows: int = 0
@@ -176,7 +176,9 @@ class Prefiller:
         cuda = model.device.type == "cuda"
         self.min_shared = (0.5 if cuda else 0.0) if min_shared is None else min_shared
         self.cache_kw, self._kw = _forward_names(model)
-        self.batch_tokens = max(0, int(batch_tokens or 0))
+        if batch_tokens < 0:
+            raise ValueError(f"batch_tokens {batch_tokens}: give 0 (one prompt a call) or a token count")
+        self.batch_tokens = batch_tokens
         if not self._kw:  # no way to keep only some positions' logits: [rows, length, vocab] is too much
             self.batch_tokens = 0
         self.multiple = max(1, (PREFILL_MULTIPLE if cuda else 1) if multiple is None else multiple)
