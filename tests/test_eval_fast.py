@@ -136,26 +136,29 @@ def test_usage_errors_are_one_line(tiny, tmp_path, capsys):
 
 def test_bench_eval_runs_on_the_cpu(terse, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = _tool("bench_eval").main(["--model", str(terse), "--old-length", "512", "--old-samples", "1",
-                                   "--smoke-tasks", "niah_single", "vt", "--lengths", "1024", "--samples", "1",
-                                   "--tasks", "niah_single_2", "vt", "--dtype", "float32", "--device", "cpu",
+    rc = _tool("bench_eval").main(["--model", str(terse), "--old-length", "512", "--old-samples", "2",
+                                   "--smoke-tasks", "cwe", "--lengths", "1024", "--samples", "2",
+                                   "--tasks", "cwe", "--dtype", "float32", "--device", "cpu",
                                    "--threads", "2", "--compare-step", "static", "--models", str(terse),
-                                   "--prefill-tokens", "4096", "--out", str(out)])
+                                   "--prefill-tokens", "4096", "--compare-prefill-tokens", "0", "--out", str(out)])
     assert rc == 0
     b = json.loads(out.read_text())
-    assert [(r["suite"], r["length"], r["samples"]) for r in b["rows"]] == [("smoke", 512, 2), ("smoke", 512, 2),
-                                                                            ("ruler", 1024, 2), ("ruler", 1024, 2),
-                                                                            ("ruler", 1024, 2)]
+    assert [(r["suite"], r["length"], r["samples"]) for r in b["rows"]] == [("smoke", 512, 2)] * 3 + [("ruler", 1024, 2)] * 4
     # the table's second model (the same one here) sees the same samples and decodes the same tokens
-    assert [r["score"] for r in b["rows"][4:]] == [b["rows"][2]["score"]] and b["rows"][4]["path"].endswith(terse.name)
+    assert [r["score"] for r in b["rows"][6:]] == [b["rows"][3]["score"]] and b["rows"][6]["path"].endswith(terse.name)
     assert b["old_vs_new"]["predictions_identical"] == 2  # fp32: the same tokens (the new path with --prefill-tokens)
-    assert b["args"]["prefill_tokens"] == 4096 and all(0 < r["prefill_calls"] <= r["samples"] for r in b["rows"][2:])
-    assert b["decode_step"] == "eager" and b["rows"][3]["path"].endswith("static)")  # the CPU: eager, then static
+    assert b["args"]["prefill_tokens"] == 4096
+    # the two prompts of a batch in one prefill call, against one call each (--compare-prefill-tokens 0): the same tokens
+    assert [r["prefill_calls"] for r in b["rows"][1:6]] == [1, 2, 1, 2, 1]
+    assert [(c["suite"], c["prefill_tokens"], c["predictions_identical"]) for c in b["prefill_compare"]] == [
+        ("smoke", [4096, 0], 2), ("ruler", [4096, 0], 2)]
+    assert b["decode_step"] == "eager" and b["rows"][5]["path"].endswith("static)")  # the CPU: eager, then static
     assert b["step_compare"][0]["predictions_identical"] == 2
     assert all(r["samples_per_s"] > 0 and r["prefill_s"] > 0 and r["decode_s"] >= 0 for r in b["rows"])
     assert b["ruler_total_s"] > 0 and b["ruler_prefill_s"] > 0
     text = capsys.readouterr().out
     assert "samples/s" in text and "decode s" in text and "eager vs static step at 1024" in text
+    assert "prefill 4096 vs 0 tokens a call, ruler at 1024, the same 2 samples: 2 identical predictions" in text
 
 
 def test_backend_path_groups_by_budget_and_says_the_prefix_was_not_sent():

@@ -10,12 +10,15 @@
 3. with --compare-step STEP: the same RULER samples again with another decode step (graph, static,
    eager), predictions and scores compared one by one: `--compare-step static` on a GPU checks the
    CUDA graphs against the same static step run eagerly (identical predictions expected).
+4. with --compare-prefill-tokens N: the smoke samples of part 1 and the RULER samples again with
+   another --prefill-tokens (several prompts a prefill call), predictions and scores compared one by one.
 
 Every row says where the model time went: prefill seconds, decode seconds and decode steps (model
 calls after the prefills), and for the graph step the capture seconds and graphs captured.
 
   python tools/bench_eval.py [--model HF_DIR] --out bench.json
   python tools/bench_eval.py --skip-old --lengths 16384 --compare-step static --out graphs.json
+  python tools/bench_eval.py --compare-prefill-tokens 32768 --out prefill.json
   (defaults: the embedded SmolLM2-135M-Instruct; old path at 16K on 56 samples; new path at 4K, 8K,
   16K with 403 samples each; the new path's decode step: auto = CUDA graphs on a GPU)
 
@@ -55,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on a GPU, else eager")
     p.add_argument("--compare-step", choices=("graph", "static", "eager"),
                    help="also decode the RULER samples with this step and compare predictions and scores")
+    p.add_argument("--compare-prefill-tokens", type=int, metavar="N",
+                   help="also run the new path with --prefill-tokens N on the same samples (smoke and RULER, first "
+                        "model) and compare predictions, scores and speed")
     p.add_argument("--models", nargs="+", default=[], metavar="HF_DIR",
                    help="more models evaluated on the same RULER samples after --model (new path only): the time "
                         "of a whole table of models")
@@ -95,8 +101,9 @@ def main(argv=None) -> int:
             from megatron_longpo.models.embedded import materialize_default_model
 
             a.model = str(materialize_default_model())
-        if a.prefill_tokens < 0:
-            raise ValueError(f"--prefill-tokens {a.prefill_tokens}: give 0 (one prompt a call) or a token count")
+        for flag, n in (("--prefill-tokens", a.prefill_tokens), ("--compare-prefill-tokens", a.compare_prefill_tokens)):
+            if n is not None and n < 0:
+                raise ValueError(f"{flag} {n}: give 0 (one prompt a call) or a token count")
         tasks = a.tasks or list(ruler_tasks.RULER_TASKS)
         bad = [t for t in tasks if t not in ruler_tasks.TASKS]
         if bad:
@@ -140,6 +147,19 @@ def main(argv=None) -> int:
         return (sum(o["prediction"] == n["prediction"] for o, n in pairs),
                 sum(o["score"] == n["score"] for o, n in pairs))
 
+    prefill_compare = []
+
+    def prefill_name(n):
+        return f", prefill {n}" if n else ""
+
+    def with_prefill(n, fn):
+        """fn() run with the backend's prefill_tokens set to n, then set back."""
+        keep, backend.prefill_tokens = backend.prefill_tokens, n
+        try:
+            return fn()
+        finally:
+            backend.prefill_tokens = keep
+
     # warm-up: kernels and allocator, outside every timing
     fast.greedy_stream(backend, [tok("Hello there, how are you?")["input_ids"]], [4], 1)
 
@@ -167,8 +187,22 @@ def main(argv=None) -> int:
         same_pred, same_score = same(old, new)
         compare = {"predictions_identical": same_pred, "scores_identical": same_score, "samples": len(smoke)}
         row(f"old (runner.evaluate, batch {a.batch_size})", "smoke", a.old_length, old, old_s, old_st)
-        row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step})", "smoke", a.old_length, new, new_s,
-            new_st, speedup=round(old_s / max(new_s, 1e-9), 2))
+        row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step}){prefill_name(a.prefill_tokens)}",
+            "smoke", a.old_length, new, new_s, new_st, speedup=round(old_s / max(new_s, 1e-9), 2))
+        if a.compare_prefill_tokens is not None:
+            bar = tqdm(total=len(smoke), desc=f"new path {a.old_length}, prefill {a.compare_prefill_tokens}",
+                       unit="sample", file=sys.stderr)
+            (other, other_s), st = with_prefill(a.compare_prefill_tokens, lambda: timed(
+                lambda: fast.evaluate_fast(backend, smoke, chat_ids, a.fast_batch_size, bar.update)))
+            bar.close()
+            row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step})"
+                f"{prefill_name(a.compare_prefill_tokens)}", "smoke", a.old_length, other, other_s, st,
+                speedup=round(old_s / max(other_s, 1e-9), 2))
+            same_pred, same_score = same(new, other)
+            prefill_compare.append({"suite": "smoke", "length": a.old_length,
+                                    "prefill_tokens": [a.prefill_tokens, a.compare_prefill_tokens],
+                                    "predictions_identical": same_pred, "scores_identical": same_score,
+                                    "samples": len(new), "seconds": [round(new_s, 2), round(other_s, 2)]})
 
     t_eval = time.time()
     hay, qa_sets, prov = suite.load_inputs(tasks)
@@ -199,7 +233,21 @@ def main(argv=None) -> int:
             model_s += secs
             prefill_s, decode_s, capture_s = (prefill_s + st["prefill_s"], decode_s + st["decode_s"],
                                               capture_s + st["capture_s"])
-            row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step}){name}", "ruler", length, recs, secs, st)
+            row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step}){prefill_name(a.prefill_tokens)}{name}",
+                "ruler", length, recs, secs, st)
+            if a.compare_prefill_tokens is not None and not m:
+                bar = tqdm(total=len(samples), desc=f"new path {length}, prefill {a.compare_prefill_tokens}",
+                           unit="sample", file=sys.stderr)
+                (other, other_s), st = with_prefill(a.compare_prefill_tokens, lambda: timed(
+                    lambda: fast.evaluate_fast(backend, samples, ids, a.fast_batch_size, bar.update)))
+                bar.close()
+                row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step})"
+                    f"{prefill_name(a.compare_prefill_tokens)}", "ruler", length, other, other_s, st)
+                same_pred, same_score = same(recs, other)
+                prefill_compare.append({"suite": "ruler", "length": length,
+                                        "prefill_tokens": [a.prefill_tokens, a.compare_prefill_tokens],
+                                        "predictions_identical": same_pred, "scores_identical": same_score,
+                                        "samples": len(recs), "seconds": [round(secs, 2), round(other_s, 2)]})
             if a.compare_step and not m:
                 bar = tqdm(total=len(samples), desc=f"{a.compare_step} step {length}", unit="sample", file=sys.stderr)
                 (other, other_s), st = timed(lambda: fast.evaluate_fast(backend, samples, ids, a.fast_batch_size,
@@ -230,6 +278,11 @@ def main(argv=None) -> int:
         console.print(f"{c['steps'][0]} vs {c['steps'][1]} step at {c['length']} on the same {c['samples']} RULER "
                       f"samples: {c['predictions_identical']} identical predictions, {c['scores_identical']} "
                       f"identical scores; {c['seconds'][0]:.1f} s vs {c['seconds'][1]:.1f} s")
+    for c in prefill_compare:
+        console.print(f"prefill {c['prefill_tokens'][0]} vs {c['prefill_tokens'][1]} tokens a call, {c['suite']} at "
+                      f"{c['length']}, the same {c['samples']} samples: {c['predictions_identical']} identical "
+                      f"predictions, {c['scores_identical']} identical scores; {c['seconds'][0]:.1f} s vs "
+                      f"{c['seconds'][1]:.1f} s")
     n_ruler = len(tasks) * a.samples * len(a.lengths)
     if a.models:
         n_ruler *= 1 + len(a.models)
@@ -242,6 +295,7 @@ def main(argv=None) -> int:
     out = {"model": a.model, "device": device, "dtype": str(backend.model.dtype), "torch": torch.__version__,
            "transformers": __import__("transformers").__version__, "decode_step": backend.decode_step,
            "rows": rows, "old_vs_new": compare, "step_compare": step_compare,
+           "prefill_compare": prefill_compare,
            "ruler_total_s": round(total_eval, 2), "ruler_samples_s": round(sample_s, 2),
            "ruler_model_s": round(model_s, 2), "ruler_prefill_s": round(prefill_s, 2),
            "ruler_decode_s": round(decode_s, 2), "ruler_capture_s": round(capture_s, 2),
