@@ -191,6 +191,10 @@ def run_layout(spec, arch, par, world):
                        opt_seconds=float(np.median(split["opt"][spec["warmup"]:])),
                        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0,
                        status="ok")
+            if DEVICE == "cuda":  # what the allocator reserved (fragmentation included) and what the card has in use
+                free, total = torch.cuda.mem_get_info()
+                row.update(reserved_peak_gib=torch.cuda.max_memory_reserved() / 2**30,
+                           device_used_gib=(total - free) / 2**30, device_gib=total / 2**30)
         except torch.OutOfMemoryError:  # noqa: PERF203
             row.update(status="OOM")
         row["host_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -248,8 +252,8 @@ def profile_step(step, title: str, top: int):
 
 def print_table(rows, peak):
     print(f"\n| layout | LongPO NLL | length | layers | GPUs | recompute | memory options | s / pair (fwd+bwd / optimizer) "
-          f"| pair tokens/s | model TFLOP/s/GPU | MFU (peak {peak:g}) | peak GiB | plan GiB | plan error | after build GiB | host GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"| pair tokens/s | model TFLOP/s/GPU | MFU (peak {peak:g}) | peak GiB | reserved GiB | plan GiB | plan error | after build GiB | host GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["layout"], r.get("memory", "-"), r.get("recompute", ""), r["length"], r.get("nll", "responses"))):
         head = (f"| {r['layout']} | {r.get('nll', 'responses')} | {r['length']} | {r['layers']} | {r['gpus']} | {r['recompute']} "
                 f"| {r.get('memory', '-')}")
@@ -257,14 +261,15 @@ def print_table(rows, peak):
         build = f"{r['build_gib']:.1f}" if r.get("build_gib") is not None else ""
         host = f"{r['host_peak_gib']:.1f}" if r.get("host_peak_gib") is not None else ""
         if r["status"] != "ok":
-            print(f"{head} | {r['status']} | | | | | {plan} | | {build} | {host} |")
+            print(f"{head} | {r['status']} | | | | | | {plan} | | {build} | {host} |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         err = (f"{100 * (r['predicted_peak_gib'] / r['peak_mem_gib'] - 1):+.0f}%"
                if r.get("predicted_peak_gib") and r.get("peak_mem_gib") else "")
         split = f" ({r['fb_seconds']:.2f} / {r['opt_seconds']:.2f})" if "fb_seconds" in r else ""
+        reserved = f"{r['reserved_peak_gib']:.1f}" if r.get("reserved_peak_gib") is not None else ""
         print(f"{head} | {r['seconds']:.3f}{split} | {r['tokens_per_s']:,.0f} | {r['model_tflops_per_gpu']:.0f} | {mfu} "
-              f"| {r['peak_mem_gib']:.1f} | {plan} | {err} | {build} | {host} |")
+              f"| {r['peak_mem_gib']:.1f} | {reserved} | {plan} | {err} | {build} | {host} |")
 
 
 ROW_TAG = "BENCH_ROW "
