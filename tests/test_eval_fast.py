@@ -140,9 +140,11 @@ def test_bench_eval_runs_on_the_cpu(terse, tmp_path, capsys):
                                    "--smoke-tasks", "cwe", "--lengths", "1024", "--samples", "2",
                                    "--tasks", "cwe", "--dtype", "float32", "--device", "cpu",
                                    "--threads", "2", "--compare-step", "static", "--models", str(terse),
-                                   "--prefill-tokens", "4096", "--compare-prefill-tokens", "0", "--out", str(out)])
+                                   "--prefill-tokens", "4096", "--compare-prefill-tokens", "0", "--samples-cache",
+                                   str(tmp_path / "s.json"), "--out", str(out)])
     assert rc == 0
     b = json.loads(out.read_text())
+    assert len(json.loads((tmp_path / "s.json").read_text())["samples"]) == 2  # kept for the next table
     assert [(r["suite"], r["length"], r["samples"]) for r in b["rows"]] == [("smoke", 512, 2)] * 3 + [("ruler", 1024, 2)] * 4
     # the table's second model (the same one here) sees the same samples and decodes the same tokens
     assert [r["score"] for r in b["rows"][6:]] == [b["rows"][3]["score"]] and b["rows"][6]["path"].endswith(terse.name)

@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=[], metavar="HF_DIR",
                    help="more models evaluated on the same RULER samples after --model (new path only): the time "
                         "of a whole table of models")
+    p.add_argument("--samples-cache", metavar="FILE",
+                   help="keep the RULER samples in FILE and reuse them while the tokenizer and settings agree "
+                        "(eval_long.py's --samples-cache)")
     p.add_argument("--out", default="bench_eval.json")
     return p.parse_args(argv)
 
@@ -209,12 +212,14 @@ def main(argv=None) -> int:
     sample_s, model_s, prefill_s, decode_s, capture_s = 0.0, 0.0, 0.0, 0.0, 0.0
     step_compare = []
     by_length = {}
-    for length in a.lengths:  # the samples, once for every model (one tokenizer)
-        t0 = time.time()
-        bar = tqdm(total=len(tasks) * a.samples, desc=f"samples {length}", unit="sample", file=sys.stderr)
-        by_length[length] = suite.make_samples(tok, tasks, [length], a.samples, 0, hay, qa_sets, progress=bar.update)
-        bar.close()
-        sample_s += time.time() - t0
+    t0 = time.time()  # the samples, once for every model (one tokenizer)
+    bar = tqdm(total=len(tasks) * a.samples * len(a.lengths), desc="samples", unit="sample", file=sys.stderr)
+    built, ids = suite.cached_samples(a.samples_cache, tok, tasks, a.lengths, a.samples, 0, hay, qa_sets, prov,
+                                      progress=bar.update)
+    bar.close()
+    sample_s += time.time() - t0
+    for length in a.lengths:
+        by_length[length] = [x for x in built if x.length == length], ids
     more_load_s = 0.0
     for m, model_dir in enumerate([a.model] + a.models):
         if m:  # the next model of the table, in the first one's place
