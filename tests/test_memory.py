@@ -7,6 +7,7 @@ import torch
 from megatron_longpo.config import ConfigError, OptimSection, load_config
 from megatron_longpo.models.megatron_config import precision_aware
 from megatron_longpo.training import memory
+from megatron_longpo.training import memory_check as MC
 from megatron_longpo.training import memory_plan as P
 
 TINY = dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=160,
@@ -250,17 +251,17 @@ def test_trainer_plan_refuses_or_warns_before_the_build(tiny_llama_ckpt, tiny_lo
     base = [f"model.checkpoint={tiny_llama_ckpt}", f"data.path={tiny_longpo_data}"]
     lines = []
     monkeypatch.setattr(P, "device_bytes", lambda: None)
-    p = P.check_run(load_config(None, base), arch, 1, lines.append)
+    p = MC.check_run(load_config(None, base), arch, 1, lines.append)
     assert p.verdict == "not checked (no GPU)" and lines[0].startswith("memory plan (per GPU, GiB):")
     assert p.inputs.row_tokens > 100
     tiny_gpu = p.peak / 2  # a GPU with half the predicted peak
     monkeypatch.setattr(P, "device_bytes", lambda: tiny_gpu)
-    with pytest.raises(P.MemoryPlanError, match=r"more than the GPU's .*model.recompute=full.*train.memory_check=warn"):
-        P.check_run(load_config(None, base), arch, 1, lines.append)
+    with pytest.raises(MC.MemoryPlanError, match=r"more than the GPU's .*model.recompute=full.*train.memory_check=warn"):
+        MC.check_run(load_config(None, base), arch, 1, lines.append)
     lines.clear()
-    P.check_run(load_config(None, base + ["train.memory_check=warn"]), arch, 1, lines.append)
+    MC.check_run(load_config(None, base + ["train.memory_check=warn"]), arch, 1, lines.append)
     assert any(x.startswith("WARNING: the memory plan predicts") for x in lines)
-    assert P.check_run(load_config(None, base + ["train.memory_check=off"]), arch, 1, lines.append) is None
+    assert MC.check_run(load_config(None, base + ["train.memory_check=off"]), arch, 1, lines.append) is None
 
 
 

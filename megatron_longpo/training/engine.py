@@ -35,7 +35,7 @@ from megatron_longpo.models.forward import run_schedule
 from megatron_longpo.models.megatron_config import MegatronConfigs, megatron_configs
 from megatron_longpo.training import memory
 from megatron_longpo.training.data import StepData
-from megatron_longpo.training.memory_plan import check_run
+from megatron_longpo.training.memory_check import check_run
 from megatron_longpo.training.metrics import log
 from megatron_longpo.training.resume import check_save_dir
 from megatron_longpo.training.step import make_forward_step
