@@ -50,6 +50,8 @@ class ModelSection:
     bf16: bool = True
     transformer_engine: bool | None = None  # None: TE when it imports and a GPU is present; false: the local spec (fp32 reference runs)
     recompute: str | None = None  # None | "full" | "selective"
+    # full recompute: "uniform" (chunks of recompute_num_layers layers) | "block" (only the first recompute_num_layers of each stage)
+    recompute_method: str = "uniform"
     recompute_num_layers: int = 1
     logprob_chunk_size: int = 2048
     activation_offload_layers: int = 0  # TE CPU offloading of this many layers' activations (docs/training.md "Will it fit"); 0: off
@@ -57,6 +59,8 @@ class ModelSection:
     def __post_init__(self):
         if self.recompute not in (None, "full", "selective"):
             raise ValueError(f"model.recompute must be null, full or selective, got {self.recompute!r}")
+        if self.recompute_method not in ("uniform", "block"):
+            raise ValueError(f"model.recompute_method must be uniform or block, got {self.recompute_method!r}")
         _require("model", self, rope_theta=POSITIVE, max_position_embeddings=POSITIVE, recompute_num_layers=POSITIVE,
                  logprob_chunk_size=POSITIVE, activation_offload_layers=NON_NEGATIVE)
 

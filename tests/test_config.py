@@ -103,6 +103,7 @@ def test_run_overrides_reach_the_recorded_architecture():
     ("model.logprob_chunk_size=0", "model.logprob_chunk_size must be > 0"),
     ("model.rope_theta=0", "model.rope_theta must be > 0"),
     ("model.recompute=partial", "model.recompute must be null, full or selective"),
+    ("model.recompute_method=chunked", "model.recompute_method must be uniform or block, got 'chunked'"),
     ("parallel.tensor_parallel=0", "parallel.tensor_parallel must be > 0"),
     ("parallel.context_parallel=-2", "parallel.context_parallel must be > 0"),
 ])

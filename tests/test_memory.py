@@ -1,6 +1,8 @@
 """Memory keys -> megatron-core's config objects (models/megatron_config.py), refused combinations, and the memory plan's
 arithmetic against the tensors of a real (tiny, CPU) model and optimizer (docs/training.md "Will it fit")."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -59,6 +61,9 @@ def test_keys_reach_megatron_core_config_objects():
     tc = transformer_config(_arch(), ParallelConfig(), ModelOptions(recompute="full", recompute_num_layers=3), cuda=False)
     assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == ("full", "uniform", 3)
     assert not tc.cpu_offloading
+    cfg = load_config(None, ["model.recompute=full", "model.recompute_method=block", "model.recompute_num_layers=2"])
+    tc = transformer_config(_arch(), ParallelConfig(), model_options(cfg), cuda=False)
+    assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == ("full", "block", 2)
 
 
 @pytest.mark.parametrize("optim, kw, msg", [
@@ -204,6 +209,112 @@ def test_refusal_names_the_knob():
     assert fits.verdict == "fits" and P.advice(fits) == ""
 
 
+def test_block_recompute_has_the_gradients_of_none_and_keeps_less(cpu_engine):
+    """Block recompute of 1 of 2 layers, and of 2 of 2, on a tiny fp32 model (local spec, CPU): the
+    gradients of a forward and backward equal those without recompute, bit for bit; the bytes autograd
+    holds saved at once (peak over the forward and backward, the recompute included) drop from none
+    to block 1 of 2 to block 2 of 2, which keeps exactly what full uniform recompute keeps."""
+    import weakref
+
+    from megatron_longpo.models.build import ModelOptions, build_model
+    from megatron_longpo.parallel import ParallelConfig
+
+    arch = _arch(num_hidden_layers=2)
+    s = 128
+    tokens = torch.randint(0, 1000, (1, s), generator=torch.Generator().manual_seed(1))
+    w = torch.randn(s, arch.padded_vocab_size, generator=torch.Generator().manual_seed(2))
+    state = {}
+
+    def run(**recompute):
+        model = build_model(arch, ParallelConfig(), ModelOptions(bf16=False, use_te=False, **recompute))[0]
+        if state:
+            model.load_state_dict(state)
+        else:
+            state.update(model.state_dict())
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        live, now, peak = {}, [0], [0]  # storage -> [references, bytes]; bytes saved now; their peak
+
+        class Saved:
+            def __init__(self, t):
+                self.t = t
+
+        def gone(key):
+            live[key][0] -= 1
+            if not live[key][0]:
+                now[0] -= live.pop(key)[1]
+
+        def pack(t):
+            key = t.untyped_storage().data_ptr()
+            if key in params:
+                return t
+            if key not in live:
+                live[key] = [0, t.untyped_storage().nbytes()]
+                now[0] += live[key][1]
+                peak[0] = max(peak[0], now[0])
+            live[key][0] += 1
+            box = Saved(t)
+            weakref.finalize(box, gone, key)
+            return box
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda b: b.t if isinstance(b, Saved) else b):
+            (model(tokens, torch.arange(s).unsqueeze(0), None)[0] * w).sum().backward()
+        assert now[0] == 0  # every saved tensor was freed: the bookkeeping saw them all
+        return {n: p.grad for n, p in model.named_parameters()}, peak[0]
+
+    none, none_peak = run()
+    block1, block1_peak = run(recompute="full", recompute_method="block", recompute_num_layers=1)
+    block2, block2_peak = run(recompute="full", recompute_method="block", recompute_num_layers=2)
+    full, full_peak = run(recompute="full", recompute_num_layers=1)
+    assert len(none) == len(block1) > 0 and any(g.abs().sum() > 0 for g in none.values())
+    for name, g in none.items():
+        for other in (block1, block2, full):
+            torch.testing.assert_close(other[name], g, rtol=0, atol=1e-6, msg=name)
+    # measured: 2,706,944 / 1,714,688 / 1,091,584 bytes
+    assert none_peak > block1_peak > block2_peak == full_peak, (none_peak, block1_peak, block2_peak, full_peak)
+
+
+def _mistral(**kw):
+    return _arch(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336, vocab_size=32000,
+                 num_hidden_layers=32, **kw)
+
+
+def test_block_recompute_plan_lies_between_none_and_full():
+    """Block recompute of N of a stage's L layers: the first N keep only their bf16 input, the other
+    L - N all their saved tensors; the backward reaches the recomputed layers after the others are
+    freed. So each N saves one layer less its input; N = L - 1 plans one layer input below full
+    recompute (recomputing a stage's last layer saves nothing: its backward comes first), and N = L
+    (or more) plans exactly full uniform recompute of one layer per chunk, which is what megatron runs."""
+    arch = _mistral()
+    L = arch.num_layers
+    base = P.PlanInputs(arch, row_tokens=131585, scored_tokens=1024)
+
+    def acts(**kw):
+        return P.plan(replace(base, **kw)).activations
+
+    none, full = acts(recompute=None), acts(recompute="full", recompute_num_layers=1)
+    block = [acts(recompute="full", recompute_method="block", recompute_num_layers=n) for n in range(1, L + 2)]
+    layer_input = 2 * arch.hidden_size * 131585  # bf16
+    assert none > block[0] and all(a > b for a, b in zip(block, block[1:L - 1]))  # N = 1 .. L - 1: decreasing
+    assert all(full < a < none for a in block[:L - 2])  # N = 1 .. L - 2
+    assert block[L - 2] == pytest.approx(full - layer_input, rel=1e-12)  # N = L - 1
+    assert block[L - 1] == pytest.approx(full, rel=1e-12) and block[L] == block[L - 1]  # N = L, L + 1
+    per_layer = none - block[0]  # one layer's saved tensors less its input
+    assert per_layer > 10 * layer_input
+    assert all(a == pytest.approx(none - n * per_layer, rel=1e-12) for n, a in enumerate(block[:L - 1], 1))
+    note = P.plan(replace(base, recompute="full", recompute_method="block", recompute_num_layers=12)).table()
+    assert "recompute full, block, 12 of 32 layers" in note
+    pp = P.plan(replace(base, pp=2, recompute="full", recompute_method="block", recompute_num_layers=40)).table()
+    assert "recompute full, block, 16 of 16 layers" in pp
+
+
+def test_advice_for_block_recompute_names_uniform():
+    arch = _mistral()
+    p = P.plan(P.PlanInputs(arch, 131585, 131584, recompute="full", recompute_method="block", recompute_num_layers=2),
+               139.8 * P.GIB)
+    assert P.advice(p).startswith("turn model.recompute=full model.recompute_method=uniform model.recompute_num_layers=1 "
+                                  "optim.cpu_offload=true")
+
+
 def _tool(name):
     import importlib.util
 
@@ -262,7 +373,6 @@ def test_trainer_plan_refuses_or_warns_before_the_build(tiny_llama_ckpt, tiny_lo
     MC.check_run(load_config(None, base + ["train.memory_check=warn"]), arch, 1, lines.append)
     assert any(x.startswith("WARNING: the memory plan predicts") for x in lines)
     assert MC.check_run(load_config(None, base + ["train.memory_check=off"]), arch, 1, lines.append) is None
-
 
 
 @pytest.mark.parametrize("gpus, offload", [(1, False), (1, True), (2, False), (8, True)])

@@ -110,7 +110,9 @@ def transformer_config(arch: ModelArch, par: ParallelConfig, opts: ModelOptions,
     if opts.recompute:
         kw.update(recompute_granularity=opts.recompute)
         if opts.recompute == "full":
-            kw.update(recompute_method="uniform", recompute_num_layers=opts.recompute_num_layers)
+            # uniform: chunks of recompute_num_layers layers keep their input; block: only the first
+            # recompute_num_layers layers of each stage are recomputed, the others keep their activations
+            kw.update(recompute_method=opts.recompute_method, recompute_num_layers=opts.recompute_num_layers)
     kw.update(_activation_offload(opts.activation_offload_layers))
     return TransformerConfig(**kw)
 

@@ -116,7 +116,8 @@ class PlanInputs:
     precision_aware: bool = False
     exp_avg_dtype: str = "fp32"
     exp_avg_sq_dtype: str = "fp32"
-    recompute: str | None = None
+    recompute: str | None = None  # None | "full" | "selective"
+    recompute_method: str = "uniform"  # full recompute: "uniform" | "block"
     recompute_num_layers: int = 1
     activation_offload_layers: int = 0
     logprob_chunk: int = 2048
@@ -136,11 +137,19 @@ class PlanInputs:
                    distributed_optimizer=o.distributed_optimizer and cuda, optimizer=o.name, grad_dtype=o.grad_dtype,
                    cpu_offload=o.cpu_offload, offload_fraction=o.offload_fraction, precision_aware=precision_aware(o),
                    exp_avg_dtype=o.exp_avg_dtype, exp_avg_sq_dtype=o.exp_avg_sq_dtype, recompute=cfg.model.recompute,
-                   recompute_num_layers=cfg.model.recompute_num_layers,
+                   recompute_method=cfg.model.recompute_method, recompute_num_layers=cfg.model.recompute_num_layers,
                    activation_offload_layers=cfg.model.activation_offload_layers, logprob_chunk=cfg.model.logprob_chunk_size)
 
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def recompute_label(i: PlanInputs) -> str:
+    """The recompute of `i` in words: none, selective, full, or "full, block, 12 of 32 layers"."""
+    if i.recompute == "full" and i.recompute_method == "block":
+        layers = i.arch.num_layers // i.pp
+        return f"full, block, {min(i.recompute_num_layers, layers)} of {layers} layers"
+    return i.recompute or "none"
 
 
 @dataclass(frozen=True)
@@ -180,7 +189,7 @@ class MemoryPlan:
     def table(self) -> str:
         g = lambda b: f"{b / GIB:7.1f}"  # noqa: E731
         i = self.inputs
-        rec = i.recompute or "none"
+        rec = recompute_label(i)
         opt = (f"{i.optimizer}, distributed over DP×CP={i.dp * i.cp}" if i.distributed_optimizer else i.optimizer)
         if i.cpu_offload:
             opt += f", {i.offload_fraction:g} on the CPU"
@@ -249,9 +258,17 @@ def plan(i: PlanInputs, device_bytes: float | None = None) -> MemoryPlan:
     trans = c["transient"] * 2 * e * (h / split + 2 * ffn / i.tp) * tok
     layers = a.num_layers // i.pp
     in_flight = min(i.pp, i.microbatches) if i.pp > 1 else 1
-    if i.recompute == "full":
+    inp = 2 * e * h / split * tok  # one layer's input (bf16), all a recomputed layer keeps
+    if i.recompute == "full" and i.recompute_method == "block":
+        # the first k layers of the stage keep their input, the other layers - k all their saved tensors.
+        # The backward reaches the recomputed (first) layers after the others' tensors are freed, so one
+        # recomputed layer's activations add to the peak only when every layer is recomputed (k = layers:
+        # uniform with recompute_num_layers=1)
+        k = min(i.recompute_num_layers, layers)
+        saved = (k * inp + (layers - k) * layer) * in_flight + (layer if k == layers else 0)
+    elif i.recompute == "full":
         k = i.recompute_num_layers
-        saved = (layers / k) * 2 * e * h / split * tok * in_flight + k * layer
+        saved = (layers / k) * inp * in_flight + k * layer
     elif i.activation_offload_layers:
         kept = layers - i.activation_offload_layers + 1  # + one layer's reload buffer
         saved = kept * layer * in_flight
@@ -264,9 +281,21 @@ def plan(i: PlanInputs, device_bytes: float | None = None) -> MemoryPlan:
     return MemoryPlan(i, params, grads, main, optim, transient, acts, logp, c["workspace_gib"] * GIB, host, device_bytes)
 
 
+def _full(i: PlanInputs) -> PlanInputs:
+    """Every layer recomputed: full, uniform, one layer per chunk."""
+    return replace(i, recompute="full", recompute_method="uniform", recompute_num_layers=1)
+
+
+def _block_short_of_all(i: PlanInputs) -> bool:
+    return i.recompute == "full" and i.recompute_method == "block" and i.recompute_num_layers < i.arch.num_layers // i.pp
+
+
 KNOBS = (
-    ("model.recompute=full", lambda i: i.recompute != "full" and not i.activation_offload_layers,
-     lambda i: replace(i, recompute="full", recompute_num_layers=1)),
+    ("model.recompute=full", lambda i: i.recompute != "full" and i.recompute_method == "uniform" and not i.activation_offload_layers,
+     _full),
+    ("model.recompute=full model.recompute_method=uniform model.recompute_num_layers=1",
+     lambda i: (i.recompute != "full" or _block_short_of_all(i)) and i.recompute_method == "block" and not i.activation_offload_layers,
+     _full),
     ("optim.cpu_offload=true", lambda i: i.bf16 and i.distributed_optimizer and not i.cpu_offload,
      lambda i: replace(i, cpu_offload=True, offload_fraction=1.0, precision_aware=i.optimizer == "adam",
                        exp_avg_dtype="fp32", exp_avg_sq_dtype="fp32")),
