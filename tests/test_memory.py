@@ -64,6 +64,8 @@ def test_keys_reach_megatron_core_config_objects():
     cfg = load_config(None, ["model.recompute=full", "model.recompute_method=block", "model.recompute_num_layers=2"])
     tc = transformer_config(_arch(), ParallelConfig(), model_options(cfg), cuda=False)
     assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == ("full", "block", 2)
+    with pytest.raises(ValueError, match="model.recompute=auto is chosen by the memory plan"):
+        transformer_config(_arch(), ParallelConfig(), ModelOptions(recompute="auto"), cuda=False)
 
 
 @pytest.mark.parametrize("optim, kw, msg", [
@@ -307,12 +309,65 @@ def test_block_recompute_plan_lies_between_none_and_full():
     assert "recompute full, block, 16 of 16 layers" in pp
 
 
+def test_choose_recompute_picks_the_least_that_fits():
+    """model.recompute=auto: none, then block N = 1, 2, ..., then full uniform: the first whose peak
+    is within 90% of the GPU."""
+    arch = _mistral()
+    base = P.PlanInputs(arch, row_tokens=65536, scored_tokens=1024, recompute="auto", cpu_offload=True, precision_aware=True,
+                        grad_dtype="bf16")
+
+    def peak(**kw):
+        return P.plan(replace(base, **kw)).peak
+
+    none, full = peak(recompute=None), peak(recompute="full", recompute_num_layers=1)
+    device = (none + full) / 2 / P.FIT
+    got = P.choose_recompute(base, device)
+    n = got.recompute_num_layers
+    assert (got.recompute, got.recompute_method) == ("full", "block") and 1 < n < arch.num_layers - 1, got
+    assert P.plan(got, device).peak <= P.FIT * device < peak(recompute="full", recompute_method="block", recompute_num_layers=n - 1)
+    assert P.plan(got, device).verdict == "fits"
+
+    above = P.choose_recompute(base, none / P.FIT * 1.01)
+    assert (above.recompute, above.recompute_num_layers) == (None, 1)
+    assert P.choose_recompute(base, None).recompute is None  # no GPU: nothing to fit
+
+    below = P.choose_recompute(base, full / 2)
+    assert (below.recompute, below.recompute_method, below.recompute_num_layers) == ("full", "uniform", 1)
+    p = P.plan(below, full / 2)
+    assert p.verdict == "does not fit" and "model.recompute" not in P.advice(p) and P.advice(p)
+    i, line = P.resolve_recompute(base, device)
+    assert i == got and line == (f"model.recompute=auto: recompute full, block, {n} of 32 layers (the least that fits under "
+                                 f"90% of the GPU): predicted peak {P.plan(got, device).peak / P.GIB:.1f} of "
+                                 f"{device / P.GIB:.1f} GiB")
+    assert "the most there is, and still over 90%" in P.resolve_recompute(base, full / 2)[1]
+    with pytest.raises(ValueError, match="auto"):
+        P.plan(base, device)
+
+
 def test_advice_for_block_recompute_names_uniform():
     arch = _mistral()
     p = P.plan(P.PlanInputs(arch, 131585, 131584, recompute="full", recompute_method="block", recompute_num_layers=2),
                139.8 * P.GIB)
     assert P.advice(p).startswith("turn model.recompute=full model.recompute_method=uniform model.recompute_num_layers=1 "
                                   "optim.cpu_offload=true")
+
+
+def test_plan_command_prints_the_auto_choice(tmp_path):
+    """`python -m megatron_longpo.train --plan` with model.recompute=auto: the choice's line, and the
+    table of that choice."""
+    import json
+
+    hf = tmp_path / "config.json"
+    hf.write_text(json.dumps({**TINY, "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8,
+                              "intermediate_size": 14336, "vocab_size": 32000, "num_hidden_layers": 32}))
+    keys = ["model.recompute=auto", "data.share_prefix=true", "optim.cpu_offload=true", "optim.grad_dtype=bf16"]
+    out = MC.plan_command(load_config(None, keys), length=65536, hf_config=str(hf), device_gib=80)
+    chose = [x for x in out.splitlines() if x.startswith("model.recompute=auto: recompute full, block, ")]
+    assert len(chose) == 1 and "of 80.0 GiB" in chose[0], out
+    n = chose[0].split("block, ")[1].split(" of")[0]
+    assert f"recompute full, block, {n} of 32 layers" in out.split("memory plan")[1] and ": fits" in out, out
+    out = MC.plan_command(load_config(None, keys), length=1024, hf_config=str(hf), device_gib=80)
+    assert "model.recompute=auto: recompute none (the least that fits" in out and "  recompute none" in out, out
 
 
 def _tool(name):
@@ -373,6 +428,43 @@ def test_trainer_plan_refuses_or_warns_before_the_build(tiny_llama_ckpt, tiny_lo
     MC.check_run(load_config(None, base + ["train.memory_check=warn"]), arch, 1, lines.append)
     assert any(x.startswith("WARNING: the memory plan predicts") for x in lines)
     assert MC.check_run(load_config(None, base + ["train.memory_check=off"]), arch, 1, lines.append) is None
+
+
+def test_trainer_plan_chooses_recompute_auto(tiny_llama_ckpt, tiny_longpo_data, monkeypatch):
+    """model.recompute=auto in the trainer's plan (check_run, before the build): one line names the
+    choice, the plan printed is the choice's, and chosen_recompute(cfg, plan) is the configuration the
+    engine builds from (engine.model_options reads it); on the CPU (no device size) no recompute."""
+    from megatron_longpo.checkpoint.dist import read_model_json
+    from megatron_longpo.training.engine import model_options
+
+    arch = read_model_json(tiny_llama_ckpt)[0]
+    cfg = load_config(None, [f"model.checkpoint={tiny_llama_ckpt}", f"data.path={tiny_longpo_data}", "model.recompute=auto",
+                             "model.recompute_num_layers=3"])
+    lines = []
+    monkeypatch.setattr(P, "device_bytes", lambda: None)
+    p = MC.check_run(cfg, arch, 1, lines.append)
+    assert lines[0] == "model.recompute=auto: no recompute (no GPU: the device's memory is unknown, nothing to fit)"
+    assert "recompute none" in lines[1] and p.inputs.recompute is None
+    built = MC.chosen_recompute(cfg, p)
+    assert (built.model.recompute, built.model.recompute_method) == (None, "uniform") and model_options(built).recompute is None
+
+    def peak(**kw):
+        return P.plan(replace(p.inputs, **kw)).peak
+
+    # a GPU on which no recompute does not fit and block recompute of 2 of the 4 layers does (not 1)
+    device = (peak(recompute="full", recompute_method="block", recompute_num_layers=2) +
+              peak(recompute="full", recompute_method="block", recompute_num_layers=1)) / 2 / P.FIT
+    monkeypatch.setattr(P, "device_bytes", lambda: device)
+    lines.clear()
+    p = MC.check_run(cfg, arch, 1, lines.append)
+    assert lines[0].startswith("model.recompute=auto: recompute full, block, 2 of 4 layers (the least that fits"), lines
+    assert "recompute full, block, 2 of 4 layers" in lines[1] and p.verdict == "fits"
+    built = MC.chosen_recompute(cfg, p)
+    assert (built.model.recompute, built.model.recompute_method, built.model.recompute_num_layers) == ("full", "block", 2)
+    o = model_options(built)
+    assert (o.recompute, o.recompute_method, o.recompute_num_layers) == ("full", "block", 2)
+    assert MC.chosen_recompute(load_config(None, []), p) == load_config(None, [])  # not auto: the config itself
+
 
 
 @pytest.mark.parametrize("gpus, offload", [(1, False), (1, True), (2, False), (8, True)])

@@ -107,6 +107,9 @@ def transformer_config(arch: ModelArch, par: ParallelConfig, opts: ModelOptions,
         moe_token_dispatcher_type="alltoall",  # (only to satisfy a check tied to variable_seq_lengths)
         calculate_per_token_loss=per_token_loss,
     )
+    if opts.recompute == "auto":
+        raise ValueError("model.recompute=auto is chosen by the memory plan (training/memory_check.check_run) before the "
+                         "model is built; build with the chosen recompute")
     if opts.recompute:
         kw.update(recompute_granularity=opts.recompute)
         if opts.recompute == "full":

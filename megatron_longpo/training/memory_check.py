@@ -1,12 +1,15 @@
 """The memory plan (training/memory_plan.py's arithmetic) where a run meets it: the trainer's
-check before the model is built (`check_run`, train.memory_check) and `python -m
-megatron_longpo.train --plan` (`plan_command`), both for the dataset's longest sample
-(`row_tokens_of_dataset`). The GPU's size is read through `memory_plan.device_bytes`."""
+check before the model is built (`check_run`, train.memory_check; `chosen_recompute`: the
+configuration with model.recompute=auto's choice) and `python -m megatron_longpo.train --plan`
+(`plan_command`), both for the dataset's longest sample (`row_tokens_of_dataset`). The GPU's size
+is read through `memory_plan.device_bytes`."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from megatron_longpo.training import memory_plan as P
-from megatron_longpo.training.memory_plan import GIB, H200_GIB, MemoryPlan, PlanInputs, advice, describe, plan
+from megatron_longpo.training.memory_plan import GIB, H200_GIB, MemoryPlan, PlanInputs, advice, describe, plan, resolve_recompute
 
 
 def row_tokens_of_dataset(ds, *, share_prefix: bool, samples_per_microbatch: int, roles, sequence_roles=()) -> tuple[int, int]:
@@ -37,9 +40,16 @@ def check_run(cfg, arch, world: int, log=print, datasets=None) -> MemoryPlan | N
     """The trainer's plan before the model is built: printed (rank 0 via `log`), and a run predicted
     not to fit by more than the plan's 10% refused (train.memory_check=refuse; warn: a warning).
     `datasets`: the run's datasets (every prefix of a blend) when the caller has opened them (the
-    trainer: once for the whole setup)."""
-    if cfg.train.memory_check == "off" or not cfg.data.path:
+    trainer: once for the whole setup).
+    model.recompute=auto: the plan is of the recompute choose_recompute picks, said in one line
+    (chosen_recompute(cfg, plan) is the configuration to build with)."""
+    def no_plan():
+        if cfg.model.recompute == "auto":
+            log("model.recompute=auto: no recompute (no memory plan: data.path cannot be read here)")
         return None
+
+    if cfg.train.memory_check == "off" or not cfg.data.path:
+        return no_plan()
     from megatron_longpo.data.format import PairDataset
     from megatron_longpo.losses import policy_roles, sequence_roles
     from megatron_longpo import platform
@@ -50,13 +60,17 @@ def check_run(cfg, arch, world: int, log=print, datasets=None) -> MemoryPlan | N
         try:  # every prefix of a blend (data/blend.py); the longest row decides
             datasets = [PairDataset(prefix) for _, prefix in parse_blend(cfg.data.path)]
         except Exception:  # noqa: BLE001 - the data's own error comes from StepData, with its message
-            return None
+            return no_plan()
     rows, scored = max(row_tokens_of_dataset(ds, share_prefix=cfg.data.share_prefix,
                                              samples_per_microbatch=cfg.data.samples_per_microbatch,
                                              roles=policy_roles(cfg.loss), sequence_roles=sequence_roles(cfg.loss))
                        for ds in datasets)
-    p = plan(PlanInputs.from_config(cfg, arch, world=world, row_tokens=rows, scored_tokens=scored,
-                                    cuda=platform.cuda_available()), P.device_bytes())
+    dev = P.device_bytes()
+    i, chose = resolve_recompute(PlanInputs.from_config(cfg, arch, world=world, row_tokens=rows, scored_tokens=scored,
+                                                        cuda=platform.cuda_available()), dev)
+    if chose:
+        log(chose)
+    p = plan(i, dev)
     log(describe(p))
     if p.verdict == "does not fit":
         msg = (f"the memory plan predicts {p.peak / GIB:.1f} GiB per GPU for rows of {rows:,} tokens, more than the GPU's "
@@ -68,6 +82,19 @@ def check_run(cfg, arch, world: int, log=print, datasets=None) -> MemoryPlan | N
         log(f"WARNING: the memory plan predicts {p.peak / GIB:.1f} of {p.device / GIB:.1f} GiB: it may run out of memory; "
             f"{advice(p) or 'model.recompute=full or optim.cpu_offload=true leave more room'}")
     return p
+
+
+def chosen_recompute(cfg, p: MemoryPlan | None):
+    """`cfg` (a RunConfig) with model.recompute=auto replaced by what the plan `p` (check_run's) chose:
+    recompute, method and layers, for the engine to build with; no recompute without a plan. Any
+    other model.recompute: `cfg` itself."""
+    if cfg.model.recompute != "auto":
+        return cfg
+    if p is None:
+        return replace(cfg, model=replace(cfg.model, recompute=None, recompute_method="uniform"))
+    i = p.inputs
+    return replace(cfg, model=replace(cfg.model, recompute=i.recompute, recompute_method=i.recompute_method,
+                                      recompute_num_layers=i.recompute_num_layers))
 
 
 def plan_command(cfg, *, length: int | None = None, response: int = 512, world: int | None = None,
@@ -111,7 +138,9 @@ def plan_command(cfg, *, length: int | None = None, response: int = 512, world: 
         where = f"the longest sample of {cfg.data.path}"
     dev = device_gib * GIB if device_gib else P.device_bytes() or H200_GIB * GIB
     label = f"{dev / GIB:.1f} GiB" + ("" if device_gib or P.device_bytes() else " (an H200: --device-gib to change)")
-    pl = plan(PlanInputs.from_config(cfg, arch, world=world, row_tokens=rows, scored_tokens=scored, cuda=True), dev)
+    i, chose = resolve_recompute(PlanInputs.from_config(cfg, arch, world=world, row_tokens=rows, scored_tokens=scored,
+                                                        cuda=True), dev)
+    pl = plan(i, dev)
     head = (f"{arch.architecture}, {arch.num_layers} layers; {where}: {rows:,} tokens per row"
             f"{' (prefix-shared)' if cfg.data.share_prefix else ''}; {world} GPU(s) of {label}")
-    return head + "\n" + describe(pl)
+    return head + "\n" + (chose + "\n" if chose else "") + describe(pl)

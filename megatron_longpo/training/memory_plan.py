@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 GIB = 2**30
+FIT = 0.9  # a plan fits at or under this fraction of the GPU (MemoryPlan.verdict; model.recompute=auto's bar)
 
 # Measured peaks (GiB) the activation constants are fitted to: one H200, 4 Mistral-7B layers, bf16,
 # TE, prefix-shared pair with 512-token responses (row tokens 66,049 / 131,585), distributed Adam
@@ -116,7 +117,7 @@ class PlanInputs:
     precision_aware: bool = False
     exp_avg_dtype: str = "fp32"
     exp_avg_sq_dtype: str = "fp32"
-    recompute: str | None = None  # None | "full" | "selective"
+    recompute: str | None = None  # None | "full" | "selective" ("auto": choose_recompute first)
     recompute_method: str = "uniform"  # full recompute: "uniform" | "block"
     recompute_num_layers: int = 1
     activation_offload_layers: int = 0
@@ -184,7 +185,7 @@ class MemoryPlan:
         r = self.ratio
         if r is None:
             return "not checked (no GPU)"
-        return "fits" if r <= 0.9 else "tight (within the plan's 10%)" if r <= 1.1 else "does not fit"
+        return "fits" if r <= FIT else "tight (within the plan's 10%)" if r <= 1.1 else "does not fit"
 
     def table(self) -> str:
         g = lambda b: f"{b / GIB:7.1f}"  # noqa: E731
@@ -258,6 +259,8 @@ def plan(i: PlanInputs, device_bytes: float | None = None) -> MemoryPlan:
     trans = c["transient"] * 2 * e * (h / split + 2 * ffn / i.tp) * tok
     layers = a.num_layers // i.pp
     in_flight = min(i.pp, i.microbatches) if i.pp > 1 else 1
+    if i.recompute == "auto":
+        raise ValueError("model.recompute=auto: plan the recompute choose_recompute picks")
     inp = 2 * e * h / split * tok  # one layer's input (bf16), all a recomputed layer keeps
     if i.recompute == "full" and i.recompute_method == "block":
         # the first k layers of the stage keep their input, the other layers - k all their saved tensors.
@@ -320,6 +323,37 @@ def advice(p: MemoryPlan) -> str:
     more = f" even with {' '.join(turned)} ({q.peak / GIB:.1f} GiB)" if turned else ""
     return (f"does not fit{more}: split the row over more GPUs (parallel.context_parallel, tensor_parallel) or train "
             f"shorter rows (data.max_tokens)")
+
+
+def choose_recompute(i: PlanInputs, device_bytes: float | None) -> PlanInputs:
+    """model.recompute=auto: the least recompute whose plan fits (peak <= 90% of `device_bytes`):
+    none, then block recompute of the first N = 1, 2, ..., L - 1 of a stage's L layers; else full
+    uniform recompute (every layer, recompute_num_layers=1; block of all L plans the same), which
+    plans above block of L - 1 and so comes only when nothing fits: the verdict and the advice
+    then say so. Without a device size (no GPU): none."""
+    none = replace(i, recompute=None, recompute_method="uniform", recompute_num_layers=1)
+    if not device_bytes:
+        return none
+    layers = i.arch.num_layers // i.pp
+    ladder = [none, *(replace(i, recompute="full", recompute_method="block", recompute_num_layers=n) for n in range(1, layers))]
+    for c in ladder:
+        if plan(c, device_bytes).peak <= FIT * device_bytes:
+            return c
+    return _full(i)
+
+
+def resolve_recompute(i: PlanInputs, device_bytes: float | None) -> tuple[PlanInputs, str | None]:
+    """(the inputs to plan, the log line of model.recompute=auto's choice; None for any other recompute)."""
+    if i.recompute != "auto":
+        return i, None
+    c = choose_recompute(i, device_bytes)
+    if not device_bytes:
+        return c, "model.recompute=auto: no recompute (no GPU: the device's memory is unknown, nothing to fit)"
+    p = plan(c, device_bytes)
+    how = ("the least that fits under 90%" if p.peak <= FIT * device_bytes
+           else "the most there is, and still over 90%")
+    return c, (f"model.recompute=auto: recompute {recompute_label(c)} ({how} of the GPU): predicted peak "
+               f"{p.peak / GIB:.1f} of {device_bytes / GIB:.1f} GiB")
 
 
 def host_bytes() -> float | None:
