@@ -49,14 +49,22 @@ class ModelSection:
     max_position_embeddings: int | None = None  # the trained context, recorded in the checkpoint and the export (None: the checkpoint's)
     bf16: bool = True
     transformer_engine: bool | None = None  # None: TE when it imports and a GPU is present; false: the local spec (fp32 reference runs)
-    recompute: str | None = None  # None | "full" | "selective"
+    recompute: str | None = None  # None | "full" | "selective" | "auto" (the memory plan chooses: training/memory_plan.choose_recompute)
+    # full recompute: "uniform" (chunks of recompute_num_layers layers) | "block" (only the first recompute_num_layers of each stage)
+    recompute_method: str = "uniform"
     recompute_num_layers: int = 1
     logprob_chunk_size: int = 2048
     activation_offload_layers: int = 0  # TE CPU offloading of this many layers' activations (docs/training.md "Will it fit"); 0: off
 
     def __post_init__(self):
-        if self.recompute not in (None, "full", "selective"):
-            raise ValueError(f"model.recompute must be null, full or selective, got {self.recompute!r}")
+        if self.recompute not in (None, "full", "selective", "auto"):
+            raise ValueError(f"model.recompute must be null, full, selective or auto, got {self.recompute!r}")
+        if self.recompute_method not in ("uniform", "block"):
+            raise ValueError(f"model.recompute_method must be uniform or block, got {self.recompute_method!r}")
+        if self.recompute == "auto" and self.activation_offload_layers:
+            raise ValueError(f"model.recompute=auto cannot be combined with model.activation_offload_layers="
+                             f"{self.activation_offload_layers} (megatron-core 0.19 cannot recompute offloaded layers); "
+                             f"choose one")
         _require("model", self, rope_theta=POSITIVE, max_position_embeddings=POSITIVE, recompute_num_layers=POSITIVE,
                  logprob_chunk_size=POSITIVE, activation_offload_layers=NON_NEGATIVE)
 
@@ -348,6 +356,9 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
         k, v = o.split("=", 1)
         _set_dotted(data, k.strip(), yaml.safe_load(v) if v.strip() else "")
     cfg = _build(RunConfig, data, "")
+    if cfg.model.recompute == "auto" and cfg.train.memory_check == "off":
+        raise ConfigError("model.recompute=auto is chosen by the memory plan, which train.memory_check=off turns off; "
+                          "set train.memory_check=warn (or refuse), or a model.recompute of your own")
     try:  # the rules that need neither the world size nor the model (those run at parallel.setup)
         validate_layout(cfg.parallel, prefix_sharing=cfg.data.share_prefix)
     except LayoutError as e:

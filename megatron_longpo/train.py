@@ -28,7 +28,7 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if a.plan:
-        from megatron_longpo.training.memory_plan import plan_command
+        from megatron_longpo.training.memory_check import plan_command
 
         try:
             print(plan_command(cfg, length=a.length, response=a.response, world=a.world, device_gib=a.device_gib,

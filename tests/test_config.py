@@ -102,7 +102,8 @@ def test_run_overrides_reach_the_recorded_architecture():
     ("optim.min_lr=1", "optim.min_lr (1) must not exceed optim.lr"),
     ("model.logprob_chunk_size=0", "model.logprob_chunk_size must be > 0"),
     ("model.rope_theta=0", "model.rope_theta must be > 0"),
-    ("model.recompute=partial", "model.recompute must be null, full or selective"),
+    ("model.recompute=partial", "model.recompute must be null, full, selective or auto, got 'partial'"),
+    ("model.recompute_method=chunked", "model.recompute_method must be uniform or block, got 'chunked'"),
     ("parallel.tensor_parallel=0", "parallel.tensor_parallel must be > 0"),
     ("parallel.context_parallel=-2", "parallel.context_parallel must be > 0"),
 ])
@@ -110,6 +111,21 @@ def test_counts_and_sizes_that_make_no_sense_are_refused_by_name(override, msg):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert msg in str(e.value) and str(e.value).count(override.split("=")[0]) == 1, str(e.value)
+
+
+def test_recompute_auto_needs_the_plan_and_no_activation_offload():
+    """model.recompute=auto is the memory plan's choice: refused, in one line naming the keys, where
+    the plan is off or megatron-core could not combine the choice with activation offloading."""
+    cfg = load_config(None, ["model.recompute=auto", "model.recompute_method=block"])
+    assert (cfg.model.recompute, cfg.model.recompute_method) == ("auto", "block")
+    assert load_config(None, []).model.recompute_method == "uniform"
+    for keys, msg in ((["model.recompute=auto", "train.memory_check=off"], "model.recompute=auto is chosen by the memory "
+                       "plan, which train.memory_check=off turns off"),
+                      (["model.recompute=auto", "model.activation_offload_layers=2"], "model.recompute=auto cannot be "
+                       "combined with model.activation_offload_layers=2")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, keys)
+        assert msg in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 def test_unset_steps_still_means_epochs():

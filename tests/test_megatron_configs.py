@@ -25,7 +25,8 @@ def _configs(keys, cuda: bool) -> MegatronConfigs:
 
     cfg = load_config(None, keys)
     m = cfg.model
-    opts = ModelOptions(bf16=m.bf16 and cuda, recompute=m.recompute, recompute_num_layers=m.recompute_num_layers,
+    opts = ModelOptions(bf16=m.bf16 and cuda, recompute=m.recompute, recompute_method=m.recompute_method,
+                        recompute_num_layers=m.recompute_num_layers,
                         activation_offload_layers=m.activation_offload_layers)
     return megatron_configs(arch_from_hf_config(QWEN2), cfg.parallel, opts, cfg.optim, cuda=cuda)
 
@@ -77,6 +78,10 @@ def test_layouts_and_memory_keys():
     t = c.transformer
     assert (t.pipeline_model_parallel_size, t.virtual_pipeline_model_parallel_size, t.context_parallel_size) == (2, 2, 2)
     assert t.recompute_granularity == "selective" and t.recompute_method is None
+
+    # block recompute: only the first recompute_num_layers layers of each stage are recomputed
+    t = _configs(["model.recompute=full", "model.recompute_method=block", "model.recompute_num_layers=2"], cuda=True).transformer
+    assert (t.recompute_granularity, t.recompute_method, t.recompute_num_layers) == ("full", "block", 2)
 
     # (precision-aware without cpu_offload needs TE's FusedAdam, which megatron-core looks for here: not on this machine)
     c = _configs(["model.activation_offload_layers=3", "optim.cpu_offload=true", "optim.offload_fraction=0.5",

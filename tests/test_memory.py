@@ -1,12 +1,15 @@
 """Memory keys -> megatron-core's config objects (models/megatron_config.py), refused combinations, and the memory plan's
 arithmetic against the tensors of a real (tiny, CPU) model and optimizer (docs/training.md "Will it fit")."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from megatron_longpo.config import ConfigError, OptimSection, load_config
 from megatron_longpo.models.megatron_config import precision_aware
 from megatron_longpo.training import memory
+from megatron_longpo.training import memory_check as MC
 from megatron_longpo.training import memory_plan as P
 
 TINY = dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=160,
@@ -58,6 +61,11 @@ def test_keys_reach_megatron_core_config_objects():
     tc = transformer_config(_arch(), ParallelConfig(), ModelOptions(recompute="full", recompute_num_layers=3), cuda=False)
     assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == ("full", "uniform", 3)
     assert not tc.cpu_offloading
+    cfg = load_config(None, ["model.recompute=full", "model.recompute_method=block", "model.recompute_num_layers=2"])
+    tc = transformer_config(_arch(), ParallelConfig(), model_options(cfg), cuda=False)
+    assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == ("full", "block", 2)
+    with pytest.raises(ValueError, match="model.recompute=auto is chosen by the memory plan"):
+        transformer_config(_arch(), ParallelConfig(), ModelOptions(recompute="auto"), cuda=False)
 
 
 @pytest.mark.parametrize("optim, kw, msg", [
@@ -203,6 +211,165 @@ def test_refusal_names_the_knob():
     assert fits.verdict == "fits" and P.advice(fits) == ""
 
 
+def test_block_recompute_has_the_gradients_of_none_and_keeps_less(cpu_engine):
+    """Block recompute of 1 of 2 layers, and of 2 of 2, on a tiny fp32 model (local spec, CPU): the
+    gradients of a forward and backward equal those without recompute, bit for bit; the bytes autograd
+    holds saved at once (peak over the forward and backward, the recompute included) drop from none
+    to block 1 of 2 to block 2 of 2, which keeps exactly what full uniform recompute keeps."""
+    import weakref
+
+    from megatron_longpo.models.build import ModelOptions, build_model
+    from megatron_longpo.parallel import ParallelConfig
+
+    arch = _arch(num_hidden_layers=2)
+    s = 128
+    tokens = torch.randint(0, 1000, (1, s), generator=torch.Generator().manual_seed(1))
+    w = torch.randn(s, arch.padded_vocab_size, generator=torch.Generator().manual_seed(2))
+    state = {}
+
+    def run(**recompute):
+        model = build_model(arch, ParallelConfig(), ModelOptions(bf16=False, use_te=False, **recompute))[0]
+        if state:
+            model.load_state_dict(state)
+        else:
+            state.update(model.state_dict())
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        live, now, peak = {}, [0], [0]  # storage -> [references, bytes]; bytes saved now; their peak
+
+        class Saved:
+            def __init__(self, t):
+                self.t = t
+
+        def gone(key):
+            live[key][0] -= 1
+            if not live[key][0]:
+                now[0] -= live.pop(key)[1]
+
+        def pack(t):
+            key = t.untyped_storage().data_ptr()
+            if key in params:
+                return t
+            if key not in live:
+                live[key] = [0, t.untyped_storage().nbytes()]
+                now[0] += live[key][1]
+                peak[0] = max(peak[0], now[0])
+            live[key][0] += 1
+            box = Saved(t)
+            weakref.finalize(box, gone, key)
+            return box
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda b: b.t if isinstance(b, Saved) else b):
+            (model(tokens, torch.arange(s).unsqueeze(0), None)[0] * w).sum().backward()
+        assert now[0] == 0  # every saved tensor was freed: the bookkeeping saw them all
+        return {n: p.grad for n, p in model.named_parameters()}, peak[0]
+
+    none, none_peak = run()
+    block1, block1_peak = run(recompute="full", recompute_method="block", recompute_num_layers=1)
+    block2, block2_peak = run(recompute="full", recompute_method="block", recompute_num_layers=2)
+    full, full_peak = run(recompute="full", recompute_num_layers=1)
+    assert len(none) == len(block1) > 0 and any(g.abs().sum() > 0 for g in none.values())
+    for name, g in none.items():
+        for other in (block1, block2, full):
+            torch.testing.assert_close(other[name], g, rtol=0, atol=1e-6, msg=name)
+    # measured: 2,706,944 / 1,714,688 / 1,091,584 bytes
+    assert none_peak > block1_peak > block2_peak == full_peak, (none_peak, block1_peak, block2_peak, full_peak)
+
+
+def _mistral(**kw):
+    return _arch(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336, vocab_size=32000,
+                 num_hidden_layers=32, **kw)
+
+
+def test_block_recompute_plan_lies_between_none_and_full():
+    """Block recompute of N of a stage's L layers: the first N keep only their bf16 input, the other
+    L - N all their saved tensors; the backward reaches the recomputed layers after the others are
+    freed. So each N saves one layer less its input; N = L - 1 plans one layer input below full
+    recompute (recomputing a stage's last layer saves nothing: its backward comes first), and N = L
+    (or more) plans exactly full uniform recompute of one layer per chunk, which is what megatron runs."""
+    arch = _mistral()
+    L = arch.num_layers
+    base = P.PlanInputs(arch, row_tokens=131585, scored_tokens=1024)
+
+    def acts(**kw):
+        return P.plan(replace(base, **kw)).activations
+
+    none, full = acts(recompute=None), acts(recompute="full", recompute_num_layers=1)
+    block = [acts(recompute="full", recompute_method="block", recompute_num_layers=n) for n in range(1, L + 2)]
+    layer_input = 2 * arch.hidden_size * 131585  # bf16
+    assert none > block[0] and all(a > b for a, b in zip(block, block[1:L - 1]))  # N = 1 .. L - 1: decreasing
+    assert all(full < a < none for a in block[:L - 2])  # N = 1 .. L - 2
+    assert block[L - 2] == pytest.approx(full - layer_input, rel=1e-12)  # N = L - 1
+    assert block[L - 1] == pytest.approx(full, rel=1e-12) and block[L] == block[L - 1]  # N = L, L + 1
+    per_layer = none - block[0]  # one layer's saved tensors less its input
+    assert per_layer > 10 * layer_input
+    assert all(a == pytest.approx(none - n * per_layer, rel=1e-12) for n, a in enumerate(block[:L - 1], 1))
+    note = P.plan(replace(base, recompute="full", recompute_method="block", recompute_num_layers=12)).table()
+    assert "recompute full, block, 12 of 32 layers" in note
+    pp = P.plan(replace(base, pp=2, recompute="full", recompute_method="block", recompute_num_layers=40)).table()
+    assert "recompute full, block, 16 of 16 layers" in pp
+
+
+def test_choose_recompute_picks_the_least_that_fits():
+    """model.recompute=auto: none, then block N = 1, 2, ..., then full uniform: the first whose peak
+    is within 90% of the GPU."""
+    arch = _mistral()
+    base = P.PlanInputs(arch, row_tokens=65536, scored_tokens=1024, recompute="auto", cpu_offload=True, precision_aware=True,
+                        grad_dtype="bf16")
+
+    def peak(**kw):
+        return P.plan(replace(base, **kw)).peak
+
+    none, full = peak(recompute=None), peak(recompute="full", recompute_num_layers=1)
+    device = (none + full) / 2 / P.FIT
+    got = P.choose_recompute(base, device)
+    n = got.recompute_num_layers
+    assert (got.recompute, got.recompute_method) == ("full", "block") and 1 < n < arch.num_layers - 1, got
+    assert P.plan(got, device).peak <= P.FIT * device < peak(recompute="full", recompute_method="block", recompute_num_layers=n - 1)
+    assert P.plan(got, device).verdict == "fits"
+
+    above = P.choose_recompute(base, none / P.FIT * 1.01)
+    assert (above.recompute, above.recompute_num_layers) == (None, 1)
+    assert P.choose_recompute(base, None).recompute is None  # no GPU: nothing to fit
+
+    below = P.choose_recompute(base, full / 2)
+    assert (below.recompute, below.recompute_method, below.recompute_num_layers) == ("full", "uniform", 1)
+    p = P.plan(below, full / 2)
+    assert p.verdict == "does not fit" and "model.recompute" not in P.advice(p) and P.advice(p)
+    i, line = P.resolve_recompute(base, device)
+    assert i == got and line == (f"model.recompute=auto: recompute full, block, {n} of 32 layers (the least that fits under "
+                                 f"90% of the GPU): predicted peak {P.plan(got, device).peak / P.GIB:.1f} of "
+                                 f"{device / P.GIB:.1f} GiB")
+    assert "the most there is, and still over 90%" in P.resolve_recompute(base, full / 2)[1]
+    with pytest.raises(ValueError, match="auto"):
+        P.plan(base, device)
+
+
+def test_advice_for_block_recompute_names_uniform():
+    arch = _mistral()
+    p = P.plan(P.PlanInputs(arch, 131585, 131584, recompute="full", recompute_method="block", recompute_num_layers=2),
+               139.8 * P.GIB)
+    assert P.advice(p).startswith("turn model.recompute=full model.recompute_method=uniform model.recompute_num_layers=1 "
+                                  "optim.cpu_offload=true")
+
+
+def test_plan_command_prints_the_auto_choice(tmp_path):
+    """`python -m megatron_longpo.train --plan` with model.recompute=auto: the choice's line, and the
+    table of that choice."""
+    import json
+
+    hf = tmp_path / "config.json"
+    hf.write_text(json.dumps({**TINY, "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8,
+                              "intermediate_size": 14336, "vocab_size": 32000, "num_hidden_layers": 32}))
+    keys = ["model.recompute=auto", "data.share_prefix=true", "optim.cpu_offload=true", "optim.grad_dtype=bf16"]
+    out = MC.plan_command(load_config(None, keys), length=65536, hf_config=str(hf), device_gib=80)
+    chose = [x for x in out.splitlines() if x.startswith("model.recompute=auto: recompute full, block, ")]
+    assert len(chose) == 1 and "of 80.0 GiB" in chose[0], out
+    n = chose[0].split("block, ")[1].split(" of")[0]
+    assert f"recompute full, block, {n} of 32 layers" in out.split("memory plan")[1] and ": fits" in out, out
+    out = MC.plan_command(load_config(None, keys), length=1024, hf_config=str(hf), device_gib=80)
+    assert "model.recompute=auto: recompute none (the least that fits" in out and "  recompute none" in out, out
+
+
 def _tool(name):
     import importlib.util
 
@@ -250,17 +417,53 @@ def test_trainer_plan_refuses_or_warns_before_the_build(tiny_llama_ckpt, tiny_lo
     base = [f"model.checkpoint={tiny_llama_ckpt}", f"data.path={tiny_longpo_data}"]
     lines = []
     monkeypatch.setattr(P, "device_bytes", lambda: None)
-    p = P.check_run(load_config(None, base), arch, 1, lines.append)
+    p = MC.check_run(load_config(None, base), arch, 1, lines.append)
     assert p.verdict == "not checked (no GPU)" and lines[0].startswith("memory plan (per GPU, GiB):")
     assert p.inputs.row_tokens > 100
     tiny_gpu = p.peak / 2  # a GPU with half the predicted peak
     monkeypatch.setattr(P, "device_bytes", lambda: tiny_gpu)
-    with pytest.raises(P.MemoryPlanError, match=r"more than the GPU's .*model.recompute=full.*train.memory_check=warn"):
-        P.check_run(load_config(None, base), arch, 1, lines.append)
+    with pytest.raises(MC.MemoryPlanError, match=r"more than the GPU's .*model.recompute=full.*train.memory_check=warn"):
+        MC.check_run(load_config(None, base), arch, 1, lines.append)
     lines.clear()
-    P.check_run(load_config(None, base + ["train.memory_check=warn"]), arch, 1, lines.append)
+    MC.check_run(load_config(None, base + ["train.memory_check=warn"]), arch, 1, lines.append)
     assert any(x.startswith("WARNING: the memory plan predicts") for x in lines)
-    assert P.check_run(load_config(None, base + ["train.memory_check=off"]), arch, 1, lines.append) is None
+    assert MC.check_run(load_config(None, base + ["train.memory_check=off"]), arch, 1, lines.append) is None
+
+
+def test_trainer_plan_chooses_recompute_auto(tiny_llama_ckpt, tiny_longpo_data, monkeypatch):
+    """model.recompute=auto in the trainer's plan (check_run, before the build): one line names the
+    choice, the plan printed is the choice's, and chosen_recompute(cfg, plan) is the configuration the
+    engine builds from (engine.model_options reads it); on the CPU (no device size) no recompute."""
+    from megatron_longpo.checkpoint.dist import read_model_json
+    from megatron_longpo.training.engine import model_options
+
+    arch = read_model_json(tiny_llama_ckpt)[0]
+    cfg = load_config(None, [f"model.checkpoint={tiny_llama_ckpt}", f"data.path={tiny_longpo_data}", "model.recompute=auto",
+                             "model.recompute_num_layers=3"])
+    lines = []
+    monkeypatch.setattr(P, "device_bytes", lambda: None)
+    p = MC.check_run(cfg, arch, 1, lines.append)
+    assert lines[0] == "model.recompute=auto: no recompute (no GPU: the device's memory is unknown, nothing to fit)"
+    assert "recompute none" in lines[1] and p.inputs.recompute is None
+    built = MC.chosen_recompute(cfg, p)
+    assert (built.model.recompute, built.model.recompute_method) == (None, "uniform") and model_options(built).recompute is None
+
+    def peak(**kw):
+        return P.plan(replace(p.inputs, **kw)).peak
+
+    # a GPU on which no recompute does not fit and block recompute of 2 of the 4 layers does (not 1)
+    device = (peak(recompute="full", recompute_method="block", recompute_num_layers=2) +
+              peak(recompute="full", recompute_method="block", recompute_num_layers=1)) / 2 / P.FIT
+    monkeypatch.setattr(P, "device_bytes", lambda: device)
+    lines.clear()
+    p = MC.check_run(cfg, arch, 1, lines.append)
+    assert lines[0].startswith("model.recompute=auto: recompute full, block, 2 of 4 layers (the least that fits"), lines
+    assert "recompute full, block, 2 of 4 layers" in lines[1] and p.verdict == "fits"
+    built = MC.chosen_recompute(cfg, p)
+    assert (built.model.recompute, built.model.recompute_method, built.model.recompute_num_layers) == ("full", "block", 2)
+    o = model_options(built)
+    assert (o.recompute, o.recompute_method, o.recompute_num_layers) == ("full", "block", 2)
+    assert MC.chosen_recompute(load_config(None, []), p) == load_config(None, [])  # not auto: the config itself
 
 
 

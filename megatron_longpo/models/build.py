@@ -26,7 +26,8 @@ class ModelOptions:
 
     bf16: bool = False
     use_te: bool | None = None  # None: TE spec when Transformer Engine imports and CUDA is present
-    recompute: str | None = None  # None | "full" | "selective"
+    recompute: str | None = None  # None | "full" | "selective" ("auto" is resolved by the memory plan before this)
+    recompute_method: str = "uniform"  # full recompute: "uniform" | "block" (model.recompute_method)
     recompute_num_layers: int = 1
     max_sequence_length: int | None = None  # defaults to the model's max_position_embeddings
     prefix_sharing: bool = False  # core attention for prefix-shared rows (models/prefix_attention.py)

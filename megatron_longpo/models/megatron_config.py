@@ -107,10 +107,15 @@ def transformer_config(arch: ModelArch, par: ParallelConfig, opts: ModelOptions,
         moe_token_dispatcher_type="alltoall",  # (only to satisfy a check tied to variable_seq_lengths)
         calculate_per_token_loss=per_token_loss,
     )
+    if opts.recompute == "auto":
+        raise ValueError("model.recompute=auto is chosen by the memory plan (training/memory_check.check_run) before the "
+                         "model is built; build with the chosen recompute")
     if opts.recompute:
         kw.update(recompute_granularity=opts.recompute)
         if opts.recompute == "full":
-            kw.update(recompute_method="uniform", recompute_num_layers=opts.recompute_num_layers)
+            # uniform: chunks of recompute_num_layers layers keep their input; block: only the first
+            # recompute_num_layers layers of each stage are recomputed, the others keep their activations
+            kw.update(recompute_method=opts.recompute_method, recompute_num_layers=opts.recompute_num_layers)
     kw.update(_activation_offload(opts.activation_offload_layers))
     return TransformerConfig(**kw)
 

@@ -35,7 +35,7 @@ from megatron_longpo.models.forward import run_schedule
 from megatron_longpo.models.megatron_config import MegatronConfigs, megatron_configs
 from megatron_longpo.training import memory
 from megatron_longpo.training.data import StepData
-from megatron_longpo.training.memory_plan import check_run
+from megatron_longpo.training.memory_check import check_run, chosen_recompute
 from megatron_longpo.training.metrics import log
 from megatron_longpo.training.resume import check_save_dir
 from megatron_longpo.training.step import make_forward_step
@@ -249,7 +249,8 @@ def model_options(cfg: RunConfig) -> ModelOptions:
     if cfg.model.bf16 and not bf16:
         log("note: bf16 needs a GPU; training in fp32 on the CPU")
     return ModelOptions(bf16=bf16, use_te=cfg.model.transformer_engine, recompute=cfg.model.recompute,
-                        recompute_num_layers=cfg.model.recompute_num_layers, prefix_sharing=cfg.data.share_prefix,
+                        recompute_method=cfg.model.recompute_method, recompute_num_layers=cfg.model.recompute_num_layers,
+                        prefix_sharing=cfg.data.share_prefix,
                         activation_offload_layers=cfg.model.activation_offload_layers)
 
 
@@ -279,7 +280,8 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     layout = parallel.setup(cfg.parallel, seed=cfg.train.seed, arch=arch, cpu_cp=cfg.data.share_prefix)
     # once: the plan, the length check and the step data read them
     datasets = _open_datasets(cfg.data.path, verify_hash=cfg.data.verify_hash)
-    check_run(cfg, arch, layout.world_size, log, datasets)  # printed before the build; a run that cannot fit stops here (train.memory_check)
+    plan = check_run(cfg, arch, layout.world_size, log, datasets)  # printed before the build; a run that cannot fit stops here (train.memory_check)
+    cfg = chosen_recompute(cfg, plan)  # model.recompute=auto: the recompute the plan chose, for the build and the saved config
     check_save_dir(cfg.train.save_dir, cfg.model.checkpoint)
     _check_sequence_lengths(cfg, arch, datasets)
     resume = _prepare_resume(cfg)

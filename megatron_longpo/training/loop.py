@@ -104,6 +104,7 @@ def _train(cfg: RunConfig) -> dict:
     stop = StopFlag().install()
     t0 = time.time()
     t = build_trainer(cfg)
+    cfg = t.cfg  # as built: model.recompute=auto is the plan's choice (saved in config.yaml and the checkpoints)
     world = dist.get_world_size()
     peak = M.peak_tflops(cfg.train.peak_tflops)
     if rank0():  # the effective configuration, defaults filled in (load_config reads it back)

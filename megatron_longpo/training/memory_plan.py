@@ -1,6 +1,7 @@
 """The memory plan: what one GPU holds at the peak of a training step, from arithmetic only (the
 model's architecture, the parallel layout, the memory keys and the row length), so that a run
-that cannot fit says so in seconds, with the knob to turn (docs/training.md, "Will it fit").
+that cannot fit says so in seconds, with the knob to turn (docs/training.md, "Will it fit"). Where
+a run meets it (the trainer's check before the build, `--plan`): training/memory_check.py.
 
 Static memory is exact bookkeeping of megatron-core 0.19's tensors (checked on the CPU against
 the built model and optimizer, tests/test_memory.py):
@@ -21,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 GIB = 2**30
+FIT = 0.9  # a plan fits at or under this fraction of the GPU (MemoryPlan.verdict; model.recompute=auto's bar)
 
 # Measured peaks (GiB) the activation constants are fitted to: one H200, 4 Mistral-7B layers, bf16,
 # TE, prefix-shared pair with 512-token responses (row tokens 66,049 / 131,585), distributed Adam
@@ -115,7 +117,8 @@ class PlanInputs:
     precision_aware: bool = False
     exp_avg_dtype: str = "fp32"
     exp_avg_sq_dtype: str = "fp32"
-    recompute: str | None = None
+    recompute: str | None = None  # None | "full" | "selective" ("auto": choose_recompute first)
+    recompute_method: str = "uniform"  # full recompute: "uniform" | "block"
     recompute_num_layers: int = 1
     activation_offload_layers: int = 0
     logprob_chunk: int = 2048
@@ -135,11 +138,19 @@ class PlanInputs:
                    distributed_optimizer=o.distributed_optimizer and cuda, optimizer=o.name, grad_dtype=o.grad_dtype,
                    cpu_offload=o.cpu_offload, offload_fraction=o.offload_fraction, precision_aware=precision_aware(o),
                    exp_avg_dtype=o.exp_avg_dtype, exp_avg_sq_dtype=o.exp_avg_sq_dtype, recompute=cfg.model.recompute,
-                   recompute_num_layers=cfg.model.recompute_num_layers,
+                   recompute_method=cfg.model.recompute_method, recompute_num_layers=cfg.model.recompute_num_layers,
                    activation_offload_layers=cfg.model.activation_offload_layers, logprob_chunk=cfg.model.logprob_chunk_size)
 
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def recompute_label(i: PlanInputs) -> str:
+    """The recompute of `i` in words: none, selective, full, or "full, block, 12 of 32 layers"."""
+    if i.recompute == "full" and i.recompute_method == "block":
+        layers = i.arch.num_layers // i.pp
+        return f"full, block, {min(i.recompute_num_layers, layers)} of {layers} layers"
+    return i.recompute or "none"
 
 
 @dataclass(frozen=True)
@@ -174,12 +185,12 @@ class MemoryPlan:
         r = self.ratio
         if r is None:
             return "not checked (no GPU)"
-        return "fits" if r <= 0.9 else "tight (within the plan's 10%)" if r <= 1.1 else "does not fit"
+        return "fits" if r <= FIT else "tight (within the plan's 10%)" if r <= 1.1 else "does not fit"
 
     def table(self) -> str:
         g = lambda b: f"{b / GIB:7.1f}"  # noqa: E731
         i = self.inputs
-        rec = i.recompute or "none"
+        rec = recompute_label(i)
         opt = (f"{i.optimizer}, distributed over DP×CP={i.dp * i.cp}" if i.distributed_optimizer else i.optimizer)
         if i.cpu_offload:
             opt += f", {i.offload_fraction:g} on the CPU"
@@ -248,9 +259,19 @@ def plan(i: PlanInputs, device_bytes: float | None = None) -> MemoryPlan:
     trans = c["transient"] * 2 * e * (h / split + 2 * ffn / i.tp) * tok
     layers = a.num_layers // i.pp
     in_flight = min(i.pp, i.microbatches) if i.pp > 1 else 1
-    if i.recompute == "full":
+    if i.recompute == "auto":
+        raise ValueError("model.recompute=auto: plan the recompute choose_recompute picks")
+    inp = 2 * e * h / split * tok  # one layer's input (bf16), all a recomputed layer keeps
+    if i.recompute == "full" and i.recompute_method == "block":
+        # the first k layers of the stage keep their input, the other layers - k all their saved tensors.
+        # The backward reaches the recomputed (first) layers after the others' tensors are freed, so one
+        # recomputed layer's activations add to the peak only when every layer is recomputed (k = layers:
+        # uniform with recompute_num_layers=1)
+        k = min(i.recompute_num_layers, layers)
+        saved = (k * inp + (layers - k) * layer) * in_flight + (layer if k == layers else 0)
+    elif i.recompute == "full":
         k = i.recompute_num_layers
-        saved = (layers / k) * 2 * e * h / split * tok * in_flight + k * layer
+        saved = (layers / k) * inp * in_flight + k * layer
     elif i.activation_offload_layers:
         kept = layers - i.activation_offload_layers + 1  # + one layer's reload buffer
         saved = kept * layer * in_flight
@@ -263,9 +284,21 @@ def plan(i: PlanInputs, device_bytes: float | None = None) -> MemoryPlan:
     return MemoryPlan(i, params, grads, main, optim, transient, acts, logp, c["workspace_gib"] * GIB, host, device_bytes)
 
 
+def _full(i: PlanInputs) -> PlanInputs:
+    """Every layer recomputed: full, uniform, one layer per chunk."""
+    return replace(i, recompute="full", recompute_method="uniform", recompute_num_layers=1)
+
+
+def _block_short_of_all(i: PlanInputs) -> bool:
+    return i.recompute == "full" and i.recompute_method == "block" and i.recompute_num_layers < i.arch.num_layers // i.pp
+
+
 KNOBS = (
-    ("model.recompute=full", lambda i: i.recompute != "full" and not i.activation_offload_layers,
-     lambda i: replace(i, recompute="full", recompute_num_layers=1)),
+    ("model.recompute=full", lambda i: i.recompute != "full" and i.recompute_method == "uniform" and not i.activation_offload_layers,
+     _full),
+    ("model.recompute=full model.recompute_method=uniform model.recompute_num_layers=1",
+     lambda i: (i.recompute != "full" or _block_short_of_all(i)) and i.recompute_method == "block" and not i.activation_offload_layers,
+     _full),
     ("optim.cpu_offload=true", lambda i: i.bf16 and i.distributed_optimizer and not i.cpu_offload,
      lambda i: replace(i, cpu_offload=True, offload_fraction=1.0, precision_aware=i.optimizer == "adam",
                        exp_avg_dtype="fp32", exp_avg_sq_dtype="fp32")),
@@ -292,6 +325,37 @@ def advice(p: MemoryPlan) -> str:
             f"shorter rows (data.max_tokens)")
 
 
+def choose_recompute(i: PlanInputs, device_bytes: float | None) -> PlanInputs:
+    """model.recompute=auto: the least recompute whose plan fits (peak <= 90% of `device_bytes`):
+    none, then block recompute of the first N = 1, 2, ..., L - 1 of a stage's L layers; else full
+    uniform recompute (every layer, recompute_num_layers=1; block of all L plans the same), which
+    plans above block of L - 1 and so comes only when nothing fits: the verdict and the advice
+    then say so. Without a device size (no GPU): none."""
+    none = replace(i, recompute=None, recompute_method="uniform", recompute_num_layers=1)
+    if not device_bytes:
+        return none
+    layers = i.arch.num_layers // i.pp
+    ladder = [none, *(replace(i, recompute="full", recompute_method="block", recompute_num_layers=n) for n in range(1, layers))]
+    for c in ladder:
+        if plan(c, device_bytes).peak <= FIT * device_bytes:
+            return c
+    return _full(i)
+
+
+def resolve_recompute(i: PlanInputs, device_bytes: float | None) -> tuple[PlanInputs, str | None]:
+    """(the inputs to plan, the log line of model.recompute=auto's choice; None for any other recompute)."""
+    if i.recompute != "auto":
+        return i, None
+    c = choose_recompute(i, device_bytes)
+    if not device_bytes:
+        return c, "model.recompute=auto: no recompute (no GPU: the device's memory is unknown, nothing to fit)"
+    p = plan(c, device_bytes)
+    how = ("the least that fits under 90%" if p.peak <= FIT * device_bytes
+           else "the most there is, and still over 90%")
+    return c, (f"model.recompute=auto: recompute {recompute_label(c)} ({how} of the GPU): predicted peak "
+               f"{p.peak / GIB:.1f} of {device_bytes / GIB:.1f} GiB")
+
+
 def host_bytes() -> float | None:
     import os
 
@@ -311,30 +375,6 @@ def describe(p: MemoryPlan) -> str:
     return out
 
 
-def row_tokens_of_dataset(ds, *, share_prefix: bool, samples_per_microbatch: int, roles, sequence_roles=()) -> tuple[int, int]:
-    """(row tokens, scored positions) of the dataset's longest sample times samples_per_microbatch:
-    each sample's sequences of `roles` summed, less the chosen/rejected shared prefix with
-    share_prefix (an upper bound for multi-turn samples)."""
-    from megatron_longpo.data.prefix_sharing import shared_prefix_length
-
-    best = (0, 0)
-    for k in range(len(ds)):
-        s = ds.sample(k)
-        seqs = {r: s.sequences(r) for r in roles if r in s.roles}
-        n = sum(len(q) for qs in seqs.values() for q in qs)
-        if share_prefix and seqs.get("chosen") and seqs.get("rejected"):
-            n -= shared_prefix_length(seqs["chosen"][0], seqs["rejected"][0])
-        scored = sum(int(q.loss_mask.sum()) if hasattr(q, "loss_mask") else 0 for qs in seqs.values() for q in qs)
-        scored += sum(len(q) for r in sequence_roles for q in seqs.get(r, ()))
-        if n > best[0]:
-            best = (n, scored)
-    return best[0] * samples_per_microbatch, best[1] * samples_per_microbatch
-
-
-class MemoryPlanError(ValueError):
-    """The plan predicts that the run does not fit on the GPU (train.memory_check=refuse)."""
-
-
 def device_bytes() -> float | None:
     import torch
 
@@ -343,88 +383,4 @@ def device_bytes() -> float | None:
     return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
 
 
-def check_run(cfg, arch, world: int, log=print, datasets=None) -> MemoryPlan | None:
-    """The trainer's plan before the model is built: printed (rank 0 via `log`), and a run predicted
-    not to fit by more than the plan's 10% refused (train.memory_check=refuse; warn: a warning).
-    `datasets`: the run's datasets (every prefix of a blend) when the caller has opened them (the
-    trainer: once for the whole setup)."""
-    if cfg.train.memory_check == "off" or not cfg.data.path:
-        return None
-    from megatron_longpo.data.format import PairDataset
-    from megatron_longpo.losses import policy_roles, sequence_roles
-    from megatron_longpo import platform
-
-    from megatron_longpo.data.blend import parse_blend
-
-    if datasets is None:
-        try:  # every prefix of a blend (data/blend.py); the longest row decides
-            datasets = [PairDataset(prefix) for _, prefix in parse_blend(cfg.data.path)]
-        except Exception:  # noqa: BLE001 - the data's own error comes from StepData, with its message
-            return None
-    rows, scored = max(row_tokens_of_dataset(ds, share_prefix=cfg.data.share_prefix,
-                                             samples_per_microbatch=cfg.data.samples_per_microbatch,
-                                             roles=policy_roles(cfg.loss), sequence_roles=sequence_roles(cfg.loss))
-                       for ds in datasets)
-    p = plan(PlanInputs.from_config(cfg, arch, world=world, row_tokens=rows, scored_tokens=scored,
-                                    cuda=platform.cuda_available()), device_bytes())
-    log(describe(p))
-    if p.verdict == "does not fit":
-        msg = (f"the memory plan predicts {p.peak / GIB:.1f} GiB per GPU for rows of {rows:,} tokens, more than the GPU's "
-               f"{p.device / GIB:.1f} GiB; {advice(p)}; train.memory_check=warn runs it anyway")
-        if cfg.train.memory_check == "refuse":
-            raise MemoryPlanError(msg)
-        log(f"WARNING: {msg}")
-    elif p.verdict.startswith("tight"):
-        log(f"WARNING: the memory plan predicts {p.peak / GIB:.1f} of {p.device / GIB:.1f} GiB: it may run out of memory; "
-            f"{advice(p) or 'model.recompute=full or optim.cpu_offload=true leave more room'}")
-    return p
-
-
 H200_GIB = 139.8  # torch's total_memory of one H200 (--plan's default without a GPU)
-
-
-def plan_command(cfg, *, length: int | None = None, response: int = 512, world: int | None = None,
-                 device_gib: float | None = None, hf_config: str | None = None) -> str:
-    """`python -m megatron_longpo.train --plan`: the plan of this configuration without a GPU and
-    without building anything. The model from model.checkpoint (or a Hugging Face config.json); the
-    row from `length` (a LongPO pair of two `length`-token sequences with `response`-token answers:
-    one row of length + response tokens with data.share_prefix, two sequences otherwise), else the
-    dataset's longest sample (data.path)."""
-    import json
-    from pathlib import Path
-
-    from megatron_longpo.losses import sequence_roles
-
-    if hf_config:
-        from megatron_longpo.models.hf_config import arch_from_hf_config
-
-        arch = arch_from_hf_config(json.loads(Path(hf_config).read_text()))
-    else:
-        from megatron_longpo.checkpoint.dist import read_model_json
-
-        arch = read_model_json(cfg.model.checkpoint)[0]
-    p = cfg.parallel
-    world = world or p.tensor_parallel * p.pipeline_parallel * p.context_parallel
-    whole = bool(sequence_roles(cfg.loss))
-    if length:
-        spm = cfg.data.samples_per_microbatch
-        rows = spm * ((length + response) if cfg.data.share_prefix else 2 * length)
-        scored = spm * (2 * response + ((length - response) if whole else 0))
-        where = f"a pair of {length:,}-token sequences"
-    else:
-        from megatron_longpo.data.format import PairDataset
-        from megatron_longpo.losses import policy_roles
-
-        from megatron_longpo.data.blend import parse_blend
-
-        rows, scored = max(row_tokens_of_dataset(PairDataset(prefix), share_prefix=cfg.data.share_prefix,
-                                                 samples_per_microbatch=cfg.data.samples_per_microbatch,
-                                                 roles=policy_roles(cfg.loss), sequence_roles=sequence_roles(cfg.loss))
-                           for _, prefix in parse_blend(cfg.data.path))
-        where = f"the longest sample of {cfg.data.path}"
-    dev = device_gib * GIB if device_gib else device_bytes() or H200_GIB * GIB
-    label = f"{dev / GIB:.1f} GiB" + ("" if device_gib or device_bytes() else " (an H200: --device-gib to change)")
-    pl = plan(PlanInputs.from_config(cfg, arch, world=world, row_tokens=rows, scored_tokens=scored, cuda=True), dev)
-    head = (f"{arch.architecture}, {arch.num_layers} layers; {where}: {rows:,} tokens per row"
-            f"{' (prefix-shared)' if cfg.data.share_prefix else ''}; {world} GPU(s) of {label}")
-    return head + "\n" + describe(pl)
