@@ -231,19 +231,3 @@ def test_word_lists_are_wonderwords():
     ww = pytest.importorskip("wonderwords.random_word")
     assert R._wonderwords() == tuple(ww._get_words_from_text_file(f) for f in
                                      ("nounlist.txt", "adjectivelist.txt", "verblist.txt"))
-
-
-def test_samples_built_by_worker_processes_equal_the_sequential_ones(tok, inputs):
-    """Two processes, one (task, length) group a job (each with its own length fitter): the same samples,
-    in the same order, as one process; a worker's error reaches the caller."""
-    from megatron_longpo.eval import sample_pool
-
-    hay, qa = inputs
-    args = (["vt", "niah_single_2", "qa_1"], [1024, 2048], 3, 0, hay, qa)
-    seen = []
-    one = sample_pool.generate(tok, *args, workers=1)
-    two = sample_pool.generate(tok, *args, progress=seen.append, workers=2)
-    assert [s.to_dict() for s in two] == [s.to_dict() for s in one] and len(one) == 18 and sum(seen) == 18
-    assert sample_pool.auto_workers(39, 1209) >= 1 and sample_pool.auto_workers(39, 63) == 1
-    with pytest.raises(R.LengthError, match="vt at 64 tokens"):
-        sample_pool.generate(tok, ["vt", "cwe"], [64], 1, 0, hay, qa, workers=2)

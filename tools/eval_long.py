@@ -53,9 +53,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--qa-file", action="append", default=[], metavar="NAME=PATH",
                    help="ruler: squad=SQuAD-v2-dev.json (qa_1), hotpotqa=hotpot_dev_distractor.json (qa_2), as "
                         "RULER's download_qa_dataset.sh writes them (default: the offline cloze stand-in)")
-    p.add_argument("--sample-workers", type=int, metavar="N",
-                   help="processes that build the RULER samples (default: one a CPU core, up to 16, for 64 samples "
-                        "or more; the samples do not depend on it)")
     p.add_argument("--samples-cache", metavar="FILE",
                    help="ruler: keep the built samples here and reuse them while the tokenizer and settings agree "
                         "(a table of several models builds them once)")
@@ -143,8 +140,6 @@ def ruler_main(a, console) -> int:
             raise ValueError("--out RESULTS.json is required")
         if samples_per < 1:
             raise ValueError("--samples must be at least 1")
-        if a.sample_workers is not None and a.sample_workers < 1:
-            raise ValueError(f"--sample-workers {a.sample_workers}: give 1 or more processes")
         if a.prefill_tokens < 0:
             raise ValueError(f"--prefill-tokens {a.prefill_tokens}: give 0 (one prompt a call) or a token count")
         unknown = [t for t in tasks if t not in RULER_TASKS]
@@ -172,7 +167,7 @@ def ruler_main(a, console) -> int:
         n_samples = len(tasks) * len(a.lengths) * samples_per
         bar = tqdm(total=n_samples, desc="samples", unit="sample", disable=a.no_progress, file=sys.stderr)
         samples, ids = suite.cached_samples(a.samples_cache, tokenizer, tasks, a.lengths, samples_per, a.seed, hay,
-                                            qa_sets, prov, a.tolerance, bar.update, a.sample_workers)
+                                            qa_sets, prov, a.tolerance, bar.update)
         bar.close()
         t_samples = time.time() - t0
         backend = build_backend(backend_config_from_args(a))

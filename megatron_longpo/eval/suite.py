@@ -32,14 +32,11 @@ def load_inputs(tasks: Sequence[str], haystack_file: str | None = None,
 
 def make_samples(tokenizer, tasks: Sequence[str], lengths: Sequence[int], samples: int, seed: int,
                  haystack, qa_sets: dict, tolerance: float = 0.02,
-                 progress: Callable[[int], None] | None = None, workers: int | None = None):
+                 progress: Callable[[int], None] | None = None):
     """(samples, ids): RULER samples counted with `tokenizer`'s chat template, and the function that
-    turns (user text, answer prefix) into the model's input ids. `workers`: processes that build them
-    (None: one a CPU core for a large set; sample_pool.auto_workers); the samples do not depend on it."""
-    from megatron_longpo.eval import sample_pool
-
-    _, ids = ruler_tasks.chat_counter(tokenizer)
-    out = sample_pool.generate(tokenizer, tasks, lengths, samples, seed, haystack, qa_sets, tolerance, progress, workers)
+    turns (user text, answer prefix) into the model's input ids."""
+    count, ids = ruler_tasks.chat_counter(tokenizer)
+    out = ruler_tasks.generate(tasks, lengths, samples, count, haystack, qa_sets, seed, tolerance, progress)
     return out, ids
 
 
@@ -53,8 +50,7 @@ def tokenizer_sha(tokenizer) -> str:
 
 
 def cached_samples(path: str | None, tokenizer, tasks, lengths, samples: int, seed: int, haystack, qa_sets: dict,
-                   provenance: dict, tolerance: float = 0.02, progress: Callable[[int], None] | None = None,
-                   workers: int | None = None):
+                   provenance: dict, tolerance: float = 0.02, progress: Callable[[int], None] | None = None):
     """make_samples, kept in `path` (JSON) for the next model with the same tokenizer and settings: a
     table of several models builds its samples once. A file made with other settings is rebuilt."""
     import json
@@ -75,7 +71,7 @@ def cached_samples(path: str | None, tokenizer, tasks, lengths, samples: int, se
             if progress:
                 progress(len(out))
             return out, ids
-    out, ids = make_samples(tokenizer, tasks, lengths, samples, seed, haystack, qa_sets, tolerance, progress, workers)
+    out, ids = make_samples(tokenizer, tasks, lengths, samples, seed, haystack, qa_sets, tolerance, progress)
     if path:
         atomic_write_json(path, {"key": key, "samples": [x.to_dict() for x in out]})
     return out, ids
