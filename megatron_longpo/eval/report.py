@@ -214,3 +214,28 @@ def group_markdown(groups: Sequence[tuple[str, Sequence[dict]]]) -> str:
         lines[-1] += (" A row of several runs (training seeds): their mean, on the prompts all of them scored; its "
                       "CI resamples the prompts and the runs; perplexity: their mean (lowest-highest).")
     return "\n".join(lines)
+
+
+def difference_markdown(groups: Sequence[tuple[str, Sequence[dict]]], against: Sequence[str],
+                        skip: Sequence[str] = ()) -> str:
+    """A Markdown table: every group minus each group named in `against` (means over their runs), the
+    task average at each length with the two-level paired 95 % CI; `?`: the CI contains 0."""
+    by = dict(groups)
+    rows = []
+    for b in against:
+        for name, runs in groups:
+            if name == b or name in skip or name in against and against.index(name) > against.index(b):
+                continue
+            p = grouped_paired_table([r["samples"] for r in by[b]], [r["samples"] for r in runs])
+            rows.append((f"{name} - {b}", p["average"]))
+    lengths = sorted({n for _, avg in rows for n in avg}, key=int)
+    head = ["difference", *[f"{int(n) // 1024}K" if int(n) % 1024 == 0 else n for n in lengths]]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * len(lengths) + "|"]
+    for label, avg in rows:
+        cells = [f"{100 * c['diff']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]" + ("" if c["resolved"] else " ?")
+                 if (c := avg.get(n)) else "-" for n in lengths]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    lines += ["", "Task average x100, each row's mean over its seeds minus the other's, paired on the prompts every "
+                  "run scored; 95% CI resampling the prompts (within each task) and each side's seeds; '?': the CI "
+                  "contains 0 (unresolved)."]
+    return "\n".join(lines)
