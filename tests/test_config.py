@@ -131,3 +131,10 @@ def test_recompute_auto_needs_the_plan_and_no_activation_offload():
 def test_unset_steps_still_means_epochs():
     assert load_config(None, []).train.steps is None and load_config(None, ["train.steps=null"]).train.steps is None
     assert load_config(None, ["train.steps=5", "train.keep_last=0", "train.save_interval=0"]).train.steps == 5
+
+
+def test_longpo_lambda_zero_is_the_nll_alone_and_negative_is_refused():
+    """loss.longpo_lambda=0: LongPO's whole-sequence NLL alone (the experiment's longpo_lam0 baseline)."""
+    assert load_config(None, ["loss.name=longpo", "loss.longpo_lambda=0"]).loss.longpo_lambda == 0
+    with pytest.raises(ConfigError, match="longpo_lambda must be >= 0"):
+        load_config(None, ["loss.name=longpo", "loss.longpo_lambda=-0.01"])

@@ -2,6 +2,7 @@
 (eval/retention.py) and the report (eval/report.py). No model."""
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,9 @@ from megatron_longpo.eval.stats import (
     bootstrap_ci,
     cell_table,
     depth_table,
+    grouped_ci,
+    grouped_paired_ci,
+    grouped_paired_table,
     match_all,
     match_part,
     paired_ci,
@@ -137,3 +141,85 @@ def test_report_tables_compare_and_picture(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = report.markdown([("base", ra), ("better", rb)])
     assert "| better | 75.0 [" in md
+
+
+# ---- several runs (training seeds) of a model: the two-level bootstrap
+
+
+def test_grouped_ci_of_one_run_each_is_the_paired_ci():
+    """One results file per group: the same interval as paired_ci, by construction (the prompts are
+    drawn first, from the same stream), stratified or not; without a baseline, bootstrap_ci's."""
+    rng = np.random.default_rng(5)
+    a, b = (rng.random(90) < 0.4).astype(float), (rng.random(90) < 0.6).astype(float)
+    tasks = np.repeat(["niah", "vt", "qa"], 30)
+    assert grouped_paired_ci([a], [b], tasks) == paired_ci(a, b, tasks)
+    assert grouped_paired_ci([a], [b]) == paired_ci(a, b)
+    assert grouped_ci([b], strata=tasks) == bootstrap_ci(b, tasks)
+    base = _recs("a", 4096, a[:30]) + _recs("b", 4096, a[30:]) + _recs("a", 8192, a[60:])
+    other = _recs("a", 4096, b[:30]) + _recs("b", 4096, b[30:]) + _recs("a", 8192, b[60:])
+    grouped = grouped_paired_table([base], [other])
+    assert grouped.pop("runs") == [1, 1] and grouped == paired_table(base, other)
+
+
+def test_seeds_that_disagree_widen_the_interval():
+    """Three runs of a model that disagree (one much better than the other two) against three alike runs
+    of a baseline: the two-level interval is wider than the one of the runs' mean taken as one run,
+    which ignores how much another seed could change the result."""
+    rng = np.random.default_rng(7)
+    base = (rng.random(400) < 0.5).astype(float)
+    a = np.stack([base, base, base])
+    b = np.stack([np.where(rng.random(400) < 0.9, base, 1 - base), (rng.random(400) < 0.2).astype(float),
+                  (rng.random(400) < 0.9).astype(float)])
+    d, lo, hi = grouped_paired_ci(a, b)
+    d1, lo1, hi1 = grouped_paired_ci(a.mean(0, keepdims=True), b.mean(0, keepdims=True))
+    assert d == pytest.approx(d1) and hi - lo > 2 * (hi1 - lo1)
+    assert lo < d < hi
+
+
+def test_grouped_difference_by_hand():
+    """The difference of two groups' means: each prompt's mean over the runs, then the task average."""
+    a = [[1, 0, 0, 1, 1, 1], [1, 1, 0, 0, 1, 1]]  # two seeds; tasks x x x y y y
+    b = [[1, 1, 1, 0, 1, 1], [0, 1, 1, 0, 1, 1], [1, 1, 0, 1, 1, 1]]
+    tasks = ["x"] * 3 + ["y"] * 3
+    # x: a's run means 1, .5, 0 (mean .5); b's 2/3, 1, 2/3 (7/9). y: a .5, 1, 1 (5/6); b 1/3, 1, 1 (7/9)
+    want = ((7 / 9 - 1 / 2) + (7 / 9 - 5 / 6)) / 2
+    d, lo, hi = grouped_paired_ci(a, b, tasks)
+    assert d == pytest.approx(want) and lo <= d <= hi
+    assert grouped_ci(b, strata=tasks)[0] == pytest.approx(7 / 9)
+
+
+def test_group_table_and_compare_from_files(tmp_path):
+    """tools/eval_long.py --compare and --table take NAME=A.json,B.json groups: the mean over the files."""
+    import importlib.util
+    import json
+
+    from rich.console import Console
+
+    spec = importlib.util.spec_from_file_location("eval_long", Path(__file__).resolve().parents[1] / "tools" / "eval_long.py")
+    el = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(el)
+
+    def results(name, scores):
+        r = report.build(_recs("niah", 4096, scores[:20]) + _recs("vt", 4096, scores[20:]), name, {}, {}, {})
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(r))
+        return str(path)
+
+    base = [results("b0", [0, 1] * 20), results("b1", [1, 0] * 20)]
+    runs = [results("m0", [1] * 40), results("m1", [1, 0] * 20), results("m2", [1] * 20 + [0] * 20)]
+    groups = el.read_groups([f"base={','.join(base)}", f"m={','.join(runs)}"], named=False)
+    assert [(n, len(r)) for n, r in groups] == [("base", 2), ("m", 3)]
+    tables, data = report.group_compare(groups)
+    avg = data["m"]["average"]["4096"]
+    assert avg["diff"] == pytest.approx((1 + 0.5 + 0.5) / 3 - 0.5) and data["m"]["runs"] == [2, 3]
+    md = report.group_markdown(groups)
+    assert "| m | 66.7 [" in md and "several runs" in md
+    assert report.markdown([("m0", json.loads(Path(runs[0]).read_text()))]).startswith("| model | 4K | perplexity |")
+    console = Console(width=250, record=True, file=open(os.devnull, "w"))
+    assert el.group_compare(groups, False, console, "none") == 0
+    assert "m, mean over 3 runs - base, mean over 2 runs" in " ".join(console.export_text().split())
+    for bad in (["a.json,b.json"], [f"x={base[0]},"], [f"x={tmp_path / 'none.json'}"]):
+        with pytest.raises(ValueError):
+            el.read_groups(bad, named=False)
+    assert el.main(["--compare", base[0], f"m={','.join(runs)}", "--plot", "none"]) == 0
+    assert el.main(["--compare", f"m={runs[0]},{runs[0]}x"]) == 2  # a missing file: one line, status 2

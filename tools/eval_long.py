@@ -9,6 +9,8 @@ model's tokenizer, scored with RULER's metric and a word-boundary one, with 95 %
       [--retention]
   python tools/eval_long.py --compare base.json longpo.json sft.json     (paired differences with CIs)
   python tools/eval_long.py --table base=base.json longpo=longpo.json   (a Markdown table, a row per model)
+  python tools/eval_long.py --compare sft=sft.json,sft.s1.json longpo=longpo.json,longpo.s1.json
+                                         (groups: a model's runs, one per training seed; their means)
 
 The seven RULER-style smoke tasks of earlier versions: --suite smoke (fast; not comparable to RULER).
 Writes OUT (JSON, atomically) and a picture beside it (ruler: OUT with .png, score against length with
@@ -83,25 +85,62 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--retention-qa", default=str(DEFAULT_QA))
     p.add_argument("--compare", nargs="+", metavar="RESULTS",
                    help="ruler results: each file minus the first, paired on identical prompts, with 95%% CIs "
-                        "(NAME=RESULTS names a row); smoke results: two files, after - before")
-    p.add_argument("--table", nargs="+", metavar="NAME=RESULTS", help="print a Markdown table of these result files")
+                        "(NAME=RESULTS names a row; NAME=A.json,B.json,... a group: one model's runs, one per "
+                        "training seed, compared by their mean with a CI over prompts and runs); smoke results: two "
+                        "files, after - before (or groups)")
+    p.add_argument("--table", nargs="+", metavar="NAME=RESULTS",
+                   help="print a Markdown table of these result files (NAME=A.json,B.json,...: a row of their mean)")
     p.add_argument("--no-progress", action="store_true")
     add_backend_args(p)
     return p.parse_args(argv)
 
 
-def read_results(items, named: bool) -> list[tuple[str, dict]]:
-    """[(name, results)] from RESULTS or NAME=RESULTS arguments; ValueError names a bad one."""
+def read_groups(items, named: bool) -> list[tuple[str, list[dict]]]:
+    """[(name, [results, ...])] from RESULTS, NAME=RESULTS or NAME=A.json,B.json,... (a group: one
+    model's runs) arguments; ValueError names a bad one."""
     out = []
     for x in items:
-        name, path = x.split("=", 1) if "=" in x else ("", x)
+        name, paths = x.split("=", 1) if "=" in x else ("", x)
         if named and not name:
             raise ValueError(f"--table takes NAME=RESULTS.json ...; got {x!r}")
-        try:
-            out.append((name or Path(path).stem, json.loads(Path(path).read_text())))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a results file ({e})") from None
+        files = paths.split(",")
+        if len(files) > 1 and not name:
+            raise ValueError(f"{x!r}: a group of result files needs a name: NAME={x}")
+        if not all(files):
+            raise ValueError(f"{x!r}: an empty file name; write NAME=A.json,B.json")
+        runs = []
+        for path in files:
+            try:
+                runs.append(json.loads(Path(path).read_text()))
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}: not a results file ({e})") from None
+        out.append((name or Path(files[0]).stem, runs))
     return out
+
+
+def group_compare(groups, table: bool, console, plot: str | None) -> int:
+    """Groups (some of several runs), RULER or smoke results alike: their means from the samples."""
+    from megatron_longpo.eval import report
+
+    if table:
+        print(report.group_markdown(groups))
+        return 0
+    if len(groups) < 2:
+        print("error: --compare takes two or more result files or groups (the first is the baseline)", file=sys.stderr)
+        return 2
+    for key in ("score", "score_word"):
+        if all(key in r for _, runs in groups for run in runs for r in run["samples"][:1]):  # smoke: no score_word
+            for t in report.group_compare(groups, key)[0]:
+                console.print(t)
+    if plot != "none":
+        path = plot or "compare.png"
+        try:
+            report.plot([(name, {"table": {"average": report.group_average(runs), "tasks": {}}})
+                         for name, runs in groups], path, "RULER task average against length")
+            console.print(f"plot {path}")
+        except ImportError:
+            print("no picture: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+    return 0
 
 
 def ruler_compare(files, table: bool, console, plot: str | None) -> int:
@@ -232,10 +271,17 @@ def main(argv=None) -> int:
     console = Console()
     if a.compare or a.table:
         try:
-            files = read_results(a.compare or a.table, named=bool(a.table))
+            groups = read_groups(a.compare or a.table, named=bool(a.table))
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        versions = {r.get("version", 1) >= 2 for _, runs in groups for r in runs}
+        if len(versions) > 1:
+            print("error: RULER results (version 2) and smoke results cannot be compared", file=sys.stderr)
+            return 2
+        if any(len(runs) > 1 for _, runs in groups):
+            return group_compare(groups, bool(a.table), console, a.plot)
+        files = [(name, runs[0]) for name, runs in groups]
         if all(r.get("version", 1) >= 2 for _, r in files):
             return ruler_compare(files, bool(a.table), console, a.plot)
         if any(r.get("version", 1) >= 2 for _, r in files):

@@ -35,10 +35,12 @@ from __future__ import annotations
 import argparse
 import copy
 import gzip
+import itertools
 import json
 import math
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -92,15 +94,43 @@ def settings(assignments: list[str]) -> dict:
     return out
 
 
+SEED_KEYS = ("train.seed", "data.seed")  # data.seed: the sample order; train.seed: torch's (dropout, any random init)
+
+
+def seed_name(name: str, seed: int) -> str:
+    """A model's name at one training seed: seed 0 keeps the name, seed 2 is NAME.s2."""
+    return name if seed == 0 else f"{name}.s{seed}"
+
+
+def point_name(method: str, axes: dict, values) -> str:
+    """A sweep point's model name, file-safe: longpo@lr2e-5+beta0.01 (each key's last part, or the whole
+    key where two would read alike; characters other than letters, digits, . _ - left out)."""
+    shorts = [k.rsplit(".", 1)[-1] for k in axes]
+    keys = [s if shorts.count(s) == 1 else k for s, k in zip(shorts, axes)]
+    return f"{method}@" + "+".join(re.sub(r"[^A-Za-z0-9._-]", "", f"{k}{_text(v)}") for k, v in zip(keys, values))
+
+
+def _text(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 @dataclass
 class Model:
     name: str
     method: str | None = None  # None: untrained, only evaluated
-    overrides: list[str] = field(default_factory=list)  # the method's, then the variant's
+    overrides: list[str] = field(default_factory=list)  # the method's, then the variant's or the picked ones
     reference: str = "short"
     data: str = "pairs"  # pairs | documents
     rope_theta: float | None = None  # untrained: evaluate the base at this RoPE base
     eval_lengths: list[int] = field(default_factory=list)
+    group: str = ""  # its row in the table (its method or variant; every seed of it shares it); "": name
+    seed: int = 0  # the training seed (SEED_KEYS)
+    dev: bool = False  # evaluated on the sweep's development samples, not the test samples
+    reuse: str | None = None  # seed 0 of a picked method: its sweep point, whose training it is when the settings agree
+
+    @property
+    def row(self) -> str:
+        return self.group or self.name
 
 
 @dataclass
@@ -108,6 +138,8 @@ class Experiment:
     spec: dict
     workdir: Path
     models: list[Model]
+    sweep: bool = False  # the development sweep: its grid points (seed 0) and the base, on the dev samples
+    picks: dict = field(default_factory=dict)  # method -> its entry of WORKDIR/results/picks.json (a plain run)
 
     @property
     def trained(self) -> list[Model]:
@@ -117,6 +149,13 @@ class Experiment:
     def table_order(self) -> list[Model]:
         """The table's rows: the untrained models first, then the methods and the variants."""
         return [m for m in self.models if not m.method] + self.trained
+
+    def groups(self) -> list[tuple[str, list[Model]]]:
+        """The table's rows with their models: a method's or a variant's seeds make one row."""
+        out: dict[str, list[Model]] = {}
+        for m in self.table_order:
+            out.setdefault(m.row, []).append(m)
+        return list(out.items())
 
     def references(self) -> list[str]:
         """The reference sidecars the trained models read, in REFERENCE_KINDS order."""
@@ -146,39 +185,128 @@ def read_spec(path: str | Path, profile: str | None = None, sets: list[str] | No
 
 
 def load(path: str | Path, profile: str | None = None, methods: list[str] | None = None,
-         variants: list[str] | None = None, sets: list[str] | None = None):
-    """The Experiment (a comparison of methods) or the Rounds (iterative extension) the YAML describes."""
+         variants: list[str] | None = None, sets: list[str] | None = None, workdir: str | Path | None = None,
+         sweep: bool = False):
+    """The Experiment (a comparison of methods; with `sweep`, its development sweep) or the Rounds
+    (iterative extension) the YAML describes. A comparison's methods take the overrides the sweep
+    picked (WORKDIR/results/picks.json) where it picked any."""
     spec = read_spec(path, profile, sets)
     if "rounds" in spec:
-        if methods or variants:
-            raise SpecError(f"{path} runs rounds: --methods and --variants do not apply")
-        return load_rounds(spec, path)
+        if methods or variants or sweep:
+            raise SpecError(f"{path} runs rounds: --methods, --variants and --sweep do not apply")
+        rounds = load_rounds(spec, path)
+        if workdir:
+            rounds.workdir = Path(workdir).resolve()
+        return rounds
     for key in ("workdir", "model", "context", "rope_theta", "train", "methods", "evaluation"):
         if key not in spec:
             raise SpecError(f"{path}: `{key}` is missing")
     known = spec["methods"]
     chosen = methods if methods is not None else spec.get("run", list(known))
-    ev = spec["evaluation"]
-    models = []
     for name in chosen:
         if name not in known:
             raise SpecError(f"unknown method {name!r} (the YAML's methods: {', '.join(known)})")
-        models.append(_trained(name, name, known[name], [], ev["lengths"]))
+    wd = Path(workdir).resolve() if workdir else ROOT / spec["workdir"]
+    if sweep:
+        if variants:
+            raise SpecError("--sweep tunes the methods of `run` (or --methods); --variants do not apply")
+        exp = Experiment(spec, wd, sweep_models(spec, chosen), sweep=True)
+    else:
+        picks = read_picks(wd)
+        exp = Experiment(spec, wd, run_models(spec, chosen, variants or [], picks), picks=picks)
+    names = [m.name for m in exp.models]
+    if len(set(names)) != len(names):
+        raise SpecError(f"a model name is used twice: {names}")
+    return exp
+
+
+def seeds_of(spec: dict) -> list[int]:
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
+                                                       for s in seeds) or len(set(seeds)) != len(seeds):
+        raise SpecError(f"seeds: {seeds!r}; give a list of different integers >= 0 (e.g. --set seeds=[0,1,2])")
+    return seeds
+
+
+def run_models(spec: dict, chosen: list[str], variants: list[str], picks: dict) -> list[Model]:
+    """A plain run's models: each method (with its picked overrides) and variant once per seed, then the
+    untrained base and base_rope."""
+    known, ev, seeds = spec["methods"], spec["evaluation"], seeds_of(spec)
+    models = []
+    for name in chosen:
+        pick = picks.get(name) or {}
+        for s in seeds:
+            m = _trained(seed_name(name, s), name, known[name], pick.get("overrides", []), ev["lengths"])
+            m.group, m.seed, m.reuse = name, s, pick.get("pick") if s == 0 else None
+            models.append(m)
     models += [Model("base", eval_lengths=list(ev["lengths"])),
                Model("base_rope", rope_theta=float(spec["rope_theta"]), eval_lengths=list(ev["lengths"]))]
     all_variants = spec.get("variants") or {}
-    for name in (list(all_variants) if variants == ["all"] else variants or []):
+    for name in (list(all_variants) if variants == ["all"] else variants):
         if name not in all_variants:
             raise SpecError(f"unknown variant {name!r} (the YAML's variants: {', '.join(all_variants) or 'none'})")
         v = all_variants[name]
         if v.get("method") not in known:
             raise SpecError(f"variant {name}: unknown method {v.get('method')!r}")
-        models.append(_trained(name, v["method"], known[v["method"]], v.get("overrides", []),
-                               v.get("eval_lengths", ev["lengths"])))
-    names = [m.name for m in models]
-    if len(set(names)) != len(names):
-        raise SpecError(f"a model name is used twice: {names}")
-    return Experiment(spec, ROOT / spec["workdir"], models)
+        for s in seeds:
+            m = _trained(seed_name(name, s), v["method"], known[v["method"]], v.get("overrides", []),
+                         v.get("eval_lengths", ev["lengths"]))
+            m.group, m.seed = name, s
+            models.append(m)
+    return models
+
+
+def sweep_spec(spec: dict) -> dict:
+    """The YAML's `sweep`, checked: grid and per_method map dotted config keys to lists of values."""
+    sw = spec.get("sweep")
+    if not isinstance(sw, dict) or not (sw.get("grid") or sw.get("per_method")):
+        raise SpecError("--sweep: the YAML has no `sweep.grid` (e.g. sweep: {grid: {optim.lr: [5e-6, 1e-5]}, "
+                        "dev: {seed: 1, min_samples: 130, lengths: [16384]}})")
+    axes = [("sweep.grid", sw.get("grid") or {})] + [(f"sweep.per_method.{k}", v or {})
+                                                      for k, v in (sw.get("per_method") or {}).items()]
+    for where, grid in axes:
+        if not isinstance(grid, dict):
+            raise SpecError(f"{where}: a mapping of config keys to lists of values (optim.lr: [5e-6, 1e-5])")
+        for k, v in grid.items():
+            if "." not in str(k) or not isinstance(v, list) or not v:
+                raise SpecError(f"{where}.{k}: give a dotted config key and a list of values (optim.lr: [5e-6, 1e-5])")
+    dev = sw.get("dev") or {}
+    if "lengths" not in dev:
+        raise SpecError("sweep.dev.lengths: the development samples' lengths are missing (e.g. [16384])")
+    if int(dev.get("seed", 1)) == 0:
+        raise SpecError("sweep.dev.seed: 0 draws the test samples; give another seed (e.g. 1)")
+    return sw
+
+
+def sweep_models(spec: dict, chosen: list[str]) -> list[Model]:
+    """The sweep's models: every point of each method's grid (sweep.grid, with sweep.per_method's keys
+    for that method over it), at seed 0, then the untrained base; all evaluated on the dev samples."""
+    sw = sweep_spec(spec)
+    lengths = list(sw["dev"]["lengths"])
+    models = []
+    for method in chosen:
+        axes = {**(sw.get("grid") or {}), **((sw.get("per_method") or {}).get(method) or {})}
+        for values in itertools.product(*axes.values()):
+            extra = [f"{k}={_text(v)}" for k, v in zip(axes, values)]
+            m = _trained(point_name(method, axes, values), method, spec["methods"][method], extra, lengths)
+            m.group, m.dev = m.name, True
+            models.append(m)
+    return models + [Model("base", eval_lengths=lengths, dev=True)]
+
+
+def picks_file(workdir: Path) -> Path:
+    return workdir / "results" / "picks.json"
+
+
+def read_picks(workdir: Path) -> dict:
+    """method -> {pick, overrides, ...} from WORKDIR/results/picks.json ({} without one)."""
+    f = picks_file(workdir)
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())["methods"]
+    except (ValueError, KeyError) as e:
+        raise SpecError(f"{f}: not a picks file ({e}); rerun --sweep, or remove it to train with the YAML's overrides") from None
 
 
 def _trained(name, method, entry, extra, lengths) -> Model:
@@ -187,6 +315,32 @@ def _trained(name, method, entry, extra, lengths) -> Model:
     if ref not in REFERENCE_KINDS or data not in ("pairs", "documents"):
         raise SpecError(f"method {method}: reference is one of {REFERENCE_KINDS}, data pairs or documents")
     return Model(name, method, list(entry.get("overrides", [])) + list(extra), ref, data, None, list(lengths))
+
+
+def eval_tasks(spec: dict) -> list[str]:
+    """The tasks tools/eval_long.py runs: evaluation.tasks, else every task of the suite its args name
+    (RULER's 13 by default; `--suite smoke`: the 7 smoke tasks)."""
+    ev = spec["evaluation"]
+    if ev.get("tasks"):
+        return list(ev["tasks"])
+    args = [str(a) for a in ev.get("args") or []]
+    suite = next((b for a, b in zip(args, args[1:]) if a == "--suite"), None) or \
+        next((a.split("=", 1)[1] for a in args if a.startswith("--suite=")), "ruler")
+    if suite == "smoke":
+        from megatron_longpo.eval.ruler import DEFAULT_TASKS
+
+        return list(DEFAULT_TASKS)
+    from megatron_longpo.eval.ruler_tasks import RULER_TASKS
+
+    return list(RULER_TASKS)
+
+
+def samples_per_task(spec: dict, dev: bool = False) -> int:
+    """tools/eval_long.py --samples: `samples`, else ceil(min_samples / the suite's tasks), per length."""
+    ev = ((spec.get("sweep") or {}).get("dev") or {}) if dev else spec["evaluation"]
+    if ev.get("samples"):
+        return int(ev["samples"])
+    return math.ceil(int(ev.get("min_samples", 50)) / len(eval_tasks(spec)))
 
 
 def gpu_count(setting) -> int:
@@ -307,6 +461,11 @@ class Runner(Steps):
     # ---- the steps
     def run(self) -> int:
         self.w.mkdir(parents=True, exist_ok=True)
+        self.check_stamps()
+        if self.exp.picks:
+            self.log(f"the overrides picked on the dev samples ({picks_file(self.w)}): "
+                     + ", ".join(f"{k} {' '.join(v['overrides'])}" for k, v in self.exp.picks.items()
+                                 if k in {m.method for m in self.exp.trained}))
         self.hf = self.base_model()
         if not (self.pairs() and self.datasets()):
             return 0
@@ -424,49 +583,85 @@ class Runner(Steps):
                      self.hf, "--output", w / "docnll_data", "--max-length", ctx, "--no-progress"], w / "docnll_preprocess.log")
         return True
 
-    def eval_samples(self) -> int:
-        ev = self.spec["evaluation"]
-        if ev.get("samples"):
-            return int(ev["samples"])
-        tasks = ev.get("tasks") or []
-        if not tasks:
-            from megatron_longpo.eval.ruler import DEFAULT_TASKS
+    def train_settings(self, m: Model) -> dict:
+        """What makes a trained model what it is (no paths: a moved work directory still resumes)."""
+        spec = self.spec
+        return {"config": spec["train"]["config"], "data": m.data, "reference": m.reference,
+                "overrides": [f"model.rope_theta={spec['rope_theta']}", f"model.max_position_embeddings={spec['context']}",
+                              *spec["train"].get("overrides", []), *m.overrides, *[f"{k}={m.seed}" for k in SEED_KEYS]]}
 
-            tasks = DEFAULT_TASKS
-        return math.ceil(int(ev.get("min_samples", 50)) / len(tasks))
+    def stamp(self, name: str) -> dict | None:
+        """WORKDIR/NAME.train.json: the settings model NAME was trained with, and its training's directory."""
+        f = self.w / f"{name}.train.json"
+        return json.loads(f.read_text()) if f.is_file() else None
 
-    def train_command(self, m: Model, gpus: str | None) -> list:
+    def checkpoint(self, m: Model) -> str:
+        """The training a model is: its own (WORKDIR/NAME), or, for seed 0 of a picked method, its sweep
+        point's, where that was trained with the same settings."""
+        own = self.stamp(m.name)
+        if own and own.get("checkpoint") and (self.w / own["checkpoint"]).is_dir():
+            return own["checkpoint"]  # what it was made from on its first run
+        point = self.stamp(m.reuse) if m.reuse else None
+        same = point is not None and {k: v for k, v in point.items() if k != "checkpoint"} == self.train_settings(m)
+        return m.reuse if same else m.name
+
+    def check_stamps(self) -> None:
+        """A model already trained (or evaluated) under its name with other settings (another pick, other
+        overrides): refused in one line, before anything runs."""
+        for m in self.exp.trained:
+            old = self.stamp(m.name)
+            now = self.train_settings(m)
+            if old is None or {k: v for k, v in old.items() if k != "checkpoint"} == now:
+                continue
+            was, new = [o for o in old.get("overrides", []) if o not in now["overrides"]], \
+                [o for o in now["overrides"] if o not in old.get("overrides", [])]
+            there = [f for f in (m.name, f"hf_{m.name}", f"eval_{m.name}.json", f"eval_dev_{m.name}.json",
+                                 f"{m.name}.train.json") if (self.w / f).exists()]
+            raise SpecError(f"{m.name} in {self.w} was made with other settings (then {' '.join(was) or '-'}, now "
+                            f"{' '.join(new) or '-'}{', ' + old['data'] + ' data' if old.get('data') != m.data else ''}); "
+                            f"remove {', '.join(there)} there, or use another --workdir")
+
+    def train_command(self, m: Model, gpus: str | None, name: str | None = None) -> list:
         w, spec = self.w, self.spec
         data = w / ("docnll_data" if m.data == "documents" else "data")
         ref = [f"data.reference={self.exp.reference_file(m.reference)}"] if m.reference != "short" else []
         return [*self.torchrun(self.nproc(gpus)), "-m", "megatron_longpo.train", "--config", spec["train"]["config"],
                 f"model.checkpoint={w / 'base'}", f"data.path={data}", f"model.rope_theta={spec['rope_theta']}",
-                f"model.max_position_embeddings={spec['context']}", f"train.save_dir={w / m.name}",
-                *spec["train"].get("overrides", []), *m.overrides, *ref]
+                f"model.max_position_embeddings={spec['context']}", f"train.save_dir={w / (name or m.name)}",
+                *spec["train"].get("overrides", []), *m.overrides, *[f"{k}={m.seed}" for k in SEED_KEYS], *ref]
+
+    def eval_file(self, m: Model) -> Path:
+        return self.w / (f"eval_dev_{m.name}.json" if m.dev else f"eval_{m.name}.json")
 
     def job(self, m: Model, gpus: str | None) -> None:
         w, where = self.w, f" on GPU {gpus}" if gpus else ""
         model_dir = self.hf
         if m.method:
-            if not (w / m.name / "summary.json").is_file():
+            ck = self.checkpoint(m)
+            if self.stamp(m.name) is None:
+                (w / f"{m.name}.train.json").write_text(json.dumps({**self.train_settings(m), "checkpoint": ck}, indent=1))
+            if not (w / ck / "summary.json").is_file():
                 if not self.time_for("training"):
                     return
-                self.log(f"train {m.name}{where}")
-                self.sh(self.train_command(m, gpus), w / f"train_{m.name}.log", gpus)
-                self.log(f"trained {m.name}: {last_line(w / f'train_{m.name}.log', 'done')}")
-            if not (w / f"hf_{m.name}" / "config.json").is_file():
-                self.sh([PY, "tools/convert_checkpoint.py", "megatron-to-hf", "--megatron-dir", w / m.name, "--out",
-                         w / f"hf_{m.name}"], w / f"export_{m.name}.log", gpus)
-            model_dir = w / f"hf_{m.name}"
-        if (w / f"eval_{m.name}.json").is_file() or not self.time_for("evaluation"):
+                self.log(f"train {ck}{where}")
+                self.sh(self.train_command(m, gpus, ck), w / f"train_{ck}.log", gpus)
+                self.log(f"trained {ck}: {last_line(w / f'train_{ck}.log', 'done')}")
+            elif ck != m.name:
+                self.log(f"{m.name}: the sweep's training {ck} (the same settings)")
+            if not (w / f"hf_{ck}" / "config.json").is_file():
+                self.sh([PY, "tools/convert_checkpoint.py", "megatron-to-hf", "--megatron-dir", w / ck, "--out",
+                         w / f"hf_{ck}"], w / f"export_{ck}.log", gpus)
+            model_dir = w / f"hf_{ck}"
+        out = self.eval_file(m)
+        if out.is_file() or not self.time_for("evaluation"):
             return
-        ev = self.spec["evaluation"]
-        self.log(f"evaluate {m.name}{where}")
+        ev, dev = self.spec["evaluation"], (self.spec.get("sweep") or {}).get("dev") or {}
+        self.log(f"evaluate {m.name}{' on the dev samples' if m.dev else ''}{where}")
         self.sh([PY, "tools/eval_long.py", "--model", model_dir, *(["--rope-theta", m.rope_theta] if m.rope_theta else []),
                  "--lengths", *m.eval_lengths, *(["--tasks", *ev["tasks"]] if ev.get("tasks") else []),
-                 "--samples", self.eval_samples(), "--seed", 0, "--retention", "--no-progress",
-                 "--out", w / f"eval_{m.name}.json", *ev.get("args", [])],
-                w / f"eval_{m.name}.log", gpus.split(",")[0] if gpus else None, ok=(0, 3))
+                 "--samples", samples_per_task(self.spec, m.dev), "--seed", int(dev.get("seed", 1)) if m.dev else 0,
+                 "--retention", "--no-progress", "--out", out, *ev.get("args", []), *(dev.get("args", []) if m.dev else [])],
+                out.with_suffix(".log"), gpus.split(",")[0] if gpus else None, ok=(0, 3))
         self.log(f"evaluated {m.name}")
 
     def jobs(self) -> list[str]:
@@ -492,7 +687,7 @@ class Runner(Steps):
 
     def results(self, failed: list[str]) -> int:
         w = self.w
-        missing = [m.name for m in self.exp.models if not (w / f"eval_{m.name}.json").is_file()]
+        missing = [m.name for m in self.exp.models if not self.eval_file(m).is_file()]
         if missing:
             if not failed and self.deadline:
                 self.log(f"time limit: {', '.join(missing)} not evaluated yet; rerun to resume")
@@ -500,41 +695,147 @@ class Runner(Steps):
             print(f"error: no evaluation of {', '.join(missing)} (see {w}/train_NAME.log, eval_NAME.log); "
                   f"rerun to retry", file=sys.stderr)
             return 1
-        table = self.table()
-        (w / "table.md").write_text(table)
         res = w / "results"
         res.mkdir(exist_ok=True)
         for m in self.exp.models:
-            with open(w / f"eval_{m.name}.json", "rb") as src, gzip.GzipFile(res / f"eval_{m.name}.json.gz", "wb", mtime=0) as dst:
+            with open(self.eval_file(m), "rb") as src, gzip.GzipFile(res / (self.eval_file(m).name + ".gz"), "wb", mtime=0) as dst:
                 shutil.copyfileobj(src, dst)
-        (res / "summary.md").write_text(self.summary(table))
+        if self.exp.sweep:
+            return self.write_picks(res)
+        table = self.table()
+        (w / "table.md").write_text(table)
+        made = self.made_table()
+        (res / "summary.md").write_text(self.summary(table, made))
         self.log(f"table ({res / 'summary.md'})")
-        print(table, end="")
+        print(made + "\n\n" + table, end="")
         return 0
 
+    def table_args(self) -> list[str]:
+        """tools/eval_long.py --table's arguments: a row per model, or per method over its seeds (NAME=A,B,C)."""
+        return [f"{row}={','.join(str(self.eval_file(m)) for m in ms)}" for row, ms in self.exp.groups()]
+
     def table(self) -> str:
-        """tools/eval_long.py --table over every model's evaluation: a Markdown table, a row per model."""
-        r = subprocess.run([PY, "tools/eval_long.py", "--table",
-                            *[f"{m.name}={self.w / f'eval_{m.name}.json'}" for m in self.exp.table_order]],
-                           cwd=ROOT, capture_output=True, text=True)
+        """tools/eval_long.py --table over every model's evaluation: a Markdown table, a row per model
+        (a method's seeds: one row, their mean)."""
+        r = subprocess.run([PY, "tools/eval_long.py", "--table", *self.table_args()], cwd=ROOT, capture_output=True, text=True)
         if r.returncode != 0:
             raise ExperimentError(f"the table: {r.stderr[-2000:]}")
         return r.stdout
 
-    def summary(self, table: str) -> str:
-        s, rows = self.spec, []
-        for m in self.exp.table_order:
+    def tokens(self, m: Model) -> tuple[int, int, bool] | None:
+        """(optimizer steps, tokens processed, whether every step is counted) of a model's training, from
+        its summary.json's step lines (a resumed run's summary holds its own steps only)."""
+        f = self.w / self.checkpoint(m) / "summary.json"
+        s = json.loads(f.read_text()) if f.is_file() else {}
+        steps = s.get("steps") or []
+        if not steps:
+            return None
+        return s.get("iteration", len(steps)), int(sum(x.get("tokens", 0) for x in steps)), len(steps) >= s.get("iteration", 0)
+
+    def made_table(self) -> str:
+        """How each row was made: the method and its overrides, the seeds, the steps and the tokens processed
+        (the mean over the seeds: equal compute shows as equal tokens)."""
+        rows = []
+        for row, ms in self.exp.groups():
+            m = ms[0]
             how = ("untrained" + (f", RoPE base {m.rope_theta:g}" if m.rope_theta else "")) if not m.method else \
                 f"{m.method}: `{' '.join(m.overrides)}`" + (f", reference {m.reference}" if m.reference != "short" else "") + \
-                (", documents only" if m.data == "documents" else "")
-            rows.append(f"| {m.name} | {how} |")
+                (", documents only" if m.data == "documents" else "") + \
+                (" (picked on the dev samples)" if self.exp.picks.get(m.method) and m.group == m.method else "")
+            counts = [t for x in ms if x.method and (t := self.tokens(x))]
+            steps = f"{sum(t[0] for t in counts) / len(counts):,.0f}" if counts else "-"
+            mean = sum(t[1] for t in counts) / len(counts) if counts else 0
+            tokens = (("" if all(t[2] for t in counts) else ">=") + (f"{mean / 1e6:.2f}M" if mean >= 1e6 else f"{mean:,.0f}")) \
+                if counts else "-"
+            seeds = ", ".join(str(x.seed) for x in ms) if m.method else "-"
+            rows.append(f"| {row} | {how} | {seeds} | {steps} | {tokens} |")
+        return "\n".join(["| model | how it was made | seeds | steps | tokens processed |", "|---|---|---|---:|---:|", *rows])
+
+    def differences(self) -> str:
+        """With several seeds: each trained row minus sft and minus base_rope (means over the seeds), with
+        the two-level interval (prompts and seeds resampled: stats.grouped_paired_ci)."""
+        from megatron_longpo.eval import report
+
+        groups = [(row, [json.loads(self.eval_file(m).read_text()) for m in ms]) for row, ms in self.exp.groups()]
+        against = [b for b in ("sft", "base_rope") if b in dict(groups)]
+        return report.difference_markdown(groups, against, skip=("base",))
+
+    def summary(self, table: str, made: str) -> str:
+        s = self.spec
         gpus = f"{self.n_gpus} GPU(s)" if self.n_gpus else "the CPU"
+        several = any(len(ms) > 1 for _, ms in self.exp.groups())
+        picks = picks_file(self.w).with_suffix(".md")
         return "\n".join([
             f"# {s.get('name', self.w.name)}", "",
             f"Base model {s['model']}, context {s['context']}, policy RoPE base {s['rope_theta']:g}; "
             f"training `{s['train']['config']}` + `{' '.join(s['train'].get('overrides', []))}`; {gpus}.", "",
-            "| model | how it was made |", "|---|---|", *rows, "", table.rstrip(), "",
+            made, "", table.rstrip(), "",
+            *(["## Differences (means over the seeds)", "", self.differences(), ""] if several else []),
+            *(["## Picked on the development samples", "", picks.read_text().rstrip(), ""]
+              if self.exp.picks and picks.is_file() else []),
             "`eval_NAME.json.gz`: every sample of each model's evaluation (tools/eval_long.py).", ""])
+
+    # ---- the sweep: a pick per method on the development samples
+    def write_picks(self, res: Path) -> int:
+        """Per method, the point with the highest dev score among those whose held-out perplexity is within
+        sweep.retention.max_perplexity_ratio of the base's (none: the lowest perplexity): picks.json
+        (merged over an earlier one: methods swept apart keep theirs) and picks.md."""
+        from megatron_longpo.eval import report
+
+        ratio = float(((self.spec.get("sweep") or {}).get("retention") or {}).get("max_perplexity_ratio", 1.05))
+        base_model = next(m for m in self.exp.models if not m.method)
+        base = report.perplexity(json.loads(self.eval_file(base_model).read_text()))
+        limit = ratio * base if base is not None else None
+        old = json.loads(picks_file(self.w).read_text()) if picks_file(self.w).is_file() else {}
+        out = {"dev": (self.spec.get("sweep") or {}).get("dev"), "max_perplexity_ratio": ratio, "base_perplexity": base,
+               "methods": dict(old.get("methods") or {})}
+        for method in dict.fromkeys(m.method for m in self.exp.trained):
+            points = []
+            for m in (x for x in self.exp.trained if x.method == method):
+                r = json.loads(self.eval_file(m).read_text())
+                mean, lo, hi, n = report.dev_score(r)
+                points.append({"name": m.name, "overrides": m.overrides[len(m.overrides) - len(self.point_keys(m)):],
+                               "score": mean, "lo": lo, "hi": hi, "samples": n, "perplexity": report.perplexity(r)})
+            chosen, why = pick(points, limit)
+            self.log(f"{method}: picked {chosen['name']} ({why})")
+            out["methods"][method] = {"pick": chosen["name"], "overrides": chosen["overrides"], "why": why, "points": points}
+        picks_file(self.w).write_text(json.dumps(out, indent=1))
+        md = picks_markdown(out)
+        picks_file(self.w).with_suffix(".md").write_text(md + "\n")
+        self.log(f"picks ({picks_file(self.w)}); a plain run now trains each method with its pick")
+        print(md)
+        return 0
+
+    def point_keys(self, m: Model) -> list[str]:
+        sw = self.spec.get("sweep") or {}
+        return list({**(sw.get("grid") or {}), **((sw.get("per_method") or {}).get(m.method) or {})})
+
+
+def pick(points: list[dict], limit: float | None) -> tuple[dict, str]:
+    """The point with the highest dev `score` among those with `perplexity` <= limit (the first of equals);
+    none within it: the lowest perplexity; no limit (the base's perplexity unknown): the highest score."""
+    if limit is None:
+        return max(points, key=lambda p: p["score"]), "the highest dev score; no base perplexity to hold it to"
+    within = [p for p in points if p["perplexity"] is not None and p["perplexity"] <= limit]
+    if within:
+        return max(within, key=lambda p: p["score"]), f"the highest dev score with perplexity <= {limit:.2f}"
+    low = min(points, key=lambda p: p["perplexity"] if p["perplexity"] is not None else math.inf)
+    return low, f"no point keeps perplexity <= {limit:.2f}: the lowest perplexity"
+
+
+def picks_markdown(picks: dict) -> str:
+    base, ratio = picks.get("base_perplexity"), picks.get("max_perplexity_ratio")
+    lines = ["| method | point | overrides | dev score [95% CI] | perplexity (x base) | |", "|---|---|---|---:|---:|---|"]
+    for method, e in picks["methods"].items():
+        for p in e["points"]:
+            ppl = "-" if p["perplexity"] is None else f"{p['perplexity']:.2f}" + (f" ({p['perplexity'] / base:.3f})" if base else "")
+            lines.append(f"| {method} | {p['name']} | `{' '.join(p['overrides'])}` | {100 * p['score']:.1f} "
+                         f"[{100 * p['lo']:.1f}, {100 * p['hi']:.1f}] | {ppl} | {'**pick**' if p['name'] == e['pick'] else ''} |")
+    dev = picks.get("dev") or {}
+    lines += ["", f"Dev samples: seed {dev.get('seed', 1)}, lengths {', '.join(map(str, dev.get('lengths', [])))}; the "
+                  f"task average x100 over them. A pick: the highest dev score whose held-out perplexity is within "
+                  f"{ratio} x the base's ({'-' if base is None else f'{base:.2f}'}); none within it: the lowest perplexity."]
+    return "\n".join(lines)
 
 
 # ---- rounds: LongPO's iterative context extension (examples/longpo_iterative/experiment.yaml)
@@ -676,12 +977,51 @@ def plan_text(exp) -> str:
     lines = [f"workdir {exp.workdir}",
              "pairs: " + (f"unpacked from {pairs['compact']}" + (f", then {made} (those without a pair)" if pairs.get("grow") else "")
                           if pairs.get("compact") else made),
-             f"references: {', '.join(exp.references()) or 'none'}", "models:"]
+             f"references: {', '.join(exp.references()) or 'none'}",
+             f"seeds: {', '.join(map(str, seeds_of(exp.spec)))} ({' and '.join(SEED_KEYS)})",
+             ("models of the sweep (seed 0, the dev samples):" if exp.sweep else "models:")]
     for m in exp.models:
         lines.append(f"  {m.name:<16} " + (f"train {m.method} {' '.join(m.overrides)}" if m.method else
                                           "untrained" + (f" at RoPE base {m.rope_theta:g}" if m.rope_theta else ""))
                      + f" | evaluate at {', '.join(map(str, m.eval_lengths))}")
-    return "\n".join(lines)
+    return "\n".join(lines + ["cost:", *cost_lines(exp)])
+
+
+def cost_lines(exp: Experiment) -> list[str]:
+    """The trainings and evaluations of the sweep and of the plain run, and their samples."""
+    spec, out = exp.spec, []
+    methods = list(dict.fromkeys(m.method for m in exp.trained if m.group in spec["methods"] or exp.sweep))
+    tasks = len(eval_tasks(spec))
+
+    def evals(n, dev):
+        lengths = ((spec.get("sweep") or {}).get("dev") or {}).get("lengths", []) if dev else spec["evaluation"]["lengths"]
+        k = samples_per_task(spec, dev) if lengths else 0
+        return (f"{n} evaluations of {k} samples a task x {tasks} tasks = {k * tasks} a length at "
+                f"{', '.join(map(str, lengths))} (seed {((spec.get('sweep') or {}).get('dev') or {}).get('seed', 1) if dev else 0})")
+
+    if spec.get("sweep"):
+        try:
+            points = [m for m in sweep_models(spec, methods) if m.method]
+        except SpecError as e:
+            out.append(f"  sweep: {e}")
+        else:
+            per = ", ".join(f"{k} {sum(m.method == k for m in points)}" for k in methods)
+            out.append(f"  sweep (--sweep): {len(points)} trainings ({per}), {evals(len(points) + 1, True)}, the base's included")
+    else:
+        out.append("  sweep: none (no `sweep` section)")
+    seeds = seeds_of(spec)
+    if exp.sweep:
+        n = len(methods) * len(seeds)
+        out.append(f"  then the run: {n - len(methods)} trainings ({n} models: {len(methods)} methods x {len(seeds)} "
+                   f"seed(s), seed 0 of each the sweep's pick), {evals(n + 2, False)}")
+    else:
+        trained = exp.trained
+        reused = sum(1 for m in trained if m.reuse)
+        out.append(f"  run: {len(trained) - reused} trainings ({len(trained)} models"
+                   + (f"; {reused} of them the sweep's picks, trained by the sweep" if reused else
+                      f"; after a sweep, {len(methods)} fewer: seed 0 of each method is its pick") + "), "
+                   + evals(len(exp.models), False))
+    return out
 
 
 def main(argv=None) -> int:
@@ -695,12 +1035,12 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="*", default=[], help="variants to train too (`all`: every one)")
     p.add_argument("--workdir", help="override the YAML's workdir")
     p.add_argument("--time-limit", type=float, help="seconds: no step starts when less than its usual time is left")
-    p.add_argument("--plan", action="store_true", help="print what would run, start nothing")
+    p.add_argument("--plan", action="store_true", help="print what would run and its cost, start nothing")
+    p.add_argument("--sweep", action="store_true", help="train every point of `sweep.grid` (seed 0), evaluate it on the "
+                                                         "dev samples, pick each method's overrides (WORKDIR/results/picks.json)")
     a = p.parse_args(argv)
     try:
-        exp = load(a.experiment, a.profile, a.methods, a.variants, a.sets)
-        if a.workdir:
-            exp.workdir = Path(a.workdir).resolve()
+        exp = load(a.experiment, a.profile, a.methods, a.variants, a.sets, a.workdir, a.sweep)
         if a.plan:
             print(plan_text(exp))
             return 0

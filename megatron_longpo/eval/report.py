@@ -1,13 +1,18 @@
 """Results of the RULER suite: the JSON a run writes, the tables it prints (scores with 95 % CIs,
 per task and length, the word-boundary score, needle depth, retention), the comparison of two or more
-result files (paired differences with CIs), and the picture (score against length with CI bars)."""
+result files (paired differences with CIs) or groups of them (a model's runs, one per training seed:
+its mean over them, with a two-level interval), and the picture (score against length with CI bars).
+
+A group is (name, [results, ...]); a single results file is a group of one, whose numbers are the
+file's own."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_longpo.eval.stats import cell_table, depth_table, fmt_ci, paired_table
+from megatron_longpo.eval.stats import (bootstrap_ci, cell_table, depth_table, fmt_ci, grouped_average,
+                                        grouped_paired_table)
 
 RESULTS_VERSION = 2
 
@@ -80,16 +85,26 @@ def render(results: dict):
 
 def compare(files: Sequence[tuple[str, dict]], key: str = "score"):
     """(rich Tables, data): each result after the first minus the first, paired on identical prompts."""
+    return group_compare([(name, [r]) for name, r in files], key)
+
+
+def _runs(runs: Sequence[dict]) -> str:
+    return f", mean over {len(runs)} runs" if len(runs) > 1 else ""
+
+
+def group_compare(groups: Sequence[tuple[str, Sequence[dict]]], key: str = "score"):
+    """(rich Tables, data): each group after the first minus the first (means over their runs), paired
+    on the prompts every run scored, with two-level 95 % CIs (stats.grouped_paired_table)."""
     from rich.table import Table
 
-    (base_name, base), others = files[0], files[1:]
+    (base_name, base), others = groups[0], groups[1:]
     tables, data = [], {}
     for name, other in others:
-        p = paired_table(base["samples"], other["samples"], key)
+        p = grouped_paired_table([r["samples"] for r in base], [r["samples"] for r in other], key)
         data[name] = p
         lengths = sorted({n for cells in p["tasks"].values() for n in cells}, key=int)
-        t = Table(title=f"{name} - {base_name} ({'RULER metric' if key == 'score' else 'word boundary'}; x100, "
-                        f"paired 95% CI; '?' = CI contains 0: unresolved)")
+        t = Table(title=f"{name}{_runs(other)} - {base_name}{_runs(base)} ({'RULER metric' if key == 'score' else 'word boundary'}; "
+                        f"x100, paired 95% CI; '?' = CI contains 0: unresolved)")
         t.add_column("task")
         for n in lengths:
             t.add_column(n, justify="right")
@@ -100,7 +115,7 @@ def compare(files: Sequence[tuple[str, dict]], key: str = "score"):
             return f"{100 * c['diff']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]" + ("" if c["resolved"] else " ?")
 
         for task, cells in p["tasks"].items():
-            t.add_row(_task_label(base, task), *[cell(cells.get(n)) for n in lengths])
+            t.add_row(_task_label(base[0], task), *[cell(cells.get(n)) for n in lengths])
         t.add_row("average", *[cell(p["average"].get(n)) for n in lengths], style="bold")
         t.add_row("paired samples", *[str(p["average"][n]["n"]) if n in p["average"] else "-" for n in lengths],
                   style="dim")
@@ -108,6 +123,30 @@ def compare(files: Sequence[tuple[str, dict]], key: str = "score"):
             t.caption = f"{p['prompt_mismatch']} samples left out: their prompts differ (another seed or tokenizer)"
         tables.append(t)
     return tables, data
+
+
+def group_average(runs: Sequence[dict], key: str = "score") -> dict:
+    """{length: {mean, lo, hi, n, ...}}: one file's stored task average (RULER results), or the mean over
+    several runs (or of smoke results) from their samples (stats.grouped_average)."""
+    if len(runs) == 1 and key == "score" and "table" in runs[0]:
+        return runs[0]["table"]["average"]
+    return grouped_average([r["samples"] for r in runs], key)
+
+
+def dev_score(results: dict, key: str = "score") -> tuple[float, float, float, int]:
+    """(mean, low, high, samples): the task average over every length of one results file (each task
+    at each length weighs the same), with its 95 % bootstrap CI: a development split's one number."""
+    rs = [r for r in results["samples"] if r.get(key) is not None]
+    if not rs:
+        raise ValueError(f"{results.get('name', 'results')}: no scored sample")
+    m, lo, hi = bootstrap_ci([r[key] for r in rs], [f"{r['task']}@{r['length']}" for r in rs])
+    return m, lo, hi, len(rs)
+
+
+def perplexity(results: dict) -> float | None:
+    """The held-out perplexity of --retention, or None."""
+    p = (results.get("retention") or {}).get("perplexity")
+    return float(p["perplexity"]) if p else None
 
 
 def plot(files: Sequence[tuple[str, dict]], path: str | Path, title: str = "RULER score against length") -> Path:
@@ -147,15 +186,56 @@ def plot(files: Sequence[tuple[str, dict]], path: str | Path, title: str = "RULE
 
 def markdown(files: Sequence[tuple[str, dict]]) -> str:
     """One row per model: the task average at each length with its 95 % CI, and retention."""
-    lengths = sorted({n for _, r in files for n in r["table"]["average"]}, key=int)
+    return group_markdown([(name, [r]) for name, r in files])
+
+
+def group_markdown(groups: Sequence[tuple[str, Sequence[dict]]]) -> str:
+    """One row per group: its mean over its runs of the task average at each length with a two-level
+    95 % CI (a single file: its own CI), and the held-out perplexity (several runs: their mean and
+    range)."""
+    avgs = [(name, runs, group_average(runs)) for name, runs in groups]
+    lengths = sorted({n for *_, avg in avgs for n in avg}, key=int)
     head = ["model", *[f"{int(n) // 1024}K" if int(n) % 1024 == 0 else n for n in lengths], "perplexity"]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
-    for name, r in files:
-        avg = r["table"]["average"]
+    for name, runs, avg in avgs:
         cells = [fmt_ci(a["mean"], a["lo"], a["hi"]) if (a := avg.get(n)) else "-" for n in lengths]
-        p = (r.get("retention") or {}).get("perplexity")
-        cells.append(f"{p['perplexity']:.2f} [{p['lo']:.2f}, {p['hi']:.2f}]" if p else "-")
+        ppl = [p for r in runs if (p := (r.get("retention") or {}).get("perplexity"))]
+        if len(runs) == 1 and ppl and "lo" in ppl[0]:
+            cells.append(f"{ppl[0]['perplexity']:.2f} [{ppl[0]['lo']:.2f}, {ppl[0]['hi']:.2f}]")
+        elif ppl:
+            v = [p["perplexity"] for p in ppl]
+            cells.append(f"{sum(v) / len(v):.2f}" + (f" ({min(v):.2f}-{max(v):.2f})" if len(v) > 1 else ""))
+        else:
+            cells.append("-")
         lines.append("| " + " | ".join([name, *cells]) + " |")
-    n = sorted({a["n"] for _, r in files for a in r["table"]["average"].values()})
+    n = sorted({a["n"] for *_, avg in avgs for a in avg.values()})
     lines += ["", f"RULER task average x100, [95% bootstrap CI]; {n[0]}-{n[-1]} samples per model and length."]
+    if any(len(runs) > 1 for _, runs in groups):
+        lines[-1] += (" A row of several runs (training seeds): their mean, on the prompts all of them scored; its "
+                      "CI resamples the prompts and the runs; perplexity: their mean (lowest-highest).")
+    return "\n".join(lines)
+
+
+def difference_markdown(groups: Sequence[tuple[str, Sequence[dict]]], against: Sequence[str],
+                        skip: Sequence[str] = ()) -> str:
+    """A Markdown table: every group minus each group named in `against` (means over their runs), the
+    task average at each length with the two-level paired 95 % CI; `?`: the CI contains 0."""
+    by = dict(groups)
+    rows = []
+    for b in against:
+        for name, runs in groups:
+            if name == b or name in skip or name in against and against.index(name) > against.index(b):
+                continue
+            p = grouped_paired_table([r["samples"] for r in by[b]], [r["samples"] for r in runs])
+            rows.append((f"{name} - {b}", p["average"]))
+    lengths = sorted({n for _, avg in rows for n in avg}, key=int)
+    head = ["difference", *[f"{int(n) // 1024}K" if int(n) % 1024 == 0 else n for n in lengths]]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * len(lengths) + "|"]
+    for label, avg in rows:
+        cells = [f"{100 * c['diff']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]" + ("" if c["resolved"] else " ?")
+                 if (c := avg.get(n)) else "-" for n in lengths]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    lines += ["", "Task average x100, each row's mean over its seeds minus the other's, paired on the prompts every "
+                  "run scored; 95% CI resampling the prompts (within each task) and each side's seeds; '?': the CI "
+                  "contains 0 (unresolved)."]
     return "\n".join(lines)

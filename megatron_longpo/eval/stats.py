@@ -183,3 +183,103 @@ def paired_table(base: Sequence[dict], other: Sequence[dict], key: str = "score"
         m, lo, hi = paired_ci([ia[k][key] for k in ks], [ib[k][key] for k in ks], [k[0] for k in ks], seed=seed)
         avg[str(n)] = {"diff": m, "lo": lo, "hi": hi, "n": len(ks), "resolved": resolved(lo, hi)}
     return {"tasks": dict(cells), "average": avg, "matched": len(common), "prompt_mismatch": mismatched}
+
+
+# ---------------------------------------------------------------- several runs (seeds) of a model
+
+
+def grouped_ci(b, a=None, strata: Sequence | None = None, n_boot: int = N_BOOT, level: float = LEVEL,
+               seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high) of a model's mean over its runs (b: runs x prompts, one row per training
+    seed, every row on the same prompts), minus another model's (a, same prompts) when given: a
+    two-level bootstrap. Each resample draws the prompts (within each stratum, paired across every
+    run of both models) and, on their own, each model's runs with replacement; its value is the mean
+    over the drawn prompts (of the strata means) of b's mean over its drawn runs minus a's.
+
+    The prompts are drawn first, from the stream bootstrap_ci draws them from: with one run each, the
+    interval is paired_ci(a[0], b[0]) (bootstrap_ci(b[0]) without a), exactly."""
+    B = np.atleast_2d(np.asarray(b, dtype=float))
+    A = None if a is None else np.atleast_2d(np.asarray(a, dtype=float))
+    if A is not None and A.shape[1] != B.shape[1]:
+        raise ValueError("paired samples must align")
+    n = B.shape[1]
+    if n == 0 or len(B) == 0 or (A is not None and len(A) == 0):
+        raise ValueError("no values")
+    rng = np.random.default_rng(seed)
+    s = None if strata is None else np.asarray(strata)
+    if s is not None and len(s) != n:
+        raise ValueError("one stratum per prompt")
+    parts = [(np.arange(n), rng.integers(0, n, size=(n_boot, n)))] if s is None else \
+        [(np.flatnonzero(s == k), rng.integers(0, int((s == k).sum()), size=(n_boot, int((s == k).sum()))))
+         for k in np.unique(s)]
+
+    def run_means(X):  # (n_boot, prompts): each resample's mean over its drawn runs
+        if len(X) == 1:
+            return np.broadcast_to(X, (n_boot, n))
+        draws = rng.integers(0, len(X), size=(n_boot, len(X)))
+        weights = np.zeros((n_boot, len(X)))
+        np.add.at(weights, (np.arange(n_boot)[:, None], draws), 1.0 / len(X))
+        return weights @ X
+
+    D = run_means(B) if A is None else run_means(B) - run_means(A)
+    means = [np.take_along_axis(D[:, idx], draw, axis=1).mean(axis=1) for idx, draw in parts]
+    boot = means[0] if s is None else np.mean(means, axis=0)
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    diff = B.mean(axis=0) if A is None else B.mean(axis=0) - A.mean(axis=0)
+    return point(diff, strata), float(lo), float(hi)
+
+
+def grouped_paired_ci(a, b, strata: Sequence | None = None, n_boot: int = N_BOOT, level: float = LEVEL,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """(mean over b's runs - mean over a's runs, low, high): runs x prompts each, on the same prompts
+    (grouped_ci). With one run each it is paired_ci(a[0], b[0])."""
+    return grouped_ci(b, a, strata, n_boot, level, seed)
+
+
+def aligned_runs(groups: Sequence[Sequence[Sequence[dict]]], key: str = "score"):
+    """The prompts that every run of every group scored, identical in all of them (matched on task,
+    length, index and the prompt hash): (keys sorted, [runs x prompts array per group], the number of
+    prompts left out because their hashes differ)."""
+    maps = [[{(r["task"], int(r["length"]), r["index"]): r for r in _scored(run, key)} for run in runs]
+            for runs in groups]
+    flat = [m for runs in maps for m in runs]
+    common = set(flat[0]).intersection(*flat[1:]) if flat else set()
+    keys = sorted(k for k in common if len({m[k].get("prompt_sha") for m in flat}) == 1)
+    arrays = [np.array([[m[k][key] for k in keys] for m in runs], dtype=float).reshape(len(runs), len(keys))
+              for runs in maps]
+    return keys, arrays, len(common) - len(keys)
+
+
+def grouped_average(runs: Sequence[Sequence[dict]], key: str = "score", seed: int = 0) -> dict:
+    """{length: {mean, lo, hi, n, tasks, runs}}: a model's task average (tasks weigh the same) at each
+    length, its mean over runs (seeds) on the prompts all of them scored, with grouped_ci's interval."""
+    keys, (X,), _ = aligned_runs([runs], key)
+    out = {}
+    for n in sorted({k[1] for k in keys}):
+        cols = [i for i, k in enumerate(keys) if k[1] == n]
+        tasks = [keys[i][0] for i in cols]
+        m, lo, hi = grouped_ci(X[:, cols], strata=tasks, seed=seed)
+        out[str(n)] = {"mean": m, "lo": lo, "hi": hi, "n": len(cols), "tasks": len(set(tasks)), "runs": len(runs)}
+    return out
+
+
+def grouped_paired_table(base: Sequence[Sequence[dict]], other: Sequence[Sequence[dict]], key: str = "score",
+                         seed: int = 0) -> dict:
+    """paired_table over several runs (seeds) of each model: other's mean over its runs minus base's,
+    per (task, length) and per length, with grouped_paired_ci's two-level interval; with one run each,
+    paired_table(base[0], other[0]) (and `runs`)."""
+    keys, (A, B), mismatched = aligned_runs([base, other], key)
+    cells: dict[str, dict] = defaultdict(dict)
+    by: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for i, k in enumerate(keys):
+        by[(k[0], k[1])].append(i)
+    for (task, n), cols in sorted(by.items()):
+        m, lo, hi = grouped_paired_ci(A[:, cols], B[:, cols], seed=seed)
+        cells[task][str(n)] = {"diff": m, "lo": lo, "hi": hi, "n": len(cols), "resolved": resolved(lo, hi)}
+    avg = {}
+    for n in sorted({k[1] for k in keys}):
+        cols = [i for i, k in enumerate(keys) if k[1] == n]
+        m, lo, hi = grouped_paired_ci(A[:, cols], B[:, cols], [keys[i][0] for i in cols], seed=seed)
+        avg[str(n)] = {"diff": m, "lo": lo, "hi": hi, "n": len(cols), "resolved": resolved(lo, hi)}
+    return {"tasks": dict(cells), "average": avg, "matched": len(keys), "prompt_mismatch": mismatched,
+            "runs": [len(base), len(other)]}
