@@ -306,7 +306,8 @@ def test_seeds_train_each_method_per_seed_and_the_table_shows_their_mean(tmp_pat
 
 def test_the_sweep_picks_per_method_and_a_run_trains_the_picks(tmp_path):
     sets = [f"model={_hf(tmp_path)}", "seeds=[0,1]", "sweep.grid={optim.lr: [1e-5, 2e-5, 4e-5]}",
-            "sweep.per_method={sft: {optim.lr: [4e-5, 8e-5]}}", "sweep.dev.min_samples=20"]
+            "sweep.per_method={sft: {optim.lr: [4e-5, 8e-5]}}", "sweep.dev.min_samples=20",
+            "sweep.retention.max_perplexity_ratio=1.05"]
     w = tmp_path / "w"
     sweep = X.load(YAML, profile="tiny", methods=["longpo", "sft"], sets=sets, workdir=w, sweep=True)
     assert [m.name for m in sweep.models] == ["longpo@lr1e-5", "longpo@lr2e-5", "longpo@lr4e-5", "sft@lr4e-5",

@@ -782,7 +782,7 @@ class Runner(Steps):
         (merged over an earlier one: methods swept apart keep theirs) and picks.md."""
         from megatron_longpo.eval import report
 
-        ratio = float(((self.spec.get("sweep") or {}).get("retention") or {}).get("max_perplexity_ratio", 1.05))
+        ratio = float(((self.spec.get("sweep") or {}).get("retention") or {}).get("max_perplexity_ratio", 1.15))
         base_model = next(m for m in self.exp.models if not m.method)
         base = report.perplexity(json.loads(self.eval_file(base_model).read_text()))
         limit = ratio * base if base is not None else None
