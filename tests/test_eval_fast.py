@@ -103,6 +103,7 @@ def test_eval_long_ruler_end_to_end(terse, tmp_path, capsys):
     assert rc == 0
     r = json.loads(out.read_text())
     assert r["version"] == 2 and set(r["table"]["tasks"]) == {"niah_single_2", "vt", "qa_1"}
+    assert r["config"]["prefill_tokens"] == 0  # the CPU's default: one prompt a prefill call (a GPU: 32768)
     cell = r["table"]["tasks"]["vt"]["1024"]
     assert cell["n"] == 2 and cell["lo"] <= cell["mean"] <= cell["hi"]
     assert r["provenance"]["qa"]["squad"]["stand_in"] and "PSF" in r["provenance"]["haystack"]["licence"]

@@ -49,9 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device")
     p.add_argument("--threads", type=int)
     p.add_argument("--skip-old", action="store_true", help="only the new path on RULER's tasks")
-    p.add_argument("--prefill-tokens", type=int, default=0, metavar="N",
+    p.add_argument("--prefill-tokens", type=int, metavar="N",
                    help="ruler --path fast: prefill several prompts a call, right-padded, up to N tokens a call "
-                        "(0: one prompt a call, the default; e.g. 32768 on a GPU)")
+                        "(0: one prompt a call; default: 32768 on a GPU, 0 on the CPU)")
     p.add_argument("--decode-step", choices=("auto", "graph", "static", "eager"), default="auto",
                    help="the new path's decode step (generation/graph_decode.py): graph = static buffers and "
                         "CUDA graphs, static = the same without capture, eager = kv_decode's steps; auto: graph "
@@ -73,13 +73,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load(model_dir: str, a: argparse.Namespace):
     """The TransformersBackend of one model, with the new path's decode step and prefill settings."""
-    from megatron_longpo.generation import graph_decode
+    from megatron_longpo.generation import graph_decode, kv_decode
     from megatron_longpo.generation.transformers_backend import TransformersBackend
 
     backend = TransformersBackend(model_dir, device=a.device, dtype=a.dtype, batch_size=a.batch_size,
                                   threads=a.threads, decode="prefill")
     backend.decode_step = graph_decode.choose(backend.model, a.decode_step)
-    backend.prefill_tokens = a.prefill_tokens
+    backend.prefill_tokens = (kv_decode.default_prefill_tokens(backend.device) if a.prefill_tokens is None
+                              else a.prefill_tokens)
     return backend
 
 
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
         same_pred, same_score = same(old, new)
         compare = {"predictions_identical": same_pred, "scores_identical": same_score, "samples": len(smoke)}
         row(f"old (runner.evaluate, batch {a.batch_size})", "smoke", a.old_length, old, old_s, old_st)
-        row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step}){prefill_name(a.prefill_tokens)}",
+        row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step}){prefill_name(backend.prefill_tokens)}",
             "smoke", a.old_length, new, new_s, new_st, speedup=round(old_s / max(new_s, 1e-9), 2))
         if a.compare_prefill_tokens is not None:
             bar = tqdm(total=len(smoke), desc=f"new path {a.old_length}, prefill {a.compare_prefill_tokens}",
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
                 speedup=round(old_s / max(other_s, 1e-9), 2))
             same_pred, same_score = same(new, other)
             prefill_compare.append({"suite": "smoke", "length": a.old_length,
-                                    "prefill_tokens": [a.prefill_tokens, a.compare_prefill_tokens],
+                                    "prefill_tokens": [backend.prefill_tokens, a.compare_prefill_tokens],
                                     "predictions_identical": same_pred, "scores_identical": same_score,
                                     "samples": len(new), "seconds": [round(new_s, 2), round(other_s, 2)]})
 
@@ -238,7 +239,7 @@ def main(argv=None) -> int:
             model_s += secs
             prefill_s, decode_s, capture_s = (prefill_s + st["prefill_s"], decode_s + st["decode_s"],
                                               capture_s + st["capture_s"])
-            row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step}){prefill_name(a.prefill_tokens)}{name}",
+            row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step}){prefill_name(backend.prefill_tokens)}{name}",
                 "ruler", length, recs, secs, st)
             if a.compare_prefill_tokens is not None and not m:
                 bar = tqdm(total=len(samples), desc=f"new path {length}, prefill {a.compare_prefill_tokens}",
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
                     f"{prefill_name(a.compare_prefill_tokens)}", "ruler", length, other, other_s, st)
                 same_pred, same_score = same(recs, other)
                 prefill_compare.append({"suite": "ruler", "length": length,
-                                        "prefill_tokens": [a.prefill_tokens, a.compare_prefill_tokens],
+                                        "prefill_tokens": [backend.prefill_tokens, a.compare_prefill_tokens],
                                         "predictions_identical": same_pred, "scores_identical": same_score,
                                         "samples": len(recs), "seconds": [round(secs, 2), round(other_s, 2)]})
             if a.compare_step and not m:
@@ -299,6 +300,7 @@ def main(argv=None) -> int:
                   f"{capture_s:.1f} s); model load {load_s:.1f} s")
     out = {"model": a.model, "device": device, "dtype": str(backend.model.dtype), "torch": torch.__version__,
            "transformers": __import__("transformers").__version__, "decode_step": backend.decode_step,
+           "prefill_tokens": backend.prefill_tokens,
            "rows": rows, "old_vs_new": compare, "step_compare": step_compare,
            "prefill_compare": prefill_compare,
            "ruler_total_s": round(total_eval, 2), "ruler_samples_s": round(sample_s, 2),

@@ -30,7 +30,7 @@ from megatron_longpo.eval.ruler import (DEFAULT_DOCUMENTS, DEFAULT_TASKS, chat_p
                                         generate_tasks)
 from megatron_longpo.eval.runner import (build_results, compare_table, evaluate, models_markdown, render_retention,
                                          render_table, svg_plot)
-from megatron_longpo.generation import graph_decode
+from megatron_longpo.generation import graph_decode, kv_decode
 from megatron_longpo.generation.factory import build_backend
 from megatron_longpo.io import atomic_write_json
 
@@ -67,9 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "earlier versions; sends no answer prefix)")
     p.add_argument("--fast-batch-size", type=int, default=64, help="ruler --path fast: rows decoded together at "
                                                                    "most (also bounded by the key/value memory)")
-    p.add_argument("--prefill-tokens", type=int, default=0, metavar="N",
+    p.add_argument("--prefill-tokens", type=int, metavar="N",
                    help="ruler --path fast: prefill several prompts a call, right-padded, up to N tokens a call "
-                        "(0: one prompt a call, the default; e.g. 32768 on a GPU)")
+                        "(0: one prompt a call; default: 32768 on a GPU, 0 on the CPU)")
     p.add_argument("--decode-step", choices=("auto", "graph", "static", "eager"), default="auto",
                    help="ruler --path fast: graph = static buffers and a CUDA graph a step, static = the same "
                         "without capture, eager = kv_decode's steps (auto: graph on a GPU, else eager)")
@@ -179,7 +179,7 @@ def ruler_main(a, console) -> int:
             raise ValueError("--out RESULTS.json is required")
         if samples_per < 1:
             raise ValueError("--samples must be at least 1")
-        if a.prefill_tokens < 0:
+        if a.prefill_tokens is not None and a.prefill_tokens < 0:
             raise ValueError(f"--prefill-tokens {a.prefill_tokens}: give 0 (one prompt a call) or a token count")
         unknown = [t for t in tasks if t not in RULER_TASKS]
         if unknown:
@@ -212,7 +212,8 @@ def ruler_main(a, console) -> int:
         backend = build_backend(backend_config_from_args(a))
         if a.path == "fast":
             backend.decode_step = graph_decode.choose(backend.model, a.decode_step)
-            backend.prefill_tokens = a.prefill_tokens
+            backend.prefill_tokens = (kv_decode.default_prefill_tokens(backend.device) if a.prefill_tokens is None
+                                      else a.prefill_tokens)
     except (ValueError, FileNotFoundError, OSError) as e:  # CorpusError and LengthError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -238,7 +239,7 @@ def ruler_main(a, console) -> int:
               "tolerance": a.tolerance, "backend": a.backend, "model": a.model, "path": a.path,
               "batch_size": a.fast_batch_size if a.path == "fast" else a.batch_size, "dtype": a.dtype,
               "decode_step": getattr(backend, "decode_step", None) if a.path == "fast" else None,
-              "prefill_tokens": a.prefill_tokens if a.path == "fast" else None,
+              "prefill_tokens": getattr(backend, "prefill_tokens", None) if a.path == "fast" else None,
               "rope_theta": a.rope_theta, "tokenizer": tokenizer_path_from_args(a),
               "length_counted": "chat template around the task text (generation prompt, the template's system "
                                 "prompt) + RULER's answer prefix + the task's generation budget"}
