@@ -217,10 +217,15 @@ def test_samples_cache_is_reused_only_when_the_settings_agree(tok, inputs, tmp_p
     hay, qa = inputs
     cache = tmp_path / "samples.json"
     calls = []
-    a, _ = suite.cached_samples(str(cache), tok, ["vt"], [1024], 2, 0, hay, qa, {"h": 1}, progress=calls.append)
+    a, a_ids = suite.cached_samples(str(cache), tok, ["vt"], [1024], 2, 0, hay, qa, {"h": 1}, progress=calls.append)
     cache.write_text(cache.read_text().replace(a[0].prompt[-40:], "X" * 40))  # mark the stored copy
-    b, _ = suite.cached_samples(str(cache), tok, ["vt"], [1024], 2, 0, hay, qa, {"h": 1})
+    b, b_ids = suite.cached_samples(str(cache), tok, ["vt"], [1024], 2, 0, hay, qa, {"h": 1})
     assert b[0].prompt.endswith("X" * 40) and b[1].prompt == a[1].prompt  # read back, not rebuilt
+    # the model inputs come back with them, tokenized once: the file's ids, not the tokenizer's again
+    _, fresh = R.chat_counter(tok)
+    b_ids._ids = lambda *_: pytest.fail("tokenized again")
+    assert b_ids(b[1].prompt, b[1].answer_prefix) == fresh(a[1].prompt, a[1].answer_prefix) == a_ids(a[1].prompt, a[1].answer_prefix)
+    assert len(b_ids(b[0].prompt, b[0].answer_prefix)) == a[0].n_tokens
     c, _ = suite.cached_samples(str(cache), tok, ["vt"], [1024], 2, 1, hay, qa, {"h": 1})  # another seed
     assert c[0].prompt != b[0].prompt and not c[0].prompt.endswith("X" * 40)
     assert sum(calls) == 2

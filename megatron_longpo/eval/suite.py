@@ -49,17 +49,55 @@ def tokenizer_sha(tokenizer) -> str:
     return hashlib.sha256((text + str(getattr(tokenizer, "chat_template", ""))).encode()).hexdigest()[:16]
 
 
+class PromptIds:
+    """`ids(user, prefix)` that keeps what it tokenized (compact, as numpy arrays), and answers from ids
+    given up front: a table of models on one tokenizer tokenizes each prompt once (about 12 s for RULER's
+    1,209 samples at 4K/8K/16K on a 2-core machine)."""
+
+    def __init__(self, ids: Callable[[str, str], list[int]], known: dict | None = None) -> None:
+        self._ids = ids
+        self._known = dict(known or {})
+
+    def array(self, user: str, prefix: str):
+        import numpy as np
+
+        got = self._known.get((user, prefix))
+        if got is None:
+            got = self._known[(user, prefix)] = np.asarray(self._ids(user, prefix), dtype=np.int64)
+        return got
+
+    def __call__(self, user: str, prefix: str) -> list[int]:
+        return self.array(user, prefix).tolist()
+
+
+def _pack_ids(a) -> dict:
+    import base64
+
+
+    dtype = "uint16" if a.size == 0 or int(a.max()) < 2**16 else "uint32"
+    return {"dtype": dtype, "b64": base64.b64encode(a.astype(dtype).tobytes()).decode("ascii")}
+
+
+def _unpack_ids(d: dict):
+    import base64
+
+    import numpy as np
+
+    return np.frombuffer(base64.b64decode(d["b64"]), dtype=d["dtype"]).astype(np.int64)
+
+
 def cached_samples(path: str | None, tokenizer, tasks, lengths, samples: int, seed: int, haystack, qa_sets: dict,
                    provenance: dict, tolerance: float = 0.02, progress: Callable[[int], None] | None = None):
-    """make_samples, kept in `path` (JSON) for the next model with the same tokenizer and settings: a
-    table of several models builds its samples once. A file made with other settings is rebuilt."""
+    """make_samples, kept in `path` (JSON, with each sample's model input ids) for the next model with the
+    same tokenizer and settings: a table of several models builds and tokenizes its samples once. A file
+    made with other settings is rebuilt. The ids function returned is a PromptIds."""
     import json
     from pathlib import Path
 
     from megatron_longpo.io import atomic_write_json
 
     key = {"tokenizer": tokenizer_sha(tokenizer), "tasks": list(tasks), "lengths": list(lengths),
-           "samples": samples, "seed": seed, "tolerance": tolerance, "provenance": provenance}
+           "samples": samples, "seed": seed, "tolerance": tolerance, "provenance": provenance, "format": 2}
     _, ids = ruler_tasks.chat_counter(tokenizer)
     if path and Path(path).is_file():
         try:
@@ -68,12 +106,15 @@ def cached_samples(path: str | None, tokenizer, tasks, lengths, samples: int, se
             data = {}
         if data.get("key") == key:
             out = [ruler_tasks.Sample(**d) for d in data["samples"]]
+            known = {(x.prompt, x.answer_prefix): _unpack_ids(d) for x, d in zip(out, data["ids"], strict=True)}
             if progress:
                 progress(len(out))
-            return out, ids
+            return out, PromptIds(ids, known)
     out, ids = make_samples(tokenizer, tasks, lengths, samples, seed, haystack, qa_sets, tolerance, progress)
+    ids = PromptIds(ids)
     if path:
-        atomic_write_json(path, {"key": key, "samples": [x.to_dict() for x in out]})
+        atomic_write_json(path, {"key": key, "samples": [x.to_dict() for x in out],
+                                 "ids": [_pack_ids(ids.array(x.prompt, x.answer_prefix)) for x in out]})
     return out, ids
 
 
