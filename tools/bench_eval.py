@@ -164,6 +164,22 @@ def main(argv=None) -> int:
         finally:
             backend.prefill_tokens = keep
 
+    def compare_prefill(suite_name, length, samples, ids, recs, secs, old_s=None):
+        """The same samples again with --compare-prefill-tokens: their row, and predictions, scores and
+        seconds against `recs` (the default prefill's, in `secs`)."""
+        n = a.compare_prefill_tokens
+        bar = tqdm(total=len(samples), desc=f"new path {length}, prefill {n}", unit="sample", file=sys.stderr)
+        (other, other_s), st = with_prefill(n, lambda: timed(
+            lambda: fast.evaluate_fast(backend, samples, ids, a.fast_batch_size, bar.update)))
+        bar.close()
+        extra = {} if old_s is None else {"speedup": round(old_s / max(other_s, 1e-9), 2)}
+        row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step}){prefill_name(n)}", suite_name, length,
+            other, other_s, st, **extra)
+        same_pred, same_score = same(recs, other)
+        prefill_compare.append({"suite": suite_name, "length": length, "prefill_tokens": [backend.prefill_tokens, n],
+                                "predictions_identical": same_pred, "scores_identical": same_score,
+                                "samples": len(recs), "seconds": [round(secs, 2), round(other_s, 2)]})
+
     # warm-up: kernels and allocator, outside every timing
     fast.greedy_stream(backend, [tok("Hello there, how are you?")["input_ids"]], [4], 1)
 
@@ -194,19 +210,7 @@ def main(argv=None) -> int:
         row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step}){prefill_name(backend.prefill_tokens)}",
             "smoke", a.old_length, new, new_s, new_st, speedup=round(old_s / max(new_s, 1e-9), 2))
         if a.compare_prefill_tokens is not None:
-            bar = tqdm(total=len(smoke), desc=f"new path {a.old_length}, prefill {a.compare_prefill_tokens}",
-                       unit="sample", file=sys.stderr)
-            (other, other_s), st = with_prefill(a.compare_prefill_tokens, lambda: timed(
-                lambda: fast.evaluate_fast(backend, smoke, chat_ids, a.fast_batch_size, bar.update)))
-            bar.close()
-            row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step})"
-                f"{prefill_name(a.compare_prefill_tokens)}", "smoke", a.old_length, other, other_s, st,
-                speedup=round(old_s / max(other_s, 1e-9), 2))
-            same_pred, same_score = same(new, other)
-            prefill_compare.append({"suite": "smoke", "length": a.old_length,
-                                    "prefill_tokens": [backend.prefill_tokens, a.compare_prefill_tokens],
-                                    "predictions_identical": same_pred, "scores_identical": same_score,
-                                    "samples": len(new), "seconds": [round(new_s, 2), round(other_s, 2)]})
+            compare_prefill("smoke", a.old_length, smoke, chat_ids, new, new_s, old_s)
 
     t_eval = time.time()
     hay, qa_sets, prov = suite.load_inputs(tasks)
@@ -242,18 +246,7 @@ def main(argv=None) -> int:
             row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step}){prefill_name(backend.prefill_tokens)}{name}",
                 "ruler", length, recs, secs, st)
             if a.compare_prefill_tokens is not None and not m:
-                bar = tqdm(total=len(samples), desc=f"new path {length}, prefill {a.compare_prefill_tokens}",
-                           unit="sample", file=sys.stderr)
-                (other, other_s), st = with_prefill(a.compare_prefill_tokens, lambda: timed(
-                    lambda: fast.evaluate_fast(backend, samples, ids, a.fast_batch_size, bar.update)))
-                bar.close()
-                row(f"new (fast, batch <= {a.fast_batch_size}, {backend.decode_step})"
-                    f"{prefill_name(a.compare_prefill_tokens)}", "ruler", length, other, other_s, st)
-                same_pred, same_score = same(recs, other)
-                prefill_compare.append({"suite": "ruler", "length": length,
-                                        "prefill_tokens": [backend.prefill_tokens, a.compare_prefill_tokens],
-                                        "predictions_identical": same_pred, "scores_identical": same_score,
-                                        "samples": len(recs), "seconds": [round(secs, 2), round(other_s, 2)]})
+                compare_prefill("ruler", length, samples, ids, recs, secs)
             if a.compare_step and not m:
                 bar = tqdm(total=len(samples), desc=f"{a.compare_step} step {length}", unit="sample", file=sys.stderr)
                 (other, other_s), st = timed(lambda: fast.evaluate_fast(backend, samples, ids, a.fast_batch_size,

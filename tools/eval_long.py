@@ -119,7 +119,8 @@ def read_groups(items, named: bool) -> list[tuple[str, list[dict]]]:
 
 
 def group_compare(groups, table: bool, console, plot: str | None) -> int:
-    """Groups (some of several runs), RULER or smoke results alike: their means from the samples."""
+    """RULER results, or groups of several runs (RULER or smoke): differences to the first, paired on
+    identical prompts, with 95 % CIs (a group's mean over its runs); with `table` a Markdown table."""
     from megatron_longpo.eval import report
 
     if table:
@@ -135,30 +136,9 @@ def group_compare(groups, table: bool, console, plot: str | None) -> int:
     if plot != "none":
         path = plot or "compare.png"
         try:
-            report.plot([(name, {"table": {"average": report.group_average(runs), "tasks": {}}})
+            report.plot([(name, runs[0] if len(runs) == 1 and "table" in runs[0] else
+                          {"table": {"average": report.group_average(runs), "tasks": {}}})
                          for name, runs in groups], path, "RULER task average against length")
-            console.print(f"plot {path}")
-        except ImportError:
-            print("no picture: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
-    return 0
-
-
-def ruler_compare(files, table: bool, console, plot: str | None) -> int:
-    from megatron_longpo.eval import report
-
-    if table:
-        print(report.markdown(files))
-        return 0
-    if len(files) < 2:
-        print("error: --compare takes two or more result files (the first is the baseline)", file=sys.stderr)
-        return 2
-    for key in ("score", "score_word"):
-        for t in report.compare(files, key)[0]:
-            console.print(t)
-    if plot != "none":
-        path = plot or "compare.png"
-        try:
-            report.plot(files, path, "RULER task average against length")
             console.print(f"plot {path}")
         except ImportError:
             print("no picture: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
@@ -280,14 +260,9 @@ def main(argv=None) -> int:
         if len(versions) > 1:
             print("error: RULER results (version 2) and smoke results cannot be compared", file=sys.stderr)
             return 2
-        if any(len(runs) > 1 for _, runs in groups):
-            return group_compare(groups, bool(a.table), console, a.plot)
         files = [(name, runs[0]) for name, runs in groups]
-        if all(r.get("version", 1) >= 2 for _, r in files):
-            return ruler_compare(files, bool(a.table), console, a.plot)
-        if any(r.get("version", 1) >= 2 for _, r in files):
-            print("error: RULER results (version 2) and smoke results cannot be compared", file=sys.stderr)
-            return 2
+        if any(len(runs) > 1 for _, runs in groups) or all(r.get("version", 1) >= 2 for _, r in files):
+            return group_compare(groups, bool(a.table), console, a.plot)
         if a.table:
             print(models_markdown(files))
             return 0
