@@ -79,8 +79,7 @@ def load(model_dir: str, a: argparse.Namespace):
     backend = TransformersBackend(model_dir, device=a.device, dtype=a.dtype, batch_size=a.batch_size,
                                   threads=a.threads, decode="prefill")
     backend.decode_step = graph_decode.choose(backend.model, a.decode_step)
-    backend.prefill_tokens = (kv_decode.default_prefill_tokens(backend.device) if a.prefill_tokens is None
-                              else a.prefill_tokens)
+    backend.prefill_tokens = kv_decode.prefill_tokens(backend.device, a.prefill_tokens)
     return backend
 
 

@@ -192,8 +192,7 @@ def ruler_main(a, console) -> int:
         backend = build_backend(backend_config_from_args(a))
         if a.path == "fast":
             backend.decode_step = graph_decode.choose(backend.model, a.decode_step)
-            backend.prefill_tokens = (kv_decode.default_prefill_tokens(backend.device) if a.prefill_tokens is None
-                                      else a.prefill_tokens)
+            backend.prefill_tokens = kv_decode.prefill_tokens(backend.device, a.prefill_tokens)
     except (ValueError, FileNotFoundError, OSError) as e:  # CorpusError and LengthError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -73,7 +73,6 @@ class PromptIds:
 def _pack_ids(a) -> dict:
     import base64
 
-
     dtype = "uint16" if a.size == 0 or int(a.max()) < 2**16 else "uint32"
     return {"dtype": dtype, "b64": base64.b64encode(a.astype(dtype).tobytes()).decode("ascii")}
 

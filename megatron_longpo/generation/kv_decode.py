@@ -5,7 +5,7 @@ padded [batch, 1, L, L] mask (and makes a float copy of it), so long prompts for
 dynamic cache re-copies itself at every new token. Here instead:
 
 1. prompts are prefilled causal and unmasked (SDPA's fused kernels), one a call, or with
-   `batch_tokens` (the evaluation's `--prefill-tokens`; default_prefill_tokens: on a GPU) several a call, right-padded to a common length
+   `batch_tokens` (the evaluation's `--prefill-tokens`; `prefill_tokens()`: on a GPU) several a call, right-padded to a common length
    that is a multiple of PREFILL_MULTIPLE on a GPU (causal attention: a prompt's positions never see
    the padding after them, so its keys, values and last logits are the ones it has alone; the few
    padded shapes let SDPA's cuDNN kernel keep its plans), up to `batch_tokens` padded tokens a call.
@@ -41,9 +41,12 @@ PREFILL_MULTIPLE = 256  # GPU, several prompts a call: the call's common length 
 GPU_PREFILL_TOKENS = 32768
 
 
-def default_prefill_tokens(device) -> int:
-    """The evaluation's --prefill-tokens when not given: GPU_PREFILL_TOKENS on a GPU, else 0 (one prompt a
-    call; batching was not measured to gain on the CPU)."""
+def prefill_tokens(device, asked: int | None = None) -> int:
+    """The evaluation's tokens a prefill call: `asked` (its --prefill-tokens) when given, else
+    GPU_PREFILL_TOKENS on a GPU and 0 on the CPU (one prompt a call; batching was not measured to gain
+    there)."""
+    if asked is not None:
+        return asked
     return GPU_PREFILL_TOKENS if str(device).startswith("cuda") else 0
 
 
