@@ -110,6 +110,11 @@ def point_name(method: str, axes: dict, values) -> str:
     return f"{method}@" + "+".join(re.sub(r"[^A-Za-z0-9._-]", "", f"{k}{_text(v)}") for k, v in zip(keys, values))
 
 
+def _settings(stamp: dict) -> dict:
+    """A WORKDIR/NAME.train.json stamp's training settings (Runner.train_settings), without its checkpoint."""
+    return {k: v for k, v in stamp.items() if k != "checkpoint"}
+
+
 def _text(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -602,8 +607,7 @@ class Runner(Steps):
         if own and own.get("checkpoint") and (self.w / own["checkpoint"]).is_dir():
             return own["checkpoint"]  # what it was made from on its first run
         point = self.stamp(m.reuse) if m.reuse else None
-        same = point is not None and {k: v for k, v in point.items() if k != "checkpoint"} == self.train_settings(m)
-        return m.reuse if same else m.name
+        return m.reuse if point is not None and _settings(point) == self.train_settings(m) else m.name
 
     def check_stamps(self) -> None:
         """A model already trained (or evaluated) under its name with other settings (another pick, other
@@ -611,7 +615,7 @@ class Runner(Steps):
         for m in self.exp.trained:
             old = self.stamp(m.name)
             now = self.train_settings(m)
-            if old is None or {k: v for k, v in old.items() if k != "checkpoint"} == now:
+            if old is None or _settings(old) == now:
                 continue
             was, new = [o for o in old.get("overrides", []) if o not in now["overrides"]], \
                 [o for o in now["overrides"] if o not in old.get("overrides", [])]
@@ -626,9 +630,8 @@ class Runner(Steps):
         data = w / ("docnll_data" if m.data == "documents" else "data")
         ref = [f"data.reference={self.exp.reference_file(m.reference)}"] if m.reference != "short" else []
         return [*self.torchrun(self.nproc(gpus)), "-m", "megatron_longpo.train", "--config", spec["train"]["config"],
-                f"model.checkpoint={w / 'base'}", f"data.path={data}", f"model.rope_theta={spec['rope_theta']}",
-                f"model.max_position_embeddings={spec['context']}", f"train.save_dir={w / (name or m.name)}",
-                *spec["train"].get("overrides", []), *m.overrides, *[f"{k}={m.seed}" for k in SEED_KEYS], *ref]
+                f"model.checkpoint={w / 'base'}", f"data.path={data}", f"train.save_dir={w / (name or m.name)}",
+                *self.train_settings(m)["overrides"], *ref]
 
     def eval_file(self, m: Model) -> Path:
         return self.w / (f"eval_dev_{m.name}.json" if m.dev else f"eval_{m.name}.json")
