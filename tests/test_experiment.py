@@ -6,6 +6,7 @@ tests/test_longpo_iterative.py (the rounds)."""
 import importlib.util
 import json
 import re
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -210,6 +211,13 @@ def test_a_run_schedules_every_job_on_the_gpus_and_a_rerun_resumes(tmp_path):
     again = FakeRunner(exp, out=lambda line: None)
     assert again.run() == 0
     assert again.calls == []  # everything was done: nothing runs twice
+
+    # on another machine, with only the evaluations brought along: no model is trained again
+    for name in trains:
+        shutil.rmtree(exp.workdir / name)
+    elsewhere = FakeRunner(exp, out=lambda line: None)
+    assert elsewhere.run() == 0
+    assert elsewhere.calls == []
 
 
 def _arg_eq(cmd, key):

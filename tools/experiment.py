@@ -392,6 +392,7 @@ class Steps:
         self.hw = self.spec.get("hardware") or {}
         self.n_gpus = gpu_count(self.hw.get("gpus", "auto"))
         self.lock = threading.Lock()
+        self.took: dict[str, float] = {}  # stage -> its longest run so far (seconds)
 
     def log(self, text: str) -> None:
         with self.lock:
@@ -424,10 +425,21 @@ class Steps:
         return rc
 
     def time_for(self, stage: str) -> bool:
-        if self.deadline is None or self.deadline - time.time() >= STAGE_SECONDS[stage]:
+        """Whether `stage` can still finish before --time-limit: its estimate is the longest such stage
+        of this run so far (STAGE_SECONDS before the first)."""
+        need = max(STAGE_SECONDS[stage], self.took.get(stage, 0.0))
+        if self.deadline is None or self.deadline - time.time() >= need:
             return True
-        self.log(f"time limit: not starting {stage}; rerun to resume")
+        self.log(f"time limit: not starting {stage} (about {need:.0f} s); rerun to resume")
         return False
+
+    def timed(self, stage: str, cmd: list, log: Path | None = None, gpus: str | None = None, **kw) -> int:
+        """`sh`, its seconds kept as `stage`'s estimate for time_for."""
+        t0 = time.time()
+        rc = self.sh(cmd, log, gpus, **kw)
+        with self.lock:
+            self.took[stage] = max(self.took.get(stage, 0.0), time.time() - t0)
+        return rc
 
     def torchrun(self, nproc: int) -> list:
         with socket.socket() as s:
@@ -639,6 +651,9 @@ class Runner(Steps):
     def job(self, m: Model, gpus: str | None) -> None:
         w, where = self.w, f" on GPU {gpus}" if gpus else ""
         model_dir = self.hf
+        out = self.eval_file(m)
+        if out.is_file():
+            return  # evaluated (on this machine, or its file brought from an earlier one): no training either
         if m.method:
             ck = self.checkpoint(m)
             if self.stamp(m.name) is None:
@@ -647,7 +662,7 @@ class Runner(Steps):
                 if not self.time_for("training"):
                     return
                 self.log(f"train {ck}{where}")
-                self.sh(self.train_command(m, gpus, ck), w / f"train_{ck}.log", gpus)
+                self.timed("training", self.train_command(m, gpus, ck), w / f"train_{ck}.log", gpus)
                 self.log(f"trained {ck}: {last_line(w / f'train_{ck}.log', 'done')}")
             elif ck != m.name:
                 self.log(f"{m.name}: the sweep's training {ck} (the same settings)")
@@ -655,16 +670,16 @@ class Runner(Steps):
                 self.sh([PY, "tools/convert_checkpoint.py", "megatron-to-hf", "--megatron-dir", w / ck, "--out",
                          w / f"hf_{ck}"], w / f"export_{ck}.log", gpus)
             model_dir = w / f"hf_{ck}"
-        out = self.eval_file(m)
-        if out.is_file() or not self.time_for("evaluation"):
+        if not self.time_for("evaluation"):
             return
         ev, dev = self.spec["evaluation"], (self.spec.get("sweep") or {}).get("dev") or {}
         self.log(f"evaluate {m.name}{' on the dev samples' if m.dev else ''}{where}")
-        self.sh([PY, "tools/eval_long.py", "--model", model_dir, *(["--rope-theta", m.rope_theta] if m.rope_theta else []),
-                 "--lengths", *m.eval_lengths, *(["--tasks", *ev["tasks"]] if ev.get("tasks") else []),
-                 "--samples", samples_per_task(self.spec, m.dev), "--seed", int(dev.get("seed", 1)) if m.dev else 0,
-                 "--retention", "--no-progress", "--out", out, *ev.get("args", []), *(dev.get("args", []) if m.dev else [])],
-                out.with_suffix(".log"), gpus.split(",")[0] if gpus else None, ok=(0, 3))
+        self.timed("evaluation", [
+            PY, "tools/eval_long.py", "--model", model_dir, *(["--rope-theta", m.rope_theta] if m.rope_theta else []),
+            "--lengths", *m.eval_lengths, *(["--tasks", *ev["tasks"]] if ev.get("tasks") else []),
+            "--samples", samples_per_task(self.spec, m.dev), "--seed", int(dev.get("seed", 1)) if m.dev else 0,
+            "--retention", "--no-progress", "--out", out, *ev.get("args", []), *(dev.get("args", []) if m.dev else [])],
+            out.with_suffix(".log"), gpus.split(",")[0] if gpus else None, ok=(0, 3))
         self.log(f"evaluated {m.name}")
 
     def jobs(self) -> list[str]:
