@@ -61,7 +61,8 @@ def test_set_overrides_the_yaml_and_its_profile():
 
 def test_slots():
     assert X.slot_gpus(0, 1, 1) == [None]  # the CPU: one job at a time
-    assert X.slot_gpus(1, 1, 2) == [None]  # one group of GPUs: one job at a time on all of them
+    assert X.slot_gpus(1, 1, 2) == [None, None]  # one GPU: two jobs side by side on it
+    assert X.slot_gpus(1, 1, 1) == [None]
     assert X.slot_gpus(2, 1, 1) == ["0", "1"]
     assert X.slot_gpus(2, 1, 2) == ["0", "1", "0", "1"]
     assert X.slot_gpus(4, 2, 1) == ["0,1", "2,3"]
@@ -196,6 +197,7 @@ def test_a_run_schedules_every_job_on_the_gpus_and_a_rerun_resumes(tmp_path):
     base_rope = next(c for c in evals if _arg(c, "--out").endswith("eval_base_rope.json"))
     assert _arg(base_rope, "--rope-theta") == "1000000.0" and _arg(base_rope, "--samples") == "1"
     assert {_arg(c, "--seed") for c in evals} == {"0"}  # the test samples
+    assert {_arg(c, "--samples-cache") for c in evals} == {str(exp.workdir / "samples_test.json")}  # built once
     summary = (exp.workdir / "results" / "summary.md").read_text()
     assert "| dpo_policy | dpo_policy: `loss.name=dpo`, reference long_policy | 0 | 3 | 12,000 |" in summary
     # equal compute shows: LongPO's 3 steps of 4,000 tokens; SFT's 3 of 2,000; SFT at 2 epochs 6 of 2,000
@@ -218,6 +220,14 @@ def test_a_run_schedules_every_job_on_the_gpus_and_a_rerun_resumes(tmp_path):
     elsewhere = FakeRunner(exp, out=lambda line: None)
     assert elsewhere.run() == 0
     assert elsewhere.calls == []
+
+    # a fresh machine given the committed results folder: the table again, nothing trained or evaluated
+    results = exp.workdir / "results"
+    assert len(list(results.glob("*.train.json"))) == 8  # every trained model's stamp beside its evaluation
+    exp.workdir = tmp_path / "fresh"
+    fresh = FakeRunner(exp, out=lambda line: None, evaluations_from=results)
+    assert fresh.run() == 0 and fresh.calls == []
+    assert (exp.workdir / "results" / "summary.md").read_text().count("\n| ") == summary.count("\n| ")
 
 
 def _arg_eq(cmd, key):
@@ -326,6 +336,7 @@ def test_the_sweep_picks_per_method_and_a_run_trains_the_picks(tmp_path):
     evals = [c for c, _ in r.calls if _tool(c) == "tools/eval_long.py"]
     assert len(evals) == 6 and {(_arg(c, "--seed"), _arg(c, "--samples"), _arg(c, "--lengths")) for c in evals} == {("1", "10", "1024")}
     assert all(_arg(c, "--out").rsplit("/", 1)[1].startswith("eval_dev_") and "--retention" in c for c in evals)
+    assert {_arg(c, "--samples-cache") for c in evals} == {str(w / "samples_dev.json")}  # never the test samples' file
     picks = json.loads((w / "results" / "picks.json").read_text())
     # perplexity 30 (1 + lr 2e3): 30.6, 31.2, 32.4, 34.8 against the base's 30 x 1.05 = 31.5; score lr 2e4
     assert picks["base_perplexity"] == 30.0 and picks["methods"]["longpo"]["pick"] == "longpo@lr2e-5"

@@ -44,3 +44,13 @@ def test_flops_spans_of_a_shared_row_mark_unscored_trunks(tiny_longpo_data):
     assert [s[2] for s in spans[:trunks]] == [True] * trunks  # pairs: no scored trunk token
     assert not any(s[2] for s in flops_spans(row, last_layer_trunk=True))
     assert sum(s[0] for s in spans) == row.real_tokens
+
+
+def test_the_step_line_shows_the_reserved_peak_beside_the_allocated_one():
+    """The card holds what the allocator reserves (measured: 24.8 GiB allocated, 50.8 GiB on the card),
+    so the step line and the scalars carry both."""
+    r = M.StepRecord(3, {"loss": 0.5}, 1e-5, 1.0, 2.0, 4000, 1e12, 24.84, reserved_mem_gib=50.12)
+    assert r.line(10, 1, None).endswith("| mem 24.8 GiB (reserved 50.1)")
+    assert r.scalars(1)["train/memory/reserved_peak_gib"] == 50.12 and r.scalars(1)["train/memory/peak_gib"] == 24.84
+    cpu = M.StepRecord(3, {"loss": 0.5}, 1e-5, 1.0, 2.0, 4000, 1e12, 0.0)
+    assert "mem" not in cpu.line(10, 1, None) and "train/memory/reserved_peak_gib" not in cpu.scalars(1)

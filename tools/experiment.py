@@ -362,7 +362,7 @@ def slot_gpus(n_gpus: int, gpus_per_job: int, jobs_per_gpu: int) -> list[str | N
         return [None]
     groups = max(n_gpus // gpus_per_job, 1)
     if groups == 1:
-        return [None]  # one group: every GPU, one job at a time
+        return [None] * jobs_per_gpu  # one group: every GPU, jobs_per_gpu jobs side by side
     sets = [",".join(str(g * gpus_per_job + i) for i in range(gpus_per_job)) for g in range(groups)]
     return [s for _ in range(jobs_per_gpu) for s in sets]
 
@@ -467,9 +467,9 @@ class Steps:
 class Runner(Steps):
     """A comparison: the base, the pairs and references, then one job per model, then the table."""
 
-    def __init__(self, exp: Experiment, time_limit: float | None = None, out=print):
+    def __init__(self, exp: Experiment, time_limit: float | None = None, out=print, evaluations_from: Path | None = None):
         super().__init__(exp.spec, exp.workdir, time_limit, out)
-        self.exp = exp
+        self.exp, self.evaluations_from = exp, evaluations_from
         self.slots = slot_gpus(self.n_gpus, int(self.hw.get("gpus_per_job", 1)), int(self.hw.get("jobs_per_gpu", 1)))
 
     def nproc(self, gpus: str | None) -> int:
@@ -478,11 +478,15 @@ class Runner(Steps):
     # ---- the steps
     def run(self) -> int:
         self.w.mkdir(parents=True, exist_ok=True)
+        if self.evaluations_from:
+            self.bring(Path(self.evaluations_from))
         self.check_stamps()
         if self.exp.picks:
             self.log(f"the overrides picked on the dev samples ({picks_file(self.w)}): "
                      + ", ".join(f"{k} {' '.join(v['overrides'])}" for k, v in self.exp.picks.items()
                                  if k in {m.method for m in self.exp.trained}))
+        if all(self.eval_file(m).is_file() for m in self.exp.models):
+            return self.results([])  # every model evaluated: the table only
         self.hf = self.base_model()
         if not (self.pairs() and self.datasets()):
             return 0
@@ -678,7 +682,8 @@ class Runner(Steps):
             PY, "tools/eval_long.py", "--model", model_dir, *(["--rope-theta", m.rope_theta] if m.rope_theta else []),
             "--lengths", *m.eval_lengths, *(["--tasks", *ev["tasks"]] if ev.get("tasks") else []),
             "--samples", samples_per_task(self.spec, m.dev), "--seed", int(dev.get("seed", 1)) if m.dev else 0,
-            "--retention", "--no-progress", "--out", out, *ev.get("args", []), *(dev.get("args", []) if m.dev else [])],
+            "--retention", "--no-progress", "--out", out, "--samples-cache", w / f"samples_{'dev' if m.dev else 'test'}.json",
+            *ev.get("args", []), *(dev.get("args", []) if m.dev else [])],
             out.with_suffix(".log"), gpus.split(",")[0] if gpus else None, ok=(0, 3))
         self.log(f"evaluated {m.name}")
 
@@ -703,8 +708,39 @@ class Runner(Steps):
             list(pool.map(one, self.exp.models))
         return failed
 
+    def bring(self, folder: Path) -> None:
+        """--evaluations-from: the evaluations (and training stamps) another machine made, e.g. a committed
+        WORKDIR/results, copied into the work directory where missing: those models are done."""
+        brought = []
+        for m in self.exp.models:
+            for name in (self.eval_file(m).name, f"{m.name}.train.json"):
+                src = next((f for f in (folder / name, folder / f"{name}.gz") if f.is_file()), None)
+                if src is None or (self.w / name).is_file():
+                    continue
+                from megatron_longpo.io import atomic_write
+
+                with (gzip.open(src, "rb") if src.suffix == ".gz" else open(src, "rb")) as f, \
+                        atomic_write(self.w / name, "wb") as dst:
+                    shutil.copyfileobj(f, dst)
+                brought.append(name)
+        self.log(f"{len(brought)} files from {folder}" + (f": {', '.join(brought)}" if brought else ""))
+
+    def collect(self) -> Path:
+        """WORKDIR/results: every evaluation made so far (gzipped) and each trained model's stamp."""
+        res = self.w / "results"
+        res.mkdir(parents=True, exist_ok=True)
+        for m in self.exp.models:
+            if self.eval_file(m).is_file():
+                with open(self.eval_file(m), "rb") as src, \
+                        gzip.GzipFile(res / (self.eval_file(m).name + ".gz"), "wb", mtime=0) as dst:
+                    shutil.copyfileobj(src, dst)
+            if (self.w / f"{m.name}.train.json").is_file():
+                shutil.copyfile(self.w / f"{m.name}.train.json", res / f"{m.name}.train.json")
+        return res
+
     def results(self, failed: list[str]) -> int:
         w = self.w
+        res = self.collect()
         missing = [m.name for m in self.exp.models if not self.eval_file(m).is_file()]
         if missing:
             if not failed and self.deadline:
@@ -713,11 +749,6 @@ class Runner(Steps):
             print(f"error: no evaluation of {', '.join(missing)} (see {w}/train_NAME.log, eval_NAME.log); "
                   f"rerun to retry", file=sys.stderr)
             return 1
-        res = w / "results"
-        res.mkdir(exist_ok=True)
-        for m in self.exp.models:
-            with open(self.eval_file(m), "rb") as src, gzip.GzipFile(res / (self.eval_file(m).name + ".gz"), "wb", mtime=0) as dst:
-                shutil.copyfileobj(src, dst)
         if self.exp.sweep:
             return self.write_picks(res)
         table = self.table()
@@ -1056,14 +1087,22 @@ def main(argv=None) -> int:
     p.add_argument("--plan", action="store_true", help="print what would run and its cost, start nothing")
     p.add_argument("--sweep", action="store_true", help="train every point of `sweep.grid` (seed 0), evaluate it on the "
                                                          "dev samples, pick each method's overrides (WORKDIR/results/picks.json)")
+    p.add_argument("--evaluations-from", metavar="DIR",
+                   help="evaluations made elsewhere (a WORKDIR/results folder: eval_NAME.json[.gz], NAME.train.json): "
+                        "copied in where missing; their models are not trained or evaluated again")
     a = p.parse_args(argv)
     try:
         exp = load(a.experiment, a.profile, a.methods, a.variants, a.sets, a.workdir, a.sweep)
         if a.plan:
             print(plan_text(exp))
             return 0
-        runner = RoundsRunner if isinstance(exp, Rounds) else Runner
-        return runner(exp, a.time_limit).run()
+        if isinstance(exp, Rounds):
+            if a.evaluations_from:
+                raise SpecError("--evaluations-from: a comparison's option; rounds resume in their work directory")
+            return RoundsRunner(exp, a.time_limit).run()
+        if a.evaluations_from and not Path(a.evaluations_from).is_dir():
+            raise SpecError(f"--evaluations-from: no folder {a.evaluations_from}")
+        return Runner(exp, a.time_limit, evaluations_from=a.evaluations_from).run()
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -51,7 +51,7 @@ def train_step(t: Trainer) -> M.StepRecord:
         flops = float(f.item())
     return M.StepRecord(t.iteration, m, lr, grad_norm, timer.seconds, int(m["tokens"]), flops, M.peak_memory_gib(),
                         skipped=not finite, consumed_samples=t.data.sampler.consumed_samples, epoch=t.data.epoch,
-                        time=time.time())
+                        time=time.time(), reserved_mem_gib=M.reserved_memory_gib())
 
 
 class StopFlag:
@@ -189,7 +189,8 @@ def _train(cfg: RunConfig) -> dict:
         "checkpoint": str(path), "seconds": time.time() - t0, "stopped_by_signal": stopped_by_signal,
         "losses": [r.metrics.get("loss") for r in records],
         "steps": [{"step": r.step, "lr": r.lr, "learning_rate": r.lr, "grad_norm": r.grad_norm, "seconds": r.seconds,
-                   "skipped": r.skipped, "peak_mem_gib": r.peak_mem_gib, "consumed_samples": r.consumed_samples,
+                   "skipped": r.skipped, "peak_mem_gib": r.peak_mem_gib, "reserved_mem_gib": r.reserved_mem_gib,
+                   "consumed_samples": r.consumed_samples,
                    "epoch": r.epoch, **r.metrics} for r in records],
         "evals": evals,
     }

@@ -87,6 +87,7 @@ class StepRecord:
     consumed_samples: int = 0  # samples of all finished steps, over all data-parallel ranks
     epoch: float = 0.0  # fractional epochs of the (blended) training data
     time: float = 0.0  # wall clock (time.time()) at the step's end
+    reserved_mem_gib: float = 0.0  # the caching allocator's peak reservation: what the card must hold
 
     def line(self, total_steps: int, world: int, peak: float | None) -> str:
         m = self.metrics
@@ -106,7 +107,8 @@ class StepRecord:
         parts.append(f"{tflops:.1f} TFLOP/s/GPU" + (f" MFU {100 * tflops / peak:.1f}%" if peak else ""))
         parts.append(f"{self.seconds:.2f} s")
         if self.peak_mem_gib:
-            parts.append(f"mem {self.peak_mem_gib:.1f} GiB")
+            parts.append(f"mem {self.peak_mem_gib:.1f} GiB" + (f" (reserved {self.reserved_mem_gib:.1f})"
+                                                                if self.reserved_mem_gib else ""))
         if self.skipped:
             parts.append("SKIPPED (non-finite)")
         return " | ".join(parts)
@@ -125,6 +127,8 @@ class StepRecord:
         out["step_seconds"] = self.seconds
         if self.peak_mem_gib:
             out["memory/peak_gib"] = self.peak_mem_gib
+        if self.reserved_mem_gib:
+            out["memory/reserved_peak_gib"] = self.reserved_mem_gib
         return {f"train/{k}": float(v) for k, v in out.items()}
 
 
@@ -158,6 +162,11 @@ class Timer:
 
 def peak_memory_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def reserved_memory_gib() -> float:
+    """The allocator's peak reservation (allocated + its cached, fragmented blocks)."""
+    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
 
 
 class Writers:
