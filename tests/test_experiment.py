@@ -229,6 +229,18 @@ def test_a_run_schedules_every_job_on_the_gpus_and_a_rerun_resumes(tmp_path):
     assert fresh.run() == 0 and fresh.calls == []
     assert (exp.workdir / "results" / "summary.md").read_text().count("\n| ") == summary.count("\n| ")
 
+    # one evaluation missing there: only that model is made; the references come along, not recomputed
+    part = tmp_path / "part"
+    shutil.copytree(results, part)
+    (part / "eval_sft.json.gz").unlink()
+    assert {"data.ref.safetensors", "data.longref_policy.safetensors"} <= {f.name for f in part.iterdir()}
+    exp.workdir = tmp_path / "third"
+    third = FakeRunner(exp, out=lambda line: None, evaluations_from=part)
+    assert third.run() == 0
+    made = [_tool(c) for c, _ in third.calls]
+    assert "tools/precompute_ref_logps.py" not in made and made.count("megatron_longpo.train") == 1
+    assert _arg(next(c for c, _ in third.calls if _tool(c) == "tools/eval_long.py"), "--out").endswith("eval_sft.json")
+
 
 def _arg_eq(cmd, key):
     return next(c for c in cmd if c.startswith(key + "=")).split("=", 1)[1]

@@ -709,26 +709,31 @@ class Runner(Steps):
         return failed
 
     def bring(self, folder: Path) -> None:
-        """--evaluations-from: the evaluations (and training stamps) another machine made, e.g. a committed
-        WORKDIR/results, copied into the work directory where missing: those models are done."""
-        brought = []
-        for m in self.exp.models:
-            for name in (self.eval_file(m).name, f"{m.name}.train.json"):
-                src = next((f for f in (folder / name, folder / f"{name}.gz") if f.is_file()), None)
-                if src is None or (self.w / name).is_file():
-                    continue
-                from megatron_longpo.io import atomic_write
+        """--evaluations-from: what another machine made (e.g. a committed WORKDIR/results), copied into the
+        work directory where missing: the evaluations and their training stamps (those models are done),
+        and the frozen references (small, and tied to the dataset's hash: the trainer refuses another's)."""
+        from megatron_longpo.io import atomic_write
 
-                with (gzip.open(src, "rb") if src.suffix == ".gz" else open(src, "rb")) as f, \
-                        atomic_write(self.w / name, "wb") as dst:
-                    shutil.copyfileobj(f, dst)
-                brought.append(name)
+        names = [n for m in self.exp.models for n in (self.eval_file(m).name, f"{m.name}.train.json")]
+        brought = []
+        for name in names + [self.exp.reference_file(k).name for k in self.exp.references()]:
+            src = next((f for f in (folder / name, folder / f"{name}.gz") if f.is_file()), None)
+            if src is None or (self.w / name).is_file():
+                continue
+            with (gzip.open(src, "rb") if src.suffix == ".gz" else open(src, "rb")) as f, \
+                    atomic_write(self.w / name, "wb") as dst:
+                shutil.copyfileobj(f, dst)
+            brought.append(name)
         self.log(f"{len(brought)} files from {folder}" + (f": {', '.join(brought)}" if brought else ""))
 
     def collect(self) -> Path:
-        """WORKDIR/results: every evaluation made so far (gzipped) and each trained model's stamp."""
+        """WORKDIR/results: every evaluation made so far (gzipped), each trained model's stamp and the
+        frozen references (what --evaluations-from takes to another machine)."""
         res = self.w / "results"
         res.mkdir(parents=True, exist_ok=True)
+        for k in self.exp.references():
+            if self.exp.reference_file(k).is_file():
+                shutil.copyfile(self.exp.reference_file(k), res / self.exp.reference_file(k).name)
         for m in self.exp.models:
             if self.eval_file(m).is_file():
                 with open(self.eval_file(m), "rb") as src, \
