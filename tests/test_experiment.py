@@ -1,28 +1,28 @@
-"""tools/experiment.py: the experiment YAML -> models with their overrides, GPU slots, and runs whose
-commands are faked (each writes the file the real tool writes), so that the schedule and the resume
-are checked in a second; the real tiny runs are `python tools/experiment.py
-examples/longpo_smollm2/experiment.yaml --profile tiny` (about 15 minutes on a 2-core CPU) and
-tests/test_longpo_iterative.py (the rounds)."""
+"""tools/experiment.py and its runner, megatron_longpo.experiment: the experiment YAML -> models with
+their overrides, GPU slots, and runs whose commands are faked (each writes the file the real tool writes),
+so that the schedule and the resume are checked in a second; the real tiny runs are `python
+tools/experiment.py examples/longpo_smollm2/experiment.yaml --profile tiny` (about 15 minutes on a
+2-core CPU) and tests/test_longpo_iterative.py (the rounds)."""
 import importlib.util
 import json
 import re
 import shutil
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from megatron_longpo import experiment as X
+
+ROOT = Path(__file__).resolve().parents[1]  # the clone: the YAML's paths are relative to it (load's root)
 spec = importlib.util.spec_from_file_location("experiment", ROOT / "tools" / "experiment.py")
-X = importlib.util.module_from_spec(spec)
-sys.modules["experiment"] = X  # dataclasses look their module up there
-spec.loader.exec_module(X)
+TOOL = importlib.util.module_from_spec(spec)  # the command line: TOOL.main
+spec.loader.exec_module(TOOL)
 YAML = ROOT / "examples" / "longpo_smollm2" / "experiment.yaml"
 
 
 def test_the_yaml_names_methods_and_variants_as_overrides():
-    exp = X.load(YAML, workdir="/nonexistent")  # no picks.json there: the YAML's overrides
+    exp = X.load(YAML, root=ROOT, workdir="/nonexistent")  # no picks.json there: the YAML's overrides
     assert [m.name for m in exp.models] == ["longpo", "longpo_lam0", "longpo_resp", "sft", "sft_tokens", "dpo_policy",
                                             "docnll", "base", "base_rope"]
     by = {m.name: m for m in exp.models}
@@ -32,14 +32,14 @@ def test_the_yaml_names_methods_and_variants_as_overrides():
     assert by["base"].method is None and by["base_rope"].rope_theta == 1e6
     assert exp.references() == ["short", "long_policy"]
     assert by["sft"].eval_lengths == [4096, 8192, 16384]
-    assert X.load(YAML, methods=["dpo"]).models[0].reference == "long"  # defined, not in the default run
+    assert X.load(YAML, root=ROOT, methods=["dpo"]).models[0].reference == "long"  # defined, not in the default run
 
-    v = X.load(YAML, methods=["longpo"], variants=["longpo_lr5e-5"])
+    v = X.load(YAML, root=ROOT, methods=["longpo"], variants=["longpo_lr5e-5"])
     assert [m.name for m in v.models] == ["longpo", "base", "base_rope", "longpo_lr5e-5"]
     assert v.models[-1].overrides[-1] == "optim.lr=5e-5" and v.models[-1].eval_lengths == [8192, 16384]
     assert v.references() == ["short"]
 
-    tiny = X.load(YAML, profile="tiny")
+    tiny = X.load(YAML, root=ROOT, profile="tiny")
     assert tiny.spec["context"] == 2048 and tiny.spec["pairs"]["compact"] is None
     assert tiny.spec["evaluation"]["tasks"] == ["niah_single", "vt"] and tiny.spec["evaluation"]["args"] == ["--batch-size", "16", "--suite", "smoke"]
     assert tiny.models[0].eval_lengths == [512, 1024]
@@ -47,16 +47,16 @@ def test_the_yaml_names_methods_and_variants_as_overrides():
     for bad in ({"methods": ["nope"]}, {"variants": ["nope"]}, {"profile": "nope"}, {"sets": ["nope"]},
                 {"sets": ["pairs=1", "pairs.x=2"]}):
         with pytest.raises(X.SpecError):
-            X.load(YAML, **bad)
+            X.load(YAML, root=ROOT, **bad)
 
 
 def test_set_overrides_the_yaml_and_its_profile():
-    exp = X.load(YAML, profile="tiny", sets=["pairs.documents.n=7", "train.overrides=[optim.lr=3e-5]", "pairs.grow=true",
-                                              "rope_theta=2e6", "hardware.gpus=null"])
+    exp = X.load(YAML, root=ROOT, profile="tiny", sets=["pairs.documents.n=7", "train.overrides=[optim.lr=3e-5]", "pairs.grow=true",
+                                                         "rope_theta=2e6", "hardware.gpus=null"])
     assert exp.spec["pairs"]["documents"] == {"n": 7, "words": 800, "seed": 0}  # the rest of the section stays
     assert exp.spec["train"]["overrides"] == ["optim.lr=3e-5"] and exp.spec["pairs"]["grow"] is True
     assert exp.models[-1].rope_theta == 2e6 and exp.spec["hardware"]["gpus"] is None
-    assert X.main([str(YAML), "--plan", "--set", "nope"]) == 2  # a mistake in the arguments: status 2
+    assert TOOL.main([str(YAML), "--plan", "--set", "nope"]) == 2  # a mistake in the arguments: status 2
 
 
 def test_slots():
@@ -170,7 +170,7 @@ def _hf(tmp_path, rope_theta=1e4):
 
 
 def test_a_run_schedules_every_job_on_the_gpus_and_a_rerun_resumes(tmp_path):
-    exp = X.load(YAML, profile="tiny", variants=["longpo_lr5e-5"])
+    exp = X.load(YAML, root=ROOT, profile="tiny", variants=["longpo_lr5e-5"])
     exp.workdir = tmp_path / "w"
     exp.spec["model"] = _hf(tmp_path)  # not the embedded model: nothing is materialised
     exp.spec["hardware"] = {"gpus": 2, "gpus_per_job": 1, "jobs_per_gpu": 1}
@@ -248,8 +248,8 @@ def _arg_eq(cmd, key):
 
 def test_grow_unpacks_the_committed_pairs_and_generates_on_the_other_documents(tmp_path):
     (tmp_path / "committed.jsonl.gz").write_text("x")
-    exp = X.load(YAML, profile="tiny", sets=[f"pairs.compact={tmp_path / 'committed.jsonl.gz'}", "pairs.grow=true",
-                                              "pairs.documents.n=5", f"model={_hf(tmp_path)}", "hardware.gpus=2"])
+    exp = X.load(YAML, root=ROOT, profile="tiny", sets=[f"pairs.compact={tmp_path / 'committed.jsonl.gz'}", "pairs.grow=true",
+                                                         "pairs.documents.n=5", f"model={_hf(tmp_path)}", "hardware.gpus=2"])
     exp.workdir = tmp_path / "w"
     r = FakeRunner(exp, out=lambda line: None)
     assert r.run() == 0
@@ -263,7 +263,7 @@ def test_grow_unpacks_the_committed_pairs_and_generates_on_the_other_documents(t
 
 
 def test_a_generation_stopped_on_two_gpus_resumes_on_one(tmp_path):
-    exp = X.load(YAML, profile="tiny", sets=["pairs.documents.n=4", f"model={_hf(tmp_path)}", "hardware.gpus=2"])
+    exp = X.load(YAML, root=ROOT, profile="tiny", sets=["pairs.documents.n=4", f"model={_hf(tmp_path)}", "hardware.gpus=2"])
     exp.workdir = tmp_path / "w"
     assert FakeRunner(exp, stopped_gpus=("1",), out=lambda line: None).run() == 0  # GPU 1 stopped: rerun to resume
     assert not (exp.workdir / "pairs.jsonl").exists() and (exp.workdir / "pairs.partial").exists()
@@ -281,7 +281,7 @@ ROUNDS = ROOT / "examples" / "longpo_iterative" / "experiment.yaml"
 
 
 def test_rounds_chain_the_exports_and_a_rerun_resumes(tmp_path):
-    exp = X.load(ROUNDS, profile="tiny", sets=[f"model={_hf(tmp_path)}", "train.overrides=[optim.lr=1e-3]"])
+    exp = X.load(ROUNDS, root=ROOT, profile="tiny", sets=[f"model={_hf(tmp_path)}", "train.overrides=[optim.lr=1e-3]"])
     assert [(r.length, r.chunk_tokens, r.rope_theta) for r in exp.rounds] == [(512, 128, None), (1024, 256, None)]
     exp.workdir = tmp_path / "w"
     r = FakeRounds(exp, out=lambda line: None)
@@ -298,7 +298,7 @@ def test_rounds_chain_the_exports_and_a_rerun_resumes(tmp_path):
     assert again.run() == 0 and again.calls == []
 
     one = "rounds=[{length: 512, config: examples/longpo_iterative/tiny.yaml, rope_theta: 5e4}]"
-    bad = X.load(ROUNDS, profile="tiny", sets=[f"model={_hf(tmp_path)}", one])
+    bad = X.load(ROUNDS, root=ROOT, profile="tiny", sets=[f"model={_hf(tmp_path)}", one])
     (exp.workdir / "round1" / "hf_round1" / "config.json").write_text(json.dumps({"rope_theta": 1e5, "max_position_embeddings": 512}))
     bad.workdir = exp.workdir
     with pytest.raises(X.ExperimentError, match="rope_theta 100000.0"):  # the export must declare the round's base
@@ -310,7 +310,7 @@ def _quiet(exp, **k):
 
 
 def test_seeds_train_each_method_per_seed_and_the_table_shows_their_mean(tmp_path):
-    exp = X.load(YAML, profile="tiny", methods=["longpo", "sft"], workdir=tmp_path / "w",
+    exp = X.load(YAML, root=ROOT, profile="tiny", methods=["longpo", "sft"], workdir=tmp_path / "w",
                  sets=["seeds=[0,1,2]", f"model={_hf(tmp_path)}", "evaluation.min_samples=20"])
     assert [m.name for m in exp.trained] == ["longpo", "longpo.s1", "longpo.s2", "sft", "sft.s1", "sft.s2"]
     r = _quiet(exp)
@@ -331,7 +331,7 @@ def test_seeds_train_each_method_per_seed_and_the_table_shows_their_mean(tmp_pat
     assert "| sft - base_rope |" in summary and "base - " not in summary and "base_rope - sft" not in summary
     assert _quiet(exp).run() == 0 and len((exp.workdir / "results" / "summary.md").read_text()) == len(summary)
     with pytest.raises(X.SpecError, match="seeds"):
-        X.load(YAML, sets=["seeds=[0,0]"])
+        X.load(YAML, root=ROOT, sets=["seeds=[0,0]"])
 
 
 def test_the_sweep_picks_per_method_and_a_run_trains_the_picks(tmp_path):
@@ -339,7 +339,7 @@ def test_the_sweep_picks_per_method_and_a_run_trains_the_picks(tmp_path):
             "sweep.per_method={sft: {optim.lr: [4e-5, 8e-5]}}", "sweep.dev.min_samples=20",
             "sweep.retention.max_perplexity_ratio=1.05"]
     w = tmp_path / "w"
-    sweep = X.load(YAML, profile="tiny", methods=["longpo", "sft"], sets=sets, workdir=w, sweep=True)
+    sweep = X.load(YAML, root=ROOT, profile="tiny", methods=["longpo", "sft"], sets=sets, workdir=w, sweep=True)
     assert [m.name for m in sweep.models] == ["longpo@lr1e-5", "longpo@lr2e-5", "longpo@lr4e-5", "sft@lr4e-5",
                                               "sft@lr8e-5", "base"]
     log = []
@@ -361,7 +361,7 @@ def test_the_sweep_picks_per_method_and_a_run_trains_the_picks(tmp_path):
     assert "| longpo | longpo@lr2e-5 | `optim.lr=2e-5` | 40.0 [" in md and md.count("**pick**") == 2
     assert _quiet(sweep).run() == 0  # resumes: nothing trains again
 
-    run = X.load(YAML, profile="tiny", methods=["longpo", "sft"], sets=sets, workdir=w)
+    run = X.load(YAML, root=ROOT, profile="tiny", methods=["longpo", "sft"], sets=sets, workdir=w)
     by = {m.name: m for m in run.models}
     assert by["longpo"].overrides[-1] == "optim.lr=2e-5" and by["longpo.s1"].overrides[-1] == "optim.lr=2e-5"
     assert by["longpo"].reuse == "longpo@lr2e-5" and by["longpo.s1"].reuse is None
@@ -381,7 +381,7 @@ def test_the_sweep_picks_per_method_and_a_run_trains_the_picks(tmp_path):
     # another pick later (a wider sweep): the models made with the old one are refused, by name, in one line
     picks["methods"]["longpo"].update(pick="longpo@lr4e-5", overrides=["optim.lr=4e-5"])
     (w / "results" / "picks.json").write_text(json.dumps(picks))
-    stale = X.load(YAML, profile="tiny", methods=["longpo", "sft"], sets=sets, workdir=w)
+    stale = X.load(YAML, root=ROOT, profile="tiny", methods=["longpo", "sft"], sets=sets, workdir=w)
     with pytest.raises(X.SpecError) as e:
         _quiet(stale).run()
     assert str(e.value).startswith("longpo in ") and "(then optim.lr=2e-5, now optim.lr=4e-5)" in str(e.value)
@@ -403,33 +403,33 @@ def test_sweep_and_seed_mistakes_are_one_line(tmp_path):
                {"sweep": True, "sets": ["sweep.grid={lr: [1]}"]}, {"sweep": True, "variants": ["longpo_s30"]},
                {"sets": ["seeds=3"]}, {"sets": ["seeds=[-1]"]}):
         with pytest.raises(X.SpecError) as e:
-            X.load(YAML, workdir=tmp_path, **kw)
+            X.load(YAML, root=ROOT, workdir=tmp_path, **kw)
         assert "\n" not in str(e.value)
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "picks.json").write_text("{}")
     with pytest.raises(X.SpecError, match="not a picks file"):
-        X.load(YAML, workdir=tmp_path)
+        X.load(YAML, root=ROOT, workdir=tmp_path)
 
 
 def test_samples_per_task_count_the_suite_eval_long_runs():
-    spec = X.load(YAML).spec
+    spec = X.load(YAML, root=ROOT).spec
     assert X.eval_tasks(spec) == list(__import__("megatron_longpo.eval.ruler_tasks", fromlist=["x"]).RULER_TASKS)
     assert X.samples_per_task(spec) == 31 and X.samples_per_task(spec, dev=True) == 10  # 403 and 130 over 13 tasks
-    tiny = X.load(YAML, profile="tiny").spec
+    tiny = X.load(YAML, root=ROOT, profile="tiny").spec
     assert X.samples_per_task(tiny) == 1 and X.samples_per_task(tiny, dev=True) == 1
-    smoke = X.load(YAML, profile="tiny", sets=["evaluation.tasks=[]", "evaluation.min_samples=14"]).spec
+    smoke = X.load(YAML, root=ROOT, profile="tiny", sets=["evaluation.tasks=[]", "evaluation.min_samples=14"]).spec
     assert len(X.eval_tasks(smoke)) == 7 and X.samples_per_task(smoke) == 2  # --suite smoke: its 7 tasks
 
 
 def test_plan_prints_the_cost_of_the_sweep_and_the_run(capsys):
-    assert X.main([str(YAML), "--plan", "--set", "seeds=[0,1,2]", "--workdir", "/nonexistent"]) == 0
+    assert TOOL.main([str(YAML), "--plan", "--set", "seeds=[0,1,2]", "--workdir", "/nonexistent"]) == 0
     out = capsys.readouterr().out
     assert "seeds: 0, 1, 2 (train.seed and data.seed)" in out and "longpo.s2" in out
     assert "sweep (--sweep): 24 trainings (longpo 6, longpo_lam0 3, longpo_resp 3, sft 3, sft_tokens 3, dpo_policy 3, " \
            "docnll 3), 25 evaluations of 10 samples a task x 13 tasks = 130 a length at 16384 (seed 1)" in out
     assert "run: 21 trainings (21 models; after a sweep, 7 fewer: seed 0 of each method is its pick), 23 evaluations " \
            "of 31 samples a task x 13 tasks = 403 a length at 4096, 8192, 16384 (seed 0)" in out
-    assert X.main([str(YAML), "--plan", "--sweep", "--set", "seeds=[0,1,2]"]) == 0
+    assert TOOL.main([str(YAML), "--plan", "--sweep", "--set", "seeds=[0,1,2]"]) == 0
     out = capsys.readouterr().out
     assert "longpo@lr2e-5+beta0.01" in out and "then the run: 14 trainings (21 models" in out
 
@@ -439,7 +439,7 @@ def test_every_model_the_yaml_trains_is_a_valid_config():
     reads it: e.g. loss.longpo_lambda=0 and train.epochs=2 are accepted."""
     from megatron_longpo.config import load_config
 
-    spec = X.load(YAML).spec
+    spec = X.load(YAML, root=ROOT).spec
     models = X.run_models(spec, list(spec["methods"]), ["all"], {}) + X.sweep_models(spec, list(spec["methods"]))
     for m in (m for m in models if m.method):
         cfg = load_config(str(ROOT / spec["train"]["config"]), ["model.checkpoint=x", "data.path=y", *spec["train"]["overrides"],
