@@ -19,6 +19,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_command(nproc: int) -> list:
+    """The start of a one-host torchrun command line (this Python, NPROC processes, a free port);
+    the script or `-m module` and its arguments follow."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", nproc, f"--master-port={free_port()}"]
+
+
 def run_torchrun(nproc: int, target: list[str], *, timeout: float, env: dict | None = None) -> tuple[int, str, bool]:
     """`python -m torch.distributed.run --nproc-per-node NPROC ... TARGET` on this host.
     `target` is a script path or `-m module` followed by its arguments. Returns (exit code, the

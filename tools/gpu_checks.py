@@ -19,7 +19,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -87,10 +86,9 @@ class Checks:
         return rc
 
     def torchrun(self, n: int) -> list:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        return [PY, "-m", "torch.distributed.run", "--nproc-per-node", n, f"--master-port={port}"]
+        from megatron_longpo.launch import torchrun_command
+
+        return torchrun_command(n)
 
     @property
     def n_gpus(self) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -110,10 +109,9 @@ class Steps:
         return rc
 
     def torchrun(self, nproc: int) -> list:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        return [PY, "-m", "torch.distributed.run", "--nproc-per-node", nproc, f"--master-port={port}"]
+        from megatron_longpo.launch import torchrun_command
+
+        return torchrun_command(nproc)
 
     def per_gpu(self) -> list[str | None]:
         """One entry per GPU (its CUDA_VISIBLE_DEVICES) for work split one piece per GPU; [None]
