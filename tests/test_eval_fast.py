@@ -115,6 +115,9 @@ def test_eval_long_ruler_end_to_end(terse, tmp_path, capsys):
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     text = capsys.readouterr().out
     assert "qa_1 (stand-in)" in text and "average (word boundary)" in text and "samples/s" in text
+    w = r["seconds"]  # where the time went: the parts are measured apart and fit inside the total
+    assert set(w) == {"samples", "load", "model", "retention", "total"} and w["retention"] > 0
+    assert w["samples"] + w["load"] + w["model"] + w["retention"] <= w["total"] + 0.01
     assert tool.main(["--compare", f"a={out}", f"b={out}", "--plot", str(tmp_path / "c.png")]) == 0
     text = capsys.readouterr().out
     assert "b - a" in text and "+0.0 [+0.0, +0.0] ?" in text and (tmp_path / "c.png").exists()

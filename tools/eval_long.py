@@ -190,6 +190,7 @@ def ruler_main(a, console) -> int:
         bar.close()
         t_samples = time.time() - t0
         backend = build_backend(backend_config_from_args(a))
+        t_load = time.time() - t0 - t_samples
         if a.path == "fast":
             backend.decode_step = graph_decode.choose(backend.model, a.decode_step)
             backend.prefill_tokens = kv_decode.prefill_tokens(backend.device, a.prefill_tokens)
@@ -201,13 +202,15 @@ def ruler_main(a, console) -> int:
         records, seconds = suite.run(backend, samples, ids, a.path,
                                      a.fast_batch_size if a.path == "fast" else a.batch_size, bar.update)
         bar.close()
-        retention = None
+        retention, t_retention = None, 0.0
         if a.retention:
+            t1 = time.time()
             bar = tqdm(total=a.retention_qa_samples, desc="retention QA", unit="sample",
                        disable=a.no_progress, file=sys.stderr)
             retention = suite.retention(backend, tokenizer, ids, qa_sets, a.seed, a.perplexity_file,
                                         a.retention_qa_samples, a.path, a.fast_batch_size, bar.update)
             bar.close()
+            t_retention = time.time() - t1
     except KeyboardInterrupt:
         print("interrupted: nothing written", file=sys.stderr)
         return 130
@@ -222,7 +225,8 @@ def ruler_main(a, console) -> int:
               "rope_theta": a.rope_theta, "tokenizer": tokenizer_path_from_args(a),
               "length_counted": "chat template around the task text (generation prompt, the template's system "
                                 "prompt) + RULER's answer prefix + the task's generation budget"}
-    wall = {"samples": round(t_samples, 2), "model": round(seconds, 2), "total": round(time.time() - t0, 2)}
+    wall = {"samples": round(t_samples, 2), "load": round(t_load, 2), "model": round(seconds, 2),
+            "retention": round(t_retention, 2), "total": round(time.time() - t0, 2)}
     results = report.build(records, getattr(backend, "name", a.model or "model"), config, prov, wall, retention)
     atomic_write_json(a.out, results)
     for t in report.render(results):
@@ -236,8 +240,9 @@ def ruler_main(a, console) -> int:
             plot = "none"
     failed = sum(r["score"] is None for r in records)
     console.print(f"{len(records)} samples ({len(records) / max(seconds, 1e-9):.2f} samples/s on the model), "
-                  f"{failed} failed; samples built in {t_samples:.1f} s, model {seconds:.1f} s, total "
-                  f"{wall['total']:.1f} s -> {a.out}" + ("" if plot == "none" else f", plot {plot}"))
+                  f"{failed} failed; samples built in {t_samples:.1f} s, model loaded in {t_load:.1f} s, model "
+                  f"{seconds:.1f} s" + (f", retention {t_retention:.1f} s" if a.retention else "")
+                  + f", total {wall['total']:.1f} s -> {a.out}" + ("" if plot == "none" else f", plot {plot}"))
     return 3 if failed else 0
 
 
