@@ -244,13 +244,17 @@ class TrainSection:
     peak_tflops: float | None = None  # per-GPU dense bf16 peak for MFU; None = guess from the device name
     resume_fallback: bool = False  # the newest checkpoint is damaged: resume from the newest intact one (said in the log)
     memory_check: str = "refuse"  # the memory plan predicts more than the GPU holds: refuse | warn | off (docs/training.md "Will it fit")
+    # jobs sharing a GPU: cap this process's allocator at this fraction of it (it frees its cache before
+    # going past it); the memory plan fits against the cap
+    memory_fraction: float | None = None
 
     def __post_init__(self):
         _require("train", self, steps=(_pos, ">= 1 (leave it unset, or null, for train.epochs epochs)"),
                  epochs=POSITIVE, save_interval=(_nonneg, ">= 0 (0: save only at the end)"),
                  keep_last=(_nonneg, ">= 0 (0: keep every checkpoint)"), log_interval=POSITIVE,
                  max_nonfinite_in_a_row=POSITIVE, exit_after=POSITIVE, stall_seconds=(_nonneg, ">= 0 (0: off)"),
-                 seed=NON_NEGATIVE, peak_tflops=POSITIVE, eval_interval=NON_NEGATIVE)
+                 seed=NON_NEGATIVE, peak_tflops=POSITIVE, eval_interval=NON_NEGATIVE,
+                 memory_fraction=(lambda v: 0 < v <= 1, "in (0, 1] (e.g. 0.47 for two jobs on one GPU), or null"))
         if self.memory_check in ("False", "false", "no"):  # YAML reads `off` as false
             object.__setattr__(self, "memory_check", "off")
         if self.memory_check not in ("refuse", "warn", "off"):

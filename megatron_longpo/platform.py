@@ -32,6 +32,16 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def limit_gpu_memory(fraction: float | None) -> bool:
+    """Cap this process's CUDA caching allocator at `fraction` of the current GPU (jobs sharing one
+    GPU): past the cap it releases its cached blocks and retries before it reports out of memory.
+    True when a cap was set (a GPU and a fraction)."""
+    if not fraction or not cuda_available():
+        return False
+    torch.cuda.set_per_process_memory_fraction(float(fraction))
+    return True
+
+
 def resolve_bf16(asked: bool) -> bool:
     """bf16 only where it is asked for and a GPU is present: megatron's bf16 path (Float16Module,
     its optimizer) and TE's fused attention need CUDA; on the CPU everything runs in fp32."""

@@ -447,3 +447,21 @@ def test_every_model_the_yaml_trains_is_a_valid_config():
         assert cfg.data.seed == 2
     lam0 = load_config(str(ROOT / spec["train"]["config"]), spec["methods"]["longpo_lam0"]["overrides"])
     assert lam0.loss.longpo_lambda == 0 and lam0.loss.name == "longpo"
+
+
+def test_jobs_sharing_a_gpu_are_each_capped_at_their_share(tmp_path):
+    """hardware.jobs_per_gpu=2 on one GPU: two slots, and every training and evaluation capped at 0.45 of the
+    GPU (one 16K training held 50.8 GiB of an 80 GB card uncapped, and the second job ran out of memory); the
+    cap is not a setting of the model (its stamp has none)."""
+    exp = X.load(YAML, profile="tiny", methods=["longpo", "sft"], root=ROOT, workdir=tmp_path / "w",
+                 sets=[f"model={_hf(tmp_path)}", "hardware.gpus=1", "hardware.jobs_per_gpu=2"])
+    r = _quiet(exp)
+    assert r.slots == [None, None] and r.run() == 0
+    trains = [c for c, _ in r.calls if _tool(c) == "megatron_longpo.train"]
+    evals = [c for c, _ in r.calls if _tool(c) == "tools/eval_long.py"]
+    assert len(trains) == 2 and all(c[-1] == "train.memory_fraction=0.45" for c in trains)
+    assert len(evals) == 4 and all(_arg(c, "--memory-fraction") == "0.45" for c in evals)
+    assert "memory_fraction" not in (tmp_path / "w" / "longpo.train.json").read_text()
+    alone = X.load(YAML, profile="tiny", methods=["longpo"], root=ROOT, workdir=tmp_path / "w",
+                   sets=[f"model={_hf(tmp_path)}", "hardware.gpus=1"])
+    assert _quiet(alone).memory_fraction is None

@@ -184,3 +184,22 @@ def test_decode_step_choice_and_buckets(tiny_model):
     assert graph_decode.bucket(1, 100) == (1, 1024)
     assert graph_decode.bucket(5, 1025) == (8, 2048)
     assert [graph_decode.bucket(n, 16384)[0] for n in (31, 56, 57, 62, 64)] == [32, 56, 64, 64, 64]
+
+
+def test_the_decode_budget_is_the_cards_free_memory_or_the_processs_cap():
+    """Key/value positions a decode batch may hold: half the memory this process can still get, which is
+    the card's free memory plus torch's own cache, or, with a cap (jobs sharing the GPU), the room under it."""
+    from types import SimpleNamespace
+
+    from megatron_longpo.generation.transformers_backend import TransformersBackend
+
+    gib = 2**30
+    cuda = SimpleNamespace(mem_get_info=lambda d: (60 * gib, 80 * gib), memory_reserved=lambda d: 10 * gib,
+                           memory_allocated=lambda d: 4 * gib)
+    fake = SimpleNamespace(device="cuda:0", kv_memory_fraction=0.5, memory_limit=None, kv_bytes_per_token=lambda: 2**20,
+                           torch=SimpleNamespace(cuda=cuda, device=lambda d: d))
+    assert TransformersBackend._token_budget(fake) == (60 + 10 - 4) * 1024 // 2  # the card's free memory and the cache
+    fake.memory_limit = 20 * gib
+    assert TransformersBackend._token_budget(fake) == (20 - 4) * 1024 // 2  # the cap less what it holds
+    fake.device = "cpu"
+    assert TransformersBackend._token_budget(fake) is None

@@ -489,3 +489,33 @@ def test_longest_pair_projection_is_the_plans_boundary(gpus, offload):
     assert P.plan(tool.pair_inputs(base(gpus), length + 8192, 512), device).peak > device
     if gpus > 1:
         assert length > tool.longest(base(gpus // 2), device)[0]
+
+
+def test_a_memory_fraction_caps_the_allocator_and_the_plan_fits_against_the_cap(tmp_path, monkeypatch):
+    """train.memory_fraction (jobs sharing a GPU): the plan's verdict and recompute choice are made for the
+    capped size, and the trainer caps torch's allocator there; out of range is one line."""
+    import json
+
+    from megatron_longpo import platform
+
+    hf = tmp_path / "config.json"
+    hf.write_text(json.dumps({**TINY, "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8,
+                              "intermediate_size": 14336, "vocab_size": 32000, "num_hidden_layers": 32}))
+    keys = ["model.recompute=auto", "data.share_prefix=true", "optim.cpu_offload=true", "optim.grad_dtype=bf16"]
+    whole = MC.plan_command(load_config(None, keys), length=32768, hf_config=str(hf), device_gib=160)
+    half = MC.plan_command(load_config(None, keys + ["train.memory_fraction=0.5"]), length=32768, hf_config=str(hf),
+                           device_gib=160)
+    assert "GPU(s) of 160.0 GiB, capped at 0.5 of it (80.0 GiB)" in half
+    assert half.split("memory plan")[1] == MC.plan_command(load_config(None, keys), length=32768, hf_config=str(hf),
+                                                           device_gib=80).split("memory plan")[1]
+    assert whole.split("memory plan")[1] != half.split("memory plan")[1]  # less room: more recompute
+    for bad in ("0", "1.5"):
+        with pytest.raises(ConfigError, match=r"train.memory_fraction must be in \(0, 1\]"):
+            load_config(None, [f"train.memory_fraction={bad}"])
+
+    calls = []
+    assert platform.limit_gpu_memory(0.47) is (torch.cuda.is_available())  # the CPU: nothing to cap
+    monkeypatch.setattr(platform, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, *a: calls.append(f))
+    assert platform.limit_gpu_memory(None) is False and calls == []
+    assert platform.limit_gpu_memory(0.47) is True and calls == [0.47]

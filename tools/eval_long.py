@@ -70,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-tokens", type=int, metavar="N",
                    help="ruler --path fast: prefill several prompts a call, right-padded, up to N tokens a call "
                         "(0: one prompt a call; default: 32768 on a GPU, 0 on the CPU)")
+    p.add_argument("--memory-fraction", type=float, metavar="F",
+                   help="ruler: a GPU shared with other jobs: cap this process's allocator at F of the GPU; the decode "
+                        "batches are sized to fit under the cap (default: the card's free memory)")
     p.add_argument("--decode-step", choices=("auto", "graph", "static", "eager"), default="auto",
                    help="ruler --path fast: graph = static buffers and a CUDA graph a step, static = the same "
                         "without capture, eager = kv_decode's steps (auto: graph on a GPU, else eager)")
@@ -189,7 +192,16 @@ def ruler_main(a, console) -> int:
                                             qa_sets, prov, a.tolerance, bar.update)
         bar.close()
         t_samples = time.time() - t0
+        if a.memory_fraction is not None and not 0 < a.memory_fraction <= 1:
+            raise ValueError(f"--memory-fraction {a.memory_fraction}: give a fraction in (0, 1]")
+        from megatron_longpo import platform
+
+        capped = a.backend == "transformers" and platform.limit_gpu_memory(a.memory_fraction)  # before the model loads
         backend = build_backend(backend_config_from_args(a))
+        if capped:
+            import torch
+
+            backend.memory_limit = a.memory_fraction * torch.cuda.get_device_properties(backend.device).total_memory
         t_load = time.time() - t0 - t_samples
         if a.path == "fast":
             backend.decode_step = graph_decode.choose(backend.model, a.decode_step)

@@ -21,7 +21,11 @@ class Runner(Results):
     def __init__(self, exp: Experiment, time_limit: float | None = None, out=print, evaluations_from: Path | None = None):
         super().__init__(exp.spec, exp.workdir, exp.root, time_limit, out)
         self.exp, self.evaluations_from = exp, evaluations_from
-        self.slots = slot_gpus(self.n_gpus, int(self.hw.get("gpus_per_job", 1)), int(self.hw.get("jobs_per_gpu", 1)))
+        jobs = int(self.hw.get("jobs_per_gpu", 1))
+        self.slots = slot_gpus(self.n_gpus, int(self.hw.get("gpus_per_job", 1)), jobs)
+        # jobs sharing a GPU: each capped at its share (its allocator frees its cache before going past it),
+        # 10% left to the processes' CUDA contexts. Not part of a model's settings: memory, not the model.
+        self.memory_fraction = round(0.9 / jobs, 3) if jobs > 1 and self.n_gpus > 0 else None
 
     def nproc(self, gpus: str | None) -> int:
         return len(gpus.split(",")) if gpus else max(self.n_gpus, 1)
@@ -177,7 +181,8 @@ class Runner(Results):
         ref = [f"data.reference={self.exp.reference_file(m.reference)}"] if m.reference != "short" else []
         return [*self.torchrun(self.nproc(gpus)), "-m", "megatron_longpo.train", "--config", spec["train"]["config"],
                 f"model.checkpoint={w / 'base'}", f"data.path={data}", f"train.save_dir={w / (name or m.name)}",
-                *self.train_settings(m)["overrides"], *ref]
+                *self.train_settings(m)["overrides"], *ref,
+                *([f"train.memory_fraction={self.memory_fraction}"] if self.memory_fraction else [])]
 
     def job(self, m: Model, gpus: str | None) -> None:
         w, where = self.w, f" on GPU {gpus}" if gpus else ""
@@ -210,6 +215,7 @@ class Runner(Results):
             "--lengths", *m.eval_lengths, *(["--tasks", *ev["tasks"]] if ev.get("tasks") else []),
             "--samples", samples_per_task(self.spec, m.dev), "--seed", int(dev.get("seed", 1)) if m.dev else 0,
             "--retention", "--no-progress", "--out", out, "--samples-cache", w / f"samples_{'dev' if m.dev else 'test'}.json",
+            *(["--memory-fraction", self.memory_fraction] if self.memory_fraction else []),
             *ev.get("args", []), *(dev.get("args", []) if m.dev else [])],
             out.with_suffix(".log"), gpus.split(",")[0] if gpus else None, ok=(0, 3))
         self.log(f"evaluated {m.name}")

@@ -275,6 +275,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     """The run, built in order; each step refuses what it can before the next, heavier one."""
     platform.enable_cpu_fallback()
     parallel.init_distributed()
+    platform.limit_gpu_memory(cfg.train.memory_fraction)  # before the first allocation of this run
     arch = policy_arch(ckpt.read_model_json(cfg.model.checkpoint)[0], cfg.model)
     # the layout is checked (parallel.validate_layout, inside setup) before anything heavy is built
     layout = parallel.setup(cfg.parallel, seed=cfg.train.seed, arch=arch, cpu_cp=cfg.data.share_prefix)

@@ -66,6 +66,8 @@ def check_run(cfg, arch, world: int, log=print, datasets=None) -> MemoryPlan | N
                                              roles=policy_roles(cfg.loss), sequence_roles=sequence_roles(cfg.loss))
                        for ds in datasets)
     dev = P.device_bytes()
+    if dev and cfg.train.memory_fraction:
+        dev *= cfg.train.memory_fraction  # the allocator's cap (jobs sharing the GPU): what this run may use
     i, chose = resolve_recompute(PlanInputs.from_config(cfg, arch, world=world, row_tokens=rows, scored_tokens=scored,
                                                         cuda=platform.cuda_available()), dev)
     if chose:
@@ -138,6 +140,9 @@ def plan_command(cfg, *, length: int | None = None, response: int = 512, world: 
         where = f"the longest sample of {cfg.data.path}"
     dev = device_gib * GIB if device_gib else P.device_bytes() or H200_GIB * GIB
     label = f"{dev / GIB:.1f} GiB" + ("" if device_gib or P.device_bytes() else " (an H200: --device-gib to change)")
+    if cfg.train.memory_fraction:
+        dev *= cfg.train.memory_fraction
+        label += f", capped at {cfg.train.memory_fraction:g} of it ({dev / GIB:.1f} GiB)"
     i, chose = resolve_recompute(PlanInputs.from_config(cfg, arch, world=world, row_tokens=rows, scored_tokens=scored,
                                                         cuda=True), dev)
     pl = plan(i, dev)
