@@ -42,6 +42,9 @@ POSITIVE = (_pos, "> 0")
 NON_NEGATIVE = (_nonneg, ">= 0")
 
 
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")  # a dense layer's selective recompute in megatron-core 0.19
+
+
 @dataclass(frozen=True)
 class ModelSection:
     checkpoint: str = ""  # megatron-longpo checkpoint dir (tools/convert_checkpoint.py hf-to-megatron)
@@ -53,6 +56,9 @@ class ModelSection:
     # full recompute: "uniform" (chunks of recompute_num_layers layers) | "block" (only the first recompute_num_layers of each stage)
     recompute_method: str = "uniform"
     recompute_num_layers: int = 1
+    # selective recompute: what megatron-core recomputes in every layer (core_attn, layernorm, mlp; "mlp,layernorm"
+    # or a list; None: its default, core_attn, which TE's fused attention makes a no-op)
+    recompute_modules: tuple[str, ...] | None = None
     logprob_chunk_size: int = 2048
     activation_offload_layers: int = 0  # TE CPU offloading of this many layers' activations (docs/training.md "Will it fit"); 0: off
 
@@ -61,6 +67,17 @@ class ModelSection:
             raise ValueError(f"model.recompute must be null, full, selective or auto, got {self.recompute!r}")
         if self.recompute_method not in ("uniform", "block"):
             raise ValueError(f"model.recompute_method must be uniform or block, got {self.recompute_method!r}")
+        if self.recompute_modules is not None:
+            mods = self.recompute_modules.split(",") if isinstance(self.recompute_modules, str) else self.recompute_modules
+            mods = tuple(dict.fromkeys(str(m).strip() for m in mods if str(m).strip()))
+            bad = [m for m in mods if m not in RECOMPUTE_MODULES]
+            if bad or not mods:
+                raise ValueError(f"model.recompute_modules: {bad[0] if bad else 'empty'!r} is not one of "
+                                 f"{', '.join(RECOMPUTE_MODULES)} (e.g. model.recompute_modules=mlp,layernorm)")
+            if self.recompute != "selective":
+                raise ValueError(f"model.recompute_modules={','.join(mods)} needs model.recompute=selective (got "
+                                 f"{self.recompute}: full recompute reruns whole layers)")
+            object.__setattr__(self, "recompute_modules", mods)
         if self.recompute == "auto" and self.activation_offload_layers:
             raise ValueError(f"model.recompute=auto cannot be combined with model.activation_offload_layers="
                              f"{self.activation_offload_layers} (megatron-core 0.19 cannot recompute offloaded layers); "

@@ -66,6 +66,16 @@ def test_keys_reach_megatron_core_config_objects():
     assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == ("full", "block", 2)
     with pytest.raises(ValueError, match="model.recompute=auto is chosen by the memory plan"):
         transformer_config(_arch(), ParallelConfig(), ModelOptions(recompute="auto"), cuda=False)
+    cfg = load_config(None, ["model.recompute=selective", "model.recompute_modules=mlp,layernorm"])
+    assert cfg.model.recompute_modules == ("mlp", "layernorm")
+    assert load_config(None, ["model.recompute=selective", "model.recompute_modules=[mlp]"]).model.recompute_modules == ("mlp",)
+    tc = transformer_config(_arch(), ParallelConfig(), ModelOptions(recompute="selective", recompute_modules=("mlp",)),
+                            cuda=False)
+    assert (tc.recompute_granularity, tc.recompute_modules) == ("selective", ["mlp"])
+    with pytest.raises(ConfigError, match="model.recompute_modules: 'attn' is not one of core_attn, layernorm, mlp"):
+        load_config(None, ["model.recompute=selective", "model.recompute_modules=attn"])
+    with pytest.raises(ConfigError, match="model.recompute_modules=mlp needs model.recompute=selective"):
+        load_config(None, ["model.recompute=full", "model.recompute_modules=mlp"])
 
 
 @pytest.mark.parametrize("optim, kw, msg", [
@@ -212,7 +222,8 @@ def test_refusal_names_the_knob():
 
 
 def test_block_recompute_has_the_gradients_of_none_and_keeps_less(cpu_engine):
-    """Block recompute of 1 of 2 layers, and of 2 of 2, on a tiny fp32 model (local spec, CPU): the
+    """Block recompute of 1 of 2 layers, and of 2 of 2, and selective recompute of the MLPs, on a tiny
+    fp32 model (local spec, CPU): the
     gradients of a forward and backward equal those without recompute, bit for bit; the bytes autograd
     holds saved at once (peak over the forward and backward, the recompute included) drop from none
     to block 1 of 2 to block 2 of 2, which keeps exactly what full uniform recompute keeps."""
@@ -267,17 +278,48 @@ def test_block_recompute_has_the_gradients_of_none_and_keeps_less(cpu_engine):
     block1, block1_peak = run(recompute="full", recompute_method="block", recompute_num_layers=1)
     block2, block2_peak = run(recompute="full", recompute_method="block", recompute_num_layers=2)
     full, full_peak = run(recompute="full", recompute_num_layers=1)
+    mlp, mlp_peak = run(recompute="selective", recompute_modules=("mlp",))
     assert len(none) == len(block1) > 0 and any(g.abs().sum() > 0 for g in none.values())
     for name, g in none.items():
-        for other in (block1, block2, full):
+        for other in (block1, block2, full, mlp):
             torch.testing.assert_close(other[name], g, rtol=0, atol=1e-6, msg=name)
     # measured: 2,706,944 / 1,714,688 / 1,091,584 bytes
     assert none_peak > block1_peak > block2_peak == full_peak, (none_peak, block1_peak, block2_peak, full_peak)
+    # selective: every layer drops its MLP's inner tensors (layernorm recompute needs TE: megatron-core's
+    # CheckpointWithoutOutput reads TE's FP8 state, so the local spec refuses it before the build)
+    assert none_peak > mlp_peak > full_peak, (none_peak, mlp_peak, full_peak)
+    with pytest.raises(ValueError, match="model.recompute_modules=layernorm needs the Transformer Engine spec"):
+        run(recompute="selective", recompute_modules=("mlp", "layernorm"))
 
 
 def _mistral(**kw):
     return _arch(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336, vocab_size=32000,
                  num_hidden_layers=32, **kw)
+
+
+def test_selective_recompute_plan_drops_the_mlp_and_norm_tensors():
+    """Selective recompute of the MLP: every layer keeps its tensors less the MLP's fc1 output and gate
+    (3 x ffn elements a token, 43,008 of Mistral-7B's 73,728), plus one layer's of them while the backward
+    recomputes it; with the norms too, 2 x hidden more. core_attn alone (megatron-core's default) drops
+    nothing: the fused attention saves no score matrix. Its cost is the MLPs' forward, 32 x 352 MFLOP a token."""
+    arch = _mistral()
+    L, tok = arch.num_layers, 131585
+    base = P.PlanInputs(arch, row_tokens=tok, scored_tokens=1024)
+
+    def acts(**kw):
+        return P.plan(replace(base, **kw)).activations
+
+    per = P._fit()["saved"] * 2 * tok  # bytes per saved element a token (bf16, calibrated)
+    none = acts(recompute=None)
+    assert acts(recompute="selective") == acts(recompute="selective", recompute_modules=("core_attn",)) == none
+    mlp = acts(recompute="selective", recompute_modules=("mlp",))
+    assert mlp == pytest.approx(none - (L - 1) * per * 3 * 14336, rel=1e-12)
+    both = acts(recompute="selective", recompute_modules=("mlp", "layernorm"))
+    assert both == pytest.approx(none - (L - 1) * per * (3 * 14336 + 2 * 4096), rel=1e-12)
+    assert acts(recompute="full") < both < mlp < none
+    assert P.recompute_flops(replace(base, recompute="selective", recompute_modules=("mlp",))) == L * 6 * 4096 * 14336
+    assert "recompute selective (mlp, layernorm)" in P.plan(replace(base, recompute="selective",
+                                                                    recompute_modules=("mlp", "layernorm"))).table()
 
 
 def test_block_recompute_plan_lies_between_none_and_full():
@@ -309,9 +351,11 @@ def test_block_recompute_plan_lies_between_none_and_full():
     assert "recompute full, block, 16 of 16 layers" in pp
 
 
-def test_choose_recompute_picks_the_least_that_fits():
-    """model.recompute=auto: none, then block N = 1, 2, ..., then full uniform: the first whose peak
-    is within 90% of the GPU."""
+def test_choose_recompute_picks_the_cheapest_that_fits():
+    """model.recompute=auto: of none, selective (every layer's MLP; its MLP and norms), block N = 1, 2, ...,
+    L - 1 and full uniform, the one that reruns the fewest forward FLOPs among those whose peak is within
+    90% of the GPU. At 64K a layer's MLP is about a third of its forward, so selective MLP recompute
+    (32 MLPs) costs what block recompute of about 11 layers costs, and keeps far less."""
     arch = _mistral()
     base = P.PlanInputs(arch, row_tokens=65536, scored_tokens=1024, recompute="auto", cpu_offload=True, precision_aware=True,
                         grad_dtype="bf16")
@@ -319,13 +363,28 @@ def test_choose_recompute_picks_the_least_that_fits():
     def peak(**kw):
         return P.plan(replace(base, **kw)).peak
 
+    def cost(**kw):
+        return P.recompute_flops(replace(base, **kw))
+
     none, full = peak(recompute=None), peak(recompute="full", recompute_num_layers=1)
+    mlp = peak(recompute="selective", recompute_modules=("mlp",))
+    both = peak(recompute="selective", recompute_modules=("mlp", "layernorm"))
+    assert full < both < mlp < none
+    assert cost(recompute="full", recompute_method="block", recompute_num_layers=11) < cost(
+        recompute="selective", recompute_modules=("mlp",)) < cost(recompute="full", recompute_method="block", recompute_num_layers=12)
+
+    # midway between none and full: selective MLP recompute fits, and block recompute would need more than 12 layers
     device = (none + full) / 2 / P.FIT
     got = P.choose_recompute(base, device)
+    assert (got.recompute, got.recompute_modules) == ("selective", ("mlp",)) and P.plan(got, device).verdict == "fits"
+    assert peak(recompute="full", recompute_method="block", recompute_num_layers=12) > P.FIT * device
+
+    # below what selective recompute keeps: the least block recompute that fits
+    device = (both + full) / 2 / P.FIT
+    got = P.choose_recompute(base, device)
     n = got.recompute_num_layers
-    assert (got.recompute, got.recompute_method) == ("full", "block") and 1 < n < arch.num_layers - 1, got
+    assert (got.recompute, got.recompute_method) == ("full", "block") and 12 < n < arch.num_layers - 1, got
     assert P.plan(got, device).peak <= P.FIT * device < peak(recompute="full", recompute_method="block", recompute_num_layers=n - 1)
-    assert P.plan(got, device).verdict == "fits"
 
     above = P.choose_recompute(base, none / P.FIT * 1.01)
     assert (above.recompute, above.recompute_num_layers) == (None, 1)
@@ -336,8 +395,8 @@ def test_choose_recompute_picks_the_least_that_fits():
     p = P.plan(below, full / 2)
     assert p.verdict == "does not fit" and "model.recompute" not in P.advice(p) and P.advice(p)
     i, line = P.resolve_recompute(base, device)
-    assert i == got and line == (f"model.recompute=auto: recompute full, block, {n} of 32 layers (the least that fits under "
-                                 f"90% of the GPU): predicted peak {P.plan(got, device).peak / P.GIB:.1f} of "
+    assert i == got and line == (f"model.recompute=auto: recompute full, block, {n} of 32 layers (the cheapest that fits "
+                                 f"under 90% of the GPU): predicted peak {P.plan(got, device).peak / P.GIB:.1f} of "
                                  f"{device / P.GIB:.1f} GiB")
     assert "the most there is, and still over 90%" in P.resolve_recompute(base, full / 2)[1]
     with pytest.raises(ValueError, match="auto"):
@@ -367,7 +426,7 @@ def test_plan_command_prints_the_auto_choice(tmp_path):
     n = chose[0].split("block, ")[1].split(" of")[0]
     assert f"recompute full, block, {n} of 32 layers" in out.split("memory plan")[1] and ": fits" in out, out
     out = MC.plan_command(load_config(None, keys), length=1024, hf_config=str(hf), device_gib=80)
-    assert "model.recompute=auto: recompute none (the least that fits" in out and "  recompute none" in out, out
+    assert "model.recompute=auto: recompute none (the cheapest that fits" in out and "  recompute none" in out, out
 
 
 def _tool(name):
@@ -451,18 +510,26 @@ def test_trainer_plan_chooses_recompute_auto(tiny_llama_ckpt, tiny_longpo_data, 
     def peak(**kw):
         return P.plan(replace(p.inputs, **kw)).peak
 
-    # a GPU on which no recompute does not fit and block recompute of 2 of the 4 layers does (not 1)
-    device = (peak(recompute="full", recompute_method="block", recompute_num_layers=2) +
-              peak(recompute="full", recompute_method="block", recompute_num_layers=1)) / 2 / P.FIT
+    # selective recompute, when the plan chooses it, reaches the build with its modules
+    sel = MC.chosen_recompute(cfg, P.plan(replace(p.inputs, recompute="selective", recompute_modules=("mlp",)), 1e12))
+    assert (sel.model.recompute, sel.model.recompute_modules) == ("selective", ("mlp",))
+    assert (model_options(sel).recompute, model_options(sel).recompute_modules) == ("selective", ("mlp",))
+
+    # a GPU on which no recompute, block recompute of 1 of the 4 layers and selective recompute (the MLPs, and
+    # the MLPs and norms: cheaper than block 2 here, each keeping more) do not fit, and block 2 of 4 does
+    both = peak(recompute="selective", recompute_modules=("mlp", "layernorm"))
+    block2 = peak(recompute="full", recompute_method="block", recompute_num_layers=2)
+    assert block2 < both < peak(recompute="selective", recompute_modules=("mlp",))
+    device = (block2 + min(both, peak(recompute="full", recompute_method="block", recompute_num_layers=1))) / 2 / P.FIT
     monkeypatch.setattr(P, "device_bytes", lambda: device)
     lines.clear()
     p = MC.check_run(cfg, arch, 1, lines.append)
-    assert lines[0].startswith("model.recompute=auto: recompute full, block, 2 of 4 layers (the least that fits"), lines
+    assert lines[0].startswith("model.recompute=auto: recompute full, block, 2 of 4 layers (the cheapest that fits"), lines
     assert "recompute full, block, 2 of 4 layers" in lines[1] and p.verdict == "fits"
     built = MC.chosen_recompute(cfg, p)
     assert (built.model.recompute, built.model.recompute_method, built.model.recompute_num_layers) == ("full", "block", 2)
     o = model_options(built)
-    assert (o.recompute, o.recompute_method, o.recompute_num_layers) == ("full", "block", 2)
+    assert (o.recompute, o.recompute_method, o.recompute_num_layers, o.recompute_modules) == ("full", "block", 2, None)
     assert MC.chosen_recompute(load_config(None, []), p) == load_config(None, [])  # not auto: the config itself
 
 

@@ -29,6 +29,7 @@ class ModelOptions:
     recompute: str | None = None  # None | "full" | "selective" ("auto" is resolved by the memory plan before this)
     recompute_method: str = "uniform"  # full recompute: "uniform" | "block" (model.recompute_method)
     recompute_num_layers: int = 1
+    recompute_modules: tuple[str, ...] | None = None  # selective: what each layer recomputes (model.recompute_modules)
     max_sequence_length: int | None = None  # defaults to the model's max_position_embeddings
     prefix_sharing: bool = False  # core attention for prefix-shared rows (models/prefix_attention.py)
     skip_unused_trunk: bool = True  # prefix sharing: the last layer skips unscored trunk queries (exact; off to measure it)

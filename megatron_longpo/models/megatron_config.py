@@ -116,6 +116,11 @@ def transformer_config(arch: ModelArch, par: ParallelConfig, opts: ModelOptions,
             # uniform: chunks of recompute_num_layers layers keep their input; block: only the first
             # recompute_num_layers layers of each stage are recomputed, the others keep their activations
             kw.update(recompute_method=opts.recompute_method, recompute_num_layers=opts.recompute_num_layers)
+        elif opts.recompute_modules:  # selective: these modules of every layer keep their input only
+            if "layernorm" in opts.recompute_modules and not opts.resolved_use_te():
+                raise ValueError("model.recompute_modules=layernorm needs the Transformer Engine spec (megatron-core "
+                                 "0.19's norm checkpoint reads TE's FP8 state); use model.recompute_modules=mlp here")
+            kw.update(recompute_modules=list(opts.recompute_modules))
     kw.update(_activation_offload(opts.activation_offload_layers))
     return TransformerConfig(**kw)
 

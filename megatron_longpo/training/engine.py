@@ -250,7 +250,7 @@ def model_options(cfg: RunConfig) -> ModelOptions:
         log("note: bf16 needs a GPU; training in fp32 on the CPU")
     return ModelOptions(bf16=bf16, use_te=cfg.model.transformer_engine, recompute=cfg.model.recompute,
                         recompute_method=cfg.model.recompute_method, recompute_num_layers=cfg.model.recompute_num_layers,
-                        prefix_sharing=cfg.data.share_prefix,
+                        recompute_modules=cfg.model.recompute_modules, prefix_sharing=cfg.data.share_prefix,
                         activation_offload_layers=cfg.model.activation_offload_layers)
 
 

@@ -93,10 +93,10 @@ def chosen_recompute(cfg, p: MemoryPlan | None):
     if cfg.model.recompute != "auto":
         return cfg
     if p is None:
-        return replace(cfg, model=replace(cfg.model, recompute=None, recompute_method="uniform"))
+        return replace(cfg, model=replace(cfg.model, recompute=None, recompute_method="uniform", recompute_modules=None))
     i = p.inputs
     return replace(cfg, model=replace(cfg.model, recompute=i.recompute, recompute_method=i.recompute_method,
-                                      recompute_num_layers=i.recompute_num_layers))
+                                      recompute_num_layers=i.recompute_num_layers, recompute_modules=i.recompute_modules))
 
 
 def plan_command(cfg, *, length: int | None = None, response: int = 512, world: int | None = None,

@@ -120,6 +120,7 @@ class PlanInputs:
     recompute: str | None = None  # None | "full" | "selective" ("auto": choose_recompute first)
     recompute_method: str = "uniform"  # full recompute: "uniform" | "block"
     recompute_num_layers: int = 1
+    recompute_modules: tuple[str, ...] | None = None  # selective: what each layer recomputes (None: core_attn)
     activation_offload_layers: int = 0
     logprob_chunk: int = 2048
 
@@ -139,7 +140,8 @@ class PlanInputs:
                    cpu_offload=o.cpu_offload, offload_fraction=o.offload_fraction, precision_aware=precision_aware(o),
                    exp_avg_dtype=o.exp_avg_dtype, exp_avg_sq_dtype=o.exp_avg_sq_dtype, recompute=cfg.model.recompute,
                    recompute_method=cfg.model.recompute_method, recompute_num_layers=cfg.model.recompute_num_layers,
-                   activation_offload_layers=cfg.model.activation_offload_layers, logprob_chunk=cfg.model.logprob_chunk_size)
+                   recompute_modules=cfg.model.recompute_modules, activation_offload_layers=cfg.model.activation_offload_layers,
+                   logprob_chunk=cfg.model.logprob_chunk_size)
 
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -150,6 +152,8 @@ def recompute_label(i: PlanInputs) -> str:
     if i.recompute == "full" and i.recompute_method == "block":
         layers = i.arch.num_layers // i.pp
         return f"full, block, {min(i.recompute_num_layers, layers)} of {layers} layers"
+    if i.recompute == "selective":
+        return f"selective ({', '.join(i.recompute_modules or ('core_attn',))})"
     return i.recompute or "none"
 
 
@@ -276,7 +280,14 @@ def plan(i: PlanInputs, device_bytes: float | None = None) -> MemoryPlan:
         kept = layers - i.activation_offload_layers + 1  # + one layer's reload buffer
         saved = kept * layer * in_flight
         host += i.activation_offload_layers * layer
-    else:  # selective recompute is planned as none (TE's fused attention saves no score matrix to drop)
+    elif i.recompute == "selective":
+        # every layer keeps its tensors less those of the recomputed modules: the MLP's fc1 output and gate
+        # (3 ffn; its input, the norm's output, stays), the two norms' outputs (2 h); core_attn drops
+        # nothing (TE's fused attention saves no score matrix). The backward recomputes one layer's at a time.
+        mods = i.recompute_modules or ("core_attn",)
+        drop = c["saved"] * 2 * e * ((3 * ffn / i.tp if "mlp" in mods else 0) + (2 * h / split if "layernorm" in mods else 0)) * tok
+        saved = layers * (layer - drop) * in_flight + drop
+    else:
         saved = layers * layer * in_flight
     seq_extra = c["sequence_nll"] * h * e * i.scored_tokens / i.cp  # whole-sequence NLL's kept statistics
     acts = saved + trans + seq_extra
@@ -325,21 +336,41 @@ def advice(p: MemoryPlan) -> str:
             f"shorter rows (data.max_tokens)")
 
 
+def recompute_flops(i: PlanInputs) -> float:
+    """The forward FLOPs per token a recompute choice reruns in a stage (what it costs, to order them):
+    a whole layer's (its matmuls and its causal attention over the row) per recomputed layer; the MLP's
+    three matmuls per layer for selective mlp; the norms nearly nothing."""
+    a, layers = i.arch, i.arch.num_layers // i.pp
+    h, q, kv, ffn = a.hidden_size, a.num_attention_heads * a.head_dim, a.num_query_groups * a.head_dim, a.ffn_hidden_size
+    mlp = 2 * 3 * h * ffn
+    layer = 2 * (h * (q + 2 * kv) + q * h) + mlp + 2 * i.row_tokens * q  # causal: half of 4·s·q
+    if i.recompute == "full" and i.recompute_method == "block":
+        return min(i.recompute_num_layers, layers) * layer
+    if i.recompute == "full":
+        return layers * layer
+    if i.recompute == "selective":
+        mods = i.recompute_modules or ()
+        return layers * ((mlp if "mlp" in mods else 0) + (10 * h if "layernorm" in mods else 0))
+    return 0.0
+
+
 def choose_recompute(i: PlanInputs, device_bytes: float | None) -> PlanInputs:
-    """model.recompute=auto: the least recompute whose plan fits (peak <= 90% of `device_bytes`):
-    none, then block recompute of the first N = 1, 2, ..., L - 1 of a stage's L layers; else full
-    uniform recompute (every layer, recompute_num_layers=1; block of all L plans the same), which
-    plans above block of L - 1 and so comes only when nothing fits: the verdict and the advice
-    then say so. Without a device size (no GPU): none."""
-    none = replace(i, recompute=None, recompute_method="uniform", recompute_num_layers=1)
+    """model.recompute=auto: the cheapest recompute whose plan fits (peak <= 90% of `device_bytes`),
+    cheapest by the forward FLOPs it reruns (recompute_flops): none; selective recompute of every
+    layer's MLP, and of its MLP and norms; block recompute of the first N = 1, 2, ..., L - 1 of a
+    stage's L layers; else full uniform recompute (every layer, recompute_num_layers=1; block of all
+    L plans the same), which comes only when nothing fits: the verdict and the advice then say so.
+    Without a device size (no GPU): none."""
+    none = replace(i, recompute=None, recompute_method="uniform", recompute_num_layers=1, recompute_modules=None)
     if not device_bytes:
         return none
     layers = i.arch.num_layers // i.pp
-    ladder = [none, *(replace(i, recompute="full", recompute_method="block", recompute_num_layers=n) for n in range(1, layers))]
-    for c in ladder:
+    ladder = [none, *(replace(none, recompute="selective", recompute_modules=m) for m in (("mlp",), ("mlp", "layernorm"))),
+              *(replace(none, recompute="full", recompute_method="block", recompute_num_layers=n) for n in range(1, layers))]
+    for c in sorted(ladder, key=recompute_flops):  # stable: equal costs keep the ladder's order
         if plan(c, device_bytes).peak <= FIT * device_bytes:
             return c
-    return _full(i)
+    return _full(none)
 
 
 def resolve_recompute(i: PlanInputs, device_bytes: float | None) -> tuple[PlanInputs, str | None]:
@@ -350,7 +381,7 @@ def resolve_recompute(i: PlanInputs, device_bytes: float | None) -> tuple[PlanIn
     if not device_bytes:
         return c, "model.recompute=auto: no recompute (no GPU: the device's memory is unknown, nothing to fit)"
     p = plan(c, device_bytes)
-    how = ("the least that fits under 90%" if p.peak <= FIT * device_bytes
+    how = ("the cheapest that fits under 90%" if p.peak <= FIT * device_bytes
            else "the most there is, and still over 90%")
     return c, (f"model.recompute=auto: recompute {recompute_label(c)} ({how} of the GPU): predicted peak "
                f"{p.peak / GIB:.1f} of {device_bytes / GIB:.1f} GiB")
