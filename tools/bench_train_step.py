@@ -110,6 +110,25 @@ def describe_memory(spec) -> str:
     return ", ".join(parts) or "-"
 
 
+def recompute_kwargs(spec) -> dict:
+    """The recompute of a configuration as ModelOptions and PlanInputs take it."""
+    return dict(recompute=spec["recompute"], recompute_method=spec.get("recompute_method") or "uniform",
+                recompute_num_layers=spec.get("recompute_layers") or 1,
+                recompute_modules=spec.get("recompute_modules") if spec["recompute"] == "selective" else None)
+
+
+def recompute_name(spec) -> str:
+    """none, full, "full, block 12" or "selective (mlp)": a row's recompute column."""
+    k = recompute_kwargs(spec)
+    if not k["recompute"]:
+        return "none"
+    if k["recompute"] == "full" and k["recompute_method"] == "block":
+        return f"full, block {k['recompute_num_layers']}"
+    if k["recompute"] == "selective":
+        return f"selective ({', '.join(k['recompute_modules'] or ('core_attn',))})"
+    return k["recompute"]
+
+
 def predicted(arch, par, spec, row_tokens, scored, world):
     """The memory plan (training/memory_plan.py) of this configuration: peak and host GiB."""
     from megatron_longpo.models.megatron_config import precision_aware
@@ -119,7 +138,7 @@ def predicted(arch, par, spec, row_tokens, scored, world):
     p = MP.plan(MP.PlanInputs(arch, row_tokens=row_tokens, scored_tokens=scored, cp=par.context_parallel, dp=1,
                               bf16=DEVICE == "cuda", distributed_optimizer=DEVICE == "cuda", grad_dtype=o.grad_dtype,
                               cpu_offload=o.cpu_offload, offload_fraction=o.offload_fraction,
-                              precision_aware=precision_aware(o), recompute=spec["recompute"],
+                              precision_aware=precision_aware(o), **recompute_kwargs(spec),
                               activation_offload_layers=spec.get("activation_offload", 0), logprob_chunk=4096),
                 MP.device_bytes())
     return p
@@ -137,9 +156,9 @@ def run_layout(spec, arch, par, world):
     from megatron_longpo.training import metrics as M
     from megatron_longpo.training.engine import build_engine, engine_forward_backward
 
-    layout, recompute, lengths, longpo_nll = spec["layout"], spec["recompute"], spec["lengths"], spec["nll"]
+    layout, lengths, longpo_nll = spec["layout"], spec["lengths"], spec["nll"]
     response = spec["response"]
-    opts = ModelOptions(bf16=DEVICE == "cuda", recompute=recompute, prefix_sharing=layout == "shared",
+    opts = ModelOptions(bf16=DEVICE == "cuda", **recompute_kwargs(spec), prefix_sharing=layout == "shared",
                         skip_unused_trunk=not spec["no_trunk_skip"], max_sequence_length=max(lengths) + response,
                         activation_offload_layers=spec.get("activation_offload", 0))
     t0 = time.perf_counter()
@@ -157,7 +176,7 @@ def run_layout(spec, arch, par, world):
     rows = []
     for length in lengths:
         name = layout + (" (last layer's trunk too)" if layout == "shared" and spec["no_trunk_skip"] else "")
-        row = {"layout": name, "nll": longpo_nll, "length": length, "recompute": recompute or "none",
+        row = {"layout": name, "nll": longpo_nll, "length": length, "recompute": recompute_name(spec),
                "layers": arch.num_layers, "gpus": world, "memory": describe_memory(spec), "build_gib": build_gib,
                "build_s": build_s}
         batch = step = None
@@ -322,7 +341,7 @@ def spawn(spec, gpus: int, timeout: float, jsonl: str | None = None) -> list[dic
     done = {r["length"] for r in rows}
     missing = [n for n in spec["lengths"] if n not in done]
     if missing and not (rows and rows[-1]["status"] == "OOM"):
-        base = {"layout": spec["layout"], "nll": spec["nll"], "recompute": spec["recompute"] or "none"}
+        base = {"layout": spec["layout"], "nll": spec["nll"], "recompute": recompute_name(spec)}
         r = {**base, "length": missing[0], "layers": spec["layers"], "gpus": gpus, "memory": describe_memory(spec),
              "status": f"crashed (rc {rc})"}
         rows.append(r)
@@ -397,6 +416,10 @@ def main(argv=None) -> int:
     p.add_argument("--gpus", type=int, default=None, help="GPUs per configuration (default: all visible, 1 on the CPU)")
     p.add_argument("--context-parallel", "--cp", dest="cp", type=int, default=None, help="context parallel size (default: --gpus)")
     p.add_argument("--recompute", choices=["full", "selective"], default=None)
+    p.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform",
+                   help="full recompute: uniform, or block (only the first --recompute-layers layers)")
+    p.add_argument("--recompute-layers", type=int, default=1, help="model.recompute_num_layers")
+    p.add_argument("--recompute-modules", help="selective recompute: mlp, layernorm, core_attn (comma-separated)")
     p.add_argument("--recompute-on-oom", action="store_true", help="rerun lengths that ran out of memory with full recompute")
     p.add_argument("--until-oom", action="store_true",
                    help="find the longest pair that fits: double from the first of --lengths, then bisect (--granularity)")
@@ -457,7 +480,9 @@ def main(argv=None) -> int:
     t_start = time.time()
     for layout in args.layouts.split(","):
         for mode in modes:
-            spec = dict(layout=layout, nll=mode, recompute=args.recompute, lengths=lengths, response=args.response,
+            spec = dict(layout=layout, nll=mode, recompute=args.recompute, recompute_method=args.recompute_method,
+                        recompute_layers=args.recompute_layers, lengths=lengths, response=args.response,
+                        recompute_modules=tuple(args.recompute_modules.split(",")) if args.recompute_modules else None,
                         layers=args.layers, cp=args.cp or gpus, tiny=args.tiny, no_trunk_skip=args.no_trunk_skip,
                         warmup=args.warmup, iters=args.iters, profile=args.profile, optim=optim,
                         activation_offload=args.activation_offload, stop_at_oom=True)
@@ -467,7 +492,7 @@ def main(argv=None) -> int:
             if args.until_oom:
                 best, got = until_oom(probe, lengths[0], args.granularity, args.max_length,
                                       deadline=t_start + args.deadline if args.deadline else None)
-                print(f"longest {layout} pair that fits ({mode} NLL, recompute {args.recompute or 'none'}, "
+                print(f"longest {layout} pair that fits ({mode} NLL, recompute {recompute_name(spec)}, "
                       f"{describe_memory(spec)}): {best if best else 'none'} tokens per sequence "
                       f"(granularity {args.granularity})", flush=True)
             else:
@@ -475,7 +500,7 @@ def main(argv=None) -> int:
             rows += got
             oom = [r["length"] for r in got if r["status"] != "ok"]
             if oom and args.recompute_on_oom and args.recompute is None and not args.until_oom:
-                rows += probe(oom, {**spec, "recompute": "full"})
+                rows += probe(oom, {**spec, "recompute": "full", "recompute_method": "uniform", "recompute_layers": 1})
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (--tiny)"
     print(f"\n{name} x{gpus}, {'tiny' if args.tiny else 'Mistral-7B'} layer shapes x {args.layers} layers, responses "
           f"{args.response} tokens, CP={args.cp or gpus}, median of {args.iters} steps after {args.warmup} warm-up; "
