@@ -379,6 +379,13 @@ def test_choose_recompute_picks_the_cheapest_that_fits():
     assert (got.recompute, got.recompute_modules) == ("selective", ("mlp",)) and P.plan(got, device).verdict == "fits"
     assert peak(recompute="full", recompute_method="block", recompute_num_layers=12) > P.FIT * device
 
+    # between what the MLPs alone and the MLPs and norms keep: the norms too, with TE only (the local spec
+    # cannot recompute them)
+    device = (both + mlp) / 2 / P.FIT
+    got = P.choose_recompute(base, device)
+    assert (got.recompute, got.recompute_modules) == ("selective", ("mlp", "layernorm"))
+    assert "layernorm" not in (P.choose_recompute(replace(base, te=False), device).recompute_modules or ())
+
     # below what selective recompute keeps: the least block recompute that fits
     device = (both + full) / 2 / P.FIT
     got = P.choose_recompute(base, device)

@@ -121,13 +121,18 @@ class PlanInputs:
     recompute_method: str = "uniform"  # full recompute: "uniform" | "block"
     recompute_num_layers: int = 1
     recompute_modules: tuple[str, ...] | None = None  # selective: what each layer recomputes (None: core_attn)
+    te: bool = True  # the Transformer Engine spec (layernorm recompute needs it)
     activation_offload_layers: int = 0
     logprob_chunk: int = 2048
 
     @classmethod
     def from_config(cls, cfg, arch, *, world: int, row_tokens: int, scored_tokens: int, cuda: bool) -> "PlanInputs":
+        from megatron_longpo import platform
+        from megatron_longpo.models.build import te_available
         from megatron_longpo.models.megatron_config import precision_aware
 
+        # planning for a GPU from the CPU (--plan) assumes TE; on a GPU, whether it imports
+        te = cuda and cfg.model.transformer_engine is not False and (te_available() if platform.cuda_available() else True)
         p = cfg.parallel
         dp = max(world // (p.tensor_parallel * p.pipeline_parallel * p.context_parallel), 1)
         o = cfg.optim
@@ -141,7 +146,7 @@ class PlanInputs:
                    exp_avg_dtype=o.exp_avg_dtype, exp_avg_sq_dtype=o.exp_avg_sq_dtype, recompute=cfg.model.recompute,
                    recompute_method=cfg.model.recompute_method, recompute_num_layers=cfg.model.recompute_num_layers,
                    recompute_modules=cfg.model.recompute_modules, activation_offload_layers=cfg.model.activation_offload_layers,
-                   logprob_chunk=cfg.model.logprob_chunk_size)
+                   logprob_chunk=cfg.model.logprob_chunk_size, te=te)
 
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -357,7 +362,7 @@ def recompute_flops(i: PlanInputs) -> float:
 def choose_recompute(i: PlanInputs, device_bytes: float | None) -> PlanInputs:
     """model.recompute=auto: the cheapest recompute whose plan fits (peak <= 90% of `device_bytes`),
     cheapest by the forward FLOPs it reruns (recompute_flops): none; selective recompute of every
-    layer's MLP, and of its MLP and norms; block recompute of the first N = 1, 2, ..., L - 1 of a
+    layer's MLP, and of its MLP and norms (with the TE spec); block recompute of the first N = 1, 2, ..., L - 1 of a
     stage's L layers; else full uniform recompute (every layer, recompute_num_layers=1; block of all
     L plans the same), which comes only when nothing fits: the verdict and the advice then say so.
     Without a device size (no GPU): none."""
@@ -365,7 +370,8 @@ def choose_recompute(i: PlanInputs, device_bytes: float | None) -> PlanInputs:
     if not device_bytes:
         return none
     layers = i.arch.num_layers // i.pp
-    ladder = [none, *(replace(none, recompute="selective", recompute_modules=m) for m in (("mlp",), ("mlp", "layernorm"))),
+    selective = (("mlp",), ("mlp", "layernorm")) if i.te else (("mlp",),)  # norm recompute needs TE
+    ladder = [none, *(replace(none, recompute="selective", recompute_modules=m) for m in selective),
               *(replace(none, recompute="full", recompute_method="block", recompute_num_layers=n) for n in range(1, layers))]
     for c in sorted(ladder, key=recompute_flops):  # stable: equal costs keep the ladder's order
         if plan(c, device_bytes).peak <= FIT * device_bytes:
