@@ -194,12 +194,14 @@ def test_the_decode_budget_is_the_cards_free_memory_or_the_processs_cap():
     from megatron_longpo.generation.transformers_backend import TransformersBackend
 
     gib = 2**30
+    cap = [1.0]  # torch's per-process fraction (platform.limit_gpu_memory sets it)
     cuda = SimpleNamespace(mem_get_info=lambda d: (60 * gib, 80 * gib), memory_reserved=lambda d: 10 * gib,
-                           memory_allocated=lambda d: 4 * gib)
-    fake = SimpleNamespace(device="cuda:0", kv_memory_fraction=0.5, memory_limit=None, kv_bytes_per_token=lambda: 2**20,
+                           memory_allocated=lambda d: 4 * gib, get_per_process_memory_fraction=lambda d: cap[0],
+                           get_device_properties=lambda d: SimpleNamespace(total_memory=80 * gib))
+    fake = SimpleNamespace(device="cuda:0", kv_memory_fraction=0.5, kv_bytes_per_token=lambda: 2**20,
                            torch=SimpleNamespace(cuda=cuda, device=lambda d: d))
     assert TransformersBackend._token_budget(fake) == (60 + 10 - 4) * 1024 // 2  # the card's free memory and the cache
-    fake.memory_limit = 20 * gib
-    assert TransformersBackend._token_budget(fake) == (20 - 4) * 1024 // 2  # the cap less what it holds
+    cap[0] = 0.25
+    assert TransformersBackend._token_budget(fake) == (20 - 4) * 1024 // 2  # the cap (a quarter of 80) less what it holds
     fake.device = "cpu"
     assert TransformersBackend._token_budget(fake) is None

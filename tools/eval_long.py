@@ -196,12 +196,9 @@ def ruler_main(a, console) -> int:
             raise ValueError(f"--memory-fraction {a.memory_fraction}: give a fraction in (0, 1]")
         from megatron_longpo import platform
 
-        capped = a.backend == "transformers" and platform.limit_gpu_memory(a.memory_fraction)  # before the model loads
+        if a.backend == "transformers":
+            platform.limit_gpu_memory(a.memory_fraction)  # before the model loads; the decode batches fit under it
         backend = build_backend(backend_config_from_args(a))
-        if capped:
-            import torch
-
-            backend.memory_limit = a.memory_fraction * torch.cuda.get_device_properties(backend.device).total_memory
         t_load = time.time() - t0 - t_samples
         if a.path == "fast":
             backend.decode_step = graph_decode.choose(backend.model, a.decode_step)

@@ -133,7 +133,6 @@ class TransformersBackend:
             raise ValueError(f"decode=prefill: {why_not}; use decode=generate")
         self.decode = "generate" if decode == "generate" or why_not else "prefill"
         self.kv_memory_fraction = kv_memory_fraction
-        self.memory_limit: float | None = None  # bytes this process may hold, when capped (tools/eval_long.py --memory-fraction)
         if decode_step not in graph_decode.STEPS:
             raise ValueError(f"decode_step={decode_step!r}: choose {', '.join(graph_decode.STEPS)}")
         self.decode_step = decode_step  # the fast path's (eval/fast.py): graph_decode.choose
@@ -184,8 +183,10 @@ class TransformersBackend:
         dev = self.torch.device(self.device)
         free, _ = self.torch.cuda.mem_get_info(dev)
         free += self.torch.cuda.memory_reserved(dev) - self.torch.cuda.memory_allocated(dev)  # torch's cache is ours
-        if self.memory_limit:  # a cap on this process (a GPU shared with other jobs): its room, not the card's
-            free = min(free, self.memory_limit - self.torch.cuda.memory_allocated(dev))
+        cap = self.torch.cuda.get_per_process_memory_fraction(dev)  # < 1: a GPU shared with other jobs
+        if cap < 1:  # this process's room under its allocator's cap, not the card's
+            total = self.torch.cuda.get_device_properties(dev).total_memory
+            free = min(free, cap * total - self.torch.cuda.memory_allocated(dev))
         return max(1, int(free * self.kv_memory_fraction) // self.kv_bytes_per_token())
 
     def _chat(self, conversations: Sequence[Conversation], params: SamplingParams) -> list[list[str]]:
