@@ -118,15 +118,11 @@ def recompute_kwargs(spec) -> dict:
 
 
 def recompute_name(spec) -> str:
-    """none, full, "full, block 12" or "selective (mlp)": a row's recompute column."""
+    """A row's recompute column, as the memory plan words it (none, full, "full, block, 12", "selective (mlp)")."""
+    from megatron_longpo.training.memory_plan import recompute_words
+
     k = recompute_kwargs(spec)
-    if not k["recompute"]:
-        return "none"
-    if k["recompute"] == "full" and k["recompute_method"] == "block":
-        return f"full, block {k['recompute_num_layers']}"
-    if k["recompute"] == "selective":
-        return f"selective ({', '.join(k['recompute_modules'] or ('core_attn',))})"
-    return k["recompute"]
+    return recompute_words(k["recompute"], k["recompute_method"], k["recompute_num_layers"], k["recompute_modules"])
 
 
 def predicted(arch, par, spec, row_tokens, scored, world):

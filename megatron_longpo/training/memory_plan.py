@@ -152,14 +152,21 @@ class PlanInputs:
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
+def recompute_words(recompute: str | None, method: str = "uniform", num_layers: int = 1,
+                    modules: tuple[str, ...] | None = None, layers: int | None = None) -> str:
+    """A recompute in words: none, full, "selective (mlp)", or "full, block, 12 of 32 layers" (of
+    `layers`, a stage's; "full, block, 12" without them)."""
+    if recompute == "full" and method == "block":
+        return f"full, block, {min(num_layers, layers)} of {layers} layers" if layers else f"full, block, {num_layers}"
+    if recompute == "selective":
+        return f"selective ({', '.join(modules or ('core_attn',))})"
+    return recompute or "none"
+
+
 def recompute_label(i: PlanInputs) -> str:
-    """The recompute of `i` in words: none, selective, full, or "full, block, 12 of 32 layers"."""
-    if i.recompute == "full" and i.recompute_method == "block":
-        layers = i.arch.num_layers // i.pp
-        return f"full, block, {min(i.recompute_num_layers, layers)} of {layers} layers"
-    if i.recompute == "selective":
-        return f"selective ({', '.join(i.recompute_modules or ('core_attn',))})"
-    return i.recompute or "none"
+    """The recompute of `i` in words (recompute_words, with its stage's layers)."""
+    return recompute_words(i.recompute, i.recompute_method, i.recompute_num_layers, i.recompute_modules,
+                           i.arch.num_layers // i.pp)
 
 
 @dataclass(frozen=True)
