@@ -170,7 +170,7 @@ class Runner(Results):
             was, new = [o for o in old.get("overrides", []) if o not in now["overrides"]], \
                 [o for o in now["overrides"] if o not in old.get("overrides", [])]
             there = [f for f in (m.name, f"hf_{m.name}", f"eval_{m.name}.json", f"eval_dev_{m.name}.json",
-                                 f"{m.name}.train.json") if (self.w / f).exists()]
+                                 self.stamp_file(m.name).name) if (self.w / f).exists()]
             raise SpecError(f"{m.name} in {self.w} was made with other settings (then {' '.join(was) or '-'}, now "
                             f"{' '.join(new) or '-'}{', ' + old['data'] + ' data' if old.get('data') != m.data else ''}); "
                             f"remove {', '.join(there)} there, or use another --workdir")
@@ -193,7 +193,7 @@ class Runner(Results):
         if m.method:
             ck = self.checkpoint(m)
             if self.stamp(m.name) is None:
-                (w / f"{m.name}.train.json").write_text(json.dumps({**self.train_settings(m), "checkpoint": ck}, indent=1))
+                self.stamp_file(m.name).write_text(json.dumps({**self.train_settings(m), "checkpoint": ck}, indent=1))
             if not (w / ck / "summary.json").is_file():
                 if not self.time_for("training"):
                     return
@@ -247,7 +247,7 @@ class Runner(Results):
         and the frozen references (small, and tied to the dataset's hash: the trainer refuses another's)."""
         from megatron_longpo.io import atomic_write
 
-        names = [n for m in self.exp.models for n in (self.eval_file(m).name, f"{m.name}.train.json")]
+        names = [n for m in self.exp.models for n in (self.eval_file(m).name, self.stamp_file(m.name).name)]
         brought = []
         for name in names + [self.exp.reference_file(k).name for k in self.exp.references()]:
             src = next((f for f in (folder / name, folder / f"{name}.gz") if f.is_file()), None)

@@ -26,9 +26,12 @@ class Results(Steps):
                 "overrides": [f"model.rope_theta={spec['rope_theta']}", f"model.max_position_embeddings={spec['context']}",
                               *spec["train"].get("overrides", []), *m.overrides, *[f"{k}={m.seed}" for k in SEED_KEYS]]}
 
-    def stamp(self, name: str) -> dict | None:
+    def stamp_file(self, name: str) -> Path:
         """WORKDIR/NAME.train.json: the settings model NAME was trained with, and its training's directory."""
-        f = self.w / f"{name}.train.json"
+        return self.w / f"{name}.train.json"
+
+    def stamp(self, name: str) -> dict | None:
+        f = self.stamp_file(name)
         return json.loads(f.read_text()) if f.is_file() else None
 
     def checkpoint(self, m: Model) -> str:
@@ -56,8 +59,8 @@ class Results(Steps):
                 with open(self.eval_file(m), "rb") as src, \
                         gzip.GzipFile(res / (self.eval_file(m).name + ".gz"), "wb", mtime=0) as dst:
                     shutil.copyfileobj(src, dst)
-            if (self.w / f"{m.name}.train.json").is_file():
-                shutil.copyfile(self.w / f"{m.name}.train.json", res / f"{m.name}.train.json")
+            if self.stamp_file(m.name).is_file():
+                shutil.copyfile(self.stamp_file(m.name), res / self.stamp_file(m.name).name)
         return res
 
     def results(self, failed: list[str]) -> int:
