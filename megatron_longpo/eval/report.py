@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from megatron_longpo.eval.stats import (bootstrap_ci, cell_table, depth_table, fmt_ci, grouped_average,
-                                        grouped_paired_table)
+                                        grouped_paired_table, length_label)
 
 RESULTS_VERSION = 2
 
@@ -195,7 +195,7 @@ def group_markdown(groups: Sequence[tuple[str, Sequence[dict]]]) -> str:
     range)."""
     avgs = [(name, runs, group_average(runs)) for name, runs in groups]
     lengths = sorted({n for *_, avg in avgs for n in avg}, key=int)
-    head = ["model", *[f"{int(n) // 1024}K" if int(n) % 1024 == 0 else n for n in lengths], "perplexity"]
+    head = ["model", *map(length_label, lengths), "perplexity"]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for name, runs, avg in avgs:
         cells = [fmt_ci(a["mean"], a["lo"], a["hi"]) if (a := avg.get(n)) else "-" for n in lengths]
@@ -229,7 +229,7 @@ def difference_markdown(groups: Sequence[tuple[str, Sequence[dict]]], against: S
             p = grouped_paired_table([r["samples"] for r in by[b]], [r["samples"] for r in runs])
             rows.append((f"{name} - {b}", p["average"]))
     lengths = sorted({n for _, avg in rows for n in avg}, key=int)
-    head = ["difference", *[f"{int(n) // 1024}K" if int(n) % 1024 == 0 else n for n in lengths]]
+    head = ["difference", *map(length_label, lengths)]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * len(lengths) + "|"]
     for label, avg in rows:
         cells = [f"{100 * c['diff']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]" + ("" if c["resolved"] else " ?")

@@ -21,6 +21,7 @@ from collections import defaultdict
 from typing import Callable, Sequence
 
 from megatron_longpo.eval.ruler import Sample, score
+from megatron_longpo.eval.stats import length_label
 from megatron_longpo.generation.backends import GenerationBackend, GenerationError, SamplingParams
 
 RESULTS_VERSION = 1
@@ -213,7 +214,7 @@ def models_markdown(named: list[tuple[str, dict]]) -> str:
     pairs."""
     stats = [(name, r, *with_errors(r)) for name, r in named]
     lengths = sorted({n for *_, avg, _ in stats for n in avg}, key=int)
-    head = ["model", *[f"{int(n) // 1024}K" if int(n) % 1024 == 0 else n for n in lengths], "QA acc.", "perplexity"]
+    head = ["model", *map(length_label, lengths), "QA acc.", "perplexity"]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for name, r, _, avg, avg_se in stats:
         ret = r.get("retention") or {}

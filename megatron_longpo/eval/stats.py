@@ -117,6 +117,11 @@ def fmt_ci(mean: float | None, lo: float | None = None, hi: float | None = None,
     return f"{scale * mean:.1f} [{scale * lo:.1f}, {scale * hi:.1f}]"
 
 
+def length_label(n) -> str:
+    """A context length as a table's column: 16384 -> 16K; one not a multiple of 1024 as it is."""
+    return f"{int(n) // 1024}K" if int(n) % 1024 == 0 else str(n)
+
+
 # ---------------------------------------------------------------- tables over records
 
 DEPTH_BINS = (0, 20, 40, 60, 80, 101)
